@@ -1,0 +1,1 @@
+"""Pallas kernels for ef_jax (expert-slot FFN)."""
