@@ -1,0 +1,95 @@
+"""ef_jax.Model: a loaded checkpoint — config, device params, host-side experts, tokenizer — and ef_jax.load().
+
+Routed experts stay in host memory after loading: a model whose experts exceed the device can be loaded, and
+the offload engine builds its pinned-host store from them. `resident_pools()` puts every expert on the device
+(once, cached) for all-resident decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ef_jax.checkpoint import DTYPES, iter_param_leaves, load_checkpoint
+from ef_jax.config import ModelConfig
+from ef_jax.models.moe import ExpertPool
+
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+    """A loaded MoE model. `params` live on the device; `host_experts[i]` (numpy, None for dense layers) holds
+    layer i's routed experts {"gate" [E, D, F], "up" [E, D, F], "down" [E, F, D]}."""
+    config: ModelConfig
+    params: Any
+    host_experts: tuple
+    dtype: str
+    tokenizer: Any = None
+    path: str | None = None
+    _resident: tuple | None = dataclasses.field(default=None, repr=False)
+
+    def resident_pools(self) -> tuple:
+        """Per layer: ExpertPool with all E experts on the device (slot e holds expert e), or None."""
+        if self._resident is None:
+            self._resident = tuple(
+                None if ex is None else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
+                for ex in self.host_experts)
+        return self._resident
+
+    def release_resident(self) -> None:
+        """Drops the all-resident device copy of the experts (frees device memory for an offloaded run)."""
+        self._resident = None
+
+    def param_bytes(self) -> dict[str, int]:
+        """Bytes of routed experts vs everything else, and of one expert, at the loaded dtype."""
+        other = sum(int(np.prod(a.shape)) * a.dtype.itemsize for _, a in iter_param_leaves(self.params))
+        experts = sum(a.nbytes for ex in self.host_experts if ex is not None for a in ex.values())
+        per_expert = self.config.expert_params() * DTYPES[self.dtype].itemsize
+        return {"experts": experts, "other": other, "per_expert": per_expert}
+
+    def param_counts(self) -> dict[str, int]:
+        other = sum(int(np.prod(a.shape)) for _, a in iter_param_leaves(self.params))
+        experts = self.config.num_moe_layers * self.config.num_experts * self.config.expert_params()
+        return {"experts": experts, "other": other, "total": experts + other}
+
+
+def default_dtype() -> str:
+    """bfloat16 on accelerators (halves transfer bytes), float32 on CPU (exact parity, and fast there)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _load_tokenizer(path: str):
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                               "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load(path: str | os.PathLike | None = None, *, dtype: str | None = None) -> Model:
+    """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors).
+
+    Args:
+      path: checkpoint directory; None loads the model shipped with ef_jax.
+      dtype: "float32" | "bfloat16"; default bfloat16 on GPU, float32 on CPU.
+    """
+    if path is None:
+        if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
+            raise FileNotFoundError(
+                f"ef_jax has no shipped default model in {DEFAULT_MODEL_DIR} in this build; "
+                "pass path= a Hugging Face MoE checkpoint directory")
+        path = DEFAULT_MODEL_DIR
+    dtype = dtype or default_dtype()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    path = os.fspath(path)
+    cfg, params, host_experts = load_checkpoint(path, dtype)
+    tokenizer = _load_tokenizer(path)
+    device_params = jax.tree.map(jnp.asarray, params)
+    return Model(config=cfg, params=device_params, host_experts=host_experts, dtype=dtype,
+                 tokenizer=tokenizer, path=path)

@@ -1,0 +1,107 @@
+"""Mixture-of-experts block whose routed expert weights come from a slot pool.
+
+[x] → route (softmax → top-k, family rules) → slot ids = slot_of_expert[experts] → expert FFN read through the
+slot pool → weighted sum (+ shared expert) → [y]
+
+Axes: N tokens (B·T flattened), D model, E experts, K top-k, S slots, F expert FFN width.
+
+The block is a pure function of (block params, routing, slot pool, slot_of_expert), so the same code runs
+all-resident (pool = every expert, slot_of_expert = identity) and offloaded (pool = a few device slots that the
+host scheduler fills). Routing is split from the expert compute so the host can read the chosen experts
+between the two and make them resident.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ef_jax.config import ModelConfig
+from ef_jax.models.layers import swiglu
+
+# Below this many (token, expert) pairs the gather formulation is used (decode: weights dominate the traffic);
+# above it, tokens are grouped by slot and multiplied with ragged_dot (prefill: compute dominates).
+GATHER_MAX_PAIRS = 64
+
+
+@struct.dataclass
+class ExpertPool:
+    """Routed expert weights held in S slots (S = E when all experts are resident)."""
+    gate: jax.Array  # [S, D, F]
+    up: jax.Array    # [S, D, F]
+    down: jax.Array  # [S, F, D]
+
+
+@struct.dataclass
+class Routing:
+    """The router's decision for N tokens."""
+    logits: jax.Array   # f32[N, E] raw router logits
+    experts: jax.Array  # i32[N, K] chosen experts
+    weights: jax.Array  # f32[N, K] combine weights (after the family's renormalisation / scaling)
+
+
+def route(p: dict, cfg: ModelConfig, x: jax.Array) -> Routing:
+    """x [N, D] → Routing, exactly as the family's transformers router: softmax in float32, then top-k."""
+    if cfg.router_fp32_weight:  # DeepSeek-V2: router weight and matmul in float32
+        logits = x.astype(jnp.float32) @ p["router"].astype(jnp.float32)
+    else:
+        logits = (x @ p["router"]).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if cfg.topk_method == "group_limited_greedy":
+        # Keep only the topk_group groups with the best single expert; experts outside score 0.
+        N, E = probs.shape
+        grouped = probs.reshape(N, cfg.n_group, E // cfg.n_group)
+        _, best_groups = jax.lax.top_k(grouped.max(axis=-1), cfg.topk_group)
+        keep = jnp.zeros((N, cfg.n_group), bool).at[jnp.arange(N)[:, None], best_groups].set(True)
+        probs = jnp.where(keep[:, :, None], grouped, 0.0).reshape(N, E)
+    weights, experts = jax.lax.top_k(probs, cfg.top_k)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    weights = weights * cfg.routed_scaling_factor
+    return Routing(logits=logits, experts=experts.astype(jnp.int32), weights=weights)
+
+
+def expert_ffn_gather(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool: ExpertPool) -> jax.Array:
+    """Decode regime: gather the K selected slots per token, then SwiGLU. x [N, D], slot_ids i32[N, K] → [N, D]."""
+    g, u, d = pool.gate[slot_ids], pool.up[slot_ids], pool.down[slot_ids]  # [N, K, D, F] / [N, K, F, D]
+    h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, g)) * jnp.einsum("nd,nkdf->nkf", x, u)
+    y = jnp.einsum("nkf,nkfd->nkd", h, d, preferred_element_type=jnp.float32)
+    return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32)).astype(x.dtype)
+
+
+def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool: ExpertPool) -> jax.Array:
+    """Prefill regime: sort the N·K (token, slot) pairs by slot and run grouped matmuls. Same contract."""
+    N, K = slot_ids.shape
+    S = pool.gate.shape[0]
+    flat = slot_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token_of_pair = order // K
+    xs = x[token_of_pair]                                           # [N·K, D] grouped by slot
+    sizes = jnp.bincount(flat, length=S).astype(jnp.int32)
+    h = (jax.nn.silu(jax.lax.ragged_dot(xs, pool.gate, sizes))
+         * jax.lax.ragged_dot(xs, pool.up, sizes))
+    y = jax.lax.ragged_dot(h, pool.down, sizes, preferred_element_type=jnp.float32)
+    y = y * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
+    return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token_of_pair].add(y).astype(x.dtype)
+
+
+def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool: ExpertPool) -> jax.Array:
+    """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]), choosing the formulation by problem size (static)."""
+    if slot_ids.size <= GATHER_MAX_PAIRS:
+        return expert_ffn_gather(x, slot_ids, weights, pool)
+    return expert_ffn_grouped(x, slot_ids, weights, pool)
+
+
+def moe_combine(p: dict, cfg: ModelConfig, x: jax.Array, routing: Routing, pool: ExpertPool,
+                slot_of_expert: jax.Array) -> jax.Array:
+    """The block's output for normalised input x [N, D] given its routing; slot_of_expert i32[E] maps each
+    chosen expert to the pool slot holding it (the caller guarantees every chosen expert is resident)."""
+    slots = slot_of_expert[routing.experts]
+    y = expert_ffn(x, slots, routing.weights, pool)
+    if cfg.shared_intermediate:
+        s = p["shared"]
+        shared = swiglu(x, s["gate"], s["up"], s["down"])
+        if cfg.shared_expert_gate:
+            shared = jax.nn.sigmoid(x @ p["shared_gate"]) * shared
+        y = y + shared
+    return y
