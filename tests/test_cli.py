@@ -1,0 +1,56 @@
+"""`ef-jax info` and `ef-jax generate` on a tiny checkpoint, and a clear error for a bad path."""
+import pytest
+
+from ef_jax import cli
+from tests.hf_models import save_tiny
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("deepseek"))
+    save_tiny("deepseek-qlora-none", d)
+    return d
+
+
+def test_info(tiny_dir, capsys):
+    assert cli.main(["info", tiny_dir]) == 0
+    out = capsys.readouterr().out
+    assert "DeepseekV2ForCausalLM" in out
+    assert "per expert 6.0 KiB" in out          # 3 × 32 × 16 float32
+    assert "2 MoE" in out and "in routed experts" in out
+
+
+def test_generate_with_token_prompt(tiny_dir, capsys):
+    # No tokenizer in a tiny checkpoint: the prompt is text, so generate must say how to fix it.
+    assert cli.main(["generate", "--model", tiny_dir, "hello"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_bad_model_path(capsys, tmp_path):
+    assert cli.main(["info", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def _save_word_tokenizer(directory: str, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}, }
+    vocab.update({"hello": 1, "world": 2})
+    vocab = {w: i for w, i in vocab.items() if not (w in ("w1", "w2"))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(directory)
+
+
+def test_generate_text_prompt_prints_text_and_stats(tiny_dir, capsys, tmp_path):
+    import shutil
+    d = str(tmp_path / "with_tok")
+    shutil.copytree(tiny_dir, d)
+    _save_word_tokenizer(d, 96)
+    assert cli.main(["generate", "--model", d, "--max-new-tokens", "5", "hello world"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("hello world") and len(out.split()) == 2 + 5
+    assert "5 tokens" in err and "tokens/s" in err and " ms " in err
