@@ -11,7 +11,8 @@ from ef_jax.config import ModelConfig
 from ef_jax.engine.forward import logits, trace_routing
 from ef_jax.engine.generate import GenerationResult, generate
 from ef_jax.model import Model, load
+from ef_jax.offload.config import OffloadConfig
 
-__all__ = ["CheckpointError", "GenerationResult", "Model", "ModelConfig", "generate", "load", "logits",
+__all__ = ["CheckpointError", "GenerationResult", "Model", "ModelConfig", "OffloadConfig", "generate", "load", "logits",
            "trace_routing"]
 __version__ = "0.1.0"

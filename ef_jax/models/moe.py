@@ -93,12 +93,13 @@ def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool: Expe
 
 
 def moe_combine(p: dict, cfg: ModelConfig, x: jax.Array, routing: Routing, pool: ExpertPool,
-                slot_of_expert: jax.Array) -> jax.Array:
+                slot_of_expert: jax.Array, include_shared: bool = True) -> jax.Array:
     """The block's output for normalised input x [N, D] given its routing; slot_of_expert i32[E] maps each
-    chosen expert to the pool slot holding it (the caller guarantees every chosen expert is resident)."""
+    chosen expert to the pool slot holding it (the caller guarantees every chosen expert with a non-zero weight
+    is resident). include_shared=False leaves out the shared expert (for the 2nd+ pass of a split layer)."""
     slots = slot_of_expert[routing.experts]
     y = expert_ffn(x, slots, routing.weights, pool)
-    if cfg.shared_intermediate:
+    if cfg.shared_intermediate and include_shared:
         s = p["shared"]
         shared = swiglu(x, s["gate"], s["up"], s["down"])
         if cfg.shared_expert_gate:

@@ -1,0 +1,67 @@
+"""OffloadConfig: how much device memory routed experts may use, and which policy manages it."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """4GiB, 512MiB, 1.5GB, 1000000 → bytes."""
+    if isinstance(value, bool):
+        raise TypeError("expert_memory must be bytes (int) or a size string like '4GiB', not a bool")
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"expert_memory={value!r} is not a size: use bytes or e.g. '4GiB', '512MiB', '1.5GB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadConfig:
+    """Experts live in pinned host memory; each MoE layer gets `slots_per_layer` device slots.
+
+    Give the budget as `expert_memory` (bytes or "4GiB", split evenly over MoE layers) or directly as
+    `slots_per_layer` — exactly one of them.
+      policy: a policy name ("nocache", "lru", "lfu", ...) or a Policy object.
+      layers_per_group: consecutive dense layers run in one jitted call (MoE layers always sync on routing).
+      record_timeline: a path: write a Chrome/Perfetto trace JSON of compute, transfers and stalls there.
+        Timing a transfer or a layer means waiting for it, so a recorded run overlaps less than a plain one.
+      check: verify cache invariants and slot contents after every layer (slow; for tests).
+    """
+    expert_memory: int | str | None = None
+    slots_per_layer: int | None = None
+    policy: Any = "lru"
+    layers_per_group: int = 4
+    record_timeline: str | None = None
+    check: bool = False
+
+    def __post_init__(self):
+        if (self.expert_memory is None) == (self.slots_per_layer is None):
+            raise ValueError("give exactly one of expert_memory (e.g. '4GiB') or slots_per_layer (e.g. 8)")
+        if self.expert_memory is not None:
+            b = parse_bytes(self.expert_memory)
+            if b <= 0:
+                raise ValueError(f"expert_memory={self.expert_memory!r} must be positive")
+        if self.slots_per_layer is not None and (not isinstance(self.slots_per_layer, int) or self.slots_per_layer < 1):
+            raise ValueError(f"slots_per_layer={self.slots_per_layer!r} must be a positive int")
+        if not isinstance(self.layers_per_group, int) or self.layers_per_group < 1:
+            raise ValueError(f"layers_per_group={self.layers_per_group!r} must be a positive int")
+
+    def resolve_slots(self, num_moe_layers: int, num_experts: int, top_k: int, bytes_per_expert: int) -> int:
+        """Slots per layer for a model; raises ValueError when the budget cannot hold one token's top-k."""
+        if self.slots_per_layer is not None:
+            slots = self.slots_per_layer
+        else:
+            slots = parse_bytes(self.expert_memory) // (bytes_per_expert * num_moe_layers)
+        if slots < top_k:
+            need = top_k * bytes_per_expert * num_moe_layers
+            raise ValueError(
+                f"expert budget too small: {slots} slots per layer, but one token needs its top-{top_k} experts "
+                f"resident; the minimum is {top_k} slots per layer = {need:,} bytes ({need / 2**20:.1f} MiB) over "
+                f"{num_moe_layers} MoE layers of {bytes_per_expert:,}-byte experts")
+        return min(slots, num_experts)

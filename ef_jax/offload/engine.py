@@ -1,0 +1,215 @@
+"""The offload engine: decoding with routed experts streamed from pinned host memory into device slots.
+
+per step:  cache.begin_step → embed
+per MoE layer j (model layer i):
+   [jit] attention + router(i) ──► top-k to host (the one sync) ──► cache.route(j, needed) → Loads
+   issue Loads (device_put from the pinned store + in-place slot write); wait only for demand/late ones (stall)
+   [jit] experts through the slot map (+ shared expert, residual)      ──► cache.release(j)
+dense layers run in jitted groups of up to layers_per_group; cache.end_step → prefetches for the next step.
+
+Batch > 1: a layer needs the union of its real tokens' experts (pad tokens are masked out). When that union is
+larger than the layer's slots, the layer runs in passes of at most S experts, each pass adding its share.
+Everything the host decides is counted by ExpertCache (hits, misses, prefetch used/wasted), so the simulator can
+replay the same routing and must agree.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ef_jax.model import Model
+from ef_jax.models.moe import ExpertPool, Routing, moe_combine
+from ef_jax.models.transformer import (KVCache, embed, layer_attention_and_route, layer_kinds, make_context,
+                                       run_group)
+from ef_jax.offload.cache import ExpertCache, Load
+from ef_jax.offload.config import OffloadConfig
+from ef_jax.offload.store import ExpertStore, write_slot
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kind"), donate_argnames=("cache",))
+def _attend_route(cfg, kind, p, x, cache, positions, write_idx, valid):
+    ctx = make_context(cfg, positions, write_idx, valid)
+    return layer_attention_and_route(p, cfg, kind, x, cache, ctx)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "include_shared"))
+def _experts(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool, slot_map):
+    """h [B, T, D] + this pass's share of the MoE output. keep f32[N, K]: 1 where (token, expert) is computed
+    in this pass (real token, expert resident in this pass), else 0 (that pair contributes exactly zero)."""
+    masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
+    y = moe_combine(p, cfg, normed, masked, pool, jnp.maximum(slot_map, 0), include_shared)
+    return h + y.reshape(h.shape)
+
+
+class OffloadForward:
+    """Drop-in replacement for ResidentForward with experts offloaded (see module docstring)."""
+
+    def __init__(self, model: Model, offload: OffloadConfig):
+        if not isinstance(offload, OffloadConfig):
+            raise TypeError(f"offload must be an ef_jax.OffloadConfig or None, got {type(offload).__name__}")
+        cfg = model.config
+        if not cfg.moe_layer_ids:
+            raise ValueError("this model has no MoE layers: there is nothing to offload (use offload=None)")
+        self.model, self.cfg, self.config = model, cfg, offload
+        self.moe_index = {i: j for j, i in enumerate(cfg.moe_layer_ids)}
+        self.kinds = layer_kinds(cfg)
+        model.release_resident()  # an offloaded run must not also hold every expert on the device
+        self.store = ExpertStore([model.host_experts[i] for i in cfg.moe_layer_ids])
+        self.slots = offload.resolve_slots(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k,
+                                           self.store.bytes_per_expert)
+        self.pools = self.store.empty_pools(self.slots)
+        self.cache = ExpertCache(len(cfg.moe_layer_ids), cfg.num_experts, self.slots, offload.policy,
+                                 bytes_per_expert=self.store.bytes_per_expert, check=offload.check)
+        self.segments = self._segments(offload.layers_per_group)
+        self._inflight: dict[tuple[int, int], jax.Array] = {}  # (layer, expert) → device buffer being copied
+        self.h2d_bytes = 0
+        self.h2d_s = self.stall_s = self.compute_s = 0.0
+        self.routing_log: list[np.ndarray] = []  # per step: experts i32[N_real, L_moe, K] (for replay)
+        self._events: list[dict] = []
+        self._t0 = time.perf_counter()
+
+    # ---- layout -----------------------------------------------------------------------------------------------
+    def _segments(self, layers_per_group: int) -> list[tuple[str, tuple[int, ...]]]:
+        """("dense", layers) runs of at most layers_per_group dense layers, and ("moe", (i,)) for each MoE layer."""
+        out: list[tuple[str, tuple[int, ...]]] = []
+        for i in range(self.cfg.num_layers):
+            if self.cfg.moe_layers[i]:
+                out.append(("moe", (i,)))
+            elif out and out[-1][0] == "dense" and len(out[-1][1]) < layers_per_group:
+                out[-1] = ("dense", out[-1][1] + (i,))
+            else:
+                out.append(("dense", (i,)))
+        return out
+
+    # ---- transfers --------------------------------------------------------------------------------------------
+    def _issue(self, loads: list[Load]) -> None:
+        for ld in loads:
+            t = time.perf_counter()
+            buf = self.store.fetch(ld.layer, ld.expert)
+            self.pools[ld.layer] = write_slot(self.pools[ld.layer], buf, jnp.int32(ld.slot))
+            self._inflight[(ld.layer, ld.expert)] = buf
+            self.h2d_bytes += self.store.bytes_per_expert
+            self.h2d_s += time.perf_counter() - t
+            if self.config.record_timeline:
+                buf.block_until_ready()
+                self._event(f"H2D L{ld.layer} e{ld.expert} ({ld.kind})", "copy", t)
+
+    def _poll_arrivals(self) -> None:
+        for key, buf in list(self._inflight.items()):
+            if buf.is_ready():
+                self.cache.arrive(*key)
+                del self._inflight[key]
+
+    def _wait(self, layer: int, experts: np.ndarray) -> None:
+        """Blocks until every needed expert of `layer` has arrived (demand loads and late prefetches)."""
+        t = time.perf_counter()
+        waited = False
+        for e in experts.tolist():
+            buf = self._inflight.pop((layer, e), None)
+            if buf is not None:
+                buf.block_until_ready()
+                self.cache.arrive(layer, e)
+                waited = True
+        if waited:
+            jax.block_until_ready(self.pools[layer])
+            self.stall_s += time.perf_counter() - t
+            if self.config.record_timeline:
+                self._event(f"stall L{layer}", "compute", t)
+
+    # ---- the step -----------------------------------------------------------------------------------------------
+    def __call__(self, tokens, positions, write_idx, valid, cache: KVCache):
+        cfg, params = self.cfg, self.model.params
+        tokens = np.asarray(tokens, np.int32)
+        B, T = tokens.shape
+        real = np.asarray(valid)[:, write_idx:write_idx + T].reshape(-1)  # bool[N]: not padding
+        x = embed(cfg, params["embed"], jnp.asarray(tokens))
+        pos, widx, vld = jnp.asarray(positions, jnp.int32), jnp.asarray(write_idx, jnp.int32), jnp.asarray(valid)
+        caches, routings = list(cache.layers), [None] * cfg.num_layers
+        self._poll_arrivals()
+        self._issue(self.cache.begin_step(tokens[:, -1]))  # rows are left-padded: the last column is real
+        step_routes = []
+        for kind, layers in self.segments:
+            t = time.perf_counter()
+            if kind == "dense":
+                g = layers
+                x, new, _ = run_group(cfg, tuple(self.kinds[i] for i in g), tuple(params["layers"][i] for i in g),
+                                      (None,) * len(g), (None,) * len(g), x, tuple(caches[i] for i in g), pos, widx, vld)
+                for i, c in zip(g, new):
+                    caches[i] = c
+                self._timed(f"dense L{g[0]}-{g[-1]}", t, x)
+                continue
+            i = layers[0]
+            h, normed, routing, caches[i] = _attend_route(cfg, self.kinds[i], params["layers"][i], x, caches[i],
+                                                          pos, widx, vld)
+            experts = np.asarray(routing.experts)  # [N, K] — the one unavoidable sync per MoE layer
+            self.compute_s += time.perf_counter() - t
+            x = self._moe_layer(i, params["layers"][i], h, normed, routing, experts, real)
+            routings[i] = routing
+            step_routes.append(experts[real])
+        self._issue(self.cache.end_step())
+        self.routing_log.append(np.stack(step_routes, axis=1))
+        return x, KVCache(layers=tuple(caches), valid=vld), routings
+
+    def _moe_layer(self, i: int, p, h, normed, routing, experts: np.ndarray, real: np.ndarray):
+        j = self.moe_index[i]
+        needed = np.unique(experts[real])
+        K = experts.shape[1]
+        passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
+        for n, chunk in enumerate(passes):
+            self._poll_arrivals()
+            loads = self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk)
+            self._issue(loads)
+            self._wait(j, chunk)
+            if self.config.check:
+                self.cache.verify()
+                self.store.verify(self.pools, self.cache.table.expert_of_slot)
+            keep = (np.isin(experts, chunk) & real[:, None]).astype(np.float32)
+            slot_map = jnp.asarray(self.cache.table.slot_of_expert[j])
+            t = time.perf_counter()
+            h = _experts(self.cfg, n == 0, p["mlp"], h, normed, routing, jnp.asarray(keep.reshape(-1, K)), self.pools[j],
+                         slot_map)
+            self._timed(f"experts L{i}" + (f" pass {n}" if n else ""), t, h)
+            if n + 1 < len(passes):
+                jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
+                self.cache.release(j)
+        if getattr(self.cache.policy, "wants_hidden", False):  # hidden-state predictors (pre-gating) only
+            self._issue(self.cache.hidden(j, np.asarray(h)))
+        self.cache.release(j)
+        return h
+
+    # ---- telemetry ----------------------------------------------------------------------------------------------
+    def _timed(self, name: str, t: float, out) -> None:
+        if self.config.record_timeline:
+            jax.block_until_ready(out)
+            self._event(name, "compute", t)
+        self.compute_s += time.perf_counter() - t
+
+    def _event(self, name: str, track: str, t_start: float) -> None:
+        now = time.perf_counter()
+        self._events.append({"name": name, "ph": "X", "pid": 0, "tid": 0 if track == "compute" else 1,
+                             "ts": (t_start - self._t0) * 1e6, "dur": (now - t_start) * 1e6})
+
+    def write_timeline(self, path: str) -> None:
+        meta = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "compute"}},
+                {"name": "thread_name", "ph": "M", "pid": 0, "tid": 1, "args": {"name": "host→device copies"}}]
+        with open(path, "w") as f:
+            json.dump({"traceEvents": meta + self._events, "displayTimeUnit": "ms"}, f)
+
+    def stats(self) -> dict:
+        c = self.cache.stats()
+        if self.config.record_timeline:
+            self.write_timeline(self.config.record_timeline)
+        accesses = self.cache.hits + self.cache.misses
+        out = {"hits": self.cache.hits, "misses": self.cache.misses,
+               "hit_rate": self.cache.hits / accesses if accesses else float("nan"),
+               "h2d_bytes": self.h2d_bytes, "h2d_s": self.h2d_s, "stall_s": self.stall_s,
+               "compute_s": self.compute_s, "slots_per_layer": self.slots,
+               "expert_bytes_resident": self.slots * len(self.pools) * self.store.bytes_per_expert,
+               "policy": self.cache.policy.name}
+        out.update({f"cache_{k}": v for k, v in c.items() if k not in out})
+        return out
