@@ -1,0 +1,85 @@
+"""Offloaded decoding against all-resident decoding, token for token, plus the engine's budget and telemetry."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import ef_jax
+from ef_jax import OffloadConfig
+from tests.hf_models import save_tiny
+
+pytest.importorskip("torch")
+
+PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
+FAMILIES = ["mixtral-top2", "qwen2moe-norm-sparse-step", "qwen3moe-norm", "olmoe", "deepseek-qlora-grouped-yarn"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request, tmp_path_factory):
+    d = str(tmp_path_factory.mktemp(request.param))
+    save_tiny(request.param, d)
+    return ef_jax.load(d)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "nocache"])
+def test_offloaded_tokens_equal_resident(model, policy):
+    cfg = model.config
+    for prompts in (PROMPTS[:1], PROMPTS):
+        ref = ef_jax.generate(model, prompts, max_new_tokens=8).tokens
+        for slots in (cfg.top_k, max(cfg.top_k, cfg.num_experts // 2)):
+            res = ef_jax.generate(model, prompts, max_new_tokens=8,
+                                  offload=OffloadConfig(slots_per_layer=slots, policy=policy, check=True))
+            assert res.tokens == ref, (policy, slots, len(prompts))
+            s = res.stats
+            assert s["hits"] + s["misses"] > 0 and s["h2d_bytes"] == s["cache_loads"] * model.param_bytes()["per_expert"]
+            if policy == "nocache":
+                assert s["hits"] == 0
+
+
+def test_budget_below_top_k_is_rejected(model):
+    cfg = model.config
+    per = model.param_bytes()["per_expert"]
+    with pytest.raises(ValueError, match=rf"minimum is {cfg.top_k} slots per layer = {cfg.top_k * per * cfg.num_moe_layers:,} bytes"):
+        ef_jax.generate(model, [[1, 2]], offload=OffloadConfig(expert_memory=per * cfg.num_moe_layers, policy="lru"))
+
+
+def test_expert_memory_never_exceeds_budget(model):
+    cfg = model.config
+    per = model.param_bytes()["per_expert"]
+    budget = per * cfg.num_moe_layers * cfg.top_k + per  # a little more than the minimum: not a whole extra slot row
+    res = ef_jax.generate(model, PROMPTS, max_new_tokens=4, offload=OffloadConfig(expert_memory=budget))
+    assert res.stats["slots_per_layer"] == cfg.top_k
+    assert res.stats["expert_bytes_resident"] <= budget
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="exactly one of expert_memory"):
+        OffloadConfig()
+    with pytest.raises(ValueError, match="is not a size"):
+        OffloadConfig(expert_memory="lots")
+    from ef_jax.offload.config import parse_bytes
+    assert parse_bytes("4GiB") == 4 << 30 and parse_bytes("1.5GB") == 1_500_000_000
+
+
+def test_slot_write_is_in_place():
+    from ef_jax.models.moe import ExpertPool
+    from ef_jax.offload.store import write_slot
+    pool = ExpertPool(gate=jax.numpy.zeros((4, 8, 6)), up=jax.numpy.zeros((4, 8, 6)), down=jax.numpy.zeros((4, 6, 8)))
+    ptr = pool.gate.unsafe_buffer_pointer()
+    flat = jax.numpy.arange(3 * 8 * 6, dtype=jax.numpy.float32)
+    new = write_slot(pool, flat, jax.numpy.int32(2))
+    assert new.gate.unsafe_buffer_pointer() == ptr          # donated: the pool was updated in place
+    np.testing.assert_array_equal(np.asarray(new.up[2]).ravel(), np.arange(48, 96))
+    assert float(np.abs(np.asarray(new.gate[1])).sum()) == 0
+
+
+def test_timeline_written(model, tmp_path):
+    path = str(tmp_path / "timeline.json")
+    cfg = model.config
+    ef_jax.generate(model, PROMPTS[:1], max_new_tokens=3,
+                    offload=OffloadConfig(slots_per_layer=cfg.top_k, policy="lru", record_timeline=path))
+    events = json.load(open(path))["traceEvents"]
+    names = [e["name"] for e in events if e["ph"] == "X"]
+    assert any(n.startswith("H2D") for n in names) and any(n.startswith("experts") for n in names)
+    assert all(e["dur"] >= 0 for e in events if e["ph"] == "X")
