@@ -1,0 +1,8 @@
+"""Expert eviction / prefetch policies: small strategy objects driven by ef_jax.offload.ExpertCache."""
+from ef_jax.policies.base import BasePolicy, Policy, Prefetch
+from ef_jax.policies.belady import Belady
+from ef_jax.policies.classic import LFU, LRU, NoCache
+from ef_jax.policies.registry import POLICIES, get_policy, policy_names, register_policy
+
+__all__ = ["BasePolicy", "Policy", "Prefetch", "Belady", "LFU", "LRU", "NoCache", "POLICIES", "get_policy",
+           "policy_names", "register_policy"]

@@ -1,0 +1,63 @@
+"""History-only eviction policies: nocache, LRU, LFU (no prefetching).
+
+[on_access / on_load] → recency and frequency counters per (layer, expert) → victim = least recent / least frequent
+
+Axes: L MoE layers, E experts per layer, S slots per layer.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ef_jax.policies.base import BasePolicy
+
+
+class NoCache(BasePolicy):
+    """Baseline: every slot is invalidated at step start, so every needed expert is copied every step."""
+    name = "nocache"
+    flush_each_step = True
+
+    def victim(self, layer: int, candidates: Sequence[int], view) -> int:
+        return candidates[0]  # only reachable within one step; nothing survives a step anyway
+
+
+class LRU(BasePolicy):
+    """Evict the resident expert whose last access (or prefetch load) is oldest."""
+    name = "lru"
+
+    def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
+        super().reset(num_layers, num_experts, slots_per_layer)
+        self._clock = 0
+        self._last = [[-1] * num_experts for _ in range(num_layers)]  # int[L][E]: clock of the last touch
+
+    def on_access(self, layer: int, expert: int, hit: bool) -> None:
+        self._clock += 1
+        self._last[layer][expert] = self._clock
+
+    def on_load(self, layer: int, expert: int, kind: str) -> None:
+        if kind == "prefetch":  # a prefetched expert enters as most recent, else it would be evicted first
+            self.on_access(layer, expert, False)
+
+    def victim(self, layer: int, candidates: Sequence[int], view) -> int:
+        return min(candidates, key=self._last[layer].__getitem__)
+
+
+class LFU(LRU):
+    """Evict the resident expert with the fewest accesses since the start (all-time, not just while resident:
+    expert popularity is a long-run property), ties broken by LRU."""
+    name = "lfu"
+
+    def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
+        super().reset(num_layers, num_experts, slots_per_layer)
+        self._count = [[0] * num_experts for _ in range(num_layers)]  # int[L][E]: accesses so far
+
+    def on_access(self, layer: int, expert: int, hit: bool) -> None:
+        super().on_access(layer, expert, hit)
+        self._count[layer][expert] += 1
+
+    def on_load(self, layer: int, expert: int, kind: str) -> None:
+        if kind == "prefetch":  # recency only: a prediction is not an access
+            LRU.on_access(self, layer, expert, False)
+
+    def victim(self, layer: int, candidates: Sequence[int], view) -> int:
+        count, last = self._count[layer], self._last[layer]
+        return min(candidates, key=lambda e: (count[e], last[e]))

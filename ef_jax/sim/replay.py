@@ -1,0 +1,194 @@
+"""Trace replay: push recorded routing through the same ExpertCache + policy the engine uses, on a model clock.
+
+[experts i[N, L, K]] → steps of B tokens → per layer: union of the step's experts → ExpertCache.route
+→ Loads on one FIFO copy stream ⟂ compute clock → ReplayStats (hit rate, bytes, stall)
+
+Axes: N tokens, L MoE layers, K routed experts per token, E experts per layer, S slots per layer, B tokens/step.
+
+Timing model (one step = the whole batch through every MoE layer, layers in order):
+  * the routing of layer l is known when layer l-1 finishes computing (attention/router time is part of
+    `layer_compute_s`); the host then issues that layer's demand loads, then the policy's prefetches;
+  * one copy stream: copies run one at a time in issue order, each taking expert_bytes / h2d_bytes_per_s;
+  * layer l starts computing once every expert it needs has arrived; stall = start − route time;
+  * prefetches from on_step_start / on_step_end are issued at the step boundary.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Iterable
+
+import numpy as np
+
+from ef_jax.offload.cache import ExpertCache, Load
+from ef_jax.policies.base import Policy
+from ef_jax.policies.registry import get_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Copy-stream and compute-clock parameters."""
+    h2d_bytes_per_s: float   # effective pinned host→device bandwidth (math.inf: copies are free)
+    expert_bytes: int        # bytes of one routed expert (gate + up + down)
+    layer_compute_s: float   # one MoE layer's decode compute (attention + router + experts), seconds
+
+    def __post_init__(self):
+        if not self.h2d_bytes_per_s > 0:
+            raise ValueError(f"h2d_bytes_per_s={self.h2d_bytes_per_s} must be > 0 (math.inf for free copies)")
+        if self.expert_bytes < 0 or self.layer_compute_s < 0:
+            raise ValueError(f"expert_bytes={self.expert_bytes} and layer_compute_s={self.layer_compute_s} "
+                             f"must be ≥ 0")
+
+    @property
+    def copy_s(self) -> float:
+        """Seconds one expert copy occupies the copy stream."""
+        return self.expert_bytes / self.h2d_bytes_per_s
+
+
+# DeepSeek-V2-Lite routed expert: gate, up, down, each 2048 × 1408, bf16 → 17,301,504 bytes.
+DEEPSEEK_V2_LITE_EXPERT_BYTES = 3 * 2048 * 1408 * 2
+
+TIMING_PRESETS: dict[str, Timing] = {
+    # ASSUMPTIONS, not measurements (no GPU was available when this was written): ~50 GB/s effective pinned H2D
+    # over PCIe Gen5 x16 (64 GB/s raw), and 0.25 ms per MoE layer of batch-1 decode compute on an H100. Replace
+    # both with numbers measured by the engine's benchmark.
+    "h100": Timing(h2d_bytes_per_s=50e9, expert_bytes=DEEPSEEK_V2_LITE_EXPERT_BYTES, layer_compute_s=0.25e-3),
+}
+
+
+def get_timing(timing: str | Timing | None) -> Timing | None:
+    if timing is None or isinstance(timing, Timing):
+        return timing
+    if timing not in TIMING_PRESETS:
+        raise ValueError(f"unknown timing preset {timing!r}; valid: {', '.join(sorted(TIMING_PRESETS))}")
+    return TIMING_PRESETS[timing]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayStats:
+    """What a replay measured. Counts are per expert access (one needed expert, one layer, one step)."""
+    policy: str
+    slots_per_layer: int
+    batch_size: int
+    tokens: int
+    steps: int
+    hits: int
+    misses: int              # includes `late`
+    hit_rate: float          # hits / (hits + misses)
+    late: int                # accesses that waited for an in-flight prefetch
+    loads: int               # copies issued (demand + prefetch)
+    demand_loads: int
+    bytes_h2d: int           # loads × expert_bytes (0 without a timing model)
+    prefetch_issued: int
+    prefetch_used: int
+    prefetch_wasted: int
+    stall_s: float | None    # total compute wait for copies (None without a timing model)
+    total_s: float | None    # end of the last layer's compute (None without a timing model)
+    layer_hit_rate: tuple[float, ...]  # f[L]
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_h2d / max(self.tokens, 1)
+
+    @property
+    def stall_per_token_s(self) -> float | None:
+        return None if self.stall_s is None else self.stall_s / max(self.tokens, 1)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_hit_rate"] = list(self.layer_hit_rate)
+        d["bytes_per_token"] = self.bytes_per_token
+        d["stall_per_token_s"] = self.stall_per_token_s
+        return d
+
+
+class _CopyStream:
+    """One FIFO copy stream: arrival times are increasing in issue order, so pending copies form a queue."""
+
+    def __init__(self, cache: ExpertCache, timing: Timing | None):
+        self.cache, self.timing = cache, timing
+        self.free_at = 0.0                              # when the stream finishes its last queued copy
+        self.pending = collections.deque()              # (arrival_s, layer, expert, seq), arrival ascending
+        L, E = cache.table.num_layers, cache.table.num_experts
+        self.arrival = [[0.0] * E for _ in range(L)]    # f[L][E]: arrival of the latest copy of (l, e)
+        self.seq = [[0] * E for _ in range(L)]          # i[L][E]: id of that latest copy
+        self._n = 0
+
+    def issue(self, loads: Iterable[Load], now: float) -> None:
+        if self.timing is None:  # no clock: every copy is done at once
+            for ld in loads:
+                self.cache.arrive(ld.layer, ld.expert)
+            return
+        copy_s = self.timing.copy_s
+        for ld in loads:
+            self.free_at = max(self.free_at, now) + copy_s
+            self._n += 1
+            self.arrival[ld.layer][ld.expert] = self.free_at
+            self.seq[ld.layer][ld.expert] = self._n
+            self.pending.append((self.free_at, ld.layer, ld.expert, self._n))
+
+    def advance(self, now: float) -> None:
+        """Report to the cache every copy finished by `now` (skipping copies superseded by a later reload)."""
+        while self.pending and self.pending[0][0] <= now:
+            _, l, e, n = self.pending.popleft()
+            if self.seq[l][e] == n:
+                self.cache.arrive(l, e)
+
+
+def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = "lru",
+           timing: str | Timing | None = None, batch_size: int = 1, num_experts: int | None = None,
+           check: bool = False) -> ReplayStats:
+    """Replay routing `experts` i[N, L, K] (tokens in order) through an ExpertCache.
+
+    Args:
+        experts: i[N, L, K] routed experts per token and MoE layer.
+        slots_per_layer: S, cache slots per layer (caches start empty).
+        policy: a policy name or object; one with `set_future` (Belady) is given `experts` and `batch_size`.
+        timing: a Timing, a TIMING_PRESETS name, or None (count hits and loads only; no clock).
+        batch_size: B consecutive tokens form one step; each layer needs the union of their experts.
+        num_experts: E (default: the largest id + 1, at least S).
+        check: verify cache invariants after every call (slow).
+    Returns:
+        ReplayStats.
+    """
+    experts = np.asarray(experts)
+    if experts.ndim != 3 or not np.issubdtype(experts.dtype, np.integer):
+        raise ValueError(f"experts must be an integer array [N, L, K], got {experts.dtype}{list(experts.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be ≥ 1")
+    N, L, K = experts.shape
+    E = num_experts if num_experts is not None else max(int(experts.max(initial=0)) + 1, slots_per_layer)
+    timing = get_timing(timing)
+    pol = get_policy(policy)
+    if hasattr(pol, "set_future"):
+        pol.set_future(experts, batch_size)
+    cache = ExpertCache(L, E, slots_per_layer, pol, check=check,
+                        bytes_per_expert=timing.expert_bytes if timing else 0)
+    stream = _CopyStream(cache, timing)
+    compute_s = timing.layer_compute_s if timing else 0.0
+    rows = experts.tolist()
+    t, stall = 0.0, 0.0  # t: the compute clock (end of the last computed layer)
+    for t0 in range(0, N, batch_size):
+        block = rows[t0:t0 + batch_size]
+        stream.issue(cache.begin_step(), t)
+        for l in range(L):
+            need = block[0][l] if batch_size == 1 else sorted({e for tok in block for e in tok[l]})
+            stream.advance(t)
+            stream.issue(cache.route(l, need), t)
+            if timing is not None:
+                start = max([t] + [stream.arrival[l][e] for e in need])
+                stall += start - t
+                stream.advance(start)
+                t = start + compute_s
+            cache.release(l)
+        stream.issue(cache.end_step(), t)
+    s = cache.stats()
+    layer_rate = tuple(h / max(h + m, 1) for h, m in zip(s["layer_hits"], s["layer_misses"]))
+    return ReplayStats(
+        policy=pol.name, slots_per_layer=slots_per_layer, batch_size=batch_size, tokens=N,
+        steps=math.ceil(N / batch_size), hits=s["hits"], misses=s["misses"], hit_rate=s["hit_rate"],
+        late=s["late"], loads=s["loads"], demand_loads=s["demand_loads"], bytes_h2d=s["bytes_h2d"],
+        prefetch_issued=s["prefetch_issued"], prefetch_used=s["prefetch_used"],
+        prefetch_wasted=s["prefetch_wasted"], stall_s=stall if timing else None, total_s=t if timing else None,
+        layer_hit_rate=layer_rate)
