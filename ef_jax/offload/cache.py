@@ -170,13 +170,19 @@ class ExpertCache:
         """Make `experts` resident at `layer` for the current step; pins them until release()/end_step().
 
         Marks hits, evicts (policy.victim among residents that are neither needed nor pinned) and returns the
-        demand Loads the caller must perform. Call once per layer per step, layers in increasing order.
+        demand Loads the caller must perform. Layers go in increasing order within a step. A layer whose needs
+        exceed S may be computed in several passes: call require(layer, chunk) again for the same layer after
+        release(layer) (the previous pass's experts then become evictable).
         """
         exps = self._validate_require(layer, experts)
+        if layer == self._layer:  # another pass over the same layer: extend its history entry
+            self._hist.extend(exps)
+            self._hist_off[-1] = len(self._hist)
+        else:
+            self._pad_history(self._step * self.table.num_layers + layer)
+            self._hist.extend(exps)
+            self._hist_off.append(len(self._hist))
         self._layer = layer
-        self._pad_history(self._step * self.table.num_layers + layer)
-        self._hist.extend(exps)
-        self._hist_off.append(len(self._hist))
         self._last_required = exps
         soe = self.table.slot_row(layer)
         arrived, unused, policy = self._arrived[layer], self._unused_prefetch[layer], self.policy
@@ -348,13 +354,17 @@ class ExpertCache:
         if self._step < 0:
             raise ValueError("require(): call begin_step() first")
         exps = self._validate(layer, experts, "require")
-        if layer <= self._layer:
-            raise ValueError(f"require(layer={layer}) after layer {self._layer} in step {self._step}: call it once "
-                             f"per layer, layers in increasing order, then begin_step() for the next step")
+        if layer < self._layer:
+            raise ValueError(f"require(layer={layer}) after layer {self._layer} in step {self._step}: layers go in "
+                             f"increasing order; call begin_step() for the next step")
         S = self.table.slots_per_layer
         if len(exps) > S:
             raise ValueError(f"require(): {len(exps)} experts needed at layer {layer} but only {S} slots per "
-                             f"layer; raise slots_per_layer to ≥ {len(exps)} or split the batch")
+                             f"layer; raise slots_per_layer to ≥ {len(exps)} or split them into passes of ≤ {S}")
+        held = self._pinned[layer].difference(exps)
+        if len(held) + len(exps) > S:
+            raise ValueError(f"require(): layer {layer} still pins {len(held)} experts from an earlier pass; call "
+                             f"release({layer}) before requiring {len(exps)} more")
         return exps
 
     def _pad_history(self, index: int) -> None:

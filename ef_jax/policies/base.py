@@ -31,6 +31,7 @@ class Policy(Protocol):
     """What ExpertCache calls. Subclass `BasePolicy` to get no-op defaults for the hooks you do not need."""
     name: str
     flush_each_step: bool  # True: the cache invalidates every slot at step start (the "nocache" baseline)
+    wants_hidden: bool     # True: the engine should copy hidden states to the host and call cache.hidden()
 
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None: ...
     def on_step_start(self, step: int, token_ids: np.ndarray | None, view: CacheView) -> list[Prefetch]: ...
@@ -51,6 +52,7 @@ class BasePolicy:
     """
     name = "base"
     flush_each_step = False
+    wants_hidden = False  # hidden states cost a device→host copy per layer: only fetched for policies that ask
 
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         self.num_layers, self.num_experts, self.slots_per_layer = num_layers, num_experts, slots_per_layer

@@ -88,7 +88,7 @@ class Belady(BasePolicy):
             for e, n in zip(self._fut_rows[t][layer], self._nxt_rows[t][layer]):
                 nxt[e] = n
                 seen.add(e)
-        if seen != set(experts):
+        if not seen.issuperset(experts):  # a subset is fine: one pass of a multi-pass layer
             raise RuntimeError(f"belady: routed {sorted(experts)} at step {view.step} layer {layer} but the future "
                                f"trace says {sorted(seen)}; set_future() must get the trace being replayed")
         return []

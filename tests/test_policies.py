@@ -1,0 +1,254 @@
+"""Policies and ExpertCache: reference LRU, Belady optimality, nocache, prefetch accounting, pinning."""
+import collections
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ef_jax.offload import ExpertCache, Load
+from ef_jax.policies import BasePolicy, Belady, get_policy, policy_names
+from ef_jax.sim import replay
+
+
+@st.composite
+def traces(draw, max_tokens=40):
+    """(experts i[N, L, K], S): random routing with unique experts per row and K ≤ S ≤ E."""
+    E = draw(st.integers(3, 9))
+    K = draw(st.integers(1, min(3, E)))
+    S = draw(st.integers(K, E))
+    N = draw(st.integers(1, max_tokens))
+    L = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    skew = rng.dirichlet(np.ones(E) * 0.5)  # skewed popularity, so caching matters
+    x = np.stack([[rng.choice(E, K, replace=False, p=skew) for _ in range(L)] for _ in range(N)])
+    return x.astype(np.int32), S
+
+
+def drive(x, S, policy, **kw):
+    """Replay x [N, L, K] one token per step, no clock; returns the cache."""
+    N, L, K = x.shape
+    cache = ExpertCache(L, int(x.max()) + 1 if x.max() + 1 >= S else S, S, policy, check=True, **kw)
+    for n in range(N):
+        cache.begin_step()
+        for l in range(L):
+            for ld in cache.route(l, x[n, l].tolist()):
+                cache.arrive(ld.layer, ld.expert)
+            assert all(cache.table.is_resident(l, e) for e in x[n, l])
+            cache.release(l)
+        cache.end_step()
+    return cache
+
+
+def reference_lru_hits(x, S):
+    """Textbook LRU per layer (an OrderedDict from least to most recently used), accesses in order, except that
+    a token's own experts are never the victim (all K must be resident together)."""
+    hits = 0
+    N, L, K = x.shape
+    for l in range(L):
+        lru = collections.OrderedDict()
+        for n in range(N):
+            need = x[n, l].tolist()
+            for e in need:
+                if e in lru:
+                    hits += 1
+                    lru.move_to_end(e)
+                    continue
+                if len(lru) == S:
+                    del lru[next(v for v in lru if v not in need)]
+                lru[e] = True
+    return hits
+
+
+def optimal_hits(x, S):
+    """Brute force over every eviction choice (tiny traces only): the most hits any demand policy can get."""
+    N, L, K = x.shape
+    total = 0
+    for l in range(L):
+        rows = [tuple(x[n, l].tolist()) for n in range(N)]
+
+        @functools.lru_cache(maxsize=None)
+        def best(n, resident):
+            if n == N:
+                return 0
+            need = rows[n]
+            hits = sum(e in resident for e in need)
+            missing = [e for e in need if e not in resident]
+            evictable = sorted(resident - set(need))
+            n_evict = max(0, len(resident) + len(missing) - S)
+            outcomes = []
+            for drop in _combinations(evictable, n_evict):
+                outcomes.append(best(n + 1, frozenset((resident - set(drop)) | set(need))))
+            return hits + max(outcomes)
+
+        total += best(0, frozenset())
+    return total
+
+
+def _combinations(items, k):
+    import itertools
+    return itertools.combinations(items, k)
+
+
+@settings(max_examples=80, deadline=None)
+@given(traces())
+def test_lru_matches_textbook_lru(trace):
+    x, S = trace
+    assert drive(x, S, "lru").hits == reference_lru_hits(x, S)
+
+
+@settings(max_examples=80, deadline=None)
+@given(traces())
+def test_belady_is_never_beaten(trace):
+    x, S = trace
+    best = drive(x, S, Belady(x)).hits
+    for name in ("lru", "lfu", "nocache"):
+        assert drive(x, S, name).hits <= best, name
+
+
+@settings(max_examples=40, deadline=None)
+@given(traces(max_tokens=7))
+def test_belady_equals_brute_force_optimum(trace):
+    x, S = trace
+    assert drive(x, S, Belady(x)).hits == optimal_hits(x, S)
+
+
+@settings(max_examples=30, deadline=None)
+@given(traces())
+def test_nocache_always_misses(trace):
+    x, S = trace
+    cache = drive(x, S, "nocache")
+    assert cache.hits == 0 and cache.demand_loads == cache.misses == x.size
+
+
+def test_lfu_breaks_ties_by_recency():
+    cache = ExpertCache(1, 6, 3, "lfu")
+    for need in ([0, 1], [0, 2], [3]):  # counts: 0→2, 1→1, 2→1; 1 is older than 2, so 1 goes
+        cache.begin_step()
+        loads = cache.route(0, need)
+        cache.end_step()
+    assert loads == [Load(0, 3, 1, "demand", 1)]
+
+
+class Adversary(BasePolicy):
+    """Always names the first resident expert, needed or not: the cache must refuse."""
+    name = "adversary"
+
+    def victim(self, layer, candidates, view):
+        return int(view.resident(layer)[0])
+
+
+def test_cache_refuses_to_evict_a_needed_expert():
+    cache = ExpertCache(1, 8, 2, Adversary())
+    cache.begin_step()
+    cache.route(0, [0, 1])
+    cache.end_step()
+    cache.begin_step()
+    with pytest.raises(RuntimeError, match=r"chose victim 0 .* evictable experts are \[1\]"):
+        cache.route(0, [0, 5])
+
+
+def test_require_errors():
+    cache = ExpertCache(2, 8, 2, "lru")
+    with pytest.raises(ValueError, match="begin_step"):
+        cache.require(0, [1])
+    cache.begin_step()
+    with pytest.raises(ValueError, match="3 experts needed at layer 0 but only 2 slots"):
+        cache.require(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="unique"):
+        cache.require(0, [1, 1])
+    cache.require(1, [1])
+    with pytest.raises(ValueError, match="increasing order"):
+        cache.require(0, [1])
+
+
+def test_multi_pass_layer():
+    cache = ExpertCache(1, 8, 2, "lru", check=True)
+    cache.begin_step()
+    cache.require(0, [0, 1])
+    with pytest.raises(ValueError, match=r"release\(0\)"):
+        cache.require(0, [2, 3])
+    cache.release(0)
+    loads = cache.require(0, [2, 3])
+    assert sorted(ld.evicted for ld in loads) == [0, 1]
+    assert cache.view.routed(0, 0).tolist() == [0, 1, 2, 3]
+
+
+def test_get_policy_registry():
+    assert set(policy_names()) >= {"nocache", "lru", "lfu", "belady"}
+    with pytest.raises(ValueError, match="unknown policy 'fifo'; valid names: belady, lfu, lru, nocache"):
+        get_policy("fifo")
+    lru = get_policy("LRU")
+    assert get_policy(lru) is lru
+    with pytest.raises(TypeError, match="only apply when the policy is given by name"):
+        get_policy(lru, future=None)
+    with pytest.raises(ValueError, match="belady needs the future"):
+        ExpertCache(1, 4, 2, "belady")
+
+
+class Scripted(BasePolicy):
+    """Prefetches whatever `plan[(step, layer)]` says after that layer routes; evicts the lowest id."""
+    name = "scripted"
+
+    def __init__(self, plan, at_end=()):
+        self.plan, self.at_end = plan, at_end
+
+    def on_route(self, layer, experts, view):
+        return self.plan.get((view.step, layer), [])
+
+    def on_step_end(self, step, view):
+        return list(self.at_end)
+
+    def victim(self, layer, candidates, view):
+        return min(candidates)
+
+
+def test_prefetch_used_wasted_late_and_pins():
+    plan = {(0, 0): [(1, 4), (1, 5), (0, 6)], (1, 0): [(0, 2)]}
+    cache = ExpertCache(2, 8, 2, Scripted(plan), check=True)
+    cache.begin_step()
+    loads = cache.route(0, [0, 1])  # 2 demand; the (0, 6) prefetch finds both slots pinned: dropped
+    assert [(ld.kind, ld.layer, ld.expert) for ld in loads] == [
+        ("demand", 0, 0), ("demand", 0, 1), ("prefetch", 1, 4), ("prefetch", 1, 5)]
+    assert cache.prefetch_dropped == 1
+    for ld in loads[:2]:
+        cache.arrive(ld.layer, ld.expert)
+    cache.arrive(1, 4)  # 5 is still in flight when layer 1 routes
+    cache.release(0)
+    assert cache.route(1, [4, 5]) == []
+    assert (cache.hits, cache.late, cache.prefetch_used) == (1, 1, 2)
+    cache.end_step()
+    cache.begin_step()
+    # step 1, layer 0 needs [0, 3]: 1 is evicted; the (0, 2) prefetch must not evict pinned 0 or 3: dropped
+    loads = cache.route(0, [0, 3])
+    assert [(ld.kind, ld.expert, ld.evicted) for ld in loads] == [("demand", 3, 1)]
+    assert cache.prefetch_dropped == 2
+    cache.release(0)
+    assert [ld.evicted for ld in cache.prefetch(0, [2])] == [0]  # released: now evictable
+    assert cache.prefetch(0, [3]) == []  # already resident: skipped
+    cache.release(1)
+    cache.prefetch(1, [6, 7])  # evicts prefetched-and-used 4 and 5: not wasted
+    assert cache.prefetch_wasted == 0
+    cache.prefetch(1, [0])  # evicts prefetched, never used 6
+    assert cache.prefetch_wasted == 1
+    s = cache.stats()
+    assert s["prefetch_issued"] == 6 and s["loads"] == 3 + 6
+
+
+def test_view_history_and_flags():
+    cache = ExpertCache(3, 8, 4, "lru")
+    cache.begin_step()
+    cache.route(0, [3, 1])
+    cache.route(2, [5])  # layer 1 skipped (e.g. a dense layer): its history entry is empty
+    v = cache.view
+    assert (v.step, v.layer) == (0, 2)
+    assert v.routed(0, 0).tolist() == [3, 1] and v.routed(0, 1).tolist() == [] and v.routed(0, 2).tolist() == [5]
+    assert v.routed(1, 0) is None
+    assert v.is_resident(0, 3) and not v.is_arrived(0, 3) and v.pinned(2) == {5}
+    cache.arrive_all()
+    assert v.is_arrived(0, 1)
+    cache.end_step()
+    assert v.pinned(2) == frozenset()
+    cache.begin_step()
+    assert v.routed(0, 2).tolist() == [5]
