@@ -43,13 +43,19 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
     """Read and validate a routing trace .npz; ValueError naming the problem when it is malformed."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"routing trace {os.fspath(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{os.fspath(path)}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in REQUIRED_KEYS if k not in z.files]
             if missing:
                 raise ValueError(f"{os.fspath(path)}: missing arrays {missing} (has {sorted(z.files)}); a routing "
                                  f"trace needs {list(REQUIRED_KEYS)}")
-            arrays = {k: z[k] for k in REQUIRED_KEYS}
+            try:
+                arrays = {k: z[k] for k in REQUIRED_KEYS}
+            except ValueError as err:  # object arrays need pickle, which we never enable
+                raise ValueError(f"{os.fspath(path)}: holds object (pickled) arrays; a routing trace is plain "
+                                 f"numeric arrays") from err
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ValueError(f"{os.fspath(path)}: not a readable .npz file ({err})") from err
     return make_trace(arrays["experts"], arrays["offsets"], arrays["prompt_id"], arrays["tokens"].tobytes(),
