@@ -211,3 +211,21 @@ def test_cli_summary_and_errors(tmp_path, capsys):
     assert cli.run(parse(["sim", str(path), "--slots-per-layer", "4", "--policy", "fifo"])) == 2
     assert "unknown policy 'fifo'" in capsys.readouterr().err
     assert cli.run(parse(["sim", str(tmp_path / "none.npz"), "--slots-per-layer", "4"])) == 2
+
+
+def test_save_trace_from_arrays(tmp_path):
+    x = random_trace(N=5).astype(np.int32)  # as trace_routing returns it
+    save_trace(tmp_path / "a.npz", x, np.array([0, 2, 5]), None, ["a", "b", "c", "dé", "e"])
+    back = load_trace(tmp_path / "a.npz")
+    assert back.experts.dtype == np.uint8 and np.array_equal(back.experts, x)
+    assert back.prompt_id.tolist() == [0, 1] and back.token_strings() == ["a", "b", "c", "dé", "e"]
+    with pytest.raises(ValueError, match="uint8"):
+        save_trace(tmp_path / "b.npz", x + 300)
+
+
+def test_main_cli_dispatches_sim(tmp_path, capsys):
+    ef_cli = pytest.importorskip("ef_jax.cli")
+    path, _ = tiny_trace_file(tmp_path)
+    assert ef_cli.main(["sim", str(path), "--slots-per-layer", "4", "--timing", "none", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stall_s"] is None and out["policy"] == "lru"

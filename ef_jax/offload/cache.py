@@ -95,6 +95,18 @@ class ExpertCache:
         bytes_per_expert: bytes one Load copies (for the `bytes_h2d` counter).
         check: verify every invariant after each call (slow; for tests and debugging).
         **policy_kw: passed to the policy constructor when `policy` is a name.
+
+    One step (the engine and the simulator make exactly these calls; every returned Load must be performed):
+        loads = cache.begin_step(token_ids)        # nocache flush; policy.on_step_start → prefetches
+        for layer in range(L):                     # MoE layers, in order
+            loads = cache.route(layer, experts)    # unique ids (batch: the union); demand Loads, then prefetches
+            ... copy each Load into its slot; cache.arrive(layer, expert) when a copy lands; the layer waits
+            ... for its demand Loads (and late prefetches), reading slots via cache.table.slot_row(layer)
+            loads = cache.hidden(layer, h)         # engine only, when cache.policy.wants_hidden
+            cache.release(layer)                   # after the layer's expert compute is enqueued
+        loads = cache.end_step()                   # policy.on_step_end → prefetches for the next step
+    A layer needing more than S experts runs in passes: route(layer, chunk0), release(layer),
+    require(layer, chunk1), release(layer), ...
     """
 
     def __init__(self, num_layers: int, num_experts: int, slots_per_layer: int, policy: str | Policy = "lru", *,
@@ -111,6 +123,7 @@ class ExpertCache:
         self._unused_prefetch = [set() for _ in range(L)]     # per layer: prefetched, resident, not yet required
         self._hist = array("h")                               # every required expert, flattened in call order
         self._hist_off = array("q", [0])                      # offsets into _hist, indexed step * L + layer
+        self._last_required: list[int] = []                  # the experts of the latest require() call
         self.layer_hits = [0] * L
         self.layer_misses = [0] * L
         self.late = self.demand_loads = self.evictions = 0

@@ -14,7 +14,7 @@ from ef_jax.sim.trace import load_trace
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `sim` on an argparse subparsers object; the parser's default `func` is `run`."""
+    """Register `sim` on an argparse subparsers object; its defaults `func` and `fn` are `run`."""
     p = subparsers.add_parser("sim", help="replay a routing trace through an expert cache policy",
                               description=__doc__.splitlines()[0])
     p.add_argument("trace", help="routing trace .npz (experts u8[N, L, K], offsets, prompt_id, tokens)")
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timing", default="h100", choices=sorted(TIMING_PRESETS) + ["none"],
                    help="copy/compute timing preset (default h100; 'none': hit counts only)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, fn=run)  # ef_jax.cli dispatches on `fn`
     return p
 
 

@@ -87,7 +87,30 @@ def make_trace(experts: np.ndarray, offsets: np.ndarray, prompt_id: np.ndarray, 
     return RoutingTrace(experts, offsets.astype(np.int64), prompt_id.astype(np.int32), bytes(tokens))
 
 
-def save_trace(path: str | os.PathLike, trace: RoutingTrace) -> None:
-    """Write `trace` in the same .npz format load_trace reads (uncompressed, no pickle)."""
+def save_trace(path: str | os.PathLike, trace: RoutingTrace | np.ndarray, offsets: np.ndarray | None = None,
+               prompt_id: np.ndarray | None = None, tokens: bytes | list[str] | None = None) -> None:
+    """Write a trace in the format load_trace reads (uncompressed, no pickle).
+
+    Either save_trace(path, RoutingTrace) or save_trace(path, experts i[N, L, K], offsets i[P+1],
+    prompt_id i[P], tokens) where tokens is N strings (or the NUL-terminated bytes); offsets default to one
+    prompt, prompt_id to 0..P-1, tokens to empty strings.
+    """
+    if not isinstance(trace, RoutingTrace):
+        experts = np.asarray(trace)
+        if experts.ndim == 3 and np.issubdtype(experts.dtype, np.integer) and experts.dtype != np.uint8:
+            if experts.size and (experts.min() < 0 or experts.max() > 255):
+                raise ValueError(f"experts ids span {experts.min()}..{experts.max()}; the trace format stores uint8 "
+                                 f"(at most 256 experts)")
+            experts = experts.astype(np.uint8)
+        N = experts.shape[0] if experts.ndim else 0
+        offsets = np.array([0, N]) if offsets is None else np.asarray(offsets)
+        prompt_id = np.arange(len(offsets) - 1, dtype=np.int32) if prompt_id is None else np.asarray(prompt_id)
+        if tokens is None:
+            tokens = [""] * N
+        if not isinstance(tokens, bytes):
+            if any("\0" in t for t in tokens):
+                raise ValueError("a token string contains NUL, which the format uses as its separator")
+            tokens = b"".join(t.encode("utf-8") + b"\0" for t in tokens)
+        trace = make_trace(experts, offsets, prompt_id, tokens, source=os.fspath(path))
     np.savez(path, experts=trace.experts, offsets=trace.offsets, prompt_id=trace.prompt_id,
              tokens=np.frombuffer(trace.tokens, np.uint8))
