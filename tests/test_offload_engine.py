@@ -96,3 +96,23 @@ def test_bench_offload_tiny_mode_runs(tmp_path):
     rows = json.load(open(tmp_path / "offload_tiny.json"))["rows"]
     assert {r["policy"] for r in rows} == {"resident", "nocache", "lru"}
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "nocache"])
+def test_simulator_replay_agrees_with_engine(model, policy):
+    """Replaying the routing the engine recorded gives the engine's hits and misses (one token per step)."""
+    from ef_jax.engine.batch import make_batch
+    from ef_jax.engine.generate import _decode
+    from ef_jax.engine.sampling import SamplingParams
+    from ef_jax.offload.engine import OffloadForward
+    from ef_jax.sim.replay import replay
+    cfg = model.config
+    for prompts, slots in (([[7]], cfg.top_k), ([[7], [50]], 2 * cfg.top_k)):
+        slots = min(slots, cfg.num_experts)
+        offload = OffloadConfig(slots_per_layer=slots, policy=policy)
+        fwd = OffloadForward(model, offload)
+        _decode(model, fwd, make_batch(prompts, 12), SamplingParams(), 0, set(), 12)
+        trace = np.concatenate(fwd.routing_log)              # [steps · B, L_moe, K], rows of a step together
+        sim = replay(trace, slots_per_layer=slots, policy=policy, batch_size=len(prompts),
+                     num_experts=cfg.num_experts)
+        assert (sim.hits, sim.misses) == (fwd.cache.hits, fwd.cache.misses)
