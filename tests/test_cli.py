@@ -54,3 +54,17 @@ def test_generate_text_prompt_prints_text_and_stats(tiny_dir, capsys, tmp_path):
     out, err = capsys.readouterr()
     assert out.startswith("hello world") and len(out.split()) == 2 + 5
     assert "5 tokens" in err and "tokens/s" in err and " ms " in err
+
+
+def test_generate_offloaded_prints_expert_stats(tiny_dir, capsys, tmp_path):
+    import json
+    import shutil
+    d = str(tmp_path / "with_tok")
+    shutil.copytree(tiny_dir, d)
+    _save_word_tokenizer(d, 96)
+    timeline = str(tmp_path / "t.json")
+    assert cli.main(["generate", "--model", d, "--max-new-tokens", "4", "--expert-memory", "36KiB",
+                     "--policy", "lru", "--timeline", timeline, "hello world"]) == 0
+    err = capsys.readouterr().err
+    assert "hit rate" in err and "H2D" in err and "resident 36.0 KiB" in err  # 2 MoE layers × 3 slots × 6 KiB
+    assert json.load(open(timeline))["traceEvents"]
