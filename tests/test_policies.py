@@ -1,6 +1,7 @@
 """Policies and ExpertCache: reference LRU, Belady optimality, nocache, prefetch accounting, pinning."""
 import collections
 import functools
+import itertools
 
 import numpy as np
 import pytest
@@ -78,17 +79,12 @@ def optimal_hits(x, S):
             evictable = sorted(resident - set(need))
             n_evict = max(0, len(resident) + len(missing) - S)
             outcomes = []
-            for drop in _combinations(evictable, n_evict):
+            for drop in itertools.combinations(evictable, n_evict):
                 outcomes.append(best(n + 1, frozenset((resident - set(drop)) | set(need))))
             return hits + max(outcomes)
 
         total += best(0, frozenset())
     return total
-
-
-def _combinations(items, k):
-    import itertools
-    return itertools.combinations(items, k)
 
 
 @settings(max_examples=80, deadline=None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ef_jax.offload import ExpertCache
-from ef_jax.policies import BasePolicy
+from ef_jax.policies import BasePolicy, Belady
 from ef_jax.sim import TIMING_PRESETS, Timing, load_trace, make_trace, replay, save_trace
 from ef_jax.sim import cli
 
@@ -141,7 +141,6 @@ def test_batched_replay_equals_driving_the_cache_with_unions(policy):
     s = replay(x, slots_per_layer=S, policy=policy, batch_size=B, num_experts=10)
     pol = policy
     if policy == "belady":
-        from ef_jax.policies import Belady
         pol = Belady(x, batch_size=B)
     cache = ExpertCache(3, 10, S, pol, check=True)
     for t0 in range(0, 41, B):

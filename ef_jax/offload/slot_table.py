@@ -42,7 +42,8 @@ class SlotTable:
         if slots_per_layer > num_experts:
             raise ValueError(f"slots_per_layer={slots_per_layer} exceeds num_experts={num_experts}; "
                              f"use at most {num_experts} slots (every expert resident)")
-        self.num_layers, self.num_experts, self.slots_per_layer = int(num_layers), int(num_experts), int(slots_per_layer)
+        self.num_layers, self.num_experts = int(num_layers), int(num_experts)
+        self.slots_per_layer = int(slots_per_layer)
         self._soe = [[-1] * num_experts for _ in range(num_layers)]        # int[L][E]: slot, -1 = not resident
         self._eos = [[-1] * slots_per_layer for _ in range(num_layers)]    # int[L][S]: expert, -1 = free
         self._free = [list(range(slots_per_layer)) for _ in range(num_layers)]   # per layer: min-heap of free slots
