@@ -169,7 +169,7 @@ class OffloadForward:
                 self.cache.verify()
                 self.store.verify(self.pools, self.cache.table.expert_of_slot)
             keep = (np.isin(experts, chunk) & real[:, None]).astype(np.float32)
-            slot_map = jnp.asarray(self.cache.table.slot_of_expert[j])
+            slot_map = jnp.asarray(np.asarray(self.cache.table.slot_row(j), np.int32))
             t = time.perf_counter()
             h = _experts(self.cfg, n == 0, p["mlp"], h, normed, routing, jnp.asarray(keep.reshape(-1, K)), self.pools[j],
                          slot_map)
