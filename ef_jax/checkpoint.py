@@ -303,7 +303,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "float32"):
 
 
 def _read_experts(cfg: ModelConfig, plan, read, np_dtype) -> dict[str, np.ndarray]:
-    E, F = cfg.num_experts, cfg.moe_intermediate
+    F = cfg.moe_intermediate
     out = {k: np.empty(s, np_dtype) for k, s in expert_shapes(cfg).items()}
     for ours, name, j, transpose in plan:
         if j is None and ours == "gate_up":      # [E, 2F, D] → gate, up [E, D, F]

@@ -9,7 +9,6 @@ from hypothesis import given, settings, strategies as st
 
 from ef_jax.offload import ExpertCache, Load
 from ef_jax.policies import BasePolicy, Belady, get_policy, policy_names
-from ef_jax.sim import replay
 
 
 @st.composite

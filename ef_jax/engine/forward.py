@@ -7,7 +7,6 @@ A "forward" object is what the decode loop drives: `fwd(tokens, positions, write
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

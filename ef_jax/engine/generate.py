@@ -65,7 +65,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
     sp = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
-    ids, is_text = normalize_prompts(prompts, model.tokenizer, model.config.vocab_size)
+    ids, _ = normalize_prompts(prompts, model.tokenizer, model.config.vocab_size)
     stops = _stop_ids(model, stop_token_ids)
     forward = _make_forward(model, offload, layers_per_group)
     batch = make_batch(ids, max_new_tokens)
@@ -73,8 +73,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
     if hasattr(forward, "stats"):
         stats.update(forward.stats())
     texts = None
-    if is_text or model.tokenizer is not None:
-        texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if model.tokenizer else None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return GenerationResult(tokens=tokens, texts=texts, stats=stats)
 
 
