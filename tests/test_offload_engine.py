@@ -116,3 +116,13 @@ def test_simulator_replay_agrees_with_engine(model, policy):
         sim = replay(trace, slots_per_layer=slots, policy=policy, batch_size=len(prompts),
                      num_experts=cfg.num_experts)
         assert (sim.hits, sim.misses) == (fwd.cache.hits, fwd.cache.misses)
+
+
+def test_bfloat16_offloaded_tokens_equal_resident(tmp_path):
+    d = str(tmp_path / "ds")
+    save_tiny("deepseek-qlora-grouped-yarn", d)
+    model = ef_jax.load(d, dtype="bfloat16")
+    ref = ef_jax.generate(model, PROMPTS, max_new_tokens=6).tokens
+    res = ef_jax.generate(model, PROMPTS, max_new_tokens=6,
+                          offload=OffloadConfig(slots_per_layer=model.config.top_k, check=True))
+    assert res.tokens == ref
