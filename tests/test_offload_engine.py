@@ -126,3 +126,44 @@ def test_bfloat16_offloaded_tokens_equal_resident(tmp_path):
     res = ef_jax.generate(model, PROMPTS, max_new_tokens=6,
                           offload=OffloadConfig(slots_per_layer=model.config.top_k, check=True))
     assert res.tokens == ref
+
+
+class _EchoPrefetch:
+    """Test policy: LRU, plus prefetching this layer's experts for the next layer and for the next step, and
+    recording the hidden states it is shown. It exercises the engine's prefetch, arrival and on_hidden paths."""
+
+    def __init__(self):
+        from ef_jax.policies import get_policy
+        self._lru = get_policy("lru")
+        self.hidden_shapes = []
+
+    def __getattr__(self, name):  # every other hook: plain LRU
+        return getattr(self._lru, name)
+
+    wants_hidden = True
+
+    def on_route(self, layer, experts, view):
+        nxt = [(layer + 1, int(e)) for e in experts if layer + 1 < view.num_layers]
+        return nxt + [(layer, int(e)) for e in experts]  # already resident: skipped by the cache
+
+    def on_hidden(self, layer, hidden, view):
+        self.hidden_shapes.append(hidden.shape)
+        return []
+
+    def on_step_end(self, step, view):
+        last = view.routed(step, view.num_layers - 1)
+        return [] if last is None else [(0, int(e)) for e in last]
+
+
+def test_prefetching_policy_keeps_tokens_and_counts(model):
+    cfg = model.config
+    policy = _EchoPrefetch()
+    ref = ef_jax.generate(model, PROMPTS, max_new_tokens=8).tokens
+    res = ef_jax.generate(model, PROMPTS, max_new_tokens=8,
+                          offload=OffloadConfig(slots_per_layer=cfg.num_experts // 2 + 1, policy=policy, check=True))
+    assert res.tokens == ref
+    s = res.stats
+    if cfg.num_moe_layers > 1:  # with one MoE layer every prefetch names an already-resident expert
+        assert s["cache_prefetch_issued"] > 0
+    assert s["cache_prefetch_used"] + s["cache_prefetch_wasted"] <= s["cache_prefetch_issued"]
+    assert policy.hidden_shapes and all(h[-1] == cfg.hidden_size for h in policy.hidden_shapes)
