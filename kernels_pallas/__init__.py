@@ -1,1 +1,4 @@
-"""Pallas kernels for ef_jax (expert-slot FFN)."""
+"""Pallas kernels for ef_jax: the expert-slot SwiGLU FFN (decode and prefill regimes)."""
+from kernels_pallas.expert_ffn import BlockSizes, expert_ffn, expert_ffn_reference
+
+__all__ = ["BlockSizes", "expert_ffn", "expert_ffn_reference"]
