@@ -167,3 +167,19 @@ def test_prefetching_policy_keeps_tokens_and_counts(model):
         assert s["cache_prefetch_issued"] > 0
     assert s["cache_prefetch_used"] + s["cache_prefetch_wasted"] <= s["cache_prefetch_issued"]
     assert policy.hidden_shapes and all(h[-1] == cfg.hidden_size for h in policy.hidden_shapes)
+
+
+def test_pallas_kernel_inside_the_engine(tmp_path):
+    """The engine's expert compute through kernels_pallas (interpret mode) gives the XLA path's tokens."""
+    from ef_jax.models import moe
+    d = str(tmp_path / "q3")
+    save_tiny("qwen3moe-norm", d)
+    model = ef_jax.load(d)
+    offload = OffloadConfig(slots_per_layer=model.config.top_k)
+    ref = ef_jax.generate(model, PROMPTS[:2], max_new_tokens=3, offload=offload).tokens
+    try:
+        moe.set_expert_kernel("pallas-interpret")
+        got = ef_jax.generate(model, PROMPTS[:2], max_new_tokens=3, offload=offload).tokens
+    finally:
+        moe.set_expert_kernel("xla")
+    assert got == ref

@@ -12,6 +12,8 @@ between the two and make them resident.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -85,8 +87,28 @@ def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, po
     return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token_of_pair].add(y).astype(x.dtype)
 
 
+EXPERT_KERNELS = ("xla", "pallas", "pallas-interpret")
+# "xla": gather/ragged_dot formulations below (default; verified everywhere). "pallas": kernels_pallas.expert_ffn
+# compiled for the GPU (opt-in until its GPU run is recorded). "pallas-interpret": the kernel in interpret mode
+# (CPU tests of the integration).
+_expert_kernel = os.environ.get("EF_JAX_EXPERT_KERNEL", "xla")
+
+
+def set_expert_kernel(name: str) -> None:
+    """Chooses the expert FFN implementation for every later trace (clears jit caches so it takes effect)."""
+    global _expert_kernel
+    if name not in EXPERT_KERNELS:
+        raise ValueError(f"expert kernel {name!r} is not one of {EXPERT_KERNELS}")
+    _expert_kernel = name
+    jax.clear_caches()
+
+
 def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool: ExpertPool) -> jax.Array:
     """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]), choosing the formulation by problem size (static)."""
+    if _expert_kernel != "xla":
+        from kernels_pallas import expert_ffn as pallas_expert_ffn
+        return pallas_expert_ffn(x, slot_ids, weights, pool.gate, pool.up, pool.down,
+                                 interpret=_expert_kernel == "pallas-interpret")
     if slot_ids.size <= GATHER_MAX_PAIRS:
         return expert_ffn_gather(x, slot_ids, weights, pool)
     return expert_ffn_grouped(x, slot_ids, weights, pool)
