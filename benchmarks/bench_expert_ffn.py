@@ -10,10 +10,8 @@ Decode (T ≤ 16) is reported as achieved HBM GB/s (bytes = distinct slots × 3�
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import time
 
 import jax
@@ -21,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import expert_ffn, expert_ffn_reference
+from results_io import git_commit, write_results
 
 SHAPES = {  # name: (D, F, K, S)
     "deepseek-v2-lite": (2048, 1408, 6, 64),
@@ -101,27 +100,19 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{name:18s} T={T:5d} {impl:12s} {t * 1e3:9.3f} ms  {row['hbm_gb_per_s']:8.1f} GB/s  "
                       f"{row['tflop_per_s']:7.2f} TFLOP/s")
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         cwd=os.path.dirname(__file__)).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     meta = {"device": device, "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "interpret": interpret,
             "hbm_peak_gb_per_s": hbm / 1e9, "matmul_peak_tflop_per_s": flops / 1e12, "commit": commit,
             "repeats": repeats}
-    os.makedirs(args.out, exist_ok=True)
+    md = (f"# expert_ffn — {device}, jax {jax.__version__}, {meta['dtype']}, commit {commit}\n\n"
+          f"Measured peaks: HBM copy {hbm / 1e9:.1f} GB/s, matmul {flops / 1e12:.2f} TFLOP/s. "
+          f"Median of {repeats}{' (Pallas interpret mode: not a speed figure)' if interpret else ''}.\n\n"
+          "| shape | T | impl | ms | HBM GB/s | TFLOP/s |\n|---|---|---|---|---|---|\n")
+    for r in rows:
+        md += (f"| {r['shape']} | {r['T']} | {r['impl']} | {r['median_s'] * 1e3:.3f} | "
+               f"{r['hbm_gb_per_s']:.1f} | {r['tflop_per_s']:.2f} |\n")
     tag = "tiny" if args.tiny else device.replace(" ", "_")
-    with open(os.path.join(args.out, f"expert_ffn_{tag}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, f"expert_ffn_{tag}.md"), "w") as f:
-        f.write(f"# expert_ffn — {device}, jax {jax.__version__}, {meta['dtype']}, commit {commit}\n\n"
-                f"Measured peaks: HBM copy {hbm / 1e9:.1f} GB/s, matmul {flops / 1e12:.2f} TFLOP/s. "
-                f"Median of {repeats}{' (Pallas interpret mode: not a speed figure)' if interpret else ''}.\n\n"
-                "| shape | T | impl | ms | HBM GB/s | TFLOP/s |\n|---|---|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| {r['shape']} | {r['T']} | {r['impl']} | {r['median_s'] * 1e3:.3f} | "
-                    f"{r['hbm_gb_per_s']:.1f} | {r['tflop_per_s']:.2f} |\n")
-    print(f"wrote {args.out}/expert_ffn_{tag}.json and .md")
+    write_results(args.out, f"expert_ffn_{tag}", {"meta": meta, "rows": rows}, md)
     return 0
 
 

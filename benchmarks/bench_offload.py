@@ -10,11 +10,9 @@ median of --repeats. Writes JSON + a markdown table to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 import jax
@@ -22,6 +20,7 @@ import numpy as np
 
 import ef_jax
 from ef_jax.random_model import presets, random_model, with_layers
+from results_io import git_commit, write_results
 
 
 def measure_h2d_peak(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -44,14 +43,6 @@ def run_case(model, prompts, new_tokens, offload, repeats):
     runs = [ef_jax.generate(model, prompts, max_new_tokens=new_tokens, offload=offload) for _ in range(repeats)]
     runs.sort(key=lambda r: r.stats["tokens_per_s"])
     return runs[len(runs) // 2].stats
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(__file__)).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -95,23 +86,19 @@ def main(argv=None) -> int:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             model.release_resident()
     meta = {"device": device, "backend": jax.default_backend(), "jax": jax.__version__, "dtype": dtype,
-            "h2d_peak_gb_per_s": peak / 1e9, "commit": commit(), "host": platform.node(),
+            "h2d_peak_gb_per_s": peak / 1e9, "commit": git_commit(), "host": platform.node(),
             "new_tokens": new_tokens, "repeats": repeats, "layers": 2 if args.tiny else args.layers}
-    os.makedirs(args.out, exist_ok=True)
+    md = (f"# bench_offload — {device}, jax {jax.__version__}, {dtype}, commit {meta['commit']}\n\n"
+          f"Pinned H2D peak (measured): {peak / 1e9:.2f} GB/s. {meta['layers']} MoE layers, "
+          f"{new_tokens} new tokens, median of {repeats}.\n\n"
+          "| model | batch | policy | budget | tokens/s | hit rate | stall ms/token | H2D GB/s |\n"
+          "|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        md += (f"| {r['model']} | {r['batch']} | {r['policy']} | {r['budget_frac']:.0%} | {r['tokens_per_s']:.1f} | "
+               f"{r.get('hit_rate', 1.0):.3f} | {r.get('stall_ms_per_token', 0.0):.2f} | "
+               f"{r.get('h2d_gb_per_s', 0.0):.2f} |\n")
     tag = "tiny" if args.tiny else device.replace(" ", "_")
-    with open(os.path.join(args.out, f"offload_{tag}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, f"offload_{tag}.md"), "w") as f:
-        f.write(f"# bench_offload — {device}, jax {jax.__version__}, {dtype}, commit {meta['commit']}\n\n"
-                f"Pinned H2D peak (measured): {peak / 1e9:.2f} GB/s. {meta['layers']} MoE layers, "
-                f"{new_tokens} new tokens, median of {repeats}.\n\n"
-                "| model | batch | policy | budget | tokens/s | hit rate | stall ms/token | H2D GB/s |\n"
-                "|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| {r['model']} | {r['batch']} | {r['policy']} | {r['budget_frac']:.0%} | {r['tokens_per_s']:.1f} | "
-                    f"{r.get('hit_rate', 1.0):.3f} | {r.get('stall_ms_per_token', 0.0):.2f} | "
-                    f"{r.get('h2d_gb_per_s', 0.0):.2f} |\n")
-    print(f"wrote {args.out}/offload_{tag}.json and .md")
+    write_results(args.out, f"offload_{tag}", {"meta": meta, "rows": rows}, md)
     return 0
 
 

@@ -10,24 +10,15 @@ what the assumed bandwidth and compute time imply, to be replaced once the engin
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import time
 from pathlib import Path
 
 from ef_jax.sim import TIMING_PRESETS, load_trace, replay
+from results_io import git_commit, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO.parent / "shared" / "data" / "routing" / "deepseek-v2-lite-puffin-dev.npz"
 POLICIES = ("nocache", "lru", "lfu", "belady")
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def markdown(record: dict) -> str:
@@ -76,11 +67,10 @@ def main() -> None:
         "batch_size": 1, "timing_preset": args.timing,
         "timing": {"h2d_bytes_per_s": timing.h2d_bytes_per_s, "expert_bytes": timing.expert_bytes,
                    "layer_compute_s": timing.layer_compute_s, "copy_s": timing.copy_s},
-        "device": "none (timing model)", "commit": commit(), "results": results,
+        "device": "none (timing model)", "commit": git_commit(), "results": results,
     }
-    Path(args.out + ".json").write_text(json.dumps(record, indent=1) + "\n")
-    Path(args.out + ".md").write_text(markdown(record))
-    print(f"wrote {args.out}.json and .md")
+    out = Path(args.out)
+    write_results(str(out.parent), out.name, record, markdown(record))
 
 
 if __name__ == "__main__":

@@ -87,13 +87,9 @@ def test_native_gpu(regime, dtype):
 
 
 def test_bench_tiny_mode_runs(tmp_path):
-    import importlib.util
     import json
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_expert_ffn.py"
-    spec = importlib.util.spec_from_file_location("bench_expert_ffn", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from tests.bench_loader import load_benchmark
+    bench = load_benchmark("bench_expert_ffn")
     assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
     rows = json.load(open(tmp_path / "expert_ffn_tiny.json"))["rows"]
     assert {r["impl"] for r in rows} == {"pallas", "take_einsum", "ragged_dot"} and all(r["median_s"] > 0 for r in rows)

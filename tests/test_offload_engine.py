@@ -86,12 +86,8 @@ def test_timeline_written(model, tmp_path):
 
 
 def test_bench_offload_tiny_mode_runs(tmp_path):
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_offload.py"
-    spec = importlib.util.spec_from_file_location("bench_offload", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from tests.bench_loader import load_benchmark
+    bench = load_benchmark("bench_offload")
     assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
     rows = json.load(open(tmp_path / "offload_tiny.json"))["rows"]
     assert {r["policy"] for r in rows} == {"resident", "nocache", "lru"}
