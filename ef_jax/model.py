@@ -32,6 +32,7 @@ class Model:
     tokenizer: Any = None
     path: str | None = None
     _resident: tuple | None = dataclasses.field(default=None, repr=False)
+    _store: Any = dataclasses.field(default=None, repr=False)
 
     def resident_pools(self) -> tuple:
         """Per layer: ExpertPool with all E experts on the device (slot e holds expert e), or None."""
@@ -40,6 +41,13 @@ class Model:
                 None if ex is None else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
                 for ex in self.host_experts)
         return self._resident
+
+    def expert_store(self):
+        """The pinned-host ExpertStore of every MoE layer's experts (built once, reused by every offloaded run)."""
+        if self._store is None:
+            from ef_jax.offload.store import ExpertStore
+            self._store = ExpertStore([self.host_experts[i] for i in self.config.moe_layer_ids])
+        return self._store
 
     def release_resident(self) -> None:
         """Drops the all-resident device copy of the experts (frees device memory for an offloaded run)."""

@@ -28,7 +28,7 @@ from ef_jax.models.transformer import (KVCache, embed, layer_attention_and_route
                                        run_group)
 from ef_jax.offload.cache import ExpertCache, Load
 from ef_jax.offload.config import OffloadConfig
-from ef_jax.offload.store import ExpertStore, write_slot
+from ef_jax.offload.store import write_slot
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kind"), donate_argnames=("cache",))
@@ -59,7 +59,7 @@ class OffloadForward:
         self.moe_index = {i: j for j, i in enumerate(cfg.moe_layer_ids)}
         self.kinds = layer_kinds(cfg)
         model.release_resident()  # an offloaded run must not also hold every expert on the device
-        self.store = ExpertStore([model.host_experts[i] for i in cfg.moe_layer_ids])
+        self.store = model.expert_store()
         self.slots = offload.resolve_slots(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k,
                                            self.store.bytes_per_expert)
         self.pools = self.store.empty_pools(self.slots)
