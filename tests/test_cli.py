@@ -68,3 +68,21 @@ def test_generate_offloaded_prints_expert_stats(tiny_dir, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "hit rate" in err and "H2D" in err and "resident 36.0 KiB" in err  # 2 MoE layers × 3 slots × 6 KiB
     assert json.load(open(timeline))["traceEvents"]
+
+
+def test_trace_writes_the_shared_npz_layout(tiny_dir, tmp_path):
+    import shutil
+    import numpy as np
+    from ef_jax.sim.trace import load_trace
+    d = str(tmp_path / "with_tok")
+    shutil.copytree(tiny_dir, d)
+    _save_word_tokenizer(d, 96)
+    text = tmp_path / "t.txt"
+    text.write_text("hello world w3 w4 w5\n\nw6 w7 hello\n")
+    out = str(tmp_path / "trace.npz")
+    assert cli.main(["trace", "--model", d, "--text", str(text), "--out", out, "--split-paragraphs"]) == 0
+    z = np.load(out)
+    assert z["experts"].dtype == np.uint8 and z["experts"].shape == (8, 2, 2)   # 8 tokens × 2 MoE layers × top-2
+    assert z["offsets"].tolist() == [0, 5, 8]
+    assert bytes(z["tokens"]).split(b"\0")[:-1][:2] == [b"hello", b"world"]
+    assert load_trace(out).experts.shape == (8, 2, 2)

@@ -79,3 +79,13 @@ def test_decode_with_cache_equals_full_forward(pair):
         x, cache, _ = fwd(np.array([[seq[t]]]), np.array([[t]]), t, valid, cache)
         step_logits.append(np.asarray(head(model.config, model.params, x, last_only=True))[0])
     np.testing.assert_allclose(np.stack(step_logits), full[len(prompt) - 1:], atol=1e-4, rtol=0)
+
+
+def test_layer_grouping_does_not_change_logits(pair):
+    _, model = pair
+    ids = np.random.RandomState(3).randint(0, V, (2, 6))
+    ref = ef_jax.logits(model, ids, layers_per_group=1)
+    for g in (2, 8):
+        np.testing.assert_allclose(ef_jax.logits(model, ids, layers_per_group=g), ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="layers_per_group"):
+        ef_jax.logits(model, ids, layers_per_group=0)
