@@ -81,7 +81,9 @@ def main(argv=None) -> int:
                 if offload is not None:
                     row.update(hit_rate=s["hit_rate"], stall_ms_per_token=1e3 * s["stall_s"] / max(decoded, 1),
                                h2d_gb_per_s=s["h2d_bytes"] / max(s["h2d_s"] + s["stall_s"], 1e-12) / 1e9,
-                               h2d_bytes=s["h2d_bytes"], slots_per_layer=s["slots_per_layer"])
+                               h2d_bytes=s["h2d_bytes"], slots_per_layer=s["slots_per_layer"],
+                               expert_bytes_resident=s["expert_bytes_resident"],
+                               device_peak_bytes_in_use=s.get("device_peak_bytes_in_use"))
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             model.release_resident()

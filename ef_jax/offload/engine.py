@@ -212,4 +212,8 @@ class OffloadForward:
                "expert_bytes_resident": self.slots * len(self.pools) * self.store.bytes_per_expert,
                "policy": self.cache.policy.name}
         out.update({f"cache_{k}": v for k, v in c.items() if k not in out})
+        mem = self.store.device.memory_stats()  # None on CPU; on GPU the allocator's own numbers
+        if mem:
+            out["device_bytes_in_use"] = mem.get("bytes_in_use")
+            out["device_peak_bytes_in_use"] = mem.get("peak_bytes_in_use")
         return out
