@@ -179,3 +179,32 @@ def test_pallas_kernel_inside_the_engine(tmp_path):
     finally:
         moe.set_expert_kernel("xla")
     assert got == ref
+
+
+def test_pregate_prediction_matches_the_router(model):
+    """Pregate's guess for layer j+1 is exactly that layer's router applied to the normalised hidden state."""
+    import jax.numpy as jnp
+    from ef_jax.models.layers import rms_norm
+    from ef_jax.models.moe import route
+    from ef_jax.policies import Pregate
+    cfg = model.config
+    if cfg.num_moe_layers < 2:
+        pytest.skip("needs two MoE layers")
+    pol = Pregate.from_model(model)
+    h = np.random.RandomState(0).randn(3, cfg.hidden_size).astype(np.float32)
+    nxt = cfg.moe_layer_ids[1]
+    p = model.params["layers"][nxt]
+    want = route(p["mlp"], cfg, rms_norm(jnp.asarray(h), p["mlp_norm"], cfg.rms_norm_eps))
+    got = pol.predict(0, h)
+    if cfg.topk_method == "greedy":
+        assert set(got[1].tolist()) == set(np.asarray(want.experts).ravel().tolist())
+
+
+def test_pregate_policy_keeps_tokens_and_prefetches(model):
+    cfg = model.config
+    ref = ef_jax.generate(model, PROMPTS, max_new_tokens=6).tokens
+    res = ef_jax.generate(model, PROMPTS, max_new_tokens=6,
+                          offload=OffloadConfig(slots_per_layer=cfg.num_experts // 2 + 1, policy="pregate", check=True))
+    assert res.tokens == ref
+    if cfg.num_moe_layers > 1:
+        assert res.stats["cache_prefetch_issued"] > 0

@@ -247,3 +247,8 @@ def test_view_history_and_flags():
     assert v.pinned(2) == frozenset()
     cache.begin_step()
     assert v.routed(0, 2).tolist() == [5]
+
+
+def test_pregate_is_engine_only():
+    with pytest.raises(ValueError, match="needs the model's routers"):
+        get_policy("pregate")

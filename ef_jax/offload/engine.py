@@ -29,6 +29,7 @@ from ef_jax.models.transformer import (KVCache, embed, layer_attention_and_route
 from ef_jax.offload.cache import ExpertCache, Load
 from ef_jax.offload.config import OffloadConfig
 from ef_jax.offload.store import write_slot
+from ef_jax.policies.registry import POLICIES
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kind"), donate_argnames=("cache",))
@@ -44,6 +45,15 @@ def _experts(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: Ex
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
     y = moe_combine(p, cfg, normed, masked, pool, jnp.maximum(slot_map, 0), include_shared)
     return h + y.reshape(h.shape)
+
+
+def _bind_policy(policy, model: Model):
+    """A policy name whose class needs the model (router weights, ...) is built with `from_model(model)`."""
+    if isinstance(policy, str):
+        factory = POLICIES.get(policy.lower())
+        if factory is not None and hasattr(factory, "from_model"):
+            return factory.from_model(model)
+    return policy
 
 
 class OffloadForward:
@@ -63,7 +73,7 @@ class OffloadForward:
         self.slots = offload.resolve_slots(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k,
                                            self.store.bytes_per_expert)
         self.pools = self.store.empty_pools(self.slots)
-        self.cache = ExpertCache(len(cfg.moe_layer_ids), cfg.num_experts, self.slots, offload.policy,
+        self.cache = ExpertCache(len(cfg.moe_layer_ids), cfg.num_experts, self.slots, _bind_policy(offload.policy, model),
                                  bytes_per_expert=self.store.bytes_per_expert, check=offload.check)
         self.segments = self._segments(offload.layers_per_group)
         self._inflight: dict[tuple[int, int], jax.Array] = {}  # (layer, expert) → device buffer being copied

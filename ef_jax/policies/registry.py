@@ -6,12 +6,14 @@ from typing import Callable
 from ef_jax.policies.base import Policy
 from ef_jax.policies.belady import Belady
 from ef_jax.policies.classic import LFU, LRU, NoCache
+from ef_jax.policies.pregate import Pregate
 
 POLICIES: dict[str, Callable[..., Policy]] = {
     "nocache": NoCache,
     "lru": LRU,
     "lfu": LFU,
     "belady": Belady,
+    "pregate": Pregate,  # model-bound: the engine builds it with Pregate.from_model(model)
 }
 
 
