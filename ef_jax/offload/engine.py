@@ -15,7 +15,6 @@ replay the same routing and must agree.
 from __future__ import annotations
 
 import functools
-import json
 import time
 
 import jax
@@ -26,9 +25,10 @@ from ef_jax.model import Model
 from ef_jax.models.moe import ExpertPool, Routing, moe_combine
 from ef_jax.models.transformer import (KVCache, embed, layer_attention_and_route, layer_kinds, make_context,
                                        run_group)
-from ef_jax.offload.cache import ExpertCache, Load
+from ef_jax.offload.cache import ExpertCache
 from ef_jax.offload.config import OffloadConfig
-from ef_jax.offload.store import write_slot
+from ef_jax.offload.timeline import Timeline
+from ef_jax.offload.transfers import TransferQueue
 from ef_jax.policies.registry import POLICIES
 
 
@@ -72,16 +72,13 @@ class OffloadForward:
         self.store = model.expert_store()
         self.slots = offload.resolve_slots(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k,
                                            self.store.bytes_per_expert)
-        self.pools = self.store.empty_pools(self.slots)
         self.cache = ExpertCache(len(cfg.moe_layer_ids), cfg.num_experts, self.slots, _bind_policy(offload.policy, model),
                                  bytes_per_expert=self.store.bytes_per_expert, check=offload.check)
+        self.timeline = Timeline() if offload.record_timeline else None
+        self.transfers = TransferQueue(self.store, self.slots, self.cache, self.timeline)
         self.segments = self._segments(offload.layers_per_group)
-        self._inflight: dict[tuple[int, int], jax.Array] = {}  # (layer, expert) → device buffer being copied
-        self.h2d_bytes = 0
-        self.h2d_s = self.stall_s = self.compute_s = 0.0
+        self.compute_s = 0.0
         self.routing_log: list[np.ndarray] = []  # per step: experts i32[N_real, L_moe, K] (for replay)
-        self._events: list[dict] = []
-        self._t0 = time.perf_counter()
 
     # ---- layout -----------------------------------------------------------------------------------------------
     def _segments(self, layers_per_group: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -96,41 +93,6 @@ class OffloadForward:
                 out.append(("dense", (i,)))
         return out
 
-    # ---- transfers --------------------------------------------------------------------------------------------
-    def _issue(self, loads: list[Load]) -> None:
-        for ld in loads:
-            t = time.perf_counter()
-            buf = self.store.fetch(ld.layer, ld.expert)
-            self.pools[ld.layer] = write_slot(self.pools[ld.layer], buf, jnp.int32(ld.slot))
-            self._inflight[(ld.layer, ld.expert)] = buf
-            self.h2d_bytes += self.store.bytes_per_expert
-            self.h2d_s += time.perf_counter() - t
-            if self.config.record_timeline:
-                buf.block_until_ready()
-                self._event(f"H2D L{ld.layer} e{ld.expert} ({ld.kind})", "copy", t)
-
-    def _poll_arrivals(self) -> None:
-        for key, buf in list(self._inflight.items()):
-            if buf.is_ready():
-                self.cache.arrive(*key)
-                del self._inflight[key]
-
-    def _wait(self, layer: int, experts: np.ndarray) -> None:
-        """Blocks until every needed expert of `layer` has arrived (demand loads and late prefetches)."""
-        t = time.perf_counter()
-        waited = False
-        for e in experts.tolist():
-            buf = self._inflight.pop((layer, e), None)
-            if buf is not None:
-                buf.block_until_ready()
-                self.cache.arrive(layer, e)
-                waited = True
-        if waited:
-            jax.block_until_ready(self.pools[layer])
-            self.stall_s += time.perf_counter() - t
-            if self.config.record_timeline:
-                self._event(f"stall L{layer}", "compute", t)
-
     # ---- the step -----------------------------------------------------------------------------------------------
     def __call__(self, tokens, positions, write_idx, valid, cache: KVCache):
         cfg, params = self.cfg, self.model.params
@@ -140,8 +102,8 @@ class OffloadForward:
         x = embed(cfg, params["embed"], jnp.asarray(tokens))
         pos, widx, vld = jnp.asarray(positions, jnp.int32), jnp.asarray(write_idx, jnp.int32), jnp.asarray(valid)
         caches, routings = list(cache.layers), [None] * cfg.num_layers
-        self._poll_arrivals()
-        self._issue(self.cache.begin_step(tokens[:, -1]))  # rows are left-padded: the last column is real
+        self.transfers.poll()
+        self.transfers.issue(self.cache.begin_step(tokens[:, -1]))  # rows are left-padded: the last column is real
         step_routes = []
         for kind, layers in self.segments:
             t = time.perf_counter()
@@ -161,7 +123,7 @@ class OffloadForward:
             x = self._moe_layer(i, params["layers"][i], h, normed, routing, experts, real)
             routings[i] = routing
             step_routes.append(experts[real])
-        self._issue(self.cache.end_step())
+        self.transfers.issue(self.cache.end_step())
         self.routing_log.append(np.stack(step_routes, axis=1))
         return x, KVCache(layers=tuple(caches), valid=vld), routings
 
@@ -171,55 +133,46 @@ class OffloadForward:
         K = experts.shape[1]
         passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
         for n, chunk in enumerate(passes):
-            self._poll_arrivals()
+            self.transfers.poll()
             loads = self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk)
-            self._issue(loads)
-            self._wait(j, chunk)
+            self.transfers.issue(loads)
+            self.transfers.wait(j, chunk)
             if self.config.check:
                 self.cache.verify()
-                self.store.verify(self.pools, self.cache.table.expert_of_slot)
+                self.store.verify(self.transfers.pools, self.cache.table.expert_of_slot)
             keep = (np.isin(experts, chunk) & real[:, None]).astype(np.float32)
             slot_map = jnp.asarray(np.asarray(self.cache.table.slot_row(j), np.int32))
             t = time.perf_counter()
-            h = _experts(self.cfg, n == 0, p["mlp"], h, normed, routing, jnp.asarray(keep.reshape(-1, K)), self.pools[j],
+            h = _experts(self.cfg, n == 0, p["mlp"], h, normed, routing, jnp.asarray(keep.reshape(-1, K)),
+                         self.transfers.pools[j],
                          slot_map)
             self._timed(f"experts L{i}" + (f" pass {n}" if n else ""), t, h)
             if n + 1 < len(passes):
                 jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
                 self.cache.release(j)
         if getattr(self.cache.policy, "wants_hidden", False):  # hidden-state predictors (pre-gating) only
-            self._issue(self.cache.hidden(j, np.asarray(h)))
+            self.transfers.issue(self.cache.hidden(j, np.asarray(h)))
         self.cache.release(j)
         return h
 
     # ---- telemetry ----------------------------------------------------------------------------------------------
     def _timed(self, name: str, t: float, out) -> None:
-        if self.config.record_timeline:
+        if self.timeline is not None:
             jax.block_until_ready(out)
-            self._event(name, "compute", t)
+            self.timeline.add(name, "compute", t)
         self.compute_s += time.perf_counter() - t
-
-    def _event(self, name: str, track: str, t_start: float) -> None:
-        now = time.perf_counter()
-        self._events.append({"name": name, "ph": "X", "pid": 0, "tid": 0 if track == "compute" else 1,
-                             "ts": (t_start - self._t0) * 1e6, "dur": (now - t_start) * 1e6})
-
-    def write_timeline(self, path: str) -> None:
-        meta = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "compute"}},
-                {"name": "thread_name", "ph": "M", "pid": 0, "tid": 1, "args": {"name": "host→device copies"}}]
-        with open(path, "w") as f:
-            json.dump({"traceEvents": meta + self._events, "displayTimeUnit": "ms"}, f)
 
     def stats(self) -> dict:
         c = self.cache.stats()
-        if self.config.record_timeline:
-            self.write_timeline(self.config.record_timeline)
+        if self.timeline is not None:
+            self.timeline.write(self.config.record_timeline)
         accesses = self.cache.hits + self.cache.misses
         out = {"hits": self.cache.hits, "misses": self.cache.misses,
                "hit_rate": self.cache.hits / accesses if accesses else float("nan"),
-               "h2d_bytes": self.h2d_bytes, "h2d_s": self.h2d_s, "stall_s": self.stall_s,
+               "h2d_bytes": self.transfers.bytes, "h2d_s": self.transfers.issue_s,
+               "stall_s": self.transfers.stall_s,
                "compute_s": self.compute_s, "slots_per_layer": self.slots,
-               "expert_bytes_resident": self.slots * len(self.pools) * self.store.bytes_per_expert,
+               "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
                "policy": self.cache.policy.name}
         out.update({f"cache_{k}": v for k, v in c.items() if k not in out})
         mem = self.store.device.memory_stats()  # None on CPU; on GPU the allocator's own numbers
