@@ -1,5 +1,6 @@
 """Offloaded decoding against all-resident decoding, token for token, plus the engine's budget and telemetry."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 import ef_jax
 from ef_jax import OffloadConfig
+from ef_jax.model import DEFAULT_MODEL_DIR
 from tests.hf_models import save_tiny
 
 pytest.importorskip("torch")
@@ -208,3 +210,18 @@ def test_pregate_policy_keeps_tokens_and_prefetches(model):
     assert res.tokens == ref
     if cfg.num_moe_layers > 1:
         assert res.stats["cache_prefetch_issued"] > 0
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")),
+                    reason="the default model is not shipped in this build")
+@pytest.mark.parametrize("policy", ["lru", "lfu", "nocache"])
+def test_default_model_offloaded_tokens_equal_resident(policy):
+    model = ef_jax.load()
+    cfg = model.config
+    prompts = ["To be, or not", "def main(", "In the beginning"]
+    for batch in (prompts[:1], prompts):
+        ref = ef_jax.generate(model, batch, max_new_tokens=8).tokens
+        for slots in (cfg.top_k, cfg.num_experts // 2):
+            res = ef_jax.generate(model, batch, max_new_tokens=8, offload=OffloadConfig(slots_per_layer=slots,
+                                                                                          policy=policy))
+            assert res.tokens == ref, (policy, slots, len(batch))
