@@ -1,22 +1,32 @@
 """Expert-slot SwiGLU FFN in Pallas: read each selected slot's weights straight from the pool, once.
 
+[route: slot_ids, weights] → [dedupe (decode) | group by slot (prefill)] → [Pallas SwiGLU over slots] → [combine]
+
 y[t] = Σ_k weights[t, k] · down_s(silu(x[t]·gate_s) ⊙ (x[t]·up_s)),  s = slot_ids[t, k]   (f32 accumulation)
 
 Axes: T tokens, K experts per token, S slots in the pool, D model width, F expert FFN width,
-U distinct selected slots (≤ T·K), R rows of the slot-sorted (token, slot) pairs, bf/bd/bm block sizes.
+      U distinct-slot list (static length T·K, padded with the sentinel -1), P = T·K (token, slot) pairs,
+      R rows of the slot-grouped pairs (each group padded to whole row tiles), bm/bf/bd block sizes.
 
-Two regimes (chosen by T, see BlockSizes.decode_max_tokens):
-- decode (T small, weight-bandwidth bound): the distinct slots are found once (`jnp.unique` with a static size
-  T·K); program (u, f) reads slot u's gate/up columns f·bf… and down rows f·bf… exactly once and computes every
-  token's share, weighted by the token's combine weight for that slot (0 when the token did not pick it).
-  Partial outputs [U, F/bf, T, D] are summed outside (small next to the weights: T·D·4 bytes vs 3·D·bf·2).
-- prefill (T large, compute bound): (token, slot) pairs are sorted by slot and each slot's group is padded to a
-  multiple of bm rows, so every row tile belongs to one slot; two grouped matmuls (gate/up then down) run over
-  (tile, block) grids, each tile reading its slot's weights from the pool.
+Two regimes (chosen by T, see BlockSizes.decode_max_tokens; `regime=` overrides):
+- decode (T small, weight-bandwidth bound): the distinct slots are found once on device (`jnp.unique` with the
+  static size T·K, sentinel -1). Program (u, f) reads slot u's gate/up columns f·bf… and down rows f·bf… exactly
+  once and computes every token's share, scaled by the token's combine weight for that slot (0 when the token did
+  not pick it). Partials [U, F/bf, Tp, D] f32 are summed outside: T·D·4 bytes per program next to 3·D·bf·2 bytes
+  of weights it reads (≈ 1/6 at Tp = 16, bf = 64 in bf16).
+- prefill (T large, compute bound): pairs are sorted by slot and each slot's group is padded to a multiple of bm
+  rows, so every row tile belongs to one slot; two grouped matmuls (gate/up, then down) run over (tile, block)
+  grids, each tile reading its slot's weights from the pool. Tiles past the last group do no work.
 
-The weight pools stay in their logical layout ([S, D, F], [S, F, D]); kernels index them with a slot id read from
-a small int32 table inside the kernel (scalar prefetch is TPU-only). `expert_ffn_reference` is the plain-jnp
-take+einsum formulation the kernels are tested against.
+GPU lowering: the kernels are written for the Pallas *Triton* lowering (forced with `pallas.triton.CompilerParams`;
+the default Mosaic GPU lowering would stage whole pool blocks in shared memory). Everything a kernel loads is a
+power-of-two tile with every dot dimension ≥ 16: the contraction dimension is walked with an in-kernel
+`fori_loop`, and T is padded to a power of two ≥ 16 in decode. F and D must be multiples of 16 natively
+(`pad_ffn` zero-pads F exactly at load time). Slot ids are read from a small int32 table inside the kernel
+(scalar prefetch is TPU-only). The pools stay in their logical layout ([S, D, F], [S, F, D]).
+
+`expert_ffn_reference` (take + einsum) is what the kernels are tested against; `expert_ffn_ragged_dot` is the
+sort + `jax.lax.ragged_dot` baseline the benchmark compares with.
 """
 from __future__ import annotations
 
@@ -26,112 +36,197 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes. Defaults are data keyed by (device kind, D, F) — a tune mode of the benchmark can add rows."""
-    block_f: int = 128           # F columns per program (decode) / per gate-up tile (prefill)
-    block_d: int = 128           # D columns per down tile (prefill)
-    block_m: int = 64            # rows per prefill tile (padded group granularity)
+    """Tile sizes and the regime threshold. Per-device/per-shape values are data (`_TUNED`), not code."""
+    decode_block_f: int = 64     # F columns per decode program: small so T=1 still fills the SMs (U·F/bf programs)
+    decode_block_d: int = 256    # D chunk of the decode contraction loop / of its output stores
+    block_m: int = 64            # prefill rows per tile = padding granularity of each slot's group
+    block_f: int = 128           # prefill F block (gate/up output columns, down contraction chunk)
+    block_d: int = 128           # prefill D block (gate/up contraction chunk, down output columns)
     decode_max_tokens: int = 16  # T ≤ this → decode kernel
+    num_warps: int = 4           # Triton launch parameters
+    num_stages: int = 2          # software-pipeline depth of the contraction loops (shared memory bound)
+
+    def __post_init__(self):
+        for name in ("decode_block_f", "decode_block_d", "block_m", "block_f", "block_d"):
+            v = getattr(self, name)
+            if not _is_pow2(v) or v < 16:
+                raise ValueError(f"BlockSizes.{name}={v} must be a power of two ≥ 16 (Triton tile/dot constraint)")
+        if self.decode_max_tokens < 0:
+            raise ValueError(f"BlockSizes.decode_max_tokens={self.decode_max_tokens} must be ≥ 0")
 
     @classmethod
     def get_default(cls, device_kind: str | None = None, d: int | None = None, f: int | None = None) -> "BlockSizes":
-        return _TUNED.get((device_kind, d, f), cls())
+        """Tuned sizes for (device kind, D, F), else for the device kind, else the untuned defaults above."""
+        return _TUNED.get((device_kind, d, f)) or _TUNED.get((device_kind, None, None)) or cls()
 
 
-# (device kind, D, F) → tuned BlockSizes. Empty until a GPU run of benchmarks/bench_expert_ffn.py fills it.
+# (device kind, D, F) or (device kind, None, None) → BlockSizes. Empty: the defaults above are first guesses for
+# an H100 (bf16, Triton) that no GPU run has checked yet; a tune mode of benchmarks/bench_expert_ffn.py fills this.
 _TUNED: dict[tuple, BlockSizes] = {}
 
 
+# ---- plain-jnp formulations ----------------------------------------------------------------------------------
+
+
 def expert_ffn_reference(x, slot_ids, weights, w_gate, w_up, w_down):
-    """Plain jnp: gather the K slots per token, SwiGLU, weighted sum. Same contract as expert_ffn."""
-    g, u, d = w_gate[slot_ids], w_up[slot_ids], w_down[slot_ids]          # [T, K, D, F], [T, K, F, D]
+    """Plain jnp take + einsum: gather the K slots per token, SwiGLU, weighted sum. Same contract as expert_ffn.
+
+    Materialises [T, K, D, F] weight copies, so it is for tests and small T only.
+    """
+    g, u, d = w_gate[slot_ids], w_up[slot_ids], w_down[slot_ids]          # [T, K, D, F] ×2, [T, K, F, D]
     h = (jax.nn.silu(jnp.einsum("td,tkdf->tkf", x, g, preferred_element_type=jnp.float32))
          * jnp.einsum("td,tkdf->tkf", x, u, preferred_element_type=jnp.float32))
     y = jnp.einsum("tkf,tkfd->tkd", h.astype(x.dtype), d, preferred_element_type=jnp.float32)
     return jnp.einsum("tkd,tk->td", y, weights.astype(jnp.float32)).astype(x.dtype)
 
 
-def _largest_divisor_block(n: int, want: int) -> int:
-    """The largest power-of-two block ≤ want dividing n (≥ 1)."""
-    b = 1
-    while b * 2 <= want and n % (b * 2) == 0:
-        b *= 2
-    return b
+def expert_ffn_ragged_dot(x, slot_ids, weights, w_gate, w_up, w_down):
+    """The XLA baseline: sort (token, slot) pairs by slot, then three `jax.lax.ragged_dot` grouped matmuls."""
+    T, K = slot_ids.shape
+    flat = slot_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)                                 # [P] pairs grouped by slot
+    xs = x[order // K]                                                     # [P, D]
+    sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)  # [S]
+    f32 = jnp.float32
+    h = (jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes, preferred_element_type=f32))
+         * jax.lax.ragged_dot(xs, w_up, sizes, preferred_element_type=f32))
+    y = jax.lax.ragged_dot(h.astype(x.dtype), w_down, sizes, preferred_element_type=f32)   # [P, D]
+    y_pairs = jnp.zeros_like(y).at[order].set(y).reshape(T, K, -1)         # back to (token, k) order
+    return jnp.einsum("tkd,tk->td", y_pairs, weights.astype(f32)).astype(x.dtype)
+
+
+def pad_ffn(w_gate, w_up, w_down, multiple: int = 128):
+    """Zero-pads the F axis of the pools to a multiple of `multiple`, once at load time.
+
+    Exact: a padded column gives silu(0)·0 = 0, and the padded down rows are 0. Use it when F is not a multiple of
+    16 (the native kernel refuses such F) or to make F divisible by a larger block.
+    """
+    pad = -w_gate.shape[2] % multiple
+    if pad == 0:
+        return w_gate, w_up, w_down
+    cols = ((0, 0), (0, 0), (0, pad))
+    return jnp.pad(w_gate, cols), jnp.pad(w_up, cols), jnp.pad(w_down, ((0, 0), (0, pad), (0, 0)))
+
+
+# ---- validation ----------------------------------------------------------------------------------------------
 
 
 def _validate(x, slot_ids, weights, w_gate, w_up, w_down):
     if x.ndim != 2:
         raise ValueError(f"x must be [T, D], got shape {x.shape}")
     T, D = x.shape
+    if T == 0:
+        raise ValueError("x has T=0 tokens: skip the call instead")
     if w_gate.ndim != 3 or w_gate.shape[1] != D:
-        raise ValueError(f"w_gate must be [S, D={D}, F], got {w_gate.shape}")
+        raise ValueError(f"w_gate must be [S, D={D}, F] (D from x), got {w_gate.shape}")
     S, _, F = w_gate.shape
     if w_up.shape != (S, D, F):
-        raise ValueError(f"w_up must have w_gate's shape {(S, D, F)}, got {w_up.shape}")
+        raise ValueError(f"w_up must have w_gate's shape [S, D, F] = {(S, D, F)}, got {w_up.shape}")
     if w_down.shape != (S, F, D):
-        raise ValueError(f"w_down must be [S, F, D] = {(S, F, D)}, got {w_down.shape}")
+        raise ValueError(f"w_down must be [S, F, D] = {(S, F, D)} (transpose of w_gate's last two axes), "
+                         f"got {w_down.shape}")
     if slot_ids.ndim != 2 or slot_ids.shape[0] != T:
         raise ValueError(f"slot_ids must be [T={T}, K], got {slot_ids.shape}")
-    if not jnp.issubdtype(slot_ids.dtype, jnp.integer):
-        raise ValueError(f"slot_ids must be int32 slot indices, got dtype {slot_ids.dtype}")
+    if slot_ids.shape[1] == 0:
+        raise ValueError("slot_ids has K=0 experts per token: K must be ≥ 1")
+    if slot_ids.dtype != jnp.int32:
+        raise ValueError(f"slot_ids must be int32 slot indices, got dtype {slot_ids.dtype} "
+                         "(cast with slot_ids.astype(jnp.int32))")
     if weights.shape != slot_ids.shape:
-        raise ValueError(f"weights must match slot_ids' shape {slot_ids.shape}, got {weights.shape}")
+        raise ValueError(f"weights must match slot_ids' shape [T, K] = {slot_ids.shape}, got {weights.shape}")
+    if not jnp.issubdtype(weights.dtype, jnp.floating):
+        raise ValueError(f"weights must be floating point combine weights, got dtype {weights.dtype}")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"x dtype {x.dtype} is not supported: use float32 or bfloat16")
     for name, a in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if a.dtype != x.dtype:
             raise ValueError(f"{name} dtype {a.dtype} must equal x dtype {x.dtype} (cast the pool or x)")
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"x dtype {x.dtype} is not supported: use float32 or bfloat16")
+
+
+def _block(n: int, want: int, axis: str, interpret: bool) -> int:
+    """The largest power-of-two block ≤ want dividing n; natively it must be ≥ 16 (Triton dot minimum)."""
+    b = 1
+    while b * 2 <= want and n % (b * 2) == 0:
+        b *= 2
+    if b < 16 and not interpret:
+        fix = "zero-pad F with kernels_pallas.pad_ffn" if axis == "F" else "pad the model width"
+        raise ValueError(f"{axis}={n} must be a multiple of 16 for the native kernel: {fix}")
+    return b
+
+
+def _triton_params(bs: BlockSizes):
+    # Forces the Triton lowering on NVIDIA (the default Mosaic GPU lowering wants whole blocks in SMEM).
+    return pl_triton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+
+
+def _whole(shape):
+    """A block covering the whole array: the kernel indexes it itself (slot ids are data, not grid indices)."""
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
 # ---- decode --------------------------------------------------------------------------------------------------
 
 
-def _decode_kernel(uniq_ref, cw_ref, x_ref, g_ref, u_ref, d_ref, o_ref, *, block_f: int):
-    """Program (u, f): slot uniq[u], F block f. x [Tp, D]; cw [U, Tp] combine weight per (slot, token)."""
+def _decode_kernel(uniq_ref, cw_ref, x_ref, g_ref, u_ref, d_ref, o_ref, *, bf: int, bd: int):
+    """Program (u, f): slot uniq[u], F block f, every (padded) token. Writes partial o [1, 1, Tp, D] f32."""
     u, f = pl.program_id(0), pl.program_id(1)
     slot = uniq_ref[u]
-    cols = pl.ds(f * block_f, block_f)
+    tp, D = x_ref.shape
+    cols = pl.ds(pl.multiple_of(f * bf, bf), bf)
 
-    @pl.when(slot < 0)  # padding entry of the unique list: nothing to read
+    @pl.when(slot < 0)  # sentinel entry of the distinct-slot list: nothing to read
     def _():
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
     @pl.when(slot >= 0)
     def _():
-        x = x_ref[...]
-        s = jnp.maximum(slot, 0)
-        gate = g_ref[s, :, cols]                                               # [D, bf]
-        up = u_ref[s, :, cols]
-        h = (jax.nn.silu(jnp.dot(x, gate, preferred_element_type=jnp.float32))
-             * jnp.dot(x, up, preferred_element_type=jnp.float32))             # [Tp, bf]
-        h = h * cw_ref[u, :][:, None]                                          # token weight for this slot
-        down = d_ref[s, cols, :]                                               # [bf, D]
-        o_ref[0, 0] = jnp.dot(h.astype(down.dtype), down, preferred_element_type=jnp.float32)
+        def gate_up(j, acc):  # walk D in chunks so each loaded tile stays small
+            rows = pl.ds(pl.multiple_of(j * bd, bd), bd)
+            xj = x_ref[:, rows]                                                # [Tp, bd]
+            return (acc[0] + jnp.dot(xj, g_ref[slot, rows, cols], preferred_element_type=jnp.float32),
+                    acc[1] + jnp.dot(xj, u_ref[slot, rows, cols], preferred_element_type=jnp.float32))
+
+        zero = jnp.zeros((tp, bf), jnp.float32)
+        a_g, a_u = jax.lax.fori_loop(0, D // bd, gate_up, (zero, zero))
+        h = jax.nn.silu(a_g) * a_u * cw_ref[u, :][:, None]                     # [Tp, bf], 0 for other tokens
+        h = h.astype(d_ref.dtype)
+
+        @pl.loop(0, D // bd)
+        def _(j):
+            out = pl.ds(pl.multiple_of(j * bd, bd), bd)
+            o_ref[0, 0, :, out] = jnp.dot(h, d_ref[slot, cols, out], preferred_element_type=jnp.float32)
 
 
 def _decode(x, slot_ids, weights, w_gate, w_up, w_down, bs: BlockSizes, interpret: bool):
     T, D = x.shape
     S, _, F = w_gate.shape
     K = slot_ids.shape[1]
-    Tp = max(16, -(-T // 16) * 16)  # dot operands need ≥ 16 rows on GPU
-    bf = _largest_divisor_block(F, bs.block_f)
-    U = T * K
-    uniq = jnp.unique(slot_ids.reshape(-1), size=U, fill_value=-1).astype(jnp.int32)     # [U], -1 padded
-    # cw[u, t] = Σ_k weights[t, k] · [slot_ids[t, k] == uniq[u]]  (duplicates of a slot in one row add up)
-    hit = (slot_ids[None, :, :] == uniq[:, None, None]) & (uniq[:, None, None] >= 0)
+    tp = max(16, 1 << (T - 1).bit_length())  # power of two ≥ 16: Triton tile and dot minimums
+    bf, bd = _block(F, bs.decode_block_f, "F", interpret), _block(D, bs.decode_block_d, "D", interpret)
+    U = T * K  # static bound on distinct slots; the tail is the sentinel -1
+    uniq = jnp.unique(slot_ids.reshape(-1), size=U, fill_value=-1).astype(jnp.int32)      # i32[U]
+    # cw[u, t] = Σ_k weights[t, k] · [slot_ids[t, k] == uniq[u]]: a token naming a slot twice gets both weights.
+    hit = (slot_ids[None, :, :] == uniq[:, None, None]) & (uniq[:, None, None] >= 0)      # bool[U, T, K]
     cw = jnp.einsum("utk,tk->ut", hit.astype(jnp.float32), weights.astype(jnp.float32))
-    cw = jnp.pad(cw, ((0, 0), (0, Tp - T)))
-    xp = jnp.pad(x, ((0, Tp - T), (0, 0)))
-    full = lambda shape: pl.BlockSpec(shape, lambda u, f: (0,) * len(shape))
+    cw = jnp.pad(cw, ((0, 0), (0, tp - T)))                                                 # f32[U, Tp]
+    xp = jnp.pad(x, ((0, tp - T), (0, 0)))                                                  # [Tp, D]
     partial = pl.pallas_call(
-        functools.partial(_decode_kernel, block_f=bf),
+        functools.partial(_decode_kernel, bf=bf, bd=bd),
         grid=(U, F // bf),
-        in_specs=[full((U,)), full((U, Tp)), full((Tp, D)), full((S, D, F)), full((S, D, F)), full((S, F, D))],
-        out_specs=pl.BlockSpec((1, 1, Tp, D), lambda u, f: (u, f, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((U, F // bf, Tp, D), jnp.float32),
+        in_specs=[_whole((U,)), _whole((U, tp)), _whole((tp, D)),
+                  _whole((S, D, F)), _whole((S, D, F)), _whole((S, F, D))],
+        out_specs=pl.BlockSpec((1, 1, tp, D), lambda u, f: (u, f, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((U, F // bf, tp, D), jnp.float32),
+        compiler_params=None if interpret else _triton_params(bs),
         interpret=interpret,
     )(uniq, cw, xp, w_gate, w_up, w_down)
     return partial.sum(axis=(0, 1))[:T].astype(x.dtype)
@@ -140,21 +235,69 @@ def _decode(x, slot_ids, weights, w_gate, w_up, w_down, bs: BlockSizes, interpre
 # ---- prefill -------------------------------------------------------------------------------------------------
 
 
-def _gate_up_kernel(tile_slot_ref, xs_ref, g_ref, u_ref, h_ref, *, block_f: int):
+def _gate_up_kernel(tile_slot_ref, xs_ref, g_ref, u_ref, h_ref, *, bf: int, bd: int):
     """Program (i, f): rows of tile i (one slot) × F block f → h [bm, bf] = silu(x·gate) ⊙ (x·up)."""
     s = tile_slot_ref[pl.program_id(0)]
-    cols = pl.ds(pl.program_id(1) * block_f, block_f)
-    x = xs_ref[...]
-    h = (jax.nn.silu(jnp.dot(x, g_ref[s, :, cols], preferred_element_type=jnp.float32))
-         * jnp.dot(x, u_ref[s, :, cols], preferred_element_type=jnp.float32))
-    h_ref[...] = h.astype(h_ref.dtype)
+    bm, D = xs_ref.shape
+    cols = pl.ds(pl.multiple_of(pl.program_id(1) * bf, bf), bf)
+
+    @pl.when(s < 0)  # tile past the last group: all-zero rows that nothing reads
+    def _():
+        h_ref[...] = jnp.zeros(h_ref.shape, h_ref.dtype)
+
+    @pl.when(s >= 0)
+    def _():
+        def body(j, acc):
+            rows = pl.ds(pl.multiple_of(j * bd, bd), bd)
+            xj = xs_ref[:, rows]                                                # [bm, bd]
+            return (acc[0] + jnp.dot(xj, g_ref[s, rows, cols], preferred_element_type=jnp.float32),
+                    acc[1] + jnp.dot(xj, u_ref[s, rows, cols], preferred_element_type=jnp.float32))
+
+        zero = jnp.zeros((bm, bf), jnp.float32)
+        a_g, a_u = jax.lax.fori_loop(0, D // bd, body, (zero, zero))
+        h_ref[...] = (jax.nn.silu(a_g) * a_u).astype(h_ref.dtype)
 
 
-def _down_kernel(tile_slot_ref, h_ref, d_ref, y_ref, *, block_d: int):
-    """Program (i, j): rows of tile i × D block j → y [bm, bd] = h · down[:, block]."""
+def _down_kernel(tile_slot_ref, h_ref, d_ref, y_ref, *, bf: int, bd: int):
+    """Program (i, j): rows of tile i × D block j → y [bm, bd] = h · down[:, block] (f32)."""
     s = tile_slot_ref[pl.program_id(0)]
-    cols = pl.ds(pl.program_id(1) * block_d, block_d)
-    y_ref[...] = jnp.dot(h_ref[...], d_ref[s, :, cols], preferred_element_type=jnp.float32)
+    bm, F = h_ref.shape
+    cols = pl.ds(pl.multiple_of(pl.program_id(1) * bd, bd), bd)
+
+    @pl.when(s < 0)
+    def _():
+        y_ref[...] = jnp.zeros(y_ref.shape, y_ref.dtype)
+
+    @pl.when(s >= 0)
+    def _():
+        def body(k, acc):
+            ks = pl.ds(pl.multiple_of(k * bf, bf), bf)
+            return acc + jnp.dot(h_ref[:, ks], d_ref[s, ks, cols], preferred_element_type=jnp.float32)
+
+        y_ref[...] = jax.lax.fori_loop(0, F // bf, body, jnp.zeros((bm, bd), jnp.float32))
+
+
+def _group_rows(slot_ids, S: int, bm: int):
+    """Lays the (token, slot) pairs out slot by slot, each group padded to whole bm-row tiles.
+
+    Returns (row i32[P]: padded row of pair p in (token, k) order, tile_slot i32[R/bm]: slot of each tile, -1 past
+    the last group, R: static row count).
+    """
+    P = slot_ids.size
+    flat = slot_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)                                 # [P] pair ids grouped by slot
+    sizes = jnp.bincount(flat, length=S)                                   # [S] rows per slot
+    padded = -(-sizes // bm) * bm
+    starts = jnp.cumsum(padded) - padded                                   # [S] padded row where slot s begins
+    sorted_slot = flat[order]
+    rank = jnp.arange(P) - (jnp.cumsum(sizes) - sizes)[sorted_slot]        # position inside its group
+    row = jnp.zeros((P,), jnp.int32).at[order].set((starts[sorted_slot] + rank).astype(jnp.int32))
+    # At most min(S, P) groups are non-empty and each wastes < bm rows: the static bound on padded rows.
+    R = -(-(P + min(S, P) * (bm - 1)) // bm) * bm
+    tile_start = jnp.arange(R // bm) * bm
+    tile_slot = jnp.searchsorted(starts + padded, tile_start, side="right")
+    tile_slot = jnp.where(tile_start < padded.sum(), tile_slot, -1).astype(jnp.int32)
+    return row, tile_slot, R
 
 
 def _prefill(x, slot_ids, weights, w_gate, w_up, w_down, bs: BlockSizes, interpret: bool):
@@ -162,64 +305,59 @@ def _prefill(x, slot_ids, weights, w_gate, w_up, w_down, bs: BlockSizes, interpr
     S, _, F = w_gate.shape
     K = slot_ids.shape[1]
     bm = bs.block_m
-    bf, bd = _largest_divisor_block(F, bs.block_f), _largest_divisor_block(D, bs.block_d)
-    pairs = T * K
-    flat = slot_ids.reshape(-1).astype(jnp.int32)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=S)                                  # rows per slot
-    padded = -(-sizes // bm) * bm                                          # each group padded to whole tiles
-    starts = jnp.cumsum(padded) - padded                                   # padded row where slot s begins
-    R = -(-pairs // bm) * bm + S * bm                                      # static bound on padded rows
-    sorted_slot = flat[order]
-    rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[sorted_slot]    # position inside its group
-    row = starts[sorted_slot] + rank                                       # destination row of each pair
-    xs = jnp.zeros((R, D), x.dtype).at[row].set(x[order // K])
+    bf, bd = _block(F, bs.block_f, "F", interpret), _block(D, bs.block_d, "D", interpret)
+    row, tile_slot, R = _group_rows(slot_ids, S, bm)
     tiles = R // bm
-    tile_start = jnp.arange(tiles) * bm
-    # A tile's slot: the group whose padded range covers its first row (tiles past the end reuse the last slot
-    # and hold zero rows, so they add nothing).
-    tile_slot = jnp.clip(jnp.searchsorted(starts + padded, tile_start, side="right"), 0, S - 1).astype(jnp.int32)
-    full = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
+    token = jnp.arange(T * K, dtype=jnp.int32) // K
+    xs = jnp.zeros((R, D), x.dtype).at[row].set(x[token])                  # [R, D] slot-grouped, zero padded
+    params = None if interpret else _triton_params(bs)
     h = pl.pallas_call(
-        functools.partial(_gate_up_kernel, block_f=bf),
+        functools.partial(_gate_up_kernel, bf=bf, bd=bd),
         grid=(tiles, F // bf),
-        in_specs=[full((tiles,)), pl.BlockSpec((bm, D), lambda i, j: (i, 0)), full((S, D, F)), full((S, D, F))],
+        in_specs=[_whole((tiles,)), pl.BlockSpec((bm, D), lambda i, j: (i, 0)),
+                  _whole((S, D, F)), _whole((S, D, F))],
         out_specs=pl.BlockSpec((bm, bf), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((R, F), x.dtype),
+        compiler_params=params,
         interpret=interpret,
     )(tile_slot, xs, w_gate, w_up)
     y = pl.pallas_call(
-        functools.partial(_down_kernel, block_d=bd),
+        functools.partial(_down_kernel, bf=bf, bd=bd),
         grid=(tiles, D // bd),
-        in_specs=[full((tiles,)), pl.BlockSpec((bm, F), lambda i, j: (i, 0)), full((S, F, D))],
+        in_specs=[_whole((tiles,)), pl.BlockSpec((bm, F), lambda i, j: (i, 0)), _whole((S, F, D))],
         out_specs=pl.BlockSpec((bm, bd), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((R, D), jnp.float32),
+        compiler_params=params,
         interpret=interpret,
     )(tile_slot, h, w_down)
-    w_pair = weights.reshape(-1).astype(jnp.float32)[order]
-    contrib = y[row] * w_pair[:, None]
-    return jnp.zeros((T, D), jnp.float32).at[order // K].add(contrib).astype(x.dtype)
+    # Gather (not scatter) each pair's row back into (token, k) order, then combine.
+    return jnp.einsum("tkd,tk->td", y[row].reshape(T, K, D), weights.astype(jnp.float32)).astype(x.dtype)
+
+
+# ---- public wrapper ------------------------------------------------------------------------------------------
 
 
 def expert_ffn(x, slot_ids, weights, w_gate, w_up, w_down, *, block_sizes: BlockSizes | None = None,
                interpret: bool = False, regime: str | None = None):
-    """Σ_k weights[t,k] · SwiGLU expert in slot slot_ids[t,k], reading weights from the pools.
+    """Σ_k weights[t,k] · SwiGLU expert in slot slot_ids[t,k], reading the experts' weights from the pools.
 
     Args:
-      x: [T, D] float32 or bfloat16.
-      slot_ids: int32 [T, K] slots (0 ≤ id < S).
-      weights: [T, K] combine weights.
-      w_gate, w_up: [S, D, F]; w_down: [S, F, D] — same dtype as x.
-      block_sizes: tile sizes (default: BlockSizes.get_default for the device and shape).
-      interpret: run the Pallas interpreter (CPU tests).
-      regime: "decode" | "prefill" to override the choice by T.
-    Returns: [T, D] in x's dtype (accumulated in float32).
+      x: [T, D] float32 or bfloat16 tokens.
+      slot_ids: i32[T, K] pool slots (0 ≤ id < S; a token may name a slot twice, the weights then add).
+      weights: f[T, K] combine weights.
+      w_gate, w_up: [S, D, F]; w_down: [S, F, D] — the pools, same dtype as x.
+      block_sizes: tile sizes (default: BlockSizes.get_default for the device kind and shape).
+      interpret: run the Pallas interpreter (CPU tests); otherwise lower with Triton on an NVIDIA GPU.
+      regime: "decode" | "prefill" to override the choice by T (BlockSizes.decode_max_tokens).
+    Returns:
+      [T, D] in x's dtype, accumulated in float32.
     """
     _validate(x, slot_ids, weights, w_gate, w_up, w_down)
     if regime not in (None, "decode", "prefill"):
-        raise ValueError(f"regime={regime!r} must be None, 'decode' or 'prefill'")
-    kind = jax.devices()[0].device_kind
-    bs = block_sizes or BlockSizes.get_default(kind, x.shape[1], w_gate.shape[2])
+        raise ValueError(f"regime={regime!r} must be None (choose by T), 'decode' or 'prefill'")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a kernels_pallas.BlockSizes, got {type(block_sizes).__name__}")
+    bs = block_sizes or BlockSizes.get_default(jax.devices()[0].device_kind, x.shape[1], w_gate.shape[2])
     regime = regime or ("decode" if x.shape[0] <= bs.decode_max_tokens else "prefill")
     fn = _decode if regime == "decode" else _prefill
-    return fn(x, slot_ids.astype(jnp.int32), weights, w_gate, w_up, w_down, bs, interpret)
+    return fn(x, slot_ids, weights, w_gate, w_up, w_down, bs, interpret)
