@@ -12,8 +12,9 @@ Two regimes (chosen by T, see BlockSizes.decode_max_tokens; `regime=` overrides)
 - decode (T small, weight-bandwidth bound): the distinct slots are found once on device (`jnp.unique` with the
   static size T·K, sentinel -1). Program (u, f) reads slot u's gate/up columns f·bf… and down rows f·bf… exactly
   once and computes every token's share, scaled by the token's combine weight for that slot (0 when the token did
-  not pick it). Partials [U, F/bf, Tp, D] f32 are summed outside: T·D·4 bytes per program next to 3·D·bf·2 bytes
-  of weights it reads (≈ 1/6 at Tp = 16, bf = 64 in bf16).
+  not pick it). Shares are combined as f32 partials [U, F/bf, Tp, D] summed by XLA (deterministic; Tp·D·4 bytes
+  written and read back per program next to the 3·D·bf·2 weight bytes it reads: +1/3 traffic at Tp = 16, bf = 64,
+  bf16) or, with BlockSizes.decode_combine="atomic", by Triton atomic adds into one L2-resident [Tp, D] buffer.
 - prefill (T large, compute bound): pairs are sorted by slot and each slot's group is padded to a multiple of bm
   rows, so every row tile belongs to one slot; two grouped matmuls (gate/up, then down) run over (tile, block)
   grids, each tile reading its slot's weights from the pool. Tiles past the last group do no work.
@@ -52,7 +53,12 @@ class BlockSizes:
     block_f: int = 128           # prefill F block (gate/up output columns, down contraction chunk)
     block_d: int = 128           # prefill D block (gate/up contraction chunk, down output columns)
     decode_max_tokens: int = 16  # T ≤ this → decode kernel
-    num_warps: int = 4           # Triton launch parameters
+    # How decode programs combine their [Tp, D] shares: "partials" writes one f32 partial per program, summed by
+    # XLA (deterministic; costs ≈ Tp·D·4·2 bytes per program, 1/6–1/3 of the weight bytes); "atomic" adds into one
+    # L2-resident [Tp, D] buffer with Triton atomics (no round trip, but the f32 sum order varies run to run).
+    decode_combine: str = "partials"
+    decode_num_warps: int = 4    # Triton launch parameters: decode tiles are 16 rows, 4 warps suffice
+    num_warps: int = 8           # prefill: two [bm, bf] f32 accumulators per program, 8 warps keep them in registers
     num_stages: int = 2          # software-pipeline depth of the contraction loops (shared memory bound)
 
     def __post_init__(self):
@@ -60,6 +66,8 @@ class BlockSizes:
             v = getattr(self, name)
             if not _is_pow2(v) or v < 16:
                 raise ValueError(f"BlockSizes.{name}={v} must be a power of two ≥ 16 (Triton tile/dot constraint)")
+        if self.decode_combine not in ("partials", "atomic"):
+            raise ValueError(f"BlockSizes.decode_combine={self.decode_combine!r} must be 'partials' or 'atomic'")
         if self.decode_max_tokens < 0:
             raise ValueError(f"BlockSizes.decode_max_tokens={self.decode_max_tokens} must be ≥ 0")
 
@@ -163,9 +171,9 @@ def _block(n: int, want: int, axis: str, interpret: bool) -> int:
     return b
 
 
-def _triton_params(bs: BlockSizes):
+def _triton_params(num_warps: int, num_stages: int):
     # Forces the Triton lowering on NVIDIA (the default Mosaic GPU lowering wants whole blocks in SMEM).
-    return pl_triton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _whole(shape):
@@ -176,16 +184,30 @@ def _whole(shape):
 # ---- decode --------------------------------------------------------------------------------------------------
 
 
-def _decode_kernel(uniq_ref, cw_ref, x_ref, g_ref, u_ref, d_ref, o_ref, *, bf: int, bd: int):
-    """Program (u, f): slot uniq[u], F block f, every (padded) token. Writes partial o [1, 1, Tp, D] f32."""
+def _decode_kernel(uniq_ref, cw_ref, x_ref, g_ref, u_ref, d_ref, *refs, bf: int, bd: int, atomic: bool):
+    """Program (u, f): slot uniq[u], F block f, every (padded) token.
+
+    Adds its [Tp, D] f32 share into o (atomic: o is the [Tp, D] output) or writes it as partial o[0, 0] (o is
+    [1, 1, Tp, D]). refs = (zeros aliased to o, o) when atomic, else (o,).
+    """
+    o_ref = refs[-1]
     u, f = pl.program_id(0), pl.program_id(1)
     slot = uniq_ref[u]
     tp, D = x_ref.shape
     cols = pl.ds(pl.multiple_of(f * bf, bf), bf)
 
+    def store(out, val):  # val [Tp, bd] f32 into D columns `out`
+        if atomic:
+            pl_triton.atomic_add(o_ref, (slice(None), out), val)
+        else:
+            o_ref[0, 0, :, out] = val
+
     @pl.when(slot < 0)  # sentinel entry of the distinct-slot list: nothing to read
     def _():
-        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+        if not atomic:
+            @pl.loop(0, D // bd)  # in D chunks: one [Tp, D] tile would not fit in registers
+            def _(j):
+                store(pl.ds(pl.multiple_of(j * bd, bd), bd), jnp.zeros((tp, bd), jnp.float32))
 
     @pl.when(slot >= 0)
     def _():
@@ -203,7 +225,7 @@ def _decode_kernel(uniq_ref, cw_ref, x_ref, g_ref, u_ref, d_ref, o_ref, *, bf: i
         @pl.loop(0, D // bd)
         def _(j):
             out = pl.ds(pl.multiple_of(j * bd, bd), bd)
-            o_ref[0, 0, :, out] = jnp.dot(h, d_ref[slot, cols, out], preferred_element_type=jnp.float32)
+            store(out, jnp.dot(h, d_ref[slot, cols, out], preferred_element_type=jnp.float32))
 
 
 def _decode(x, slot_ids, weights, w_gate, w_up, w_down, bs: BlockSizes, interpret: bool):
@@ -219,17 +241,28 @@ def _decode(x, slot_ids, weights, w_gate, w_up, w_down, bs: BlockSizes, interpre
     cw = jnp.einsum("utk,tk->ut", hit.astype(jnp.float32), weights.astype(jnp.float32))
     cw = jnp.pad(cw, ((0, 0), (0, tp - T)))                                                 # f32[U, Tp]
     xp = jnp.pad(x, ((0, tp - T), (0, 0)))                                                  # [Tp, D]
-    partial = pl.pallas_call(
-        functools.partial(_decode_kernel, bf=bf, bd=bd),
+    atomic = bs.decode_combine == "atomic"
+    in_specs = [_whole((U,)), _whole((U, tp)), _whole((tp, D)),
+                _whole((S, D, F)), _whole((S, D, F)), _whole((S, F, D))]
+    operands = [uniq, cw, xp, w_gate, w_up, w_down]
+    if atomic:  # every program adds into one [Tp, D] buffer, zeroed by aliasing a zeros input to it
+        in_specs.append(_whole((tp, D)))
+        operands.append(jnp.zeros((tp, D), jnp.float32))
+        out_spec, out_shape = _whole((tp, D)), jax.ShapeDtypeStruct((tp, D), jnp.float32)
+    else:
+        out_spec = pl.BlockSpec((1, 1, tp, D), lambda u, f: (u, f, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((U, F // bf, tp, D), jnp.float32)
+    out = pl.pallas_call(
+        functools.partial(_decode_kernel, bf=bf, bd=bd, atomic=atomic),
         grid=(U, F // bf),
-        in_specs=[_whole((U,)), _whole((U, tp)), _whole((tp, D)),
-                  _whole((S, D, F)), _whole((S, D, F)), _whole((S, F, D))],
-        out_specs=pl.BlockSpec((1, 1, tp, D), lambda u, f: (u, f, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((U, F // bf, tp, D), jnp.float32),
-        compiler_params=None if interpret else _triton_params(bs),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=out_shape,
+        input_output_aliases={len(operands) - 1: 0} if atomic else {},
+        compiler_params=None if interpret else _triton_params(bs.decode_num_warps, bs.num_stages),
         interpret=interpret,
-    )(uniq, cw, xp, w_gate, w_up, w_down)
-    return partial.sum(axis=(0, 1))[:T].astype(x.dtype)
+    )(*operands)
+    return (out if atomic else out.sum(axis=(0, 1)))[:T].astype(x.dtype)
 
 
 # ---- prefill -------------------------------------------------------------------------------------------------
@@ -310,7 +343,7 @@ def _prefill(x, slot_ids, weights, w_gate, w_up, w_down, bs: BlockSizes, interpr
     tiles = R // bm
     token = jnp.arange(T * K, dtype=jnp.int32) // K
     xs = jnp.zeros((R, D), x.dtype).at[row].set(x[token])                  # [R, D] slot-grouped, zero padded
-    params = None if interpret else _triton_params(bs)
+    params = None if interpret else _triton_params(bs.num_warps, bs.num_stages)
     h = pl.pallas_call(
         functools.partial(_gate_up_kernel, bf=bf, bd=bd),
         grid=(tiles, F // bf),

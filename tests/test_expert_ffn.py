@@ -2,6 +2,8 @@
 
 Axes: T tokens, K experts per token, S slots, D model width, F expert FFN width.
 """
+import dataclasses
+import functools
 import json
 
 import jax
@@ -86,6 +88,10 @@ class TestExpertFFN:
     def test_bfloat16(self, regime):
         self.check(_case(3, 5, 2, 4, 32, 48, jnp.bfloat16, dup=True), regime=regime, block_sizes=SMALL)
 
+    def test_decode_atomic_combine(self):
+        atomic = dataclasses.replace(SMALL, decode_combine="atomic")
+        self.check(_case(8, 6, 3, 4, 32, 48, dup=True), regime="decode", block_sizes=atomic)
+
     def test_single_token_default_blocks(self):
         # T = 1 through the default choice (decode) with the default BlockSizes (blocks clipped to F and D).
         self.check(_case(4, 1, 2, 5, 64, 32))
@@ -127,19 +133,22 @@ def test_wrapper_errors():
         expert_ffn(**base, interpret=True, regime="fast")
     with pytest.raises(ValueError, match="power of two"):
         BlockSizes(block_m=24)
+    with pytest.raises(ValueError, match="decode_combine"):
+        BlockSizes(decode_combine="sum")
     with pytest.raises(ValueError, match="pad_ffn"):  # F=24 has no ≥16 power-of-two block natively
         jax.jit(expert_ffn).trace(*_case(0, 2, 2, 3, 16, 24)).lower(lowering_platforms=("cuda",))
 
 
-@pytest.mark.parametrize("T", [1, 13, 300])
-def test_lowers_to_triton_for_cuda(T):
+@pytest.mark.parametrize("T,combine", [(1, "partials"), (13, "atomic"), (300, "partials")])
+def test_lowers_to_triton_for_cuda(T, combine):
     """Cross-lowers for an NVIDIA GPU on any machine: catches Pallas→Triton errors (tile shapes, ops) without a
     GPU. It does not compile to PTX, so register and shared-memory limits are checked only on a GPU."""
     D, F, K, S = 2048, 1408, 6, 64  # DeepSeek-V2-Lite
     sd = jax.ShapeDtypeStruct
     args = (sd((T, D), jnp.bfloat16), sd((T, K), jnp.int32), sd((T, K), jnp.float32),
             sd((S, D, F), jnp.bfloat16), sd((S, D, F), jnp.bfloat16), sd((S, F, D), jnp.bfloat16))
-    text = jax.jit(expert_ffn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    fn = functools.partial(expert_ffn, block_sizes=BlockSizes(decode_combine=combine))
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == (1 if T <= 16 else 2)
 
 
@@ -147,6 +156,6 @@ def test_bench_tiny_mode_runs(tmp_path):
     bench = load_benchmark("bench_expert_ffn")
     assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
     rows = json.load(open(tmp_path / "expert_ffn_tiny.json"))["rows"]
-    assert {r["impl"] for r in rows} == {"pallas", "take_einsum", "ragged_dot"}
+    assert {r["impl"] for r in rows} == {"pallas", "pallas_atomic", "take_einsum", "ragged_dot"}
     assert all(r["median_s"] > 0 for r in rows if r["median_s"] is not None)
     assert (tmp_path / "expert_ffn_tiny.md").read_text().startswith("# expert_ffn")
