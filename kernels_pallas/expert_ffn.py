@@ -54,7 +54,7 @@ class BlockSizes:
     block_d: int = 128           # prefill D block (gate/up contraction chunk, down output columns)
     decode_max_tokens: int = 16  # T ≤ this → decode kernel
     # How decode programs combine their [Tp, D] shares: "partials" writes one f32 partial per program, summed by
-    # XLA (deterministic; costs ≈ Tp·D·4·2 bytes per program, 1/6–1/3 of the weight bytes); "atomic" adds into one
+    # XLA (deterministic; Tp·D·4 bytes written + read back per program, ≈ 1/3 of its weight bytes in bf16); "atomic" adds into one
     # L2-resident [Tp, D] buffer with Triton atomics (no round trip, but the f32 sum order varies run to run).
     decode_combine: str = "partials"
     decode_num_warps: int = 4    # Triton launch parameters: decode tiles are 16 rows, 4 warps suffice
