@@ -103,6 +103,7 @@ class ExpertCache:
             ... copy each Load into its slot; cache.arrive(layer, expert) when a copy lands; the layer waits
             ... for its demand Loads (and late prefetches), reading slots via cache.table.slot_row(layer)
             loads = cache.hidden(layer, h)         # engine only, when cache.policy.wants_hidden
+            cache.measure(layer_compute_s=..., copy_s=...)   # whenever measured (optional policy hook)
             cache.release(layer)                   # after the layer's expert compute is enqueued
         loads = cache.end_step()                   # policy.on_step_end → prefetches for the next step
     A layer needing more than S experts runs in passes: route(layer, chunk0), release(layer),
@@ -164,6 +165,17 @@ class ExpertCache:
         for pins in self._pinned:
             pins.clear()
         return self._issue(self.policy.on_step_end(self._step, self.view))
+
+    def measure(self, *, layer_compute_s: float | None = None, copy_s: float | None = None) -> None:
+        """Runtime measurements for policies that adapt to the hardware (optional hook `policy.on_measure`).
+
+        The engine (wall or virtual clock) and the simulator report one MoE layer's compute time on the critical
+        path (`layer_compute_s`) and one finished expert copy's duration on the copy stream (`copy_s`, for
+        `bytes_per_expert` bytes). Policies without `on_measure` never see them.
+        """
+        hook = getattr(self.policy, "on_measure", None)
+        if hook is not None:
+            hook(layer_compute_s=layer_compute_s, copy_s=copy_s, copy_bytes=self.bytes_per_expert)
 
     def arrive(self, layer: int, expert: int) -> None:
         """The copy of `expert` into its slot at `layer` finished. Ignored when it was evicted meanwhile."""

@@ -21,6 +21,12 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+ROUTING_MODES = ("exact", "cache-aware")
+# Router-probability difference below which cache-aware routing prefers a resident expert. Chosen from the δ
+# sweep in docs/expertflow.md (perplexity cost ≤ 1 % on held-out text).
+DEFAULT_ROUTING_TOLERANCE = 0.02
+
+
 @dataclasses.dataclass(frozen=True)
 class OffloadConfig:
     """Experts live in pinned host memory; each MoE layer gets `slots_per_layer` device slots.
@@ -32,6 +38,13 @@ class OffloadConfig:
       record_timeline: a path: write a Chrome/Perfetto trace JSON of compute, transfers and stalls there.
         Timing a transfer or a layer means waiting for it, so a recorded run overlaps less than a plain one.
       check: verify cache invariants and slot contents after every layer (slow; for tests).
+      timing: None (wall clock) or a timing preset name ("h100") / ef_jax.offload.clock.Timing: transfers and
+        compute are then charged on the simulator's deterministic virtual clock (real bytes still move, so tokens
+        are unchanged; stall_s and the policy's measurements become virtual).
+      routing: "exact" (default: the model's own routing) or "cache-aware" (opt-in, changes outputs): where a
+        resident expert's router probability is within `routing_tolerance` of a chosen non-resident one, the
+        resident one is used instead, its weight renormalised as the family does.
+      routing_tolerance: δ ≥ 0 for cache-aware routing (default DEFAULT_ROUTING_TOLERANCE).
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None
@@ -39,6 +52,9 @@ class OffloadConfig:
     layers_per_group: int = 4
     record_timeline: str | None = None
     check: bool = False
+    timing: Any = None
+    routing: str = "exact"
+    routing_tolerance: float | None = None
 
     def __post_init__(self):
         if (self.expert_memory is None) == (self.slots_per_layer is None):
@@ -51,6 +67,27 @@ class OffloadConfig:
             raise ValueError(f"slots_per_layer={self.slots_per_layer!r} must be a positive int")
         if not isinstance(self.layers_per_group, int) or self.layers_per_group < 1:
             raise ValueError(f"layers_per_group={self.layers_per_group!r} must be a positive int")
+        if self.timing is not None:
+            from ef_jax.offload.clock import get_timing
+            try:
+                get_timing(self.timing)
+            except ValueError as e:
+                raise ValueError(f"timing={self.timing!r}: {e}") from None
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing={self.routing!r} must be one of {ROUTING_MODES}")
+        tol = self.routing_tolerance
+        if tol is not None:
+            if self.routing != "cache-aware":
+                raise ValueError(f"routing_tolerance={tol!r} only applies with routing='cache-aware' "
+                                 f"(got routing={self.routing!r})")
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
+                raise ValueError(f"routing_tolerance={tol!r} must be a number in [0, 1] (a router-probability "
+                                 f"difference), e.g. {DEFAULT_ROUTING_TOLERANCE}")
+
+    @property
+    def tolerance(self) -> float:
+        """δ in effect for cache-aware routing."""
+        return DEFAULT_ROUTING_TOLERANCE if self.routing_tolerance is None else float(self.routing_tolerance)
 
     def resolve_slots(self, num_moe_layers: int, num_experts: int, top_k: int, bytes_per_expert: int) -> int:
         """Slots per layer for a model; raises ValueError when the budget cannot hold one token's top-k."""

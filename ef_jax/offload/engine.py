@@ -2,7 +2,8 @@
 
 per step:  cache.begin_step → embed
 per MoE layer j (model layer i):
-   [jit] attention + router(i) ──► top-k to host (the one sync) ──► cache.route(j, needed) → Loads
+   [jit] attention + router(i) ──► top-k to host (the one sync) ──► [cache-aware routing | trace override]
+   ──► cache.route(j, needed) → Loads
    issue Loads (device_put from the pinned store + in-place slot write); wait only for demand/late ones (stall)
    [jit] experts through the slot map (+ shared expert, residual)      ──► cache.release(j)
 dense layers run in jitted groups of up to layers_per_group; cache.end_step → prefetches for the next step.
@@ -10,7 +11,9 @@ dense layers run in jitted groups of up to layers_per_group; cache.end_step → 
 Batch > 1: a layer needs the union of its real tokens' experts (pad tokens are masked out). When that union is
 larger than the layer's slots, the layer runs in passes of at most S experts, each pass adding its share.
 Everything the host decides is counted by ExpertCache (hits, misses, prefetch used/wasted), so the simulator can
-replay the same routing and must agree.
+replay the same routing and must agree. With OffloadConfig(timing=...) the same bytes move but arrivals and stalls
+follow the simulator's virtual clock (VirtualTransferQueue); either clock reports per-layer compute and per-copy
+times to the cache (`ExpertCache.measure`) for policies that adapt to the hardware.
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ from ef_jax.models.transformer import (KVCache, embed, layer_attention_and_route
                                        run_group)
 from ef_jax.offload.cache import ExpertCache
 from ef_jax.offload.config import OffloadConfig
+from ef_jax.offload import routing as routing_rules
+from ef_jax.offload.clock import get_timing
 from ef_jax.offload.timeline import Timeline
-from ef_jax.offload.transfers import TransferQueue
+from ef_jax.offload.transfers import TransferQueue, VirtualTransferQueue
 from ef_jax.policies.registry import POLICIES
 
 
@@ -75,10 +80,19 @@ class OffloadForward:
         self.cache = ExpertCache(len(cfg.moe_layer_ids), cfg.num_experts, self.slots, _bind_policy(offload.policy, model),
                                  bytes_per_expert=self.store.bytes_per_expert, check=offload.check)
         self.timeline = Timeline() if offload.record_timeline else None
-        self.transfers = TransferQueue(self.store, self.slots, self.cache, self.timeline)
+        timing = get_timing(offload.timing)
+        if timing is None:
+            self.transfers = TransferQueue(self.store, self.slots, self.cache, self.timeline)
+        else:
+            self.transfers = VirtualTransferQueue(self.store, self.slots, self.cache, timing, self.timeline)
         self.segments = self._segments(offload.layers_per_group)
         self.compute_s = 0.0
         self.routing_log: list[np.ndarray] = []  # per step: experts i32[N_real, L_moe, K] (for replay)
+        self.substitutions = 0  # cache-aware routing: (token, expert) choices swapped for a resident expert
+        # Benchmarks only: route_override(step, moe_layer j, experts i32[N, K]) → i32[N, K] replaces the router's
+        # choice (e.g. replayed from a real trace, so a random-weight model of a real shape sees real routing).
+        self.route_override = None
+        self._step = -1
 
     # ---- layout -----------------------------------------------------------------------------------------------
     def _segments(self, layers_per_group: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -104,6 +118,7 @@ class OffloadForward:
         caches, routings = list(cache.layers), [None] * cfg.num_layers
         self.transfers.poll()
         self.transfers.issue(self.cache.begin_step(tokens[:, -1]))  # rows are left-padded: the last column is real
+        self._step += 1
         step_routes = []
         for kind, layers in self.segments:
             t = time.perf_counter()
@@ -120,6 +135,8 @@ class OffloadForward:
                                                           pos, widx, vld)
             experts = np.asarray(routing.experts)  # [N, K] — the one unavoidable sync per MoE layer
             self.compute_s += time.perf_counter() - t
+            self.transfers.routed(self.moe_index[i])
+            routing, experts = self._rewrite_routing(self.moe_index[i], routing, experts, real)
             x = self._moe_layer(i, params["layers"][i], h, normed, routing, experts, real)
             routings[i] = routing
             step_routes.append(experts[real])
@@ -147,6 +164,7 @@ class OffloadForward:
                          self.transfers.pools[j],
                          slot_map)
             self._timed(f"experts L{i}" + (f" pass {n}" if n else ""), t, h)
+            self.transfers.computed(j, len(passes))
             if n + 1 < len(passes):
                 jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
                 self.cache.release(j)
@@ -154,6 +172,27 @@ class OffloadForward:
             self.transfers.issue(self.cache.hidden(j, np.asarray(h)))
         self.cache.release(j)
         return h
+
+    def _rewrite_routing(self, j: int, routing: Routing, experts: np.ndarray, real: np.ndarray):
+        """Trace override (benchmarks) and cache-aware routing (opt-in); exact routing passes through untouched."""
+        if self.route_override is not None:
+            new = np.asarray(self.route_override(self._step, j, experts), np.int32)
+            if new.shape != experts.shape:
+                raise ValueError(f"route_override returned shape {new.shape}, expected {experts.shape}")
+            probs = routing_rules.router_probs(self.cfg, np.asarray(routing.logits))
+            weights = routing_rules.family_weights(self.cfg, probs, new)
+            routing = Routing(logits=routing.logits, experts=jnp.asarray(new), weights=jnp.asarray(weights))
+            experts = new
+        if self.config.routing != "cache-aware":
+            return routing, experts
+        resident = np.asarray(self.cache.table.slot_row(j)) >= 0
+        new, weights, changed = routing_rules.cache_aware(self.cfg, np.asarray(routing.logits), experts, resident,
+                                                          self.config.tolerance, real)
+        if weights is None:
+            return routing, experts
+        self.substitutions += int((new != experts).sum())
+        w = np.where(changed[:, None], weights, np.asarray(routing.weights)).astype(np.float32)
+        return Routing(logits=routing.logits, experts=jnp.asarray(new), weights=jnp.asarray(w)), new
 
     # ---- telemetry ----------------------------------------------------------------------------------------------
     def _timed(self, name: str, t: float, out) -> None:
@@ -173,7 +212,12 @@ class OffloadForward:
                "stall_s": self.transfers.stall_s,
                "compute_s": self.compute_s, "slots_per_layer": self.slots,
                "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
-               "policy": self.cache.policy.name}
+               "policy": self.cache.policy.name, "routing": self.config.routing,
+               "routing_substitutions": self.substitutions}
+        out.update(self.transfers.stats())
+        horizon = getattr(self.cache.policy, "mean_horizon", None)
+        if horizon is not None:
+            out["mean_horizon"] = horizon
         out.update({f"cache_{k}": v for k, v in c.items() if k not in out})
         mem = self.store.device.memory_stats()  # None on CPU; on GPU the allocator's own numbers
         if mem:
