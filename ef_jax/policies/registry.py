@@ -6,6 +6,7 @@ from typing import Callable
 from ef_jax.policies.base import Policy
 from ef_jax.policies.belady import Belady
 from ef_jax.policies.classic import LFU, LRU, NoCache
+from ef_jax.policies.predictive import Predictive
 from ef_jax.policies.pregate import Pregate
 
 POLICIES: dict[str, Callable[..., Policy]] = {
@@ -14,6 +15,7 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "lfu": LFU,
     "belady": Belady,
     "pregate": Pregate,  # model-bound: the engine builds it with Pregate.from_model(model)
+    "predictive": Predictive,  # ExpertFlow predictive cache (arXiv 2410.17954); from_model in the engine
 }
 
 
