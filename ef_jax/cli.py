@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         sim_cli.add_parser(sub)
     except ImportError:  # the simulator package is optional at this layer
         pass
+    try:
+        from ef_jax.predict import cli as predict_cli
+        predict_cli.add_parser(sub)
+    except ImportError:  # the predictor needs flax/optax
+        pass
     return ap
 
 

@@ -1,0 +1,155 @@
+"""Predictors at run time: a trained routing-path predictor over whole traces or step by step, and an online one.
+
+trace  → TrainedPredictor.scores(trace)                  → f32[N, L, E]  (the baselines' API: evaluation, simulator)
+decode → StepPredictor.predict(step token ids i[B])      → f32[B, L, E]  (the predictive policy, before each step)
+         StepPredictor.observe(layer, routed experts)     (route feedback: the next step's "previous route")
+
+Axes: B rows decoded together, N tokens, L MoE layers, E experts, K routed experts per token, T context window.
+
+A StepPredictor keeps its own per-row history. With B > 1 the cache reports only the union of a layer's
+experts over the rows, which belongs to no single row, so the previous-route input is then left empty.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ef_jax.predict.path_predictor import PAD, PredictorConfig, Vocab, make_apply, pack, score_packed
+from ef_jax.sim.trace import RoutingTrace
+
+
+@runtime_checkable
+class StepPredictor(Protocol):
+    """What the predictive policy calls. `predict` gets the ids of the tokens about to be processed (one per row)
+    and returns scores (higher = more likely routed) for each row, layer and expert."""
+
+    def reset(self, num_layers: int, num_experts: int) -> None: ...
+    def predict(self, token_ids: np.ndarray) -> np.ndarray: ...
+    def observe(self, layer: int, experts: Sequence[int]) -> None: ...
+
+
+class TrainedPredictor:
+    """A trained PathPredictor (cfg, params, vocab), loaded from an `ef-jax train-predictor` directory."""
+
+    def __init__(self, cfg: PredictorConfig, params, vocab: Vocab, meta: dict | None = None):
+        self.cfg, self.params, self.vocab, self.meta = cfg, params, vocab, meta or {}
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "TrainedPredictor":
+        from ef_jax.predict.train import load_predictor
+        return cls(*load_predictor(directory))
+
+    @property
+    def name(self) -> str:
+        return "path-predictor"
+
+    def fit(self, train: RoutingTrace) -> "TrainedPredictor":
+        return self  # already trained: the baselines' fit/scores API
+
+    def scores(self, trace: RoutingTrace) -> np.ndarray:
+        """f32[N, L, E] logits for every token of `trace` (each sees its prompt's earlier tokens and routes)."""
+        self._check(trace)
+        packed = pack(self.vocab.encode(trace.token_strings()), trace.experts, trace.offsets, self.cfg.window)
+        return score_packed(self.cfg, self.params, packed)
+
+    def stepper(self, id_to_token: Callable[[int], str] = str) -> "PathStepPredictor":
+        """A StepPredictor; `id_to_token` maps the model's token ids to the strings the vocabulary holds (a
+        tokenizer's convert_ids_to_tokens; `str` for traces that store ids as decimal strings)."""
+        return PathStepPredictor(self, id_to_token)
+
+    def _check(self, trace: RoutingTrace) -> None:
+        L, K = trace.experts.shape[1:]
+        if L != self.cfg.num_layers or int(trace.experts.max(initial=0)) >= self.cfg.num_experts:
+            raise ValueError(f"trace has {L} layers and expert ids up to {int(trace.experts.max(initial=0))}, but "
+                             f"the predictor was trained for {self.cfg.num_layers} layers × "
+                             f"{self.cfg.num_experts} experts: use a predictor trained on this model's traces")
+
+
+class PathStepPredictor:
+    """Step-by-step use of a TrainedPredictor: the last T tokens of each row (and their routes) → one forward."""
+
+    def __init__(self, tp: TrainedPredictor, id_to_token: Callable[[int], str] = str):
+        self.tp, self.id_to_token = tp, id_to_token
+        self._apply = make_apply(tp.cfg)
+        self.reset(tp.cfg.num_layers, tp.cfg.num_experts)
+
+    def reset(self, num_layers: int, num_experts: int) -> None:
+        cfg = self.tp.cfg
+        if (num_layers, num_experts) != (cfg.num_layers, cfg.num_experts):
+            raise ValueError(f"the predictor was trained for {cfg.num_layers} layers × {cfg.num_experts} experts; "
+                             f"this cache has {num_layers} × {num_experts}")
+        self._tokens: list[list[int]] | None = None  # per row: vocabulary ids, oldest first
+        self._routes: list[list[np.ndarray]] = []     # per row: i32[L, K] route of each token (-1 = unknown)
+        self._current: list[list[int]] = [[] for _ in range(num_layers)]  # the step's observed route so far
+
+    def predict(self, token_ids: np.ndarray) -> np.ndarray:
+        cfg = self.tp.cfg
+        ids = np.asarray(token_ids).reshape(-1)
+        B, T, L, K = len(ids), cfg.window, cfg.num_layers, cfg.top_k
+        if self._tokens is None or len(self._tokens) != B:  # a new batch: fresh histories
+            self._tokens, self._routes = [[] for _ in range(B)], [[] for _ in range(B)]
+        elif self._tokens[0]:  # the previous step's route (known exactly only for a single row)
+            route = np.full((L, K), -1, np.int32)
+            if B == 1:
+                for l, exps in enumerate(self._current):
+                    route[l, :min(K, len(exps))] = exps[:K]
+            for r in self._routes:
+                r.append(route)
+        self._current = [[] for _ in range(L)]
+        vocab_ids = self.tp.vocab.encode([self.id_to_token(int(t)) for t in ids])
+        tokens = np.full((B, T), PAD, np.int32)
+        segment = np.zeros((B, T), np.int32)
+        prev = np.full((B, T, L, K), -1, np.int32)
+        for b in range(B):
+            self._tokens[b].append(int(vocab_ids[b]))
+            hist = self._tokens[b][-T:]
+            n = len(hist)
+            tokens[b, T - n:], segment[b, T - n:] = hist, 1  # right-aligned: the newest token is position T-1
+            if n > 1:
+                prev[b, T - n + 1:] = np.stack(self._routes[b][-(n - 1):])
+            if len(self._tokens[b]) > T:  # the window's first token still had a predecessor
+                prev[b, T - n] = self._routes[b][-n]
+            del self._tokens[b][:-T], self._routes[b][:-T]
+        logits = self._apply(self.tp.params, tokens, segment, prev)
+        return np.asarray(logits[:, -1])                                                 # [B, L, E]
+
+    def observe(self, layer: int, experts: Sequence[int]) -> None:
+        self._current[layer].extend(int(e) for e in experts)
+
+
+class OnlineLookupPredictor:
+    """No training: per token id, the experts it was routed to so far in this run (single-row steps), plus the
+    previous token's route and global frequency as tie-breakers. The default predictor of `predictive` in the
+    engine when no trained predictor is given."""
+
+    def __init__(self, prev_weight: float = 0.5):
+        self.prev_weight = prev_weight
+        self.table: dict[int, np.ndarray] = {}
+
+    def reset(self, num_layers: int, num_experts: int) -> None:
+        self.L, self.E = num_layers, num_experts
+        self.freq = np.zeros((num_layers, num_experts), np.float32)       # [L, E] all-time routed counts
+        self.prev = np.zeros((num_layers, num_experts), np.float32)       # [L, E] last step's route (one-hot)
+        self._ids: np.ndarray | None = None
+
+    def predict(self, token_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(token_ids).reshape(-1)
+        self._ids = ids
+        base = self.freq / max(float(self.freq.sum(-1).max()), 1.0) * 1e-3 + self.prev_weight * self.prev
+        out = np.repeat(base[None], len(ids), 0)
+        for b, t in enumerate(ids):
+            row = self.table.get(int(t))
+            if row is not None:
+                out[b] += row / max(float(row.sum(-1).max()), 1.0)
+        self.prev = np.zeros_like(self.prev)
+        return out
+
+    def observe(self, layer: int, experts: Sequence[int]) -> None:
+        exps = np.asarray(list(experts), np.int64)
+        self.freq[layer, exps] += 1
+        self.prev[layer, exps] = 1
+        if self._ids is not None and len(self._ids) == 1:  # a union over rows belongs to no single token
+            row = self.table.setdefault(int(self._ids[0]), np.zeros((self.L, self.E), np.float32))
+            row[layer, exps] += 1
