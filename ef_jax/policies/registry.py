@@ -6,6 +6,7 @@ from typing import Callable
 from ef_jax.policies.base import Policy
 from ef_jax.policies.belady import Belady
 from ef_jax.policies.classic import LFU, LRU, NoCache
+from ef_jax.policies.expertflow import ExpertFlow
 from ef_jax.policies.predictive import Predictive
 from ef_jax.policies.pregate import Pregate
 
@@ -16,6 +17,7 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "belady": Belady,
     "pregate": Pregate,  # model-bound: the engine builds it with Pregate.from_model(model)
     "predictive": Predictive,  # ExpertFlow predictive cache (arXiv 2410.17954); from_model in the engine
+    "expertflow": ExpertFlow,  # model-bound, adaptive horizon (arXiv 2510.26730)
 }
 
 

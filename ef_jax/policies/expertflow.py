@@ -1,0 +1,224 @@
+"""ExpertFlow adaptive prefetching (arXiv 2510.26730): pre-gate predictions S layers ahead, with S sized from
+measured bandwidth and compute, corrected online from prefetch feedback; eviction aligned with the predictions.
+
+[on_measure] → EMA copy time E_s/C_s, layer compute T_l      [on_access / on_route] → fetch fraction, late, unused
+[on_hidden(j, h)] → S = ceil(g · N_e · E_s / (C_s · T_l)) clipped to [1, max_horizon]
+                  → predictor scores for layers j+1..j+S not yet prefetched this step → top-k per row → the
+                    batch's union is prefetched where the predictor's measured precision at that distance is
+                    ≥ min_precision (else only recorded, to keep measuring it: a nearer layer may prefetch it)
+[victim(layer)]   → an expert not predicted for that layer (LRU among them) before any predicted one
+[on_step_end]     → g ← g · exp(η (late − λ unused) / prefetches)   (late → look further ahead, unused → nearer)
+
+Axes: B batch rows, D model, E experts per layer, K top-k, L MoE layers, j/t MoE layer indices (source/target).
+
+N_e (experts a layer must fetch) = the measured fraction of needed experts that came from the host (misses plus
+used prefetches, an EMA) × the size of the batch's predicted union for the next layer — so at batch > 1 it grows
+with how diverse the batch's predicted routes are, the quantity the paper estimates from embedding diversity.
+The predictor is plain pre-gating (each later layer's router on the current hidden state) unless a hybrid
+predictor (ef_jax.hybrid) is given. Runs in the engine only: the simulator has no hidden states.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from ef_jax.policies.pregate import Pregate
+
+
+class PregateScorer:
+    """Pre-gate scores: router_t(rms_norm(h, norm_t)) for each target MoE layer t."""
+
+    def __init__(self, routers: list[np.ndarray], norms: list[np.ndarray], eps: float):
+        self.routers, self.norms, self.eps = routers, norms, eps
+
+    def scores(self, layer: int, hidden: np.ndarray, targets: Sequence[int], context: dict) -> dict[int, np.ndarray]:
+        """hidden f32[B, D] of MoE layer `layer` → {t: logits f32[B, E]}."""
+        h = hidden.astype(np.float32)
+        x = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return {t: (x * self.norms[t]) @ self.routers[t] for t in targets}
+
+
+class ExpertFlow(Pregate):
+    """Adaptive-horizon pre-gate prefetching with prediction-aligned eviction.
+
+    Args:
+        routers, norms, top_k, eps: as Pregate (use `ExpertFlow.from_model(model)`).
+        max_horizon: upper bound on S (layers ahead).
+        horizon: a fixed S (disables adaptation; for ablations).
+        ema: weight of a new measurement in the moving estimates.
+        gain_rate: η, step size of the feedback correction; unused_weight: λ.
+        min_precision: prefetch at distance s only while the predictor's precision there (EMA) is at least this:
+            on a saturated copy stream a wrong copy delays every copy behind it by as much as a right one saves.
+        predictor: an object with `scores(layer, hidden, targets, context)` (default: pre-gating); a hybrid
+            predictor from ef_jax.hybrid fits here.
+    """
+    name = "expertflow"
+    wants_hidden = True
+
+    def __init__(self, routers=None, norms=None, *, top_k: int = 0, eps: float = 1e-6, max_horizon: int = 8,
+                 horizon: int | None = None, ema: float = 0.1, gain_rate: float = 0.5, unused_weight: float = 1.0,
+                 min_precision: float = 0.5, predictor=None):
+        if routers is None or norms is None:
+            raise ValueError("policy 'expertflow' needs the model's routers and hidden states: use it in the engine "
+                             "(OffloadConfig(policy='expertflow')) or build it with ExpertFlow.from_model(model)")
+        super().__init__(routers, norms, top_k=top_k, eps=eps, distance=1)
+        if not isinstance(max_horizon, int) or max_horizon < 1:
+            raise ValueError(f"max_horizon={max_horizon!r} must be a positive int")
+        if horizon is not None and (not isinstance(horizon, int) or horizon < 1):
+            raise ValueError(f"horizon={horizon!r} must be None (adaptive) or a positive int")
+        if not 0 < ema <= 1:
+            raise ValueError(f"ema={ema} must be in (0, 1]")
+        self.max_horizon, self.fixed_horizon = max_horizon, horizon
+        self.ema, self.gain_rate, self.unused_weight = ema, gain_rate, unused_weight
+        if not 0 <= min_precision <= 1:
+            raise ValueError(f"min_precision={min_precision} must be in [0, 1]")
+        self.min_precision = min_precision
+        self.predictor = predictor if predictor is not None else PregateScorer(self.routers, self.norms, eps)
+
+    @classmethod
+    def from_model(cls, model, **kw) -> "ExpertFlow":
+        cfg, layers = model.config, model.params["layers"]
+        ids = cfg.moe_layer_ids
+        return cls([np.asarray(layers[i]["mlp"]["router"]) for i in ids],
+                   [np.asarray(layers[i]["mlp_norm"]) for i in ids], top_k=cfg.top_k, eps=cfg.rms_norm_eps, **kw)
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
+        super().reset(num_layers, num_experts, slots_per_layer)
+        self.copy_s: float | None = None    # EMA: seconds one expert copy occupies the copy stream (E_s / C_s)
+        self.copy_bytes = 0                 # E_s
+        self.layer_s: float | None = None   # EMA: T_l, one MoE layer's compute on the critical path
+        self.fetch_frac = 1.0               # EMA: fraction of a layer's needed experts that came from the host
+        self.union = float(self.top_k)      # EMA: predicted distinct experts per layer for the batch
+        self.gain = 1.0                     # g, the feedback correction of S
+        self.horizons: list[int] = []       # S at each on_hidden (for mean_horizon)
+        self.token_ids = None
+        self._pred = [{} for _ in range(num_layers)]           # per target: {distance: predicted experts}
+        self._pred_step = [-1] * num_layers                    # the step those predictions belong to
+        self._live = [set() for _ in range(num_layers)]        # prefetched predictions, protected from eviction
+        self.precision = [None] * (self.max_horizon + 1)       # EMA per distance s: predicted ∩ needed / predicted
+        self._prefetched = [set() for _ in range(num_layers)]  # prefetched for the target's next route
+        self._fetched = 0                                      # this layer: needed experts that came from the host
+        self.late = self.unused = self.used = 0                # this step's feedback
+        self.totals = {"late": 0, "unused": 0, "used": 0, "predicted": 0}
+
+    @property
+    def num_fetch(self) -> float:
+        """N_e: expected experts a layer must fetch (batch union of predictions × measured fetch fraction)."""
+        return self.fetch_frac * self.union
+
+    @property
+    def horizon(self) -> int:
+        """S = ceil(g · N_e · E_s / (C_s · T_l)), clipped to [1, max_horizon]; 1 until both times are measured."""
+        if self.fixed_horizon is not None:
+            return min(self.fixed_horizon, max(self.num_layers - 1, 1))
+        if self.copy_s is None or not self.layer_s:
+            return 1
+        raw = self.gain * self.num_fetch * self.copy_s / self.layer_s
+        return int(min(max(math.ceil(raw - 1e-9), 1), self.max_horizon))
+
+    @property
+    def mean_horizon(self) -> float:
+        return float(np.mean(self.horizons)) if self.horizons else float("nan")
+
+    # ---- measurements ------------------------------------------------------------------------------------------
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.ema) * old + self.ema * new
+
+    def on_measure(self, *, layer_compute_s=None, copy_s=None, copy_bytes=None) -> None:
+        if layer_compute_s is not None and layer_compute_s >= 0:
+            self.layer_s = self._avg(self.layer_s, layer_compute_s)
+        if copy_s is not None and copy_s >= 0:
+            self.copy_s = self._avg(self.copy_s, copy_s)
+            self.copy_bytes = copy_bytes or self.copy_bytes
+
+    # ---- feedback ----------------------------------------------------------------------------------------------
+    def on_step_start(self, step: int, token_ids, view) -> list:
+        self.token_ids = None if token_ids is None else np.asarray(token_ids)
+        return []
+
+    def on_load(self, layer: int, expert: int, kind: str) -> None:
+        super().on_load(layer, expert, kind)
+        if kind == "prefetch":
+            self._prefetched[layer].add(expert)
+
+    def on_access(self, layer: int, expert: int, hit: bool) -> None:
+        super().on_access(layer, expert, hit)
+        mine = self._prefetched[layer]
+        if expert in mine:
+            mine.discard(expert)
+            self.used += 1
+            self._fetched += 1
+            if not hit:
+                self.late += 1  # needed but still in flight: the prefetch started too late
+        elif not hit:
+            self._fetched += 1
+
+    def on_route(self, layer: int, experts: Sequence[int], view) -> list:
+        mine = self._prefetched[layer]
+        self.unused += len(mine)  # prefetched for this layer, not needed by it
+        mine.clear()
+        if self._pred_step[layer] == view.step:
+            need = set(int(e) for e in experts)
+            for dist, pred in self._pred[layer].items():
+                if pred:
+                    self.precision[dist] = self._avg(self.precision[dist], len(pred & need) / len(pred))
+        self._pred[layer], self._live[layer], self._pred_step[layer] = {}, set(), -1
+        if experts:
+            self.fetch_frac = self._avg(self.fetch_frac, self._fetched / len(experts))
+        self._fetched = 0
+        return []
+
+    def feedback(self, late: int, unused: int, used: int) -> None:
+        """g ← g · exp(η (late − λ unused) / issued): late prefetches push S up, unused ones pull it down."""
+        issued = late + unused + used
+        if issued:
+            self.gain *= math.exp(self.gain_rate * (late - self.unused_weight * unused) / issued)
+            self.gain = min(max(self.gain, 1 / 16), 16.0)
+
+    def on_step_end(self, step: int, view) -> list:
+        for k, v in (("late", self.late), ("unused", self.unused), ("used", self.used)):
+            self.totals[k] += v
+        self.feedback(self.late, self.unused, self.used)
+        self.late = self.unused = self.used = 0
+        return []
+
+    # ---- prediction and prefetch -------------------------------------------------------------------------------
+    def on_hidden(self, layer: int, hidden: np.ndarray, view) -> list[tuple[int, int]]:
+        last = hidden[:, -1] if hidden.ndim == 3 else hidden  # [B, D]: the newest position of every row
+        S = self.horizon
+        self.horizons.append(S)
+        step = view.step
+        targets = [t for t in range(layer + 1, min(layer + 1 + S, self.num_layers))
+                   if self._pred_step[t] != step or not self._live[t]]  # not yet prefetched this step
+        if not targets:
+            return []
+        context = {"step": step, "token_ids": self.token_ids, "view": view}
+        scores = self.predictor.scores(layer, last, targets, context)
+        out = []
+        for t in targets:  # nearest first: the copy stream serves it first
+            dist = t - layer
+            top = np.argpartition(-scores[t], self.top_k - 1, axis=-1)[:, :self.top_k]
+            experts = set(np.unique(top).tolist())
+            if dist == 1:
+                self.union = self._avg(self.union, len(experts))
+            if self._pred_step[t] != step:
+                self._pred[t], self._live[t], self._pred_step[t] = {}, set(), step
+            self._pred[t][dist] = experts
+            self.totals["predicted"] += len(experts)
+            p = self.precision[dist]
+            if p is None or p >= self.min_precision:
+                self._live[t] = experts
+                out += [(t, e) for e in sorted(experts)]
+        return out
+
+    def victim(self, layer: int, candidates: Sequence[int], view) -> int:
+        live = self._live[layer] if self._pred_step[layer] == view.step and layer > view.layer else ()
+        free = [e for e in candidates if e not in live]
+        return super().victim(layer, free or candidates, view)
+
+    def __repr__(self) -> str:
+        mode = f"horizon={self.fixed_horizon}" if self.fixed_horizon else f"max_horizon={self.max_horizon}"
+        return f"ExpertFlow({mode}, predictor={type(self.predictor).__name__})"
