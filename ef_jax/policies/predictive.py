@@ -30,12 +30,14 @@ class Predictive(LRU):
         prefetch: m, experts per layer and row to prefetch (default top_k).
         top_k: K of the model (default: m when given, else 1).
         horizon: h, how many layers ahead prefetches are issued (default 2; ≥ L issues all at step start).
+        threshold: when set, only experts scoring above it are predicted (for logits: log(p / (1 - p)) keeps
+            the experts with predicted probability > p): fewer wasted copies when the predictor is unsure.
         batch_size: tokens per step for `scores`.
     """
     name = "predictive"
 
     def __init__(self, predictor=None, scores: np.ndarray | None = None, *, prefetch: int | None = None,
-                 top_k: int | None = None, horizon: int = 2, batch_size: int = 1):
+                 top_k: int | None = None, horizon: int = 2, threshold: float | None = None, batch_size: int = 1):
         if (predictor is None) == (scores is None):
             raise ValueError("policy 'predictive' needs exactly one of predictor= (a StepPredictor, engine) or "
                              "scores= (f32[N, L, E] precomputed per token, simulator)")
@@ -48,7 +50,7 @@ class Predictive(LRU):
         self.predictor, self.scores = predictor, scores
         self.top_k = top_k or prefetch or 1
         self.prefetch_k = prefetch or self.top_k
-        self.horizon, self.batch_size = horizon, batch_size
+        self.horizon, self.threshold, self.batch_size = horizon, threshold, batch_size
 
     @classmethod
     def from_model(cls, model, predictor=None, **kw) -> "Predictive":
@@ -80,7 +82,8 @@ class Predictive(LRU):
         return np.asarray(self.predictor.predict(np.asarray(token_ids)), np.float32)
 
     def _plan(self, scores: np.ndarray) -> None:
-        """want[l] = ∪ over rows of each row's top-m at layer l, ordered by the best score among the rows."""
+        """want[l] = ∪ over rows of each row's top-m at layer l (above the threshold, if any), ordered by the best
+        score among the rows, at most S."""
         B, L, E = scores.shape
         m = min(self.prefetch_k, E, self.slots_per_layer)
         top = np.argpartition(-scores, m - 1, axis=-1)[..., :m]                      # [B, L, m]
@@ -88,7 +91,7 @@ class Predictive(LRU):
         rows, layers = np.arange(B)[:, None, None], np.arange(L)[None, :, None]
         np.maximum.at(best, (np.broadcast_to(layers, top.shape), top), scores[rows, layers, top])
         for l in range(L):
-            chosen = np.flatnonzero(best[l] > -np.inf)
+            chosen = np.flatnonzero(best[l] > (-np.inf if self.threshold is None else self.threshold))
             chosen = chosen[np.argsort(-best[l, chosen], kind="stable")][:self.slots_per_layer]
             self.want[l] = chosen.tolist()
             self._want_set[l] = frozenset(self.want[l])

@@ -71,6 +71,7 @@ def evaluate(predictor, trace: RoutingTrace, *, train: RoutingTrace | None = Non
            "predictor_batch_s_per_token": elapsed / max(trace.num_tokens, 1)}
     E = num_experts or scores.shape[-1]
     uniform = trace.experts.shape[-1] / E
+    out["mean_recall"] = out["predictor"]["mean_recall"]       # the predictor's, at the top level for scripts
     out["baselines"] = {"uniform": {"mean_recall": uniform}}
     if baselines and train is not None:
         for name, cls in BASELINES.items():

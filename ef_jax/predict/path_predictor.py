@@ -140,7 +140,9 @@ class PathPredictor(nn.Module):
         bias = jnp.where(allowed[:, None], bias[None], -1e9)                          # [B, H, T, T]
         for i in range(cfg.depth):
             x = _Block(cfg, name=f"block{i}")(x, bias, train)
-        logits = nn.Dense(L * E, name="head")(nn.LayerNorm()(x))
+        # start at the base rate K/E: otherwise the first hundred steps only learn that most experts are off
+        prior = float(np.log(cfg.top_k / max(E - cfg.top_k, 1)))
+        logits = nn.Dense(L * E, name="head", bias_init=nn.initializers.constant(prior))(nn.LayerNorm()(x))
         return logits.reshape(B, T, L, E)
 
 
