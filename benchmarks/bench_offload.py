@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--timeline-dir", default=None,
+                    help="also record one Perfetto timeline per model (lru, 50%% budget, batch 1) here")
+    ap.add_argument("--batches", default="1,8")
     args = ap.parse_args(argv)
     names = ["tiny"] if args.tiny else args.models.split(",")
     new_tokens, repeats = (4, 1) if args.tiny else (args.new_tokens, args.repeats)
@@ -62,10 +65,21 @@ def main(argv=None) -> int:
     print(f"device {device}; pinned H2D peak {peak / 1e9:.2f} GB/s")
     rows = []
     for name in names:
-        cfg = with_layers(presets()[name], 2 if args.tiny else args.layers)
-        model = random_model(cfg, dtype=dtype)
+        if name == "default":  # the shipped trained model (real routing), all its layers
+            model = ef_jax.load(dtype=dtype)
+            cfg = model.config
+        else:
+            cfg = with_layers(presets()[name], 2 if args.tiny else args.layers)
+            model = random_model(cfg, dtype=dtype)
         per = model.param_bytes()["per_expert"]
-        for batch in (1, 8):
+        if args.timeline_dir:
+            os.makedirs(args.timeline_dir, exist_ok=True)
+            slots = max(cfg.top_k, cfg.num_experts // 2)
+            path = os.path.join(args.timeline_dir, f"timeline_{name}.json")
+            ef_jax.generate(model, [list(range(1, 17))], max_new_tokens=new_tokens,
+                            offload=ef_jax.OffloadConfig(slots_per_layer=slots, policy="lru", record_timeline=path))
+            print(f"timeline → {path}")
+        for batch in map(int, args.batches.split(",")):
             prompts = [[(7 * b + i) % cfg.vocab_size for i in range(16)] for b in range(batch)]
             cases = [("resident", None, 1.0)]
             for frac in (0.25, 0.5):
