@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # the simulator package is optional at this layer
         pass
     try:
+        from ef_jax.evalpolicy import cli as evalpolicy_cli
+        evalpolicy_cli.add_parser(sub)
+    except ImportError:
+        pass
+    try:
         from ef_jax.predict import cli as predict_cli
         predict_cli.add_parser(sub)
     except ImportError:  # the predictor needs flax/optax

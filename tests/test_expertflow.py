@@ -45,13 +45,13 @@ def _policy(L=6, E=8, K=2, D=4, **kw):
 
 
 def test_horizon_follows_bandwidth_and_compute():
-    """S = ceil(g · N_e · E_s / (C_s · T_l)): slower copies or faster layers mean looking further ahead."""
+    """S = 1 + ceil(g · N_e · E_s / (C_s · T_l)): slower copies or faster layers mean looking further ahead."""
     pol = _policy(max_horizon=8)
     assert pol.horizon == 1  # nothing measured yet
     pol.on_measure(layer_compute_s=1e-3)
     pol.on_measure(copy_s=1e-3)
     base = pol.horizon
-    assert base == int(np.ceil(pol.num_fetch))  # copy time = layer time: S = N_e
+    assert base == 1 + int(np.ceil(pol.num_fetch))  # copy time = layer time: N_e layers of lead
     slow = _policy(max_horizon=8)
     slow.on_measure(layer_compute_s=1e-3)
     slow.on_measure(copy_s=3e-3)

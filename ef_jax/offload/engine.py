@@ -77,10 +77,11 @@ class OffloadForward:
         self.store = model.expert_store()
         self.slots = offload.resolve_slots(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k,
                                            self.store.bytes_per_expert)
+        timing = get_timing(offload.timing)  # a virtual clock stands for its preset's expert size too
         self.cache = ExpertCache(len(cfg.moe_layer_ids), cfg.num_experts, self.slots, _bind_policy(offload.policy, model),
-                                 bytes_per_expert=self.store.bytes_per_expert, check=offload.check)
+                                 bytes_per_expert=timing.expert_bytes if timing else self.store.bytes_per_expert,
+                                 check=offload.check)
         self.timeline = Timeline() if offload.record_timeline else None
-        timing = get_timing(offload.timing)
         if timing is None:
             self.transfers = TransferQueue(self.store, self.slots, self.cache, self.timeline)
         else:
@@ -215,9 +216,10 @@ class OffloadForward:
                "policy": self.cache.policy.name, "routing": self.config.routing,
                "routing_substitutions": self.substitutions}
         out.update(self.transfers.stats())
-        horizon = getattr(self.cache.policy, "mean_horizon", None)
+        # prefetch distance in layers: adaptive policies report their mean, fixed ones (pregate) their distance
+        horizon = getattr(self.cache.policy, "mean_horizon", getattr(self.cache.policy, "distance", None))
         if horizon is not None:
-            out["mean_horizon"] = horizon
+            out["mean_horizon"] = float(horizon)
         out.update({f"cache_{k}": v for k, v in c.items() if k not in out})
         mem = self.store.device.memory_stats()  # None on CPU; on GPU the allocator's own numbers
         if mem:

@@ -122,7 +122,7 @@ class VirtualTransferQueue(TransferQueue):
             t = time.perf_counter()
             buf = self.store.fetch(ld.layer, ld.expert)
             self.pools[ld.layer] = write_slot(self.pools[ld.layer], buf, jnp.int32(ld.slot))
-            self.bytes += self.store.bytes_per_expert
+            self.bytes += self.timing.expert_bytes  # the preset's expert, which this one stands for
             self.issue_s += time.perf_counter() - t
         self.stream.issue(loads, self.now)
 

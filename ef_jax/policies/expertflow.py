@@ -2,7 +2,7 @@
 measured bandwidth and compute, corrected online from prefetch feedback; eviction aligned with the predictions.
 
 [on_measure] → EMA copy time E_s/C_s, layer compute T_l      [on_access / on_route] → fetch fraction, late, unused
-[on_hidden(j, h)] → S = ceil(g · N_e · E_s / (C_s · T_l)) clipped to [1, max_horizon]
+[on_hidden(j, h)] → S = 1 + ceil(g · N_e · E_s / (C_s · T_l)) clipped to [1, max_horizon] (see `horizon`)
                   → predictor scores for layers j+1..j+S not yet prefetched this step → top-k per row → the
                     batch's union is prefetched where the predictor's measured precision at that distance is
                     ≥ min_precision (else only recorded, to keep measuring it: a nearer layer may prefetch it)
@@ -110,14 +110,27 @@ class ExpertFlow(Pregate):
         return self.fetch_frac * self.union
 
     @property
+    def lead_layers(self) -> float:
+        """g · N_e · E_s / (C_s · T_l): layers of compute the copies of one layer's experts take (∞ unmeasured)."""
+        if self.copy_s is None or not self.layer_s:
+            return math.inf
+        return self.gain * self.num_fetch * self.copy_s / self.layer_s
+
+    @property
     def horizon(self) -> int:
-        """S = ceil(g · N_e · E_s / (C_s · T_l)), clipped to [1, max_horizon]; 1 until both times are measured."""
+        """S, clipped to [1, max_horizon]; 1 until both times are measured.
+
+        The hidden state of layer j is seen when layer j ends, so a prediction for layer j+s has s−1 layers of
+        compute (plus layer j+s's attention) to arrive in: S = 1 + ceil(lead_layers). Copies shorter than a tenth
+        of a layer hide behind the next layer's attention: S = 1.
+        """
         if self.fixed_horizon is not None:
             return min(self.fixed_horizon, max(self.num_layers - 1, 1))
-        if self.copy_s is None or not self.layer_s:
+        raw = self.lead_layers
+        if math.isinf(raw):
             return 1
-        raw = self.gain * self.num_fetch * self.copy_s / self.layer_s
-        return int(min(max(math.ceil(raw - 1e-9), 1), self.max_horizon))
+        S = 1 if raw < 0.1 else 1 + math.ceil(raw - 1e-9)
+        return int(min(S, self.max_horizon))
 
     @property
     def mean_horizon(self) -> float:

@@ -1,0 +1,91 @@
+"""`ef-jax eval-policy`: teacher-forced decoding of a text through the offload engine under a cache policy.
+
+[--text FILE] → token ids → evaluate_policy(model, ids, OffloadConfig(budget, policy, routing, timing)) → summary | JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from ef_jax.offload.clock import TIMING_PRESETS
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval-policy` on an argparse subparsers object; its default `fn` is `run`."""
+    p = subparsers.add_parser("eval-policy", help="teacher-forced decoding of a text under an offload policy",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped model)")
+    p.add_argument("--text", required=True, help="text file (token ids separated by spaces for tokenizer-less models)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--expert-memory", default=None, help="device budget for routed experts, e.g. 2GiB")
+    budget.add_argument("--slots-per-layer", type=int, default=None, help="expert slots per MoE layer")
+    p.add_argument("--policy", default="expertflow",
+                   help="cache policy name (expertflow, pregate, lru, nocache, ...) or 'resident' (no offloading)")
+    p.add_argument("--routing", choices=["exact", "cache-aware"], default="exact")
+    p.add_argument("--routing-tolerance", type=float, default=None,
+                   help="δ for cache-aware routing (router-probability difference; default: the documented one)")
+    p.add_argument("--timing", default="none", choices=sorted(TIMING_PRESETS) + ["none"],
+                   help="charge copies and compute on this preset's virtual clock (default none: wall clock)")
+    p.add_argument("--batch-size", type=int, default=1, help="rows decoded together (the text is split into rows)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per row before the KV cache restarts")
+    p.add_argument("--max-tokens", type=int, default=1024, help="evaluate at most this many tokens of the text")
+    p.add_argument("--hybrid", default=None, help="a train-hybrid output directory: expertflow's predictor")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    p.set_defaults(fn=run)
+    return p
+
+
+def build_offload(model, args):
+    """OffloadConfig from the CLI arguments (None for --policy resident)."""
+    from ef_jax.offload.config import OffloadConfig
+    if args.policy == "resident":
+        return None
+    if args.expert_memory is None and args.slots_per_layer is None:
+        raise ValueError("give --expert-memory (e.g. 2GiB) or --slots-per-layer N (or --policy resident)")
+    policy = args.policy
+    if args.hybrid:
+        if policy != "expertflow":
+            raise ValueError(f"--hybrid feeds expertflow's predictor; got --policy {policy}")
+        from ef_jax.hybrid.predictor import HybridPredictor
+        from ef_jax.policies.expertflow import ExpertFlow
+        policy = ExpertFlow.from_model(model, predictor=HybridPredictor.load(args.hybrid, model))
+    return OffloadConfig(expert_memory=args.expert_memory, slots_per_layer=args.slots_per_layer, policy=policy,
+                         routing=args.routing, routing_tolerance=args.routing_tolerance,
+                         timing=None if args.timing == "none" else args.timing)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ef_jax
+    from ef_jax.evalpolicy.harness import evaluate_policy, text_to_ids
+    model = ef_jax.load(args.model, dtype=args.dtype)
+    with open(args.text, encoding="utf-8") as f:
+        ids = text_to_ids(model, f.read())
+    res = evaluate_policy(model, ids, build_offload(model, args), batch_size=args.batch_size, seq_len=args.seq_len,
+                          max_tokens=args.max_tokens)
+    record = {"model": model.path, "text": args.text, "timing": args.timing, "batch_size": args.batch_size,
+              "routing": args.routing, **res.to_dict()}
+    if args.json:
+        print(json.dumps(record, default=_jsonable))
+    else:
+        print(summary(record))
+    return 0
+
+
+def _jsonable(x):
+    return float(x) if hasattr(x, "__float__") else str(x)
+
+
+def summary(r: dict) -> str:
+    clock = "virtual" if r["timing"] != "none" else "wall"
+    prec = "n/a" if math.isnan(r["prefetch_precision"]) else f"{r['prefetch_precision']:.3f}"
+    rec = "n/a" if math.isnan(r["prefetch_recall"]) else f"{r['prefetch_recall']:.3f}"
+    return "\n".join([
+        f"policy {r['policy']} ({r['routing']} routing), batch {r['batch_size']}: {r['tokens']} tokens, "
+        f"perplexity {r['perplexity']:.3f}",
+        f"hit rate {r['hit_rate']:.4f} | {r['bytes_per_token'] / 1e6:.2f} MB/token host→device | stall "
+        f"{r['stall_s_per_token'] * 1e3:.3f} ms/token ({clock} clock{', ' + r['timing'] if clock == 'virtual' else ''})",
+        f"prefetch precision {prec}, recall {rec}, mean horizon {r['mean_horizon']:.2f} layers",
+    ])
