@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     try:
+        from ef_jax.hybrid import cli as hybrid_cli
+        hybrid_cli.add_parser(sub)
+    except ImportError:
+        pass
+    try:
         from ef_jax.predict import cli as predict_cli
         predict_cli.add_parser(sub)
     except ImportError:  # the predictor needs flax/optax

@@ -1,0 +1,91 @@
+"""Records what a hybrid predictor learns from: per token, the hidden state after every MoE layer (the point the
+engine's on_hidden hook sees), its routed experts and its token id — captured by the offload engine itself.
+
+[text ids] → chunks of ≤ seq_len → OffloadForward (every expert resident: slots = E) prefill of each chunk
+→ recorder policy's on_hidden: hidden [T, D] per MoE layer; engine routing_log: experts [T, L, K] → .npz
+
+Axes: N tokens (all chunks), L MoE layers, D model, K top-k.
+Because the model is causal, the hidden state and routing of position t in a prefill are those a token-by-token
+decode of the same text sees, so one prefill per chunk records a whole decode.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ef_jax.model import Model
+from ef_jax.policies.classic import LRU
+
+
+class _Recorder(LRU):
+    """LRU (never evicts: every expert fits) that keeps every hidden state it is shown."""
+    name = "record"
+    wants_hidden = True
+
+    def __init__(self):
+        self.hidden: list[list[np.ndarray]] = []  # per step: per MoE layer f16[T, D]
+
+    def on_step_start(self, step, token_ids, view):
+        self.hidden.append([])
+        return []
+
+    def on_hidden(self, layer, hidden, view):
+        self.hidden[-1].append(np.asarray(hidden[0], np.float16))  # batch of one row: [T, D]
+        return []
+
+
+@dataclasses.dataclass
+class Record:
+    hidden: np.ndarray   # f16[N, L, D] hidden state after each MoE layer
+    experts: np.ndarray  # i16[N, L, K] routed experts
+    tokens: np.ndarray   # i32[N] token ids
+    offsets: np.ndarray  # i64[C+1] chunk c owns tokens offsets[c]:offsets[c+1] (no history across chunks)
+    routers: np.ndarray  # f32[L, D, E] each MoE layer's router (pre-gating needs no model at training time)
+    norms: np.ndarray    # f32[L, D] each MoE layer's FFN-input RMSNorm scale
+    vocab: int           # V, the model's vocabulary size
+    eps: float           # RMSNorm epsilon
+
+    FIELDS = ("hidden", "experts", "tokens", "offsets", "routers", "norms", "vocab", "eps")
+
+    def save(self, path: str) -> None:
+        np.savez(path, **{k: getattr(self, k) for k in self.FIELDS})
+
+    @classmethod
+    def load(cls, path: str) -> "Record":
+        with np.load(path) as z:
+            missing = set(cls.FIELDS) - set(z.files)
+            if missing:
+                raise ValueError(f"{path} is not an `ef-jax record` file: it lacks {sorted(missing)}")
+            return cls(**{k: z[k] for k in cls.FIELDS[:-2]}, vocab=int(z["vocab"]), eps=float(z["eps"]))
+
+
+def record(model: Model, token_ids: list[int], *, seq_len: int = 256, max_tokens: int | None = None) -> Record:
+    """Runs `token_ids` (one stream, cut into chunks of seq_len) through the engine and records it."""
+    from ef_jax.engine.batch import make_batch
+    from ef_jax.models.transformer import init_cache
+    from ef_jax.offload.config import OffloadConfig
+    from ef_jax.offload.engine import OffloadForward
+    cfg = model.config
+    if not cfg.moe_layer_ids:
+        raise ValueError("this model has no MoE layers: there is nothing to record")
+    ids = list(token_ids)[:max_tokens] if max_tokens else list(token_ids)
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 tokens to record, got {len(ids)}")
+    rec = _Recorder()
+    fwd = OffloadForward(model, OffloadConfig(slots_per_layer=cfg.num_experts, policy=rec))
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    for c in chunks:
+        b = make_batch([c], 1, bucket=False)
+        cache = init_cache(cfg, 1, b.cache_slots, model.params["embed"].dtype)
+        valid = np.zeros((1, b.cache_slots), bool)
+        valid[:, :len(c)] = True
+        fwd(b.tokens, b.positions, 0, valid, cache)
+    hidden = np.concatenate([np.stack(h, axis=1) for h in rec.hidden])  # [N, L, D]
+    experts = np.concatenate(fwd.routing_log).astype(np.int16)          # [N, L, K]
+    offsets = np.cumsum([0] + [len(c) for c in chunks]).astype(np.int64)
+    layers = [model.params["layers"][i] for i in cfg.moe_layer_ids]
+    return Record(hidden=hidden, experts=experts, tokens=np.asarray(ids, np.int32), offsets=offsets,
+                  routers=np.stack([np.asarray(p["mlp"]["router"], np.float32) for p in layers]),
+                  norms=np.stack([np.asarray(p["mlp_norm"], np.float32) for p in layers]), vocab=cfg.vocab_size,
+                  eps=cfg.rms_norm_eps)
