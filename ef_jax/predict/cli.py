@@ -29,6 +29,10 @@ def add_parser(subparsers) -> None:
     t.add_argument("--depth", type=int, default=2)
     t.add_argument("--window", type=int, default=128, help="positions per window (context length)")
     t.add_argument("--no-prev-route", action="store_true", help="token ids only (no previous-token route input)")
+    t.add_argument("--ngram-buckets", type=int, default=4096,
+                   help="hashed character-trigram buckets for unknown/rare tokens (0: off; default 4096)")
+    t.add_argument("--token-rank", type=int, default=256,
+                   help="rank of the per-token route table added to the logits (0: off; default 256)")
     t.add_argument("--eval-every", type=int, default=200)
     t.set_defaults(fn=run_train)
 
@@ -49,6 +53,7 @@ def run_train(args: argparse.Namespace) -> int:
                      seed=args.seed, eval_every=args.eval_every)
     train_predictor(traces, args.traces, args.out, tc=tc, train_prompts=args.train_prompts, d_model=args.d_model,
                     depth=args.depth, window=args.window, prev_route=not args.no_prev_route,
+                    ngram_buckets=args.ngram_buckets, token_rank=args.token_rank,
                     log=lambda s: print(s, flush=True))
     return 0
 

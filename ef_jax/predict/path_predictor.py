@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import zlib
 from typing import Sequence
 
 import flax.linen as nn
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 PAD, UNK = 0, 1  # reserved vocabulary ids
+NGRAMS = 8       # G: hashed character trigrams per token (the first G; 0 = none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,9 @@ class PredictorConfig:
     d_ff: int = 512
     window: int = 128        # T: positions per training window (and the context kept when decoding)
     prev_route: bool = True  # feed the previous token's route as an input
+    ngram_buckets: int = 0   # > 0: add hashed character-trigram embeddings (unknown and rare tokens get a vector)
+    token_rank: int = 0      # > 0: a per-token route table of rank R added to the logits (the lookup baseline's
+                             # memory, learned jointly; the transformer then only models the context's correction)
     dropout: float = 0.1
 
     def __post_init__(self):
@@ -77,8 +82,13 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.strings) + 2
 
-    def encode(self, tokens: Sequence[str]) -> np.ndarray:
-        return np.array([self.index.get(t, UNK) for t in tokens], np.int32)
+    def encode(self, tokens: Sequence[str], ngram_buckets: int = 0) -> np.ndarray:
+        """i32[N] vocabulary ids; with ngram_buckets > 0, i32[N, 1 + G]: the id, then G trigram hashes."""
+        ids = np.array([self.index.get(t, UNK) for t in tokens], np.int32)
+        if not ngram_buckets:
+            return ids
+        return np.concatenate([ids[:, None], np.array([trigrams(t, ngram_buckets) for t in tokens], np.int32)
+                               .reshape(len(ids), NGRAMS)], axis=1)
 
     def save(self, path) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -88,6 +98,13 @@ class Vocab:
     def load(cls, path) -> "Vocab":
         with open(path, encoding="utf-8") as f:
             return cls(json.load(f))
+
+
+def trigrams(token: str, buckets: int) -> list[int]:
+    """The first G character trigrams of "<token>", hashed (crc32: stable across runs) into 1..buckets-1."""
+    s = f"<{token}>".encode("utf-8", errors="replace")
+    grams = [1 + zlib.crc32(s[i:i + 3]) % (buckets - 1) for i in range(max(len(s) - 2, 1))][:NGRAMS]
+    return grams + [0] * (NGRAMS - len(grams))
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -116,16 +133,21 @@ class _Block(nn.Module):
 
 
 class PathPredictor(nn.Module):
-    """tokens i32[B, T], segment i32[B, T] (0 = padding), prev i32[B, T, L, K] (the previous token's experts,
-    -1 = none) → logits f32[B, T, L, E]."""
+    """tokens i32[B, T] (or i32[B, T, 1 + G] with trigram hashes), segment i32[B, T] (0 = padding),
+    prev i32[B, T, L, K] (the previous token's experts, -1 = none) → logits f32[B, T, L, E]."""
     cfg: PredictorConfig
 
     @nn.compact
     def __call__(self, tokens, segment, prev=None, train: bool = False):
         cfg = self.cfg
-        B, T = tokens.shape
+        B, T = segment.shape
         L, E = cfg.num_layers, cfg.num_experts
-        x = nn.Embed(cfg.vocab_size, cfg.d_model, name="tok")(tokens)                # [B, T, D]
+        ids = tokens[..., 0] if tokens.ndim == 3 else tokens
+        x = nn.Embed(cfg.vocab_size, cfg.d_model, name="tok")(ids)                   # [B, T, D]
+        if cfg.ngram_buckets:
+            grams = tokens[..., 1:]                                                    # [B, T, G], 0 = none
+            g = nn.Embed(cfg.ngram_buckets, cfg.d_model, name="ngram")(grams) * (grams > 0)[..., None]
+            x = x + g.sum(-2) / np.sqrt(NGRAMS)
         if cfg.prev_route:
             # Σ over the previous token's (layer, expert) pairs of a learned vector: a multi-hot times a matrix
             # (a dense matmul; gathering [B, T, L, K, D] vectors is far slower to differentiate on a CPU)
@@ -143,6 +165,10 @@ class PathPredictor(nn.Module):
         # start at the base rate K/E: otherwise the first hundred steps only learn that most experts are off
         prior = float(np.log(cfg.top_k / max(E - cfg.top_k, 1)))
         logits = nn.Dense(L * E, name="head", bias_init=nn.initializers.constant(prior))(nn.LayerNorm()(x))
+        if cfg.token_rank:
+            t = nn.Embed(cfg.vocab_size, cfg.token_rank, name="tok_table")(ids)          # [B, T, R]
+            logits = logits + nn.Dense(L * E, use_bias=False, kernel_init=nn.initializers.zeros,
+                                       name="tok_table_out")(t)
         return logits.reshape(B, T, L, E)
 
 
@@ -170,7 +196,7 @@ def bce_loss(logits, experts, mask):
 @dataclasses.dataclass(frozen=True)
 class Packed:
     """Prompts cut into pieces of ≤ T tokens, packed first-fit into windows; `where` maps tokens back."""
-    tokens: np.ndarray   # i32[M, T] vocabulary ids, PAD in unused positions
+    tokens: np.ndarray   # i32[M, T] (or [M, T, 1 + G]) vocabulary ids, PAD in unused positions
     segment: np.ndarray  # i32[M, T] 1, 2, ... per piece inside a window; 0 = unused
     prev: np.ndarray     # i32[M, T, L, K] the previous token's experts (same prompt), -1 at a prompt's start
     target: np.ndarray   # i32[M, T, L, K] the token's own experts (0 where unused; masked by segment)
@@ -178,7 +204,7 @@ class Packed:
 
 
 def pack(ids: np.ndarray, experts: np.ndarray, offsets: np.ndarray, window: int) -> Packed:
-    """ids i32[N], experts i[N, L, K], offsets i64[P+1] → Packed windows of `window` positions.
+    """ids i32[N] (or [N, 1 + G]), experts i[N, L, K], offsets i64[P+1] → Packed windows of `window` positions.
 
     A prompt longer than the window is cut into pieces that start with no context (a piece keeps the previous
     token's route, which decoding would have)."""
@@ -196,7 +222,7 @@ def pack(ids: np.ndarray, experts: np.ndarray, offsets: np.ndarray, window: int)
         place.append((w, fill[w]))
         fill[w] += n
     M = len(fill)
-    tokens = np.full((M, window), PAD, np.int32)
+    tokens = np.full((M, window) + ids.shape[1:], PAD, np.int32)
     segment = np.zeros((M, window), np.int32)
     prev = np.full((M, window, L, K), -1, np.int32)
     target = np.zeros((M, window, L, K), np.int32)

@@ -51,7 +51,8 @@ class TrainedPredictor:
     def scores(self, trace: RoutingTrace) -> np.ndarray:
         """f32[N, L, E] logits for every token of `trace` (each sees its prompt's earlier tokens and routes)."""
         self._check(trace)
-        packed = pack(self.vocab.encode(trace.token_strings()), trace.experts, trace.offsets, self.cfg.window)
+        packed = pack(self.vocab.encode(trace.token_strings(), self.cfg.ngram_buckets), trace.experts, trace.offsets,
+                      self.cfg.window)
         return score_packed(self.cfg, self.params, packed)
 
     def stepper(self, id_to_token: Callable[[int], str] = str) -> "PathStepPredictor":
@@ -80,7 +81,7 @@ class PathStepPredictor:
         if (num_layers, num_experts) != (cfg.num_layers, cfg.num_experts):
             raise ValueError(f"the predictor was trained for {cfg.num_layers} layers × {cfg.num_experts} experts; "
                              f"this cache has {num_layers} × {num_experts}")
-        self._tokens: list[list[int]] | None = None  # per row: vocabulary ids, oldest first
+        self._tokens: list[list[np.ndarray]] | None = None  # per row: encoded tokens (id [+ trigrams]), oldest first
         self._routes: list[list[np.ndarray]] = []     # per row: i32[L, K] route of each token (-1 = unknown)
         self._current: list[list[int]] = [[] for _ in range(num_layers)]  # the step's observed route so far
 
@@ -98,12 +99,12 @@ class PathStepPredictor:
             for r in self._routes:
                 r.append(route)
         self._current = [[] for _ in range(L)]
-        vocab_ids = self.tp.vocab.encode([self.id_to_token(int(t)) for t in ids])
-        tokens = np.full((B, T), PAD, np.int32)
+        vocab_ids = self.tp.vocab.encode([self.id_to_token(int(t)) for t in ids], cfg.ngram_buckets)
+        tokens = np.full((B, T) + vocab_ids.shape[1:], PAD, np.int32)
         segment = np.zeros((B, T), np.int32)
         prev = np.full((B, T, L, K), -1, np.int32)
         for b in range(B):
-            self._tokens[b].append(int(vocab_ids[b]))
+            self._tokens[b].append(vocab_ids[b])
             hist = self._tokens[b][-T:]
             n = len(hist)
             tokens[b, T - n:], segment[b, T - n:] = hist, 1  # right-aligned: the newest token is position T-1

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from ef_jax.predict.baselines import recall_at_k
-from ef_jax.predict.path_predictor import (Packed, PathPredictor, PredictorConfig, Vocab, bce_loss, pack,
+from ef_jax.predict.path_predictor import (NGRAMS, PathPredictor, PredictorConfig, Vocab, bce_loss, pack,
                                            score_packed)
 from ef_jax.sim.trace import RoutingTrace, make_trace
 
@@ -101,9 +101,10 @@ def _make_step(model: PathPredictor, tx):
 def fit(train: RoutingTrace, cfg: PredictorConfig, tc: TrainConfig, vocab: Vocab, *,
         val: RoutingTrace | None = None, log: Callable[[str], None] = print):
     """Train from scratch; returns (params, history list of dicts)."""
-    data = pack(vocab.encode(train.token_strings()), train.experts, train.offsets, cfg.window)
+    data = pack(vocab.encode(train.token_strings(), cfg.ngram_buckets), train.experts, train.offsets, cfg.window)
     M = data.tokens.shape[0]
-    val_packed = pack(vocab.encode(val.token_strings()), val.experts, val.offsets, cfg.window) if val else None
+    val_packed = (pack(vocab.encode(val.token_strings(), cfg.ngram_buckets), val.experts, val.offsets, cfg.window)
+                  if val else None)
     model = PathPredictor(cfg)
     key = jax.random.key(tc.seed)
     key, init_key = jax.random.split(key)
@@ -175,7 +176,8 @@ def load_predictor(directory: str | os.PathLike):
     vocab = Vocab.load(os.path.join(directory, "vocab.json"))
     model = PathPredictor(cfg)
     T = cfg.window
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, T), np.int32),
+    tok_shape = (1, T, 1 + NGRAMS) if cfg.ngram_buckets else (1, T)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(tok_shape, np.int32),
                                                  np.ones((1, T), np.int32),
                                                  np.zeros((1, T, cfg.num_layers, cfg.top_k), np.int32))["params"])
     params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), abstract)

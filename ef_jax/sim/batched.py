@@ -1,0 +1,213 @@
+"""Batched replay: requests decode together in batches; each step's layer needs the union of the rows' experts.
+
+[trace prompts = requests] × [static batches of request indices | a continuous-batching scheduler] → each step
+takes the next token of every running request → per layer: union of their experts → ExpertCache (in passes of ≤ S experts) on the copy-stream
+clock → BatchedStats (distinct experts per layer and step, bytes and stall per token, hit rate)
+
+Axes: N tokens, P requests, L MoE layers, K routed experts per token, E experts per layer, S slots per layer,
+B requests per batch.
+
+The same ExpertCache, policies and timing model as ef_jax.sim.replay; the difference is what a step is: there B
+consecutive tokens, here the t-th token of B whole requests (how a server decodes a batch of prompts, which is what
+a token scheduler chooses). A layer whose union exceeds S runs in passes, as in the engine: each pass requires
+at most S experts, waits for them and computes for layer_compute_s / passes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from ef_jax.offload.cache import ExpertCache
+from ef_jax.offload.clock import CopyStream, get_timing
+from ef_jax.policies.base import Policy
+from ef_jax.policies.registry import get_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchedStats:
+    """What a batched replay measured; accesses are (layer, expert, step) as in ReplayStats."""
+    policy: str
+    slots_per_layer: int
+    batch_size: int          # B: the largest batch
+    batches: int             # static batches run (0 under continuous batching)
+    tokens: int
+    steps: int
+    distinct_per_layer: float  # mean over steps and layers of the union size (experts a layer needs per step)
+    hits: int
+    misses: int
+    hit_rate: float
+    loads: int
+    bytes_h2d: int
+    stall_s: float | None
+    total_s: float | None
+    max_wait: int = 0        # token scheduling: the most steps any live request was skipped
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / max(self.steps, 1)
+
+    @property
+    def distinct_per_token(self) -> float:
+        """Distinct experts a layer loads per token decoded (the union spread over the step's rows)."""
+        return self.distinct_per_layer / max(self.tokens_per_step, 1e-9)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_h2d / max(self.tokens, 1)
+
+    @property
+    def stall_per_token_s(self) -> float | None:
+        return None if self.stall_s is None else self.stall_s / max(self.tokens, 1)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "bytes_per_token": self.bytes_per_token,
+                "stall_per_token_s": self.stall_per_token_s, "tokens_per_step": self.tokens_per_step,
+                "distinct_per_token": self.distinct_per_token}
+
+
+def batch_steps(experts: np.ndarray, offsets: np.ndarray, batches: Sequence[Sequence[int]]) -> list[list[list[int]]]:
+    """Per step, per layer: the sorted union of the experts of the step's tokens (request order is batch order).
+
+    experts i[N, L, K], offsets i[P+1] (request p = tokens offsets[p]:offsets[p+1]); batches: request indices,
+    each request exactly once (ValueError otherwise)."""
+    P = len(offsets) - 1
+    flat = [int(r) for b in batches for r in b]
+    if sorted(flat) != list(range(P)):
+        raise ValueError(f"batches must hold every request 0..{P - 1} exactly once (got {len(flat)} entries, "
+                         f"{len(set(flat))} distinct)")
+    steps = []
+    for batch in batches:
+        lengths = [int(offsets[r + 1] - offsets[r]) for r in batch]
+        for t in range(max(lengths, default=0)):
+            rows = [int(offsets[r]) + t for r, n in zip(batch, lengths) if t < n]
+            block = experts[rows]                                                    # [b, L, K]
+            steps.append([np.unique(block[:, l]).tolist() for l in range(experts.shape[1])])
+    return steps
+
+
+def continuous_steps(experts: np.ndarray, offsets: np.ndarray, scheduler) -> list[list[list[int]]]:
+    """Per step, per layer, the union of the running requests' experts under continuous batching: before each
+    step `scheduler.admit(running, waiting)` fills the free rows (ef_jax.sched.ContinuousScheduler); a request
+    leaves after its last token."""
+    P = len(offsets) - 1
+    waiting, running, pos = list(range(P)), [], {}
+    steps = []
+    while waiting or running:
+        for r in scheduler.admit(list(running), waiting):
+            running.append(r)
+            pos[r] = int(offsets[r])
+        if not running:
+            raise RuntimeError(f"scheduler {scheduler!r} admitted nothing with {len(waiting)} requests waiting")
+        block = experts[[pos[r] for r in running]]                                    # [b, L, K]
+        steps.append([np.unique(block[:, l]).tolist() for l in range(experts.shape[1])])
+        for r in running:
+            pos[r] += 1
+        running = [r for r in running if pos[r] < offsets[r + 1]]
+    return steps
+
+
+def pooled_steps(experts: np.ndarray, offsets: np.ndarray, sets: np.ndarray, scheduler, pool: int
+                 ) -> tuple[list[list[list[int]]], dict]:
+    """Per-step unions under token scheduling: up to `pool` requests are live (admitted first come, first
+    served); each step `scheduler.pick(sets of their next tokens, waited)` chooses which of them run
+    (ef_jax.sched.TokenScheduler). sets f32[N, L·E]: every token's predicted expert set.
+    Returns (steps, {"max_wait": longest any request was skipped, "mean_rows": tokens per step})."""
+    P = len(offsets) - 1
+    if pool < 1:
+        raise ValueError(f"pool={pool} must be ≥ 1")
+    waiting, live, pos, wait = list(range(P)), [], {}, {}
+    steps, worst, rows = [], 0, 0
+    while waiting or live:
+        while waiting and len(live) < pool:
+            r = waiting.pop(0)
+            live.append(r)
+            pos[r], wait[r] = int(offsets[r]), 0
+        nxt = [pos[r] for r in live]
+        picked = scheduler.pick(sets[nxt], np.array([wait[r] for r in live]))
+        run = [live[i] for i in picked]
+        if not run:
+            raise RuntimeError(f"scheduler {scheduler!r} picked no token from {len(live)} live requests")
+        block = experts[[pos[r] for r in run]]                                         # [b, L, K]
+        steps.append([np.unique(block[:, l]).tolist() for l in range(experts.shape[1])])
+        rows += len(run)
+        ran = set(run)
+        for r in live:
+            if r in ran:
+                pos[r], wait[r] = pos[r] + 1, 0
+            else:
+                wait[r] += 1
+                worst = max(worst, wait[r])
+        live = [r for r in live if pos[r] < offsets[r + 1]]
+    return steps, {"max_wait": worst, "mean_rows": rows / max(len(steps), 1)}
+
+
+def replay_batches(experts: np.ndarray, offsets: np.ndarray, batches, *, slots_per_layer: int,
+                   policy: str | Policy = "lru", timing=None, num_experts: int | None = None,
+                   sets: np.ndarray | None = None, pool: int | None = None, check: bool = False) -> BatchedStats:
+    """Replay requests (prompts of a trace) decoded together through an ExpertCache.
+
+    Args:
+        experts: i[N, L, K] the trace's routing; offsets: i[P+1] its request boundaries.
+        batches: how requests share steps, one of
+            - static batches: a list of lists of request indices (ef_jax.sched.route_batches), one after another;
+            - a scheduler with `admit` (ef_jax.sched.ContinuousScheduler): continuous batching;
+            - a scheduler with `pick` (ef_jax.sched.TokenScheduler): per-step token choice among `pool` live
+              requests, from every token's predicted expert set `sets` f32[N, L·E].
+        slots_per_layer, policy, timing, num_experts, check: as in ef_jax.sim.replay (online policies only).
+    """
+    experts = np.asarray(experts)
+    if experts.ndim != 3 or not np.issubdtype(experts.dtype, np.integer):
+        raise ValueError(f"experts must be an integer array [N, L, K], got {experts.dtype}{list(experts.shape)}")
+    info: dict = {}
+    if hasattr(batches, "pick"):
+        if sets is None or pool is None:
+            raise ValueError("a token scheduler needs sets= (predicted expert sets f32[N, L·E]) and pool=")
+        steps, info = pooled_steps(experts, offsets, sets, batches, pool)
+        B, nb = batches.batch_size, 0
+    elif hasattr(batches, "admit"):
+        steps, B, nb = continuous_steps(experts, offsets, batches), batches.batch_size, 0
+    else:
+        steps, B, nb = batch_steps(experts, offsets, batches), max((len(b) for b in batches), default=0), len(batches)
+    st = replay_steps(steps, experts.shape[0], num_layers=experts.shape[1], slots_per_layer=slots_per_layer,
+                      policy=policy, timing=timing, check=check,
+                      num_experts=num_experts or max(int(experts.max(initial=0)) + 1, slots_per_layer))
+    return dataclasses.replace(st, batch_size=B, batches=nb, max_wait=info.get("max_wait", 0))
+
+
+def replay_steps(steps: Sequence[Sequence[Sequence[int]]], tokens: int, *, num_layers: int, num_experts: int,
+                 slots_per_layer: int, policy: str | Policy = "lru", timing=None, check: bool = False) -> BatchedStats:
+    """Run per-step, per-layer expert unions (steps[s][l] = sorted expert ids) through an ExpertCache on the
+    copy-stream clock; `tokens` is how many tokens the steps decode (for per-token figures)."""
+    L, E, S = num_layers, num_experts, slots_per_layer
+    timing = get_timing(timing)
+    pol = get_policy(policy)
+    if hasattr(pol, "set_future"):
+        raise ValueError(f"policy {pol.name!r} needs a fixed-width future; batched replay supports online policies")
+    cache = ExpertCache(L, E, S, pol, check=check, bytes_per_expert=timing.expert_bytes if timing else 0)
+    stream = CopyStream(cache, L, E, timing)
+    compute_s = timing.layer_compute_s if timing else 0.0
+    t, stall, distinct = 0.0, 0.0, 0
+    for need_by_layer in steps:
+        stream.issue(cache.begin_step(), t)
+        for l, need in enumerate(need_by_layer):
+            distinct += len(need)
+            passes = [need[i:i + S] for i in range(0, len(need), S)]
+            for n, chunk in enumerate(passes):
+                stream.advance(t)
+                stream.issue(cache.route(l, chunk) if n == 0 else cache.require(l, chunk), t)
+                if timing is not None:
+                    start = stream.ready_at(l, chunk, t)
+                    stall += start - t
+                    stream.advance(start)
+                    t = start + compute_s / len(passes)
+                cache.release(l)
+            if timing is not None:
+                cache.measure(layer_compute_s=compute_s)
+        stream.issue(cache.end_step(), t)
+    s = cache.stats()
+    return BatchedStats(policy=pol.name, slots_per_layer=S, batch_size=0, batches=0, tokens=tokens,
+                        steps=len(steps), distinct_per_layer=distinct / max(len(steps) * L, 1), hits=s["hits"],
+                        misses=s["misses"], hit_rate=s["hit_rate"], loads=s["loads"], bytes_h2d=s["bytes_h2d"],
+                        stall_s=stall if timing else None, total_s=t if timing else None)
