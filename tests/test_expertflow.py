@@ -119,19 +119,34 @@ def test_eviction_never_drops_a_live_prediction_for_an_unpredicted_expert():
     assert pol.victim(2, [5, 3], cache.view) == 3 and pol.victim(2, [5], cache.view) == 5
 
 
-def test_precision_gate_stops_useless_prefetches():
-    """A distance whose measured precision is below min_precision is predicted but not prefetched."""
-    pol = _policy(L=3, min_precision=0.5, horizon=2)
+def test_precision_gate_by_distance_and_rank():
+    """A (distance, rank) whose measured precision is below the floor is predicted but not prefetched; distance 1
+    is skipped once S ≥ 2 (its only lead is the next layer's attention)."""
+    pol = _policy(L=4, K=2, min_precision=0.5, horizon=3)
 
     class _View:
         step, layer = 0, 0
     h = np.ones((1, 4), np.float32)
     reqs = pol.on_hidden(0, h, _View())
-    assert {t for t, _ in reqs} == {1, 2}
-    pol.precision[1] = pol.precision[2] = 0.1
+    assert {t for t, _ in reqs} == {2, 3} and len(reqs) == 4  # nothing measured yet: explore every prediction
+    for d in (2, 3):
+        pol.precision[d] = [0.9, 0.1]  # rank 0 is reliable, rank 1 is not
     _View.step = 1
+    reqs = pol.on_hidden(0, h, _View())
+    assert len(reqs) == 2 and {t for t, _ in reqs} == {2, 3}  # only the top-ranked expert per target
+    assert all(len(r) == 2 for r in pol._pred[2].values())  # both still recorded, so precision keeps updating
+    pol.precision[2] = pol.precision[3] = [0.1, 0.1]
+    _View.step = 2
     assert pol.on_hidden(0, h, _View()) == []
-    assert pol._pred[1] and pol._pred[2]  # still recorded, so precision keeps being measured
+
+
+def test_break_even_precision_rises_with_stream_load():
+    light, heavy = _policy(), _policy()
+    for p, copy in ((light, 1e-5), (heavy, 4e-3)):
+        p.on_measure(layer_compute_s=1e-3)
+        p.on_measure(copy_s=copy)
+    assert light.precision_floor == light.min_precision
+    assert heavy.precision_floor == pytest.approx(8 / 9)  # u = N_e (2) · 4 = 8 copies per layer: p ≥ u/(1+u)
 
 
 def test_registered_and_engine_only():

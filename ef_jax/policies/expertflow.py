@@ -3,10 +3,12 @@ measured bandwidth and compute, corrected online from prefetch feedback; evictio
 
 [on_measure] → EMA copy time E_s/C_s, layer compute T_l      [on_access / on_route] → fetch fraction, late, unused
 [on_hidden(j, h)] → S = 1 + ceil(g · N_e · E_s / (C_s · T_l)) clipped to [1, max_horizon] (see `horizon`)
-                  → predictor scores for layers j+1..j+S not yet prefetched this step → top-k per row → the
-                    batch's union is prefetched where the predictor's measured precision at that distance is
-                    ≥ min_precision (else only recorded, to keep measuring it: a nearer layer may prefetch it)
-[victim(layer)]   → an expert not predicted for that layer (LRU among them) before any predicted one
+                  → predictor scores for layers j+2..j+S (j+1 when S = 1) → top-k per row → each predicted expert
+                    is prefetched when the predictor's measured precision at its (distance, rank) reaches the
+                    break-even precision u/(1+u) of the copy stream (u = copies per layer of compute); the rest
+                    are recorded to keep measuring precision. Nearer layers refine farther predictions.
+[on_step_start]   → the new tokens' embeddings stand in for the hidden state of layer −1: layers 0..S−1
+[victim(layer)]   → an expert not predicted for that layer (LFU, then LRU, among them) before any predicted one
 [on_step_end]     → g ← g · exp(η (late − λ unused) / prefetches)   (late → look further ahead, unused → nearer)
 
 Axes: B batch rows, D model, E experts per layer, K top-k, L MoE layers, j/t MoE layer indices (source/target).
@@ -49,17 +51,19 @@ class ExpertFlow(Pregate):
         horizon: a fixed S (disables adaptation; for ablations).
         ema: weight of a new measurement in the moving estimates.
         gain_rate: η, step size of the feedback correction; unused_weight: λ.
-        min_precision: prefetch at distance s only while the predictor's precision there (EMA) is at least this:
-            on a saturated copy stream a wrong copy delays every copy behind it by as much as a right one saves.
+        min_precision: the least precision (EMA per distance and rank) a prediction needs to be prefetched; the
+            policy raises it to the break-even point of a saturated copy stream (see `precision_floor`).
         predictor: an object with `scores(layer, hidden, targets, context)` (default: pre-gating); a hybrid
             predictor from ef_jax.hybrid fits here.
+        embed: the token embedding table [V, D] (from_model passes it): at step start the new tokens' embeddings
+            act as the hidden state of "layer −1", so the first layers get predictions too.
     """
     name = "expertflow"
     wants_hidden = True
 
     def __init__(self, routers=None, norms=None, *, top_k: int = 0, eps: float = 1e-6, max_horizon: int = 8,
                  horizon: int | None = None, ema: float = 0.1, gain_rate: float = 0.5, unused_weight: float = 1.0,
-                 min_precision: float = 0.5, predictor=None):
+                 min_precision: float = 0.3, predictor=None, embed=None):
         if routers is None or norms is None:
             raise ValueError("policy 'expertflow' needs the model's routers and hidden states: use it in the engine "
                              "(OffloadConfig(policy='expertflow')) or build it with ExpertFlow.from_model(model)")
@@ -76,13 +80,15 @@ class ExpertFlow(Pregate):
             raise ValueError(f"min_precision={min_precision} must be in [0, 1]")
         self.min_precision = min_precision
         self.predictor = predictor if predictor is not None else PregateScorer(self.routers, self.norms, eps)
+        self.embed = embed
 
     @classmethod
     def from_model(cls, model, **kw) -> "ExpertFlow":
         cfg, layers = model.config, model.params["layers"]
         ids = cfg.moe_layer_ids
         return cls([np.asarray(layers[i]["mlp"]["router"]) for i in ids],
-                   [np.asarray(layers[i]["mlp_norm"]) for i in ids], top_k=cfg.top_k, eps=cfg.rms_norm_eps, **kw)
+                   [np.asarray(layers[i]["mlp_norm"]) for i in ids], top_k=cfg.top_k, eps=cfg.rms_norm_eps,
+                   embed=kw.pop("embed", model.params["embed"]), **kw)
 
     # ---- state ------------------------------------------------------------------------------------------------
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
@@ -98,11 +104,13 @@ class ExpertFlow(Pregate):
         self._pred = [{} for _ in range(num_layers)]           # per target: {distance: predicted experts}
         self._pred_step = [-1] * num_layers                    # the step those predictions belong to
         self._live = [set() for _ in range(num_layers)]        # prefetched predictions, protected from eviction
-        self.precision = [None] * (self.max_horizon + 1)       # EMA per distance s: predicted ∩ needed / predicted
+        # precision[s][r]: EMA over predictions at distance s and rank r (0 = the top score) of "it was needed"
+        self.precision = [[None] * self.top_k for _ in range(self.max_horizon + 2)]
         self._prefetched = [set() for _ in range(num_layers)]  # prefetched for the target's next route
         self._fetched = 0                                      # this layer: needed experts that came from the host
         self.late = self.unused = self.used = 0                # this step's feedback
         self.totals = {"late": 0, "unused": 0, "used": 0, "predicted": 0}
+        self._count = [[0] * num_experts for _ in range(num_layers)]  # int[L][E]: accesses so far (eviction)
 
     @property
     def num_fetch(self) -> float:
@@ -150,7 +158,10 @@ class ExpertFlow(Pregate):
     # ---- feedback ----------------------------------------------------------------------------------------------
     def on_step_start(self, step: int, token_ids, view) -> list:
         self.token_ids = None if token_ids is None else np.asarray(token_ids)
-        return []
+        if self.embed is None or self.token_ids is None:
+            return []
+        x0 = np.asarray(self.embed[self.token_ids.reshape(-1)], np.float32)  # [B, D]: rows of the device table
+        return self._predict(-1, x0, view)
 
     def on_load(self, layer: int, expert: int, kind: str) -> None:
         super().on_load(layer, expert, kind)
@@ -159,6 +170,7 @@ class ExpertFlow(Pregate):
 
     def on_access(self, layer: int, expert: int, hit: bool) -> None:
         super().on_access(layer, expert, hit)
+        self._count[layer][expert] += 1
         mine = self._prefetched[layer]
         if expert in mine:
             mine.discard(expert)
@@ -175,9 +187,10 @@ class ExpertFlow(Pregate):
         mine.clear()
         if self._pred_step[layer] == view.step:
             need = set(int(e) for e in experts)
-            for dist, pred in self._pred[layer].items():
-                if pred:
-                    self.precision[dist] = self._avg(self.precision[dist], len(pred & need) / len(pred))
+            for dist, ranked in self._pred[layer].items():
+                prec = self.precision[dist]
+                for e, r in ranked.items():
+                    prec[r] = self._avg(prec[r], float(e in need))
         self._pred[layer], self._live[layer], self._pred_step[layer] = {}, set(), -1
         if experts:
             self.fetch_frac = self._avg(self.fetch_frac, self._fetched / len(experts))
@@ -201,36 +214,57 @@ class ExpertFlow(Pregate):
     # ---- prediction and prefetch -------------------------------------------------------------------------------
     def on_hidden(self, layer: int, hidden: np.ndarray, view) -> list[tuple[int, int]]:
         last = hidden[:, -1] if hidden.ndim == 3 else hidden  # [B, D]: the newest position of every row
+        return self._predict(layer, last, view)
+
+    @property
+    def precision_floor(self) -> float:
+        """Break-even precision of one prefetch: with u = N_e·E_s/(C_s·T_l) copies per layer of compute, a right
+        prefetch hides at most 1/u of a copy behind compute while a wrong one costs a whole copy on the stream:
+        prefetch when p/u ≥ 1 − p, i.e. p ≥ u / (1 + u); never below min_precision."""
+        if self.copy_s is None or not self.layer_s:
+            return self.min_precision
+        u = self.num_fetch * self.copy_s / self.layer_s
+        return max(self.min_precision, u / (1 + u))
+
+    def _predict(self, layer: int, last: np.ndarray, view) -> list[tuple[int, int]]:
+        """Predictions from the hidden state `last` [B, D] after MoE layer `layer` (−1: the embeddings)."""
         S = self.horizon
         self.horizons.append(S)
         step = view.step
-        targets = [t for t in range(layer + 1, min(layer + 1 + S, self.num_layers))
-                   if self._pred_step[t] != step or not self._live[t]]  # not yet prefetched this step
+        first = 2 if S >= 2 else 1  # distance 1 leaves only the next attention to copy in: useless once S ≥ 2
+        targets = list(range(layer + first, min(layer + 1 + S, self.num_layers)))
         if not targets:
             return []
         context = {"step": step, "token_ids": self.token_ids, "view": view}
         scores = self.predictor.scores(layer, last, targets, context)
+        floor, K = self.precision_floor, self.top_k
         out = []
         for t in targets:  # nearest first: the copy stream serves it first
             dist = t - layer
-            top = np.argpartition(-scores[t], self.top_k - 1, axis=-1)[:, :self.top_k]
-            experts = set(np.unique(top).tolist())
-            if dist == 1:
-                self.union = self._avg(self.union, len(experts))
+            top = np.argsort(-scores[t], axis=-1, kind="stable")[:, :K]  # [B, K], rank order
+            ranked: dict[int, int] = {}
+            for r in range(K):
+                for e in top[:, r].tolist():
+                    ranked.setdefault(e, r)
+            if dist == first:
+                self.union = self._avg(self.union, len(ranked))
             if self._pred_step[t] != step:
                 self._pred[t], self._live[t], self._pred_step[t] = {}, set(), step
-            self._pred[t][dist] = experts
-            self.totals["predicted"] += len(experts)
-            p = self.precision[dist]
-            if p is None or p >= self.min_precision:
-                self._live[t] = experts
-                out += [(t, e) for e in sorted(experts)]
+            self._pred[t][dist] = ranked
+            self.totals["predicted"] += len(ranked)
+            prec = self.precision[dist]
+            take = [e for e, r in ranked.items() if prec[r] is None or prec[r] >= floor]
+            self._live[t].update(take)
+            out += [(t, e) for e in sorted(take)]
         return out
 
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
+        """Unpredicted experts go first; among them the least used so far (expert popularity is a long-run
+        property: all-time counts beat recency on learned routing), ties by least recent."""
         live = self._live[layer] if self._pred_step[layer] == view.step and layer > view.layer else ()
-        free = [e for e in candidates if e not in live]
-        return super().victim(layer, free or candidates, view)
+        free = [e for e in candidates if e not in live] or list(candidates)
+        count, last = self._count[layer], self._last[layer]
+        return min(free, key=lambda e: (count[e], last[e]))
 
     def __repr__(self) -> str:
         mode = f"horizon={self.fixed_horizon}" if self.fixed_horizon else f"max_horizon={self.max_horizon}"
