@@ -86,6 +86,9 @@ def test_expected_fetches_grow_with_batch_diversity():
     class _View:
         step, layer = 0, -1
 
+        def is_resident(self, layer, expert):
+            return False
+
     same, diverse = _policy(E=16, K=2, ema=1.0), _policy(E=16, K=2, ema=1.0)
     for p in (same, diverse):
         p.on_measure(layer_compute_s=1e-3)
@@ -126,6 +129,9 @@ def test_precision_gate_by_distance_and_rank():
 
     class _View:
         step, layer = 0, 0
+
+        def is_resident(self, layer, expert):
+            return False
     h = np.ones((1, 4), np.float32)
     reqs = pol.on_hidden(0, h, _View())
     assert {t for t, _ in reqs} == {2, 3} and len(reqs) == 4  # nothing measured yet: explore every prediction
@@ -146,7 +152,10 @@ def test_break_even_precision_rises_with_stream_load():
         p.on_measure(layer_compute_s=1e-3)
         p.on_measure(copy_s=copy)
     assert light.precision_floor == light.min_precision
-    assert heavy.precision_floor == pytest.approx(8 / 9)  # u = N_e (2) · 4 = 8 copies per layer: p ≥ u/(1+u)
+    assert heavy.precision_floor == pytest.approx(8 / 9)  # w = u (1 + h) = 2 · 4 · 1 (h = 0): p ≥ w/(1+w)
+    heavy.hit_rate = 0.5
+    assert heavy.precision_floor == pytest.approx(12 / 13)  # evictions of useful experts make errors dearer
+    assert heavy.prefetch_cap == 1 and light.prefetch_cap == 100  # copies one layer of compute can hide
 
 
 def test_registered_and_engine_only():

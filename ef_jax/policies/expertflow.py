@@ -99,6 +99,7 @@ class ExpertFlow(Pregate):
         self.fetch_frac = 1.0               # EMA: fraction of a layer's needed experts that came from the host
         self.union = float(self.top_k)      # EMA: predicted distinct experts per layer for the batch
         self.gain = 1.0                     # g, the feedback correction of S
+        self.hit_rate = 0.0                 # EMA of needed experts found arrived
         self.horizons: list[int] = []       # S at each on_hidden (for mean_horizon)
         self.token_ids = None
         self._pred = [{} for _ in range(num_layers)]           # per target: {distance: predicted experts}
@@ -171,6 +172,7 @@ class ExpertFlow(Pregate):
     def on_access(self, layer: int, expert: int, hit: bool) -> None:
         super().on_access(layer, expert, hit)
         self._count[layer][expert] += 1
+        self.hit_rate += 0.01 * (float(hit) - self.hit_rate)
         mine = self._prefetched[layer]
         if expert in mine:
             mine.discard(expert)
@@ -218,13 +220,21 @@ class ExpertFlow(Pregate):
 
     @property
     def precision_floor(self) -> float:
-        """Break-even precision of one prefetch: with u = N_e·E_s/(C_s·T_l) copies per layer of compute, a right
-        prefetch hides at most 1/u of a copy behind compute while a wrong one costs a whole copy on the stream:
-        prefetch when p/u ≥ 1 − p, i.e. p ≥ u / (1 + u); never below min_precision."""
+        """Break-even precision of one prefetch. With u = N_e·E_s/(C_s·T_l) copies per layer of compute, a right
+        prefetch hides at most 1/u of a copy behind compute; a wrong one costs its copy plus, through the expert
+        it evicted, another one with probability h (the hit rate): prefetch when p/u ≥ (1 − p)(1 + h), i.e.
+        p ≥ w / (1 + w) with w = u (1 + h); never below min_precision."""
         if self.copy_s is None or not self.layer_s:
             return self.min_precision
-        u = self.num_fetch * self.copy_s / self.layer_s
-        return max(self.min_precision, u / (1 + u))
+        w = self.num_fetch * self.copy_s / self.layer_s * (1 + self.hit_rate)
+        return max(self.min_precision, w / (1 + w))
+
+    @property
+    def prefetch_cap(self) -> int:
+        """Prefetches worth issuing per layer boundary: the copies one layer of compute can hide (at least 1)."""
+        if self.copy_s is None or not self.layer_s or self.copy_s <= 0:
+            return self.num_experts
+        return max(1, math.ceil(self.layer_s / self.copy_s - 1e-9))
 
     def _predict(self, layer: int, last: np.ndarray, view) -> list[tuple[int, int]]:
         """Predictions from the hidden state `last` [B, D] after MoE layer `layer` (−1: the embeddings)."""
@@ -238,8 +248,8 @@ class ExpertFlow(Pregate):
         context = {"step": step, "token_ids": self.token_ids, "view": view}
         scores = self.predictor.scores(layer, last, targets, context)
         floor, K = self.precision_floor, self.top_k
-        out = []
-        for t in targets:  # nearest first: the copy stream serves it first
+        cand = []  # (precision, target, expert) of every prediction that clears the floor
+        for t in targets:
             dist = t - layer
             top = np.argsort(-scores[t], axis=-1, kind="stable")[:, :K]  # [B, K], rank order
             ranked: dict[int, int] = {}
@@ -253,9 +263,17 @@ class ExpertFlow(Pregate):
             self._pred[t][dist] = ranked
             self.totals["predicted"] += len(ranked)
             prec = self.precision[dist]
-            take = [e for e, r in ranked.items() if prec[r] is None or prec[r] >= floor]
-            self._live[t].update(take)
-            out += [(t, e) for e in sorted(take)]
+            cand += [(1.0 if prec[r] is None else prec[r], t, e) for e, r in ranked.items()
+                     if prec[r] is None or prec[r] >= floor]
+        cand.sort(key=lambda c: (-c[0], c[1], c[2]))  # most reliable first, then nearest
+        out = []
+        cap = self.prefetch_cap
+        for _, t, e in cand:
+            if view.is_resident(t, e):
+                self._live[t].add(e)  # already here: protect it from eviction, no copy
+            elif len(out) < cap:
+                self._live[t].add(e)
+                out.append((t, e))
         return out
 
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
