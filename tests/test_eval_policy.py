@@ -74,3 +74,18 @@ def test_split_sequences():
     assert groups[1][1].tolist() == [15, 16, 17, 18, 19]
     with pytest.raises(ValueError, match="too few"):
         split_sequences([1, 2], seq_len=5, batch_size=2, max_tokens=None)
+
+
+def test_bench_policies_tiny_mode_runs(tmp_path):
+    from tests.bench_loader import load_benchmark
+    bench = load_benchmark("bench_policies")
+    assert bench.main(["--tiny", "--out", str(tmp_path), "--budgets", "0.5", "--batches", "1", "2", "--policies",
+                       "resident", "lru", "expertflow", "expertflow+cache-aware"]) == 0
+    rec = json.load(open(tmp_path / "policies_tiny.json"))
+    rows = rec["rows"]
+    assert {r["policy"] for r in rows} >= {"resident", "lru", "expertflow", "expertflow+cache-aware", "belady (sim)"}
+    assert all(r["tokens_per_s"] > 0 for r in rows) and rec["clock"] == "virtual h100"
+    lru = next(r for r in rows if r["policy"] == "lru" and r["batch"] == 1)
+    bel = next(r for r in rows if r["policy"] == "belady (sim)" and r["batch"] == 1)
+    assert bel["mb_per_token"] <= lru["mb_per_token"]  # Belady is the demand-paging bound on the same routing
+    assert (tmp_path / "policies_tiny.md").read_text().startswith("# Cache policies")

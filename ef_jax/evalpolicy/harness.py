@@ -41,9 +41,10 @@ class PolicyEval:
     wall_s: float                # wall-clock seconds of the decode loop
     stats: dict                  # the engine's full stats
     argmax: np.ndarray = dataclasses.field(repr=False, default=None)  # i32[rows, T-1] greedy next-token choices
+    routing: np.ndarray = dataclasses.field(repr=False, default=None)  # i32[steps·B, L, K] routed, step order
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("stats", "argmax")}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("stats", "argmax", "routing")}
         d["stats"] = {k: v for k, v in self.stats.items() if not isinstance(v, list)}
         return d
 
@@ -90,10 +91,15 @@ def _decode_group(model: Model, fwd, seqs: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def evaluate_policy(model: Model, token_ids: list[int], offload=None, *, batch_size: int = 1, seq_len: int = 256,
-                    max_tokens: int | None = None) -> PolicyEval:
-    """Teacher-forced decoding of `token_ids` (one stream, split into rows) through `offload` (None: resident)."""
+                    max_tokens: int | None = None, route_override=None) -> PolicyEval:
+    """Teacher-forced decoding of `token_ids` (one stream, split into rows) through `offload` (None: resident).
+    route_override (benchmarks only): see OffloadForward.route_override."""
     groups = split_sequences(token_ids, seq_len, batch_size, max_tokens)
     fwd = _make_forward(model, offload)
+    if route_override is not None:
+        if offload is None:
+            raise ValueError("route_override needs an offloaded run (offload=OffloadConfig(...))")
+        fwd.route_override = route_override
     t0 = time.perf_counter()
     nlls, argmaxes = [], []
     for seqs in groups:
@@ -105,8 +111,9 @@ def evaluate_policy(model: Model, token_ids: list[int], offload=None, *, batch_s
     nll = float(np.mean(np.concatenate([n.ravel() for n in nlls])))
     decoded = sum(g.shape[0] * (g.shape[1] - 1) for g in groups)
     stats = fwd.stats() if hasattr(fwd, "stats") else {"policy": "resident"}
+    routing = np.concatenate(fwd.routing_log) if getattr(fwd, "routing_log", None) else None
     return PolicyEval(policy=stats["policy"], tokens=decoded, perplexity=math.exp(nll), nll=nll, wall_s=wall,
-                      stats=stats, argmax=np.concatenate(argmaxes), **_cache_metrics(stats, decoded))
+                      stats=stats, argmax=np.concatenate(argmaxes), routing=routing, **_cache_metrics(stats, decoded))
 
 
 def _cache_metrics(s: dict, tokens: int) -> dict:
