@@ -1,0 +1,192 @@
+"""ExpertFlow predictive caching on a routing trace: predictor recall, cache policies, token scheduling.
+
+[trace .npz] → prompts split: train (the predictor's) | tune | report
+  1. recall@K of the routing-path predictor vs frequency / previous-token / token-lookup / uniform (tune+report)
+  2. replay (batch 1) of the report prompts at each slot count, timing preset: nocache, lru, predictive, belady —
+     predictive's confidence threshold chosen on the tune prompts (lowest stall), top-K variant shown too
+  3. token scheduling (report prompts cut into requests of ≤ --request-tokens): distinct experts per layer and
+     step, MB and stall per token, for continuous batching in arrival order vs the route-aware token scheduler
+→ benchmarks/results/predictor_<name>.{json,md}
+
+    python -m ef_jax.cli train-predictor TRACE --out DIR --max-minutes 12     # once
+    python benchmarks/bench_predictor.py --predictor DIR [--trace TRACE] [--name deepseek_v2_lite]
+
+Timing presets are models, not measurements (ef_jax.offload.clock.TIMING_PRESETS): stall figures are what the
+assumed bandwidth and compute time imply.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ef_jax.offload.clock import get_timing
+from ef_jax.policies.predictive import Predictive
+from ef_jax.predict.evaluate import evaluate, format_table, step_latency, training_trace
+from ef_jax.predict.runtime import TrainedPredictor
+from ef_jax.predict.train import prompt_slice
+from ef_jax.sched import ContinuousScheduler, TokenScheduler, predicted_sets
+from ef_jax.sim.batched import replay_batches
+from ef_jax.sim.replay import replay
+from ef_jax.sim.trace import load_trace
+from results_io import git_commit, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TRACE = REPO.parent / "shared" / "data" / "routing" / "deepseek-v2-lite-puffin-dev.npz"
+THRESHOLDS = (None, 0.5, 0.6, 0.7, 0.8, 0.9)   # predicted probability a prefetch needs (None: plain top-K)
+
+
+def _logit(p: float | None) -> float | None:
+    return None if p is None else math.log(p / (1 - p))
+
+
+def _row(stats, **extra) -> dict:
+    d = stats.to_dict()
+    return {k: d[k] for k in ("policy", "slots_per_layer", "tokens", "hit_rate", "loads", "bytes_per_token",
+                              "stall_per_token_s", "prefetch_issued", "prefetch_wasted") if k in d} | extra
+
+
+def sim_table(trace, tune_trace, scores, tune_scores, slots, timing, E) -> tuple[list[dict], list[dict]]:
+    K = trace.experts.shape[-1]
+    rows, sweep = [], []
+    for S in slots:
+        kw = dict(slots_per_layer=S, timing=timing, num_experts=E)
+        best = None
+        for p in THRESHOLDS:        # choose the threshold on the tune prompts only
+            pol = Predictive(scores=tune_scores, top_k=K, threshold=_logit(p))
+            s = replay(tune_trace.experts, policy=pol, **kw)
+            sweep.append(_row(s, threshold=p, precision=pol.precision, split="tune"))
+            if best is None or s.stall_per_token_s < best[1]:
+                best = (p, s.stall_per_token_s)
+        for name in ("nocache", "lru"):
+            rows.append(_row(replay(trace.experts, policy=name, **kw), label=name))
+        for p in dict.fromkeys([None, best[0]]):
+            pol = Predictive(scores=scores, top_k=K, threshold=_logit(p))
+            label = "predictive (top-K)" if p is None else f"predictive (p > {p})"
+            rows.append(_row(replay(trace.experts, policy=pol, **kw), label=label, threshold=p,
+                             precision=pol.precision))
+        rows.append(_row(replay(trace.experts, policy="belady", **kw), label="belady (offline bound)"))
+    return rows, sweep
+
+
+def chunk_offsets(offsets: np.ndarray, max_len: int) -> np.ndarray:
+    """Cut every prompt into requests of at most max_len tokens (more, shorter requests: a serving mix)."""
+    out = [0]
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        out += list(range(int(a) + max_len, int(b), max_len)) + [int(b)]
+    return np.array(out, np.int64)
+
+
+def sched_table(trace, scores, batch_sizes, slots, timing, E, request_tokens) -> list[dict]:
+    K = trace.experts.shape[-1]
+    offsets = chunk_offsets(trace.offsets, request_tokens)
+    sets = predicted_sets(scores, K)
+    rows = []
+    for B in batch_sizes:
+        kw = dict(slots_per_layer=slots, policy="lru", timing=timing, num_experts=E)
+        variants = [("arrival order (continuous batching)", ContinuousScheduler(np.zeros((len(offsets) - 1, 1)), B,
+                                                                                  route=False), {}),
+                    ("round robin, pool 2B", TokenScheduler(B, route=False), dict(sets=sets, pool=2 * B)),
+                    ("route-aware, pool 2B", TokenScheduler(B, route=True), dict(sets=sets, pool=2 * B))]
+        for label, sched, extra in variants:
+            s = replay_batches(trace.experts, offsets, sched, **kw, **extra)
+            rows.append(s.to_dict() | {"label": label, "B": B, "requests": len(offsets) - 1})
+    return rows
+
+
+def markdown(rec: dict) -> str:
+    t = rec["timing"]
+    pr = rec["predictor"]
+    lines = [f"# Routing-path predictor and predictive caching: {rec['name']}", "",
+             f"Trace `{rec['trace']}`: {rec['layers']} MoE layers, top-{rec['top_k']} of {rec['experts']}. Prompts "
+             f"0–{rec['split']['train'] - 1} train the predictor, {rec['split']['train']}–{rec['split']['tune'] - 1} "
+             f"tune the policy threshold, {rec['split']['tune']}–{rec['split']['report'] - 1} are reported. "
+             f"Machine: {rec['machine']}; commit {rec['commit']}.", "",
+             f"## Recall@{rec['top_k']} on held-out prompts {rec['split']['train']}–{rec['split']['report'] - 1} "
+             f"({rec['recall']['tokens']:,} tokens)", "", format_table(rec["recall"]), "",
+             f"Predictor: {pr['parameters']:,} parameters ({pr['parameters'] * 4 / 2**20:.1f} MiB f32), trained "
+             f"{pr['train_minutes']:.1f} min ({pr['train_steps']} steps) on {pr['train_backend']}; step-by-step "
+             f"latency {pr['step_latency_ms']:.2f} ms per token at batch 1 ({pr['step_latency_b8_ms']:.2f} ms per "
+             f"step of 8) on this machine's CPU, whole-trace scoring {pr['batch_us_per_token']:.0f} µs per token.", "",
+             f"## Cache policies, batch 1, prompts {rec['split']['tune']}–{rec['split']['report'] - 1} "
+             f"({rec['sim'][0]['tokens']:,} tokens)", "",
+             f"Timing preset `{rec['timing_preset']}` (assumed): {t['h2d_bytes_per_s'] / 1e9:.0f} GB/s host→device, "
+             f"{t['expert_bytes']:,} bytes per expert ({t['copy_s'] * 1e3:.3f} ms per copy), "
+             f"{t['layer_compute_s'] * 1e3:.2f} ms compute per MoE layer.", "",
+             "| slots/layer | policy | hit rate | MB/token H2D | stall ms/token | prefetch precision |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in rec["sim"]:
+        prec = f"{r['precision']:.3f}" if "precision" in r else "—"
+        lines.append(f"| {r['slots_per_layer']} | {r['label']} | {r['hit_rate']:.4f} | "
+                     f"{r['bytes_per_token'] / 1e6:.1f} | {r['stall_per_token_s'] * 1e3:.2f} | {prec} |")
+    lines += ["", f"## Token scheduling, LRU with {rec['sched_slots']} slots/layer, requests of ≤ "
+              f"{rec['request_tokens']} tokens", "",
+              "| B | schedule | tokens/step | distinct experts/layer/step | per token | MB/token H2D | "
+              "stall ms/token | longest wait (steps) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rec["sched"]:
+        lines.append(f"| {r['B']} | {r['label']} | {r['tokens_per_step']:.1f} | {r['distinct_per_layer']:.2f} | "
+                     f"{r['distinct_per_token']:.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
+                     f"{r['stall_per_token_s'] * 1e3:.2f} | {r['max_wait']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
+    ap.add_argument("--predictor", required=True, help="an `ef-jax train-predictor --out` directory")
+    ap.add_argument("--name", default="deepseek_v2_lite")
+    ap.add_argument("--tune-prompts", type=float, default=0.5,
+                    help="fraction of the held-out prompts used to tune the policy threshold (default half)")
+    ap.add_argument("--slots", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--timing", default="h100")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--sched-slots", type=int, default=32)
+    ap.add_argument("--request-tokens", type=int, default=32)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    full = load_trace(args.trace)
+    tp = TrainedPredictor.load(args.predictor)
+    split = next((s for s in tp.meta.get("traces", []) if Path(s["path"]).name == Path(args.trace).name), None)
+    n_train = split["train_prompts"] if split else 0
+    n_tune = n_train + int(round((full.num_prompts - n_train) * args.tune_prompts))
+    held, tune, report = (prompt_slice(full, n_train, full.num_prompts), prompt_slice(full, n_train, n_tune),
+                          prompt_slice(full, n_tune, full.num_prompts))
+    E, K = tp.cfg.num_experts, full.experts.shape[-1]
+    timing = get_timing(args.timing)
+    t0 = time.perf_counter()
+    recall = evaluate(tp, held, train=training_trace(tp.meta), budgets=[K, 2 * K], num_experts=E)
+    print(format_table(recall), flush=True)
+    lat1, lat8 = step_latency(tp, held, batch=1), step_latency(tp, held, batch=8)
+    sim, sweep = sim_table(report, tune, tp.scores(report), tp.scores(tune), args.slots, timing, E)
+    for r in sim:
+        print(f"S={r['slots_per_layer']} {r['label']}: hit {r['hit_rate']:.4f}, {r['bytes_per_token'] / 1e6:.1f} "
+              f"MB/token, stall {r['stall_per_token_s'] * 1e3:.2f} ms/token", flush=True)
+    sched = sched_table(report, tp.scores(report), args.batch_sizes, args.sched_slots, timing, E,
+                        args.request_tokens)
+    rec = {"name": args.name, "trace": Path(args.trace).name, "layers": int(full.experts.shape[1]), "top_k": K,
+           "experts": E, "split": {"train": n_train, "tune": n_tune, "report": full.num_prompts},
+           "machine": f"{platform.machine()} CPU, {jax.default_backend()} backend ({jax.device_count()} device)",
+           "commit": git_commit(), "timing_preset": args.timing,
+           "timing": {"h2d_bytes_per_s": timing.h2d_bytes_per_s, "expert_bytes": timing.expert_bytes,
+                      "layer_compute_s": timing.layer_compute_s, "copy_s": timing.copy_s},
+           "predictor": {"dir": str(args.predictor), "config": tp.cfg.to_json(),
+                         "parameters": int(sum(x.size for x in jax.tree.leaves(tp.params))),
+                         "train_minutes": tp.meta.get("train_minutes", float("nan")),
+                         "train_steps": (tp.meta.get("history") or [{}])[-1].get("step", 0),
+                         "train_backend": tp.meta.get("jax_backend", "?"),
+                         "step_latency_ms": lat1["median_s"] * 1e3, "step_latency_b8_ms": lat8["median_s"] * 1e3,
+                         "batch_us_per_token": recall["predictor_batch_s_per_token"] * 1e6},
+           "recall": recall, "sim": sim, "threshold_sweep": sweep, "sched": sched,
+           "sched_slots": args.sched_slots, "request_tokens": args.request_tokens,
+           "wall_s": time.perf_counter() - t0}
+    write_results(args.out, f"predictor_{args.name}", rec, markdown(rec))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
