@@ -23,7 +23,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from results_io import git_commit, write_results
 
 
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
     n_exp = 4 if args.tiny else 16
     expert_elems = int(args.expert_mib * 2**20) // 2
     experts = [jax.device_put(np.full(expert_elems, i, np.uint16), pinned) for i in range(n_exp)]
-    copies = lambda: [jax.device_put(e, on_dev) for e in experts]  # noqa: E731
+    copies = lambda: [jax.device_put(e, on_dev) for e in experts]
     t_compute = median_time(lambda: compute(a).block_until_ready(), args.repeats)
     t_copy = median_time(lambda: jax.block_until_ready(copies()), args.repeats)
 

@@ -77,6 +77,7 @@ def test_shipped_traces_match_the_model(model):
 def test_training_forward_equals_inference(model):
     """The training objective's forward (dense-masked experts) is ef_jax's inference forward."""
     import jax.numpy as jnp
+
     from ef_jax.train.objective import forward
     experts = tuple({k: jnp.asarray(v) for k, v in ex.items()} for ex in model.host_experts)
     tokens = np.array([[5, 17, 300, 42, 9, 1000, 7, 3]], np.int32)

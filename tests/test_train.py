@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("optax")
 pytest.importorskip("tokenizers")
 
-import ef_jax  # noqa: E402
-from ef_jax.train.config import TrainConfig  # noqa: E402
-from ef_jax.train.corpus import DOMAINS, _held_out  # noqa: E402
-from ef_jax.train.data import encode_stream, sample_batch  # noqa: E402
-from ef_jax.train.fit import fit  # noqa: E402
-from ef_jax.train.tokenizer import train_tokenizer  # noqa: E402
+import ef_jax
+from ef_jax.train.config import TrainConfig
+from ef_jax.train.corpus import DOMAINS, _held_out
+from ef_jax.train.data import encode_stream, sample_batch
+from ef_jax.train.fit import fit
+from ef_jax.train.tokenizer import train_tokenizer
 
 TINY = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4,
             top_k=2, moe_intermediate=16, seq_len=32, batch_size=4, steps=30, eval_every=10, warmup_steps=5,

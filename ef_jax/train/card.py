@@ -29,7 +29,13 @@ def layer_states(model, tokens: np.ndarray):
     """tokens i32[B, T] → (logits f32[B, T, V], inputs: per layer the residual stream entering it [N, D],
     experts: per layer i32[N, K]). The same ef_jax layer functions as inference, experts all resident."""
     from ef_jax.models import attention as attn_lib
-    from ef_jax.models.transformer import head, layer_attention_and_route, layer_finish, layer_kinds, make_context
+    from ef_jax.models.transformer import (
+        head,
+        layer_attention_and_route,
+        layer_finish,
+        layer_kinds,
+        make_context,
+    )
     cfg = model.config
     B, T = tokens.shape
     x = model.params["embed"][jnp.asarray(tokens)]

@@ -46,7 +46,7 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
-    def replace(self, **kw) -> "TrainConfig":
+    def replace(self, **kw) -> TrainConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")

@@ -27,7 +27,7 @@ def make_optimizer(tc: TrainConfig):
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, max(tc.steps, tc.warmup_steps + 1),
                                                   end_value=tc.lr * tc.min_lr_frac)
     # No weight decay on norm scales (1-D) — decaying them towards 0 only fights the normalisation.
-    decay_mask = lambda tree: jax.tree.map(lambda a: a.ndim > 1, tree)  # noqa: E731
+    decay_mask = lambda tree: jax.tree.map(lambda a: a.ndim > 1, tree)
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask))
 

@@ -17,7 +17,12 @@ from ef_jax.checkpoint import _set, expected_shapes, expert_shapes
 from ef_jax.config import ModelConfig, from_hf_config
 from ef_jax.models import attention as attn_lib
 from ef_jax.models.moe import Routing
-from ef_jax.models.transformer import head, layer_attention_and_route, layer_kinds, make_context
+from ef_jax.models.transformer import (
+    head,
+    layer_attention_and_route,
+    layer_kinds,
+    make_context,
+)
 from ef_jax.train.config import TrainConfig
 
 

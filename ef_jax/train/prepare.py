@@ -35,7 +35,7 @@ def prepare(tc: TrainConfig, data_dir: str, cache_dir: str | None = None) -> dic
             docs = corpus[dom][split]
             streams[f"{dom}_{split}"] = encode_stream(tok, docs)
             entry[split] = {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs),
-                            "tokens": int(len(streams[f"{dom}_{split}"]))}
+                            "tokens": len(streams[f"{dom}_{split}"])}
         with open(os.path.join(data_dir, f"heldout_{dom}.txt"), "w", encoding="utf-8") as f:
             f.write("\n\n".join(corpus[dom]["heldout"]))
         info["domains"][dom] = entry

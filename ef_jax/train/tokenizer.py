@@ -2,7 +2,7 @@
 `transformers.AutoTokenizer.from_pretrained(dir)` loads (tokenizer.json + tokenizer_config.json)."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 EOS = "<|endoftext|>"
 
