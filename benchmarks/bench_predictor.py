@@ -27,6 +27,7 @@ import numpy as np
 
 from ef_jax.offload.clock import get_timing
 from ef_jax.policies.predictive import Predictive
+from ef_jax.predict.baselines import recall_at_k
 from ef_jax.predict.evaluate import evaluate, format_table, step_latency, training_trace
 from ef_jax.predict.runtime import TrainedPredictor
 from ef_jax.predict.train import prompt_slice
@@ -99,6 +100,41 @@ def sched_table(trace, scores, batch_sizes, slots, timing, E, request_tokens) ->
     return rows
 
 
+def engine_table(model_dir: str, tp: TrainedPredictor, trace, slots, timing, threshold, prompt_tokens: int,
+                 new_tokens: int, max_prompts: int) -> list[dict]:
+    """Offloaded greedy decoding of the report prompts' first tokens on the real model: tokens vs resident, hits and
+    misses for lru and predictive (the trained predictor, step by step), on the virtual `timing` clock."""
+    import ef_jax
+    from ef_jax import OffloadConfig
+    model = ef_jax.load(model_dir)
+    tok = model.tokenizer
+    names = trace.token_strings()
+    prompts = [tok.convert_tokens_to_ids(names[int(a):int(a) + prompt_tokens])
+               for a in trace.offsets[:-1][:max_prompts]]
+    rows = []
+    for S in slots:
+        agg = {}
+        for label in ("lru", "predictive"):
+            tot = {"hits": 0, "misses": 0, "stall_s": 0.0, "h2d_bytes": 0, "same_tokens": True, "tokens": 0}
+            for ids in prompts:
+                ref = ef_jax.generate(model, [ids], max_new_tokens=new_tokens).tokens
+                pol = label if label == "lru" else Predictive(tp.stepper(tok.convert_ids_to_tokens),
+                                                              top_k=model.config.top_k, threshold=_logit(threshold))
+                res = ef_jax.generate(model, [ids], max_new_tokens=new_tokens,
+                                      offload=OffloadConfig(slots_per_layer=S, policy=pol, timing=timing))
+                st = res.stats
+                tot["same_tokens"] &= res.tokens == ref
+                tot["tokens"] += len(ids) + len(res.tokens[0])
+                for k in ("hits", "misses", "stall_s", "h2d_bytes"):
+                    tot[k] += st[k]
+            tot["hit_rate"] = tot["hits"] / max(tot["hits"] + tot["misses"], 1)
+            agg[label] = tot
+            rows.append({"slots_per_layer": S, "label": label, "prompts": len(prompts), **tot})
+        print(f"engine S={S}: lru misses {agg['lru']['misses']}, predictive misses {agg['predictive']['misses']}, "
+              f"tokens equal resident: {agg['lru']['same_tokens'] and agg['predictive']['same_tokens']}", flush=True)
+    return rows
+
+
 def markdown(rec: dict) -> str:
     t = rec["timing"]
     pr = rec["predictor"]
@@ -112,7 +148,9 @@ def markdown(rec: dict) -> str:
              f"Predictor: {pr['parameters']:,} parameters ({pr['parameters'] * 4 / 2**20:.1f} MiB f32), trained "
              f"{pr['train_minutes']:.1f} min ({pr['train_steps']} steps) on {pr['train_backend']}; step-by-step "
              f"latency {pr['step_latency_ms']:.2f} ms per token at batch 1 ({pr['step_latency_b8_ms']:.2f} ms per "
-             f"step of 8) on this machine's CPU, whole-trace scoring {pr['batch_us_per_token']:.0f} µs per token.", "",
+             f"step of 8) on this machine's CPU, whole-trace scoring {pr['batch_us_per_token']:.0f} µs per token. "
+             f"Reading only the last {pr['short_context']} tokens: {pr['step_latency_short_ms']:.2f} ms per token, "
+             f"recall@{rec['top_k']} {pr['recall_short_context']:.3f}.", "",
              f"## Cache policies, batch 1, prompts {rec['split']['tune']}–{rec['split']['report'] - 1} "
              f"({rec['sim'][0]['tokens']:,} tokens)", "",
              f"Timing preset `{rec['timing_preset']}` (assumed): {t['h2d_bytes_per_s'] / 1e9:.0f} GB/s host→device, "
@@ -132,6 +170,17 @@ def markdown(rec: dict) -> str:
         lines.append(f"| {r['B']} | {r['label']} | {r['tokens_per_step']:.1f} | {r['distinct_per_layer']:.2f} | "
                      f"{r['distinct_per_token']:.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
                      f"{r['stall_per_token_s'] * 1e3:.2f} | {r['max_wait']} |")
+    if rec.get("engine"):
+        e = rec["engine"]
+        lines += ["", f"## Engine: offloaded greedy decoding on `{rec['engine_model']}` (virtual `{rec['timing_preset']}` "
+                  f"clock), {e[0]['prompts']} report prompts × ({rec['engine_prompt_tokens']} prompt + "
+                  f"{rec['engine_new_tokens']} new tokens), predictive threshold p > {rec['engine_threshold']}", "",
+                  "| slots/layer | policy | tokens equal resident | hits | misses | hit rate | stall ms/token |",
+                  "|---:|---|---|---:|---:|---:|---:|"]
+        for r in e:
+            lines.append(f"| {r['slots_per_layer']} | {r['label']} | {'yes' if r['same_tokens'] else 'NO'} | "
+                         f"{r['hits']} | {r['misses']} | {r['hit_rate']:.4f} | "
+                         f"{r['stall_s'] / max(r['tokens'], 1) * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +196,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--sched-slots", type=int, default=32)
     ap.add_argument("--request-tokens", type=int, default=32)
+    ap.add_argument("--engine-model", default=None,
+                    help="also decode the report prompts through the offload engine with this checkpoint (the model "
+                         "the trace was recorded from; 'default' = the shipped model)")
+    ap.add_argument("--engine-prompts", type=int, default=6)
+    ap.add_argument("--engine-prompt-tokens", type=int, default=32)
+    ap.add_argument("--engine-new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     full = load_trace(args.trace)
@@ -161,7 +216,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     recall = evaluate(tp, held, train=training_trace(tp.meta), budgets=[K, 2 * K], num_experts=E)
     print(format_table(recall), flush=True)
-    lat1, lat8 = step_latency(tp, held, batch=1), step_latency(tp, held, batch=8)
+    lat1, lat8 = step_latency(tp, batch=1), step_latency(tp, batch=8)
+    short = min(32, tp.cfg.window)
+    lat_short = step_latency(tp, batch=1, context=short)
+    recall_short = float(recall_at_k(tp.scores(held, context=short), held.experts).mean())
     sim, sweep = sim_table(report, tune, tp.scores(report), tp.scores(tune), args.slots, timing, E)
     for r in sim:
         print(f"S={r['slots_per_layer']} {r['label']}: hit {r['hit_rate']:.4f}, {r['bytes_per_token'] / 1e6:.1f} "
@@ -180,10 +238,21 @@ def main(argv=None) -> int:
                          "train_steps": (tp.meta.get("history") or [{}])[-1].get("step", 0),
                          "train_backend": tp.meta.get("jax_backend", "?"),
                          "step_latency_ms": lat1["median_s"] * 1e3, "step_latency_b8_ms": lat8["median_s"] * 1e3,
+                         "short_context": short, "step_latency_short_ms": lat_short["median_s"] * 1e3,
+                         "recall_short_context": recall_short,
                          "batch_us_per_token": recall["predictor_batch_s_per_token"] * 1e6},
            "recall": recall, "sim": sim, "threshold_sweep": sweep, "sched": sched,
            "sched_slots": args.sched_slots, "request_tokens": args.request_tokens,
            "wall_s": time.perf_counter() - t0}
+    if args.engine_model:
+        chosen = [r["threshold"] for r in sim if r["label"].startswith("predictive (p")]
+        rec["engine_threshold"] = chosen[0] if chosen else None
+        rec["engine_model"] = args.engine_model
+        rec["engine_prompt_tokens"], rec["engine_new_tokens"] = args.engine_prompt_tokens, args.engine_new_tokens
+        rec["engine"] = engine_table(None if args.engine_model == "default" else args.engine_model, tp, report,
+                                     args.slots, timing, rec["engine_threshold"], args.engine_prompt_tokens,
+                                     args.engine_new_tokens, args.engine_prompts)
+        rec["wall_s"] = time.perf_counter() - t0
     write_results(args.out, f"predictor_{args.name}", rec, markdown(rec))
     return 0
 

@@ -79,10 +79,11 @@ def evaluate(predictor, trace: RoutingTrace, *, train: RoutingTrace | None = Non
     return out
 
 
-def step_latency(predictor, trace: RoutingTrace, tokens: int = 64, batch: int = 1) -> dict:
-    """Seconds per step of the step-by-step predictor (one forward over the last T tokens), after one warm-up."""
+def step_latency(predictor, tokens: int = 64, batch: int = 1, context: int | None = None) -> dict:
+    """Seconds per step of the step-by-step predictor (one forward over the last `context` tokens), after one
+    warm-up."""
     ids = np.arange(tokens + 1) % 1000
-    step = predictor.stepper()
+    step = predictor.stepper(context=context)
     step.reset(predictor.cfg.num_layers, predictor.cfg.num_experts)
     step.predict(np.full(batch, ids[0]))
     times = []
@@ -90,7 +91,7 @@ def step_latency(predictor, trace: RoutingTrace, tokens: int = 64, batch: int = 
         t0 = time.perf_counter()
         step.predict(np.full(batch, t))
         times.append(time.perf_counter() - t0)
-    return {"batch": batch, "steps": tokens, "median_s": float(np.median(times)), "p90_s": float(np.percentile(times, 90))}
+    return {"batch": batch, "context": step.context, "steps": tokens, "median_s": float(np.median(times)), "p90_s": float(np.percentile(times, 90))}
 
 
 def format_table(res: dict) -> str:

@@ -48,17 +48,19 @@ class TrainedPredictor:
     def fit(self, train: RoutingTrace) -> "TrainedPredictor":
         return self  # already trained: the baselines' fit/scores API
 
-    def scores(self, trace: RoutingTrace) -> np.ndarray:
-        """f32[N, L, E] logits for every token of `trace` (each sees its prompt's earlier tokens and routes)."""
+    def scores(self, trace: RoutingTrace, context: int | None = None) -> np.ndarray:
+        """f32[N, L, E] logits for every token of `trace` (each sees its prompt's earlier tokens and routes, in
+        pieces of `context` tokens, default the training window)."""
         self._check(trace)
         packed = pack(self.vocab.encode(trace.token_strings(), self.cfg.ngram_buckets), trace.experts, trace.offsets,
-                      self.cfg.window)
+                      context or self.cfg.window)
         return score_packed(self.cfg, self.params, packed)
 
-    def stepper(self, id_to_token: Callable[[int], str] = str) -> "PathStepPredictor":
+    def stepper(self, id_to_token: Callable[[int], str] = str, context: int | None = None) -> "PathStepPredictor":
         """A StepPredictor; `id_to_token` maps the model's token ids to the strings the vocabulary holds (a
-        tokenizer's convert_ids_to_tokens; `str` for traces that store ids as decimal strings)."""
-        return PathStepPredictor(self, id_to_token)
+        tokenizer's convert_ids_to_tokens; `str` for traces that store ids as decimal strings). `context`: how many
+        recent tokens each prediction reads (default the training window; fewer = faster, ALiBi needs no change)."""
+        return PathStepPredictor(self, id_to_token, context)
 
     def _check(self, trace: RoutingTrace) -> None:
         L, K = trace.experts.shape[1:]
@@ -71,8 +73,11 @@ class TrainedPredictor:
 class PathStepPredictor:
     """Step-by-step use of a TrainedPredictor: the last T tokens of each row (and their routes) → one forward."""
 
-    def __init__(self, tp: TrainedPredictor, id_to_token: Callable[[int], str] = str):
+    def __init__(self, tp: TrainedPredictor, id_to_token: Callable[[int], str] = str, context: int | None = None):
+        if context is not None and context < 1:
+            raise ValueError(f"context={context} must be ≥ 1")
         self.tp, self.id_to_token = tp, id_to_token
+        self.context = context or tp.cfg.window
         self._apply = make_apply(tp.cfg)
         self.reset(tp.cfg.num_layers, tp.cfg.num_experts)
 
@@ -88,7 +93,7 @@ class PathStepPredictor:
     def predict(self, token_ids: np.ndarray) -> np.ndarray:
         cfg = self.tp.cfg
         ids = np.asarray(token_ids).reshape(-1)
-        B, T, L, K = len(ids), cfg.window, cfg.num_layers, cfg.top_k
+        B, T, L, K = len(ids), self.context, cfg.num_layers, cfg.top_k
         if self._tokens is None or len(self._tokens) != B:  # a new batch: fresh histories
             self._tokens, self._routes = [[] for _ in range(B)], [[] for _ in range(B)]
         elif self._tokens[0]:  # the previous step's route (known exactly only for a single row)
