@@ -4,7 +4,7 @@
   1. recall@K of the routing-path predictor vs frequency / previous-token / token-lookup / uniform (tune+report)
   2. replay (batch 1) of the report prompts at each slot count, timing preset: nocache, lru, predictive, belady —
      predictive's confidence threshold chosen on the tune prompts (lowest stall), top-K variant shown too
-  3. token scheduling (report prompts cut into requests of ≤ --request-tokens): distinct experts per layer and
+  3. token scheduling (all held-out prompts cut into requests of ≤ --request-tokens): distinct experts per layer and
      step, MB and stall per token, for continuous batching in arrival order vs the route-aware token scheduler
 → benchmarks/results/predictor_<name>.{json,md}
 
@@ -30,7 +30,7 @@ from ef_jax.policies.predictive import Predictive
 from ef_jax.predict.baselines import recall_at_k
 from ef_jax.predict.evaluate import evaluate, format_table, step_latency, training_trace
 from ef_jax.predict.runtime import TrainedPredictor
-from ef_jax.predict.train import prompt_slice
+from ef_jax.predict.train import concat_traces, prompt_slice, trace_digest
 from ef_jax.sched import ContinuousScheduler, TokenScheduler, predicted_sets
 from ef_jax.sim.batched import replay_batches
 from ef_jax.sim.replay import replay
@@ -101,7 +101,7 @@ def sched_table(trace, scores, batch_sizes, slots, timing, E, request_tokens) ->
 
 
 def engine_table(model_dir: str, tp: TrainedPredictor, trace, slots, timing, threshold, prompt_tokens: int,
-                 new_tokens: int, max_prompts: int) -> list[dict]:
+                 new_tokens: int, max_prompts: int) -> list[dict]:  # threshold: {slots: p}
     """Offloaded greedy decoding of the report prompts' first tokens on the real model: tokens vs resident, hits and
     misses for lru and predictive (the trained predictor, step by step), on the virtual `timing` clock."""
     import ef_jax
@@ -119,7 +119,8 @@ def engine_table(model_dir: str, tp: TrainedPredictor, trace, slots, timing, thr
             for ids in prompts:
                 ref = ef_jax.generate(model, [ids], max_new_tokens=new_tokens).tokens
                 pol = label if label == "lru" else Predictive(tp.stepper(tok.convert_ids_to_tokens),
-                                                              top_k=model.config.top_k, threshold=_logit(threshold))
+                                                              top_k=model.config.top_k,
+                                                              threshold=_logit(threshold.get(S)))
                 res = ef_jax.generate(model, [ids], max_new_tokens=new_tokens,
                                       offload=OffloadConfig(slots_per_layer=S, policy=pol, timing=timing))
                 st = res.stats
@@ -135,24 +136,26 @@ def engine_table(model_dir: str, tp: TrainedPredictor, trace, slots, timing, thr
     return rows
 
 
+def _split_text(splits: list[dict]) -> str:
+    return " ".join(f"`{sp['trace']}`: prompts 0–{sp['train'] - 1} train the predictor, {sp['train']}–{sp['tune'] - 1} "
+                    f"tune the policy threshold, {sp['tune']}–{sp['report'] - 1} are reported." for sp in splits)
+
+
 def markdown(rec: dict) -> str:
     t = rec["timing"]
     pr = rec["predictor"]
     lines = [f"# Routing-path predictor and predictive caching: {rec['name']}", "",
-             f"Trace `{rec['trace']}`: {rec['layers']} MoE layers, top-{rec['top_k']} of {rec['experts']}. Prompts "
-             f"0–{rec['split']['train'] - 1} train the predictor, {rec['split']['train']}–{rec['split']['tune'] - 1} "
-             f"tune the policy threshold, {rec['split']['tune']}–{rec['split']['report'] - 1} are reported. "
+             f"Traces: {rec['layers']} MoE layers, top-{rec['top_k']} of {rec['experts']}. {_split_text(rec['split'])} "
              f"Machine: {rec['machine']}; commit {rec['commit']}.", "",
-             f"## Recall@{rec['top_k']} on held-out prompts {rec['split']['train']}–{rec['split']['report'] - 1} "
-             f"({rec['recall']['tokens']:,} tokens)", "", format_table(rec["recall"]), "",
+             f"## Recall@{rec['top_k']} on the held-out prompts ({rec['recall']['tokens']:,} tokens)", "",
+             format_table(rec["recall"]), "",
              f"Predictor: {pr['parameters']:,} parameters ({pr['parameters'] * 4 / 2**20:.1f} MiB f32), trained "
              f"{pr['train_minutes']:.1f} min ({pr['train_steps']} steps) on {pr['train_backend']}; step-by-step "
              f"latency {pr['step_latency_ms']:.2f} ms per token at batch 1 ({pr['step_latency_b8_ms']:.2f} ms per "
              f"step of 8) on this machine's CPU, whole-trace scoring {pr['batch_us_per_token']:.0f} µs per token. "
              f"Reading only the last {pr['short_context']} tokens: {pr['step_latency_short_ms']:.2f} ms per token, "
              f"recall@{rec['top_k']} {pr['recall_short_context']:.3f}.", "",
-             f"## Cache policies, batch 1, prompts {rec['split']['tune']}–{rec['split']['report'] - 1} "
-             f"({rec['sim'][0]['tokens']:,} tokens)", "",
+             f"## Cache policies, batch 1, the reported prompts ({rec['sim'][0]['tokens']:,} tokens)", "",
              f"Timing preset `{rec['timing_preset']}` (assumed): {t['h2d_bytes_per_s'] / 1e9:.0f} GB/s host→device, "
              f"{t['expert_bytes']:,} bytes per expert ({t['copy_s'] * 1e3:.3f} ms per copy), "
              f"{t['layer_compute_s'] * 1e3:.2f} ms compute per MoE layer.", "",
@@ -162,8 +165,8 @@ def markdown(rec: dict) -> str:
         prec = f"{r['precision']:.3f}" if "precision" in r else "—"
         lines.append(f"| {r['slots_per_layer']} | {r['label']} | {r['hit_rate']:.4f} | "
                      f"{r['bytes_per_token'] / 1e6:.1f} | {r['stall_per_token_s'] * 1e3:.2f} | {prec} |")
-    lines += ["", f"## Token scheduling, LRU with {rec['sched_slots']} slots/layer, requests of ≤ "
-              f"{rec['request_tokens']} tokens", "",
+    lines += ["", f"## Token scheduling, LRU with {rec['sched_slots']} slots/layer: all held-out prompts cut into "
+              f"{rec['sched'][0]['requests']} requests of ≤ {rec['request_tokens']} tokens", "",
               "| B | schedule | tokens/step | distinct experts/layer/step | per token | MB/token H2D | "
               "stall ms/token | longest wait (steps) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rec["sched"]:
@@ -172,9 +175,11 @@ def markdown(rec: dict) -> str:
                      f"{r['stall_per_token_s'] * 1e3:.2f} | {r['max_wait']} |")
     if rec.get("engine"):
         e = rec["engine"]
-        lines += ["", f"## Engine: offloaded greedy decoding on `{rec['engine_model']}` (virtual `{rec['timing_preset']}` "
-                  f"clock), {e[0]['prompts']} report prompts × ({rec['engine_prompt_tokens']} prompt + "
-                  f"{rec['engine_new_tokens']} new tokens), predictive threshold p > {rec['engine_threshold']}", "",
+        lines += ["", f"## Engine: offloaded greedy decoding on `{rec['engine_model']}` "
+                  f"(virtual `{rec['timing_preset']}` clock), "
+                  f"{e[0]['prompts']} report prompts × ({rec['engine_prompt_tokens']} prompt + "
+                  f"{rec['engine_new_tokens']} new tokens), predictive thresholds (slots: p) {rec['engine_threshold']} "
+                  f"from the tuning prompts", "",
                   "| slots/layer | policy | tokens equal resident | hits | misses | hit rate | stall ms/token |",
                   "|---:|---|---|---:|---:|---:|---:|"]
         for r in e:
@@ -186,7 +191,9 @@ def markdown(rec: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
+    ap.add_argument("--trace", nargs="+", default=[str(DEFAULT_TRACE)],
+                    help="routing traces of one model (the predictor's training traces: their held-out prompts "
+                         "are used)")
     ap.add_argument("--predictor", required=True, help="an `ef-jax train-predictor --out` directory")
     ap.add_argument("--name", default="deepseek_v2_lite")
     ap.add_argument("--tune-prompts", type=float, default=0.5,
@@ -204,13 +211,18 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
-    full = load_trace(args.trace)
     tp = TrainedPredictor.load(args.predictor)
-    split = next((s for s in tp.meta.get("traces", []) if Path(s["path"]).name == Path(args.trace).name), None)
-    n_train = split["train_prompts"] if split else 0
-    n_tune = n_train + int(round((full.num_prompts - n_train) * args.tune_prompts))
-    held, tune, report = (prompt_slice(full, n_train, full.num_prompts), prompt_slice(full, n_train, n_tune),
-                          prompt_slice(full, n_tune, full.num_prompts))
+    traces = [load_trace(p) for p in args.trace]
+    splits, parts = [], {"held": [], "tune": [], "report": []}
+    for path, t in zip(args.trace, traces):  # the predictor's own split of each trace, found by content
+        n_train = next((s["train_prompts"] for s in tp.meta.get("traces", []) if s["digest"] == trace_digest(t)), 0)
+        n_tune = n_train + int(round((t.num_prompts - n_train) * args.tune_prompts))
+        splits.append({"trace": Path(path).name, "train": n_train, "tune": n_tune, "report": t.num_prompts})
+        parts["held"].append(prompt_slice(t, n_train, t.num_prompts))
+        parts["tune"].append(prompt_slice(t, n_train, n_tune))
+        parts["report"].append(prompt_slice(t, n_tune, t.num_prompts))
+    held, tune, report = (concat_traces(parts[k]) for k in ("held", "tune", "report"))
+    full = traces[0]
     E, K = tp.cfg.num_experts, full.experts.shape[-1]
     timing = get_timing(args.timing)
     t0 = time.perf_counter()
@@ -224,10 +236,10 @@ def main(argv=None) -> int:
     for r in sim:
         print(f"S={r['slots_per_layer']} {r['label']}: hit {r['hit_rate']:.4f}, {r['bytes_per_token'] / 1e6:.1f} "
               f"MB/token, stall {r['stall_per_token_s'] * 1e3:.2f} ms/token", flush=True)
-    sched = sched_table(report, tp.scores(report), args.batch_sizes, args.sched_slots, timing, E,
+    sched = sched_table(held, tp.scores(held), args.batch_sizes, args.sched_slots, timing, E,  # tunes nothing
                         args.request_tokens)
-    rec = {"name": args.name, "trace": Path(args.trace).name, "layers": int(full.experts.shape[1]), "top_k": K,
-           "experts": E, "split": {"train": n_train, "tune": n_tune, "report": full.num_prompts},
+    rec = {"name": args.name, "trace": ", ".join(sp["trace"] for sp in splits), "layers": int(full.experts.shape[1]),
+           "top_k": K, "experts": E, "split": splits,
            "machine": f"{platform.machine()} CPU, {jax.default_backend()} backend ({jax.device_count()} device)",
            "commit": git_commit(), "timing_preset": args.timing,
            "timing": {"h2d_bytes_per_s": timing.h2d_bytes_per_s, "expert_bytes": timing.expert_bytes,
@@ -245,8 +257,8 @@ def main(argv=None) -> int:
            "sched_slots": args.sched_slots, "request_tokens": args.request_tokens,
            "wall_s": time.perf_counter() - t0}
     if args.engine_model:
-        chosen = [r["threshold"] for r in sim if r["label"].startswith("predictive (p")]
-        rec["engine_threshold"] = chosen[0] if chosen else None
+        rec["engine_threshold"] = {r["slots_per_layer"]: r["threshold"] for r in sim
+                                   if r["label"].startswith("predictive (p")}
         rec["engine_model"] = args.engine_model
         rec["engine_prompt_tokens"], rec["engine_new_tokens"] = args.engine_prompt_tokens, args.engine_new_tokens
         rec["engine"] = engine_table(None if args.engine_model == "default" else args.engine_model, tp, report,

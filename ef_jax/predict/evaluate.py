@@ -91,7 +91,8 @@ def step_latency(predictor, tokens: int = 64, batch: int = 1, context: int | Non
         t0 = time.perf_counter()
         step.predict(np.full(batch, t))
         times.append(time.perf_counter() - t0)
-    return {"batch": batch, "context": step.context, "steps": tokens, "median_s": float(np.median(times)), "p90_s": float(np.percentile(times, 90))}
+    return {"batch": batch, "context": step.context, "steps": tokens, "median_s": float(np.median(times)),
+            "p90_s": float(np.percentile(times, 90))}
 
 
 def format_table(res: dict) -> str:

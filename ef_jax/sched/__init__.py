@@ -2,4 +2,5 @@
 from ef_jax.sched.route_scheduler import (ContinuousScheduler, TokenScheduler, arrival_batches, predicted_sets,
                                          request_profiles, route_batches)
 
-__all__ = ["ContinuousScheduler", "TokenScheduler", "arrival_batches", "predicted_sets", "request_profiles", "route_batches"]
+__all__ = ["ContinuousScheduler", "TokenScheduler", "arrival_batches", "predicted_sets", "request_profiles",
+           "route_batches"]

@@ -1,15 +1,15 @@
 """Batched replay: requests decode together in batches; each step's layer needs the union of the rows' experts.
 
-[trace prompts = requests] × [static batches of request indices | a continuous-batching scheduler] → each step
-takes the next token of every running request → per layer: union of their experts → ExpertCache (in passes of ≤ S experts) on the copy-stream
-clock → BatchedStats (distinct experts per layer and step, bytes and stall per token, hit rate)
+[trace prompts = requests] × [static batches | continuous batching | per-step token choice] → each step takes
+the next token of every request it runs → per layer: union of their experts → ExpertCache (in passes of ≤ S
+experts) on the copy-stream clock → BatchedStats (distinct experts per layer and step, bytes and stall per token)
 
 Axes: N tokens, P requests, L MoE layers, K routed experts per token, E experts per layer, S slots per layer,
 B requests per batch.
 
 The same ExpertCache, policies and timing model as ef_jax.sim.replay; the difference is what a step is: there B
-consecutive tokens, here the t-th token of B whole requests (how a server decodes a batch of prompts, which is what
-a token scheduler chooses). A layer whose union exceeds S runs in passes, as in the engine: each pass requires
+consecutive tokens, here the next token of up to B requests (how a server decodes many prompts, and what a
+token scheduler chooses). A layer whose union exceeds S runs in passes, as in the engine: each pass requires
 at most S experts, waits for them and computes for layer_compute_s / passes.
 """
 from __future__ import annotations
