@@ -12,6 +12,8 @@ included); without it, the wall clock of this machine and its measured pinned H2
   python benchmarks/bench_policies.py --replay TRACE.npz --replay-layers 4  # DeepSeek-V2-Lite-shaped random model,
                                                                             # routing replayed from a real trace
   python benchmarks/bench_policies.py --tiny --out DIR                      # CPU smoke mode (a test runs it)
+  python benchmarks/bench_policies.py --timing h100 --text FILE --tolerance-sweep 0 0.01 0.02 0.05 0.1
+      # cache-aware routing: perplexity and greedy agreement vs exact routing against bytes moved, per δ
 """
 from __future__ import annotations
 
@@ -99,6 +101,44 @@ def belady_row(routing, slots, batch, E, timing, frac):
             "perplexity": float("nan"), "routing_substitutions": 0}
 
 
+def tolerance_sweep(model, ids, args, timing) -> dict:
+    """expertflow with cache-aware routing at each δ vs exact routing: perplexity cost, greedy-token agreement
+    (teacher-forced argmax), bytes per token, at each budget; batch 1."""
+    cfg, rows = model.config, []
+    for frac in args.budgets:
+        slots = min(cfg.num_experts, max(cfg.top_k, round(frac * cfg.num_experts)))
+        exact = evaluate_policy(model, ids, OffloadConfig(slots_per_layer=slots, policy="expertflow", timing=timing),
+                                seq_len=args.seq_len, max_tokens=args.tokens)
+        for tol in args.tolerance_sweep:
+            r = evaluate_policy(model, ids, OffloadConfig(slots_per_layer=slots, policy="expertflow", timing=timing,
+                                                          routing="cache-aware", routing_tolerance=tol),
+                                seq_len=args.seq_len, max_tokens=args.tokens)
+            rows.append({"budget": frac, "slots_per_layer": slots, "tolerance": tol, "perplexity": r.perplexity,
+                         "perplexity_cost": r.perplexity / exact.perplexity - 1,
+                         "greedy_agreement": float((r.argmax == exact.argmax).mean()),
+                         "mb_per_token": r.bytes_per_token / 1e6, "exact_mb_per_token": exact.bytes_per_token / 1e6,
+                         "stall_ms_per_token": 1e3 * r.stall_s_per_token, "hit_rate": r.hit_rate,
+                         "substitutions_per_token": r.stats["routing_substitutions"] / r.tokens})
+            print(f"  {int(frac * 100)}% δ={tol}: perplexity {r.perplexity:.3f} ({100 * rows[-1]['perplexity_cost']:+.2f} %), "
+                  f"agreement {rows[-1]['greedy_agreement']:.3f}, {rows[-1]['mb_per_token']:.1f} MB/token "
+                  f"(exact {rows[-1]['exact_mb_per_token']:.1f})", flush=True)
+    return {"rows": rows}
+
+
+def sweep_markdown(record: dict) -> str:
+    lines = [f"# Cache-aware routing: quality vs bytes — {record['setup']}", "",
+             f"expertflow, batch 1, {record['tokens']} teacher-forced tokens, clock {record['clock']}; δ is a "
+             f"router-probability difference; cost and agreement against exact routing. Commit {record['commit']}.", "",
+             "| budget | δ | perplexity | cost | greedy agreement | MB/token (exact) | stall ms/token | hit rate | "
+             "swaps/token |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        lines.append(f"| {int(r['budget'] * 100)}% | {r['tolerance']} | {r['perplexity']:.3f} | "
+                     f"{100 * r['perplexity_cost']:+.2f} % | {r['greedy_agreement']:.3f} | {r['mb_per_token']:.1f} "
+                     f"({r['exact_mb_per_token']:.1f}) | {r['stall_ms_per_token']:.3f} | {r['hit_rate']:.3f} | "
+                     f"{r['substitutions_per_token']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def load_setup(args):
     """(model, token ids, route_override factory or None, description)."""
     if args.tiny:
@@ -177,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--replay-layers", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny random model, few tokens")
+    ap.add_argument("--tolerance-sweep", type=float, nargs="+", default=None,
+                    help="instead of the policy table: cache-aware routing at each δ vs exact (quality vs bytes)")
     ap.add_argument("--stem", default=None, help="output file stem (default policies_<setup>)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
@@ -198,6 +240,11 @@ def main(argv=None) -> int:
     peak = timing.h2d_bytes_per_s if timing else measure_h2d_peak(4 << 20 if args.tiny else 256 << 20)
     print(f"{setup}; device {device}; clock {'virtual ' + args.timing if timing else 'wall'}; "
           f"H2D peak {peak / 1e9:.2f} GB/s")
+    if args.tolerance_sweep:
+        rec = {"setup": setup, "device": device, "clock": "virtual " + args.timing if timing else "wall",
+               "tokens": args.tokens, "commit": git_commit(), **tolerance_sweep(model, ids, args, args.timing)}
+        write_results(args.out, args.stem or "policies_tolerance", rec, sweep_markdown(rec))
+        return 0
     rows = []
     for frac in args.budgets:
         slots = min(cfg.num_experts, max(cfg.top_k, round(frac * cfg.num_experts)))

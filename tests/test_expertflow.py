@@ -133,17 +133,21 @@ def test_precision_gate_by_distance_and_rank():
         def is_resident(self, layer, expert):
             return False
     h = np.ones((1, 4), np.float32)
-    reqs = pol.on_hidden(0, h, _View())
+
+    def predict():  # S ≥ 2: requests wait for layer 1's demand loads (FIFO copy stream), then come out of on_route
+        assert pol.on_hidden(0, h, _View()) == []
+        return pol.on_route(1, [], _View())
+    reqs = predict()
     assert {t for t, _ in reqs} == {2, 3} and len(reqs) == 4  # nothing measured yet: explore every prediction
     for d in (2, 3):
         pol.precision[d] = [0.9, 0.1]  # rank 0 is reliable, rank 1 is not
     _View.step = 1
-    reqs = pol.on_hidden(0, h, _View())
+    reqs = predict()
     assert len(reqs) == 2 and {t for t, _ in reqs} == {2, 3}  # only the top-ranked expert per target
     assert all(len(r) == 2 for r in pol._pred[2].values())  # both still recorded, so precision keeps updating
     pol.precision[2] = pol.precision[3] = [0.1, 0.1]
     _View.step = 2
-    assert pol.on_hidden(0, h, _View()) == []
+    assert predict() == []
 
 
 def test_break_even_precision_rises_with_stream_load():
