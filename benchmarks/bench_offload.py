@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeline-dir", default=None,
                     help="also record one Perfetto timeline per model (lru, 50%% budget, batch 1) here")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--transfers", default="inline", help="comma-separated OffloadConfig.transfers modes to compare")
+    ap.add_argument("--budgets", default="0.25,0.5")
     args = ap.parse_args(argv)
     names = ["tiny"] if args.tiny else args.models.split(",")
     new_tokens, repeats = (4, 1) if args.tiny else (args.new_tokens, args.repeats)
@@ -82,14 +84,15 @@ def main(argv=None) -> int:
         for batch in map(int, args.batches.split(",")):
             prompts = [[(7 * b + i) % cfg.vocab_size for i in range(16)] for b in range(batch)]
             cases = [("resident", None, 1.0)]
-            for frac in (0.25, 0.5):
+            for frac in map(float, args.budgets.split(",")):
                 slots = max(cfg.top_k, int(cfg.num_experts * frac))
-                cases += [(pol, ef_jax.OffloadConfig(slots_per_layer=slots, policy=pol), frac)
-                          for pol in ("nocache", "lru")]
+                cases += [(pol, ef_jax.OffloadConfig(slots_per_layer=slots, policy=pol, transfers=mode), frac)
+                          for pol in ("nocache", "lru") for mode in args.transfers.split(",")]
             for policy, offload, frac in cases:
                 s = run_case(model, prompts, new_tokens, offload, repeats)
                 decoded = s["generated_tokens"] - batch  # the first token comes from prefill
                 row = {"model": name, "batch": batch, "policy": policy, "budget_frac": frac,
+                       "transfers": offload.transfers if offload is not None else "-",
                        "per_expert_bytes": per, "tokens_per_s": s["tokens_per_s"], "prefill_s": s["prefill_s"],
                        "decode_s": s["decode_s"]}
                 if offload is not None:
@@ -107,10 +110,11 @@ def main(argv=None) -> int:
     md = (f"# bench_offload — {device}, jax {jax.__version__}, {dtype}, commit {meta['commit']}\n\n"
           f"Pinned H2D peak (measured): {peak / 1e9:.2f} GB/s. {meta['layers']} MoE layers, "
           f"{new_tokens} new tokens, median of {repeats}.\n\n"
-          "| model | batch | policy | budget | tokens/s | hit rate | stall ms/token | H2D GB/s |\n"
-          "|---|---|---|---|---|---|---|---|\n")
+          "| model | batch | policy | copies | budget | tokens/s | hit rate | stall ms/token | H2D GB/s |\n"
+          "|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
-        md += (f"| {r['model']} | {r['batch']} | {r['policy']} | {r['budget_frac']:.0%} | {r['tokens_per_s']:.1f} | "
+        md += (f"| {r['model']} | {r['batch']} | {r['policy']} | {r['transfers']} | {r['budget_frac']:.0%} | "
+               f"{r['tokens_per_s']:.1f} | "
                f"{r.get('hit_rate', 1.0):.3f} | {r.get('stall_ms_per_token', 0.0):.2f} | "
                f"{r.get('h2d_gb_per_s', 0.0):.2f} |\n")
     tag = "tiny" if args.tiny else device.replace(" ", "_")

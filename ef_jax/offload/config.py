@@ -25,6 +25,7 @@ ROUTING_MODES = ("exact", "cache-aware")
 # Router-probability difference below which cache-aware routing prefers a resident expert. Chosen from the δ
 # sweep in docs/expertflow.md (perplexity cost ≤ 1 % on held-out text).
 DEFAULT_ROUTING_TOLERANCE = 0.02
+TRANSFER_MODES = ("inline", "thread")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,8 @@ class OffloadConfig:
         resident expert's router probability is within `routing_tolerance` of a chosen non-resident one, the
         resident one is used instead, its weight renormalised as the family does.
       routing_tolerance: δ ≥ 0 for cache-aware routing (default DEFAULT_ROUTING_TOLERANCE).
+      transfers: "inline" (copies issued by the thread that dispatches compute) or "thread" (a background copy
+        thread; see ThreadedTransferQueue for the H100 measurement behind it). Wall clock only.
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None
@@ -55,8 +58,11 @@ class OffloadConfig:
     timing: Any = None
     routing: str = "exact"
     routing_tolerance: float | None = None
+    transfers: str = "inline"
 
     def __post_init__(self):
+        if self.transfers not in TRANSFER_MODES:
+            raise ValueError(f"transfers={self.transfers!r} must be one of {TRANSFER_MODES}")
         if (self.expert_memory is None) == (self.slots_per_layer is None):
             raise ValueError("give exactly one of expert_memory (e.g. '4GiB') or slots_per_layer (e.g. 8)")
         if self.expert_memory is not None:

@@ -33,7 +33,7 @@ from ef_jax.offload.config import OffloadConfig
 from ef_jax.offload import routing as routing_rules
 from ef_jax.offload.clock import get_timing
 from ef_jax.offload.timeline import Timeline
-from ef_jax.offload.transfers import TransferQueue, VirtualTransferQueue
+from ef_jax.offload.transfers import ThreadedTransferQueue, TransferQueue, VirtualTransferQueue
 from ef_jax.policies.registry import POLICIES
 
 
@@ -82,7 +82,9 @@ class OffloadForward:
                                  bytes_per_expert=timing.expert_bytes if timing else self.store.bytes_per_expert,
                                  check=offload.check)
         self.timeline = Timeline() if offload.record_timeline else None
-        if timing is None:
+        if timing is None and offload.transfers == "thread":
+            self.transfers = ThreadedTransferQueue(self.store, self.slots, self.cache, self.timeline, offload.check)
+        elif timing is None:
             self.transfers = TransferQueue(self.store, self.slots, self.cache, self.timeline)
         else:
             self.transfers = VirtualTransferQueue(self.store, self.slots, self.cache, timing, self.timeline)
