@@ -157,6 +157,11 @@ class ThreadedTransferQueue(TransferQueue):
     pending writes are applied (in FIFO order) up to the last one it needs before its experts run; later ones
     wait for a poll or for their own layer. check=True applies every pending write (all layers) at each wait, so
     slot-content verification sees what the slot table says.
+
+    Measured end to end on the same H100 (benchmarks/results/offload_transfers_*_NVIDIA_H100_80GB_HBM3.md), with
+    demand-loading policies (nocache, lru) this mode is slower than inline copies (DeepSeek-V2-Lite shapes, lru,
+    50 %: 48.6 vs 60.0 tokens/s): a demand load cannot overlap anything, and the hand-off to the thread adds
+    latency. So "inline" stays the default; whether prefetching policies gain from the thread is not yet measured.
     """
     clock = "wall-thread"
 
