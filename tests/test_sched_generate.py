@@ -18,5 +18,7 @@ def test_route_schedule_keeps_every_prompts_tokens(tmp_path):
     assert sorted(i for b in route.stats["batches"] for i in b) == list(range(4))
     assert all(len(b) == 2 for b in route.stats["batches"])
     assert route.tokens == arrival.tokens and all(len(t) == 3 for t in route.tokens)
+    via_generate = ef_jax.generate(model, PROMPTS, max_new_tokens=3, batch_size=2, schedule="route")
+    assert via_generate.tokens == arrival.tokens and via_generate.stats["batches"] == route.stats["batches"]
     with pytest.raises(ValueError, match="schedule="):
         generate_scheduled(model, PROMPTS, batch_size=2, schedule="fastest")

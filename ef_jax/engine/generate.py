@@ -50,7 +50,8 @@ def _make_forward(model: Model, offload, layers_per_group: int):
 
 def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float = 1.0, seed: int = 0, offload=None, stop_token_ids: Sequence[int] | None = None,
-             layers_per_group: int = DEFAULT_LAYERS_PER_GROUP) -> GenerationResult:
+             layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, batch_size: int | None = None,
+             schedule: str = "arrival") -> GenerationResult:
     """Generates up to max_new_tokens per prompt.
 
     Args:
@@ -58,8 +59,18 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
       temperature: 0 → greedy; otherwise sample with top_k / top_p from a PRNG seeded by `seed`.
       offload: None (every expert resident) or an ef_jax.OffloadConfig.
       stop_token_ids: extra ids that end a row (EOS from the config / tokenizer always does).
+      batch_size / schedule: decode at most batch_size prompts together, grouped in input order ("arrival") or by
+        overlapping expert routes ("route", ef_jax.sched.generate); outputs stay in input order.
     Returns: GenerationResult(tokens, texts, stats).
     """
+    if batch_size is None and schedule != "arrival":
+        raise ValueError(f"schedule={schedule!r} chooses which prompts share a batch: give batch_size too")
+    if batch_size is not None:
+        from ef_jax.sched.generate import generate_scheduled
+        return generate_scheduled(model, prompts, batch_size=batch_size, schedule=schedule,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, offload=offload, stop_token_ids=stop_token_ids,
+                                  layers_per_group=layers_per_group)
     if not isinstance(model, Model):
         raise TypeError(f"model must be an ef_jax.Model (from ef_jax.load), got {type(model).__name__}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
