@@ -78,6 +78,10 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{args.trace}: prompts {start}..{stop - 1} ({res['tokens']} tokens), recall@{K}")
         print(format_table(res))
+        lookup = res["baselines"].get("token_lookup", {}).get("layer_recall")
+        print("per layer (predictor" + (" / token lookup" if lookup else "") + "):")
+        for l, r in enumerate(res["predictor"]["layer_recall"]):
+            print(f"  layer {l:2d}: {r:.3f}" + (f" / {lookup[l]:.3f}" if lookup else ""))
     return 0
 
 
