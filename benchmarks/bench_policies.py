@@ -35,7 +35,8 @@ from ef_jax.random_model import presets, random_model, with_layers
 from ef_jax.sim import replay
 from results_io import git_commit, write_results
 
-POLICY_ROWS = ["resident", "nocache", "lru", "pregate", "predictive", "expertflow", "expertflow+cache-aware"]
+POLICY_ROWS = ["resident", "nocache", "lru", "pregate", "predictive", "expertflow", "expertflow+cache-aware",
+               "expertflow+hybrid"]
 
 
 def measure_h2d_peak(nbytes: int) -> float:
@@ -43,9 +44,14 @@ def measure_h2d_peak(nbytes: int) -> float:
     return peak(nbytes)
 
 
-def offload_for(name: str, slots: int, timing) -> OffloadConfig | None:
+def offload_for(name: str, slots: int, timing, model=None, hybrid: str | None = None) -> OffloadConfig | None:
     if name == "resident":
         return None
+    if name == "expertflow+hybrid":  # the hybrid cross-layer predictor from `ef-jax train-hybrid`
+        from ef_jax.hybrid import HybridPredictor
+        from ef_jax.policies.expertflow import ExpertFlow
+        pol = ExpertFlow.from_model(model, predictor=HybridPredictor.load(hybrid, model))
+        return OffloadConfig(slots_per_layer=slots, policy=pol, timing=timing)
     if name == "expertflow+cache-aware":
         return OffloadConfig(slots_per_layer=slots, policy="expertflow", routing="cache-aware", timing=timing)
     return OffloadConfig(slots_per_layer=slots, policy=name, timing=timing)
@@ -62,7 +68,7 @@ def trace_override(experts: np.ndarray, batch: int):
 
 
 def run_row(model, ids, name, slots, batch, args, timing, override):
-    offload = offload_for(name, slots, timing)
+    offload = offload_for(name, slots, timing, model, args.hybrid)
     if offload is None and override is not None:
         return None  # a replayed route has no resident counterpart
     try:
@@ -213,6 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5], help="fractions of each layer's experts")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--policies", nargs="+", default=POLICY_ROWS)
+    ap.add_argument("--hybrid", default=None, help="a train-hybrid directory: adds the row expertflow+hybrid")
     ap.add_argument("--replay", default=None, help="routing trace .npz to replay on a random DeepSeek-V2-Lite shape")
     ap.add_argument("--replay-layers", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
@@ -253,7 +260,10 @@ def main(argv=None) -> int:
             override = trace_override(trace, batch) if trace is not None else None
             lru_routing = None
             for name in args.policies:
-                if name not in ("resident", "expertflow+cache-aware") and name not in POLICIES:
+                if name == "expertflow+hybrid" and not args.hybrid:
+                    print(f"  {name}: needs --hybrid DIR, skipped")
+                    continue
+                if name not in ("resident", "expertflow+cache-aware", "expertflow+hybrid") and name not in POLICIES:
                     print(f"  {name}: not registered, skipped")
                     continue
                 out = run_row(model, ids, name, slots, batch, args, args.timing, override)

@@ -21,10 +21,9 @@ def model(request, tmp_path_factory):
     return ef_jax.load(d)
 
 
-@pytest.mark.parametrize("timing", [None, "h100"])
-def test_expertflow_tokens_equal_resident(model, timing):
+def test_expertflow_tokens_equal_resident(model):
     cfg = model.config
-    for prompts in (PROMPTS[:1], PROMPTS):
+    for prompts, timing in ((PROMPTS[:1], None), (PROMPTS, "h100")):  # wall clock at batch 1, virtual at batch 3
         ref = ef_jax.generate(model, prompts, max_new_tokens=6).tokens
         for slots in (cfg.top_k, max(cfg.top_k, cfg.num_experts // 2)):
             res = ef_jax.generate(model, prompts, max_new_tokens=6, offload=OffloadConfig(

@@ -75,19 +75,19 @@ def features(cfg: HybridConfig, rec, routers: list, norms: list) -> dict:
     prev = np.zeros_like(mh)
     prev[1:] = mh[:-1]
     prev[rec.offsets[:-1]] = 0.0  # no previous token at a chunk start
-    src = np.array([j for j, _ in cfg.pairs])
     tgt = np.array([t for _, t in cfg.pairs])
-    return {"zpg": pregate_logits(cfg, hn, routers, norms), "hn": hn[:, src], "cur": mh[:, src], "prev": prev[:, tgt],
+    return {"zpg": pregate_logits(cfg, hn, routers, norms), "hn": hn, "cur": mh, "prev": prev[:, tgt],
             "tok": rec.tokens.astype(np.int32), "y": mh[:, tgt]}
 
 
 def head_logits(params: dict, cfg: HybridConfig, f: dict):
-    """f: zpg [N, P, E], hn [N, P, D], cur/prev [N, P, E], tok i32[N] → logits [N, P, E] (jnp or np)."""
+    """f: zpg [N, P, E], hn [N, L, D], cur [N, L, E], prev [N, P, E], tok i32[N] → logits [N, P, E]."""
     dist = np.array([t - j - 1 for j, t in cfg.pairs])
+    src = np.array([j for j, _ in cfg.pairs])
     emb = params["emb"][f["tok"]]                                        # [N, C]
     return (params["a"][dist][None, :, None] * f["zpg"]
-            + jnp.einsum("npd,pde->npe", f["hn"], params["wh"])
-            + jnp.einsum("npe,pef->npf", f["cur"], params["wc"])
+            + jnp.einsum("npd,pde->npe", f["hn"][:, src], params["wh"])
+            + jnp.einsum("npe,pef->npf", f["cur"][:, src], params["wc"])
             + jnp.einsum("npe,pef->npf", f["prev"], params["wp"])
             + jnp.einsum("nc,pce->npe", emb, params["wk"]) + params["b"][None])
 
