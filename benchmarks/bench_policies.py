@@ -154,6 +154,12 @@ def load_setup(args):
         model = random_model(cfg, seed=0)
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens).tolist()
         return model, ids, "tiny random model (4 MoE layers, CPU smoke mode)"
+    if args.replay and args.replay_shape == "small":  # same routing and virtual clock, CPU-sized weights
+        cfg = dataclasses.replace(with_layers(presets()["tiny"], args.replay_layers), num_experts=64, top_k=6)
+        model = random_model(cfg, seed=0)
+        ids = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens).tolist()
+        return model, ids, (f"small random model (64 experts, top-6, {args.replay_layers} MoE layers), routing "
+                            f"replayed from {os.path.basename(args.replay)}")
     if args.replay:
         cfg = with_layers(presets()["deepseek-v2-lite"], args.replay_layers)
         model = random_model(cfg, dtype=args.dtype or ef_jax.model.default_dtype(), seed=0)
@@ -222,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hybrid", default=None, help="a train-hybrid directory: adds the row expertflow+hybrid")
     ap.add_argument("--replay", default=None, help="routing trace .npz to replay on a random DeepSeek-V2-Lite shape")
     ap.add_argument("--replay-layers", type=int, default=4)
+    ap.add_argument("--replay-shape", choices=["deepseek-v2-lite", "small"], default="deepseek-v2-lite",
+                    help="weights of the replay model; with --timing the numbers depend only on the routing")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny random model, few tokens")
     ap.add_argument("--tolerance-sweep", type=float, nargs="+", default=None,
