@@ -11,14 +11,14 @@ pytest.importorskip("torch")
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
 
 
-@pytest.fixture(scope="module", params=["qwen3moe-norm", "deepseek-qlora-grouped-yarn"])
+@pytest.fixture(scope="module", params=["deepseek-qlora-grouped-yarn"])
 def model(request, tmp_path_factory):
     d = str(tmp_path_factory.mktemp(request.param))
     save_tiny(request.param, d)
     return ef_jax.load(d)
 
 
-@pytest.mark.parametrize("policy", ["lru", "nocache", "pregate", "expertflow"])
+@pytest.mark.parametrize("policy", ["lru", "pregate", "expertflow"])
 def test_threaded_copies_keep_tokens_and_decisions(model, policy):
     cfg = model.config
     ref = ef_jax.generate(model, PROMPTS, max_new_tokens=8).tokens
@@ -32,7 +32,7 @@ def test_threaded_copies_keep_tokens_and_decisions(model, policy):
             assert res.tokens == ref, (policy, slots, check)
             assert res.stats["clock"] == "wall-thread"
             assert res.stats["h2d_bytes"] == res.stats["cache_loads"] * model.param_bytes()["per_expert"]
-            if policy in ("lru", "nocache"):  # no timing-dependent prefetch decisions: identical counters
+            if policy == "lru":  # no timing-dependent prefetch decisions: identical counters
                 assert (res.stats["hits"], res.stats["misses"]) == (inline.stats["hits"], inline.stats["misses"])
 
 
