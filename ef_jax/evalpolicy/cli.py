@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 
 from ef_jax.offload.clock import TIMING_PRESETS
 

@@ -117,7 +117,7 @@ def train(cfg: HybridConfig, f_train: dict, f_val: dict, *, steps: int = 2000, b
         m = jax.tree.map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, m, g)
         v = jax.tree.map(lambda v_, g_: b2 * v_ + (1 - b2) * g_ * g_, v, g)
         scale = lr * math.sqrt(1 - b2 ** step) / (1 - b1 ** step)
-        params = jax.tree.map(lambda p, m_, v_: p - scale * m_ / (jnp.sqrt(v_) + 1e-8), params, m, v)
+        params = jax.tree.map(lambda p, m_, v_, c=scale: p - c * m_ / (jnp.sqrt(v_) + 1e-8), params, m, v)
         if step % 100 == 0 or step == steps:
             vl = float(val_loss(params, cfg, f_val, 0.0))
             if vl < best:

@@ -194,7 +194,7 @@ class ExpertFlow(Pregate):
         self.unused += len(mine)  # prefetched for this layer, not needed by it
         mine.clear()
         if self._pred_step[layer] == view.step:
-            need = set(int(e) for e in experts)
+            need = {int(e) for e in experts}
             for dist, ranked in self._pred[layer].items():
                 prec = self.precision[dist]
                 for e, r in ranked.items():
