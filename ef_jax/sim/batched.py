@@ -23,10 +23,11 @@ from ef_jax.offload.cache import ExpertCache
 from ef_jax.offload.clock import CopyStream, get_timing
 from ef_jax.policies.base import Policy
 from ef_jax.policies.registry import get_policy
+from ef_jax.sim.replay import PerTokenFigures
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchedStats:
+class BatchedStats(PerTokenFigures):
     """What a batched replay measured; accesses are (layer, expert, step) as in ReplayStats."""
     policy: str
     slots_per_layer: int
@@ -52,14 +53,6 @@ class BatchedStats:
     def distinct_per_token(self) -> float:
         """Distinct experts a layer loads per token decoded (the union spread over the step's rows)."""
         return self.distinct_per_layer / max(self.tokens_per_step, 1e-9)
-
-    @property
-    def bytes_per_token(self) -> float:
-        return self.bytes_h2d / max(self.tokens, 1)
-
-    @property
-    def stall_per_token_s(self) -> float | None:
-        return None if self.stall_s is None else self.stall_s / max(self.tokens, 1)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "bytes_per_token": self.bytes_per_token,

@@ -26,8 +26,20 @@ from ef_jax.policies.base import Policy
 from ef_jax.policies.registry import get_policy
 
 
+class PerTokenFigures:
+    """bytes and stall per decoded token, for stats records with `bytes_h2d`, `stall_s` and `tokens` fields."""
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_h2d / max(self.tokens, 1)
+
+    @property
+    def stall_per_token_s(self) -> float | None:
+        return None if self.stall_s is None else self.stall_s / max(self.tokens, 1)
+
+
 @dataclasses.dataclass(frozen=True)
-class ReplayStats:
+class ReplayStats(PerTokenFigures):
     """What a replay measured. Counts are per expert access (one needed expert, one layer, one step)."""
     policy: str
     slots_per_layer: int
@@ -47,14 +59,6 @@ class ReplayStats:
     stall_s: float | None    # total compute wait for copies (None without a timing model)
     total_s: float | None    # end of the last layer's compute (None without a timing model)
     layer_hit_rate: tuple[float, ...]  # f[L]
-
-    @property
-    def bytes_per_token(self) -> float:
-        return self.bytes_h2d / max(self.tokens, 1)
-
-    @property
-    def stall_per_token_s(self) -> float | None:
-        return None if self.stall_s is None else self.stall_s / max(self.tokens, 1)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
