@@ -64,7 +64,7 @@ def _cmd_info(args) -> int:
 def _cmd_trace(args) -> int:
     import ef_jax
     from ef_jax.engine.batch import normalize_prompts
-    from ef_jax.sim.trace import save_trace
+    from ef_jax.engine.forward import save_routing_trace
     model = ef_jax.load(args.model, dtype=args.dtype)
     with open(args.text, encoding="utf-8") as f:
         texts = [t for t in (f.read().split("\n\n") if args.split_paragraphs else [f.read()]) if t.strip()]
@@ -72,12 +72,8 @@ def _cmd_trace(args) -> int:
         raise ValueError(f"--text {args.text} holds no text")
     ids, _ = normalize_prompts(texts, model.tokenizer, model.config.vocab_size)
     chunks = [seq[i:i + args.max_tokens] for seq in ids for i in range(0, len(seq), args.max_tokens)]
-    experts = [ef_jax.trace_routing(model, [c]) for c in chunks]
-    pieces = [model.tokenizer.convert_ids_to_tokens(c) if model.tokenizer else [str(t) for t in c] for c in chunks]
-    offsets = np.cumsum([0] + [len(c) for c in chunks])
-    save_trace(args.out, np.concatenate(experts), offsets, np.arange(len(chunks), dtype=np.int32),
-               [p for ps in pieces for p in ps])
-    print(f"wrote {args.out}: {offsets[-1]} tokens × {experts[0].shape[1]} MoE layers × top-{experts[0].shape[2]} "
+    experts = save_routing_trace(model, chunks, args.out)
+    print(f"wrote {args.out}: {experts.shape[0]} tokens × {experts.shape[1]} MoE layers × top-{experts.shape[2]} "
           f"in {len(chunks)} sequences")
     return 0
 

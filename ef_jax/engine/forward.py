@@ -96,3 +96,16 @@ def trace_routing(model: Model, texts_or_token_ids, *, layers_per_group: int = D
             per_layer = [np.asarray(routings[i].experts) for i in model.config.moe_layer_ids]  # [T, K] each
             rows.append(np.stack(per_layer, axis=1))
     return np.concatenate(rows, axis=0)
+
+
+def save_routing_trace(model: Model, chunks, path: str) -> np.ndarray:
+    """Traces each token-id chunk as its own sequence (one prompt per chunk) and writes the routing-trace .npz
+    (experts, offsets, prompt_id, token strings) that ef_jax.sim.trace.load_trace reads. Returns experts [N, L, K]."""
+    from ef_jax.sim.trace import save_trace
+    chunks = [list(c) for c in chunks]
+    experts = np.concatenate([trace_routing(model, [c]) for c in chunks])
+    tokens = [t for c in chunks for t in (model.tokenizer.convert_ids_to_tokens(c) if model.tokenizer
+                                          else [str(i) for i in c])]
+    offsets = np.cumsum([0] + [len(c) for c in chunks])
+    save_trace(path, experts, offsets, np.arange(len(chunks), dtype=np.int32), tokens)
+    return experts

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ef_jax.engine.forward import logits as ef_jax_logits
 from ef_jax.models.layers import rms_norm
 from ef_jax.train.corpus import DOMAINS, LICENSES
 from ef_jax.train.data import eval_windows
@@ -26,11 +27,10 @@ TRACE_SEQ = 512
 
 
 def layer_states(model, tokens: np.ndarray):
-    """tokens i32[B, T] → (logits f32[B, T, V], inputs: per layer the residual stream entering it [N, D],
-    experts: per layer i32[N, K]). The same ef_jax layer functions as inference, experts all resident."""
+    """tokens i32[B, T] → (inputs: per layer the residual stream entering it [N, D], experts: per layer i32[N, K]
+    or None for a dense layer). The same ef_jax layer functions as inference, experts all resident."""
     from ef_jax.models import attention as attn_lib
     from ef_jax.models.transformer import (
-        head,
         layer_attention_and_route,
         layer_finish,
         layer_kinds,
@@ -49,7 +49,7 @@ def layer_states(model, tokens: np.ndarray):
         h, normed, routing, _ = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
         x = layer_finish(p, cfg, kind, h, normed, routing, pool, identity if kind.moe else None)
         experts.append(np.asarray(routing.experts) if routing is not None else None)
-    return np.asarray(head(cfg, model.params, x, last_only=False)), inputs, experts
+    return inputs, experts
 
 
 def perplexity(model, stream: np.ndarray) -> tuple[float, int]:
@@ -57,8 +57,7 @@ def perplexity(model, stream: np.ndarray) -> tuple[float, int]:
     nll, n = 0.0, 0
     for i in range(0, len(windows), 8):
         w = windows[i:i + 8]
-        logits, _, _ = layer_states(model, w[:, :-1])
-        logp = jax.nn.log_softmax(jnp.asarray(logits), -1)
+        logp = jax.nn.log_softmax(jnp.asarray(ef_jax_logits(model, w[:, :-1])), -1)
         nll -= float(jnp.take_along_axis(logp, jnp.asarray(w[:, 1:, None]), -1).sum())
         n += w[:, 1:].size
     return float(np.exp(nll / n)), n
@@ -74,7 +73,7 @@ def routing_stats(model, sequences: list[np.ndarray]) -> list[dict]:
     recall_num = np.zeros(len(ids))
     pairs = tokens = 0
     for seq in sequences:
-        _, inputs, experts = layer_states(model, seq[None])
+        inputs, experts = layer_states(model, seq[None])
         for j, layer in enumerate(ids):
             ex = experts[layer]                                          # [T, K]
             np.add.at(counts[j], ex.reshape(-1), 1)
@@ -99,19 +98,14 @@ def routing_stats(model, sequences: list[np.ndarray]) -> list[dict]:
 
 def write_traces(model, streams: dict, traces_dir: str, tokens_per_domain: int) -> dict[str, str]:
     """benchmarks/data/default_model_<domain>.npz: routing of the first held-out tokens, TRACE_SEQ per sequence."""
-    from ef_jax.engine.forward import trace_routing
-    from ef_jax.sim.trace import save_trace
+    from ef_jax.engine.forward import save_routing_trace
     os.makedirs(traces_dir, exist_ok=True)
     paths = {}
     for dom in DOMAINS:
-        stream = streams[f"{dom}_heldout"][:tokens_per_domain].astype(np.int32)
+        stream = streams[f"{dom}_heldout"][:tokens_per_domain].astype(np.int32).tolist()
         seqs = [stream[i:i + TRACE_SEQ] for i in range(0, len(stream), TRACE_SEQ)]
-        experts = np.concatenate([trace_routing(model, [s.tolist()], max_tokens_per_sequence=TRACE_SEQ)
-                                  for s in seqs])
-        offsets = np.cumsum([0] + [len(s) for s in seqs])
         path = os.path.join(traces_dir, f"default_model_{dom}.npz")
-        save_trace(path, experts, offsets, np.arange(len(seqs), dtype=np.int32),
-                   model.tokenizer.convert_ids_to_tokens(stream.tolist()))
+        experts = save_routing_trace(model, seqs, path)
         paths[dom] = path
         print(f"[card] trace {path}: {len(stream)} tokens × {experts.shape[1]} layers × top-{experts.shape[2]}",
               flush=True)

@@ -115,7 +115,8 @@ def fit(tc: TrainConfig, data_dir: str, out_dir: str, *, export_dtype: str = "bf
             break
     minutes = (time.perf_counter() - t0) / 60
     params, experts = best[2]
-    summary = {"steps_done": done, "exported_step": best[1], "exported_heldout_ce": best[0], "steps_planned": tc.steps, "tokens_seen": tokens, "minutes": minutes,
+    summary = {"steps_done": done, "exported_step": best[1], "exported_heldout_ce": best[0],
+               "steps_planned": tc.steps, "tokens_seen": tokens, "minutes": minutes,
                "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "parameters": n_params, "stopped_by": "steps" if done == tc.steps else "max_minutes", "log": log}
     corpus = json.load(open(os.path.join(data_dir, "corpus.json")))
