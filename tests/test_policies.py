@@ -109,6 +109,25 @@ def test_belady_equals_brute_force_optimum(trace):
     assert drive(x, S, Belady(x)).hits == optimal_hits(x, S)
 
 
+@settings(max_examples=60, deadline=None)
+@given(traces())
+def test_belady_lookahead_spans_lru_to_belady(trace):
+    """lookahead 0 knows nothing (exactly LRU); a lookahead past the trace is Belady; no lookahead beats Belady.
+    (A partial oracle is not guaranteed to beat LRU, so that is not asserted.)"""
+    x, S = trace
+    N = len(x)
+    assert drive(x, S, Belady(x, lookahead=0)).hits == drive(x, S, "lru").hits
+    assert drive(x, S, Belady(x, lookahead=N)).hits == drive(x, S, Belady(x)).hits
+    for k in (1, 2, 4):
+        assert drive(x, S, Belady(x, lookahead=k)).hits <= drive(x, S, Belady(x)).hits
+
+
+def test_belady_lookahead_argument_errors():
+    with pytest.raises(ValueError, match="lookahead=-1 must be None"):
+        Belady(lookahead=-1)
+    assert Belady(lookahead=3).name == "belady-3"
+
+
 @settings(max_examples=30, deadline=None)
 @given(traces())
 def test_nocache_always_misses(trace):

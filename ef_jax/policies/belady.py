@@ -8,6 +8,10 @@ Axes: N tokens, L MoE layers, E experts per layer, K experts per token, B tokens
 It needs the whole future trace, so it is a simulator-only bound (the replay hands it the trace through
 `set_future`). With B tokens per step, step s covers tokens [s·B, (s+1)·B); distances are measured in tokens,
 which orders steps the same way.
+
+`lookahead=k` limits the oracle to the routing of the next k tokens after the current step: experts not used
+within them look alike and go least recently used first. k = 0 is LRU, k ≥ N is Belady; in between it measures
+how much future an eviction rule must know to come near the optimum (benchmarks/bench_eviction_bound.py).
 """
 from __future__ import annotations
 
@@ -41,10 +45,16 @@ def next_use_index(experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Belady(BasePolicy):
-    """Offline optimum for demand caching. Args: future (optional) i[N, L, K]; batch_size B tokens per step."""
+    """Offline optimum for demand caching. Args: future (optional) i[N, L, K]; batch_size B tokens per step;
+    lookahead: None (the whole future) or k ≥ 0 tokens of it (module docstring)."""
     name = "belady"
 
-    def __init__(self, future: np.ndarray | None = None, batch_size: int = 1):
+    def __init__(self, future: np.ndarray | None = None, batch_size: int = 1, lookahead: int | None = None):
+        if lookahead is not None and (not isinstance(lookahead, (int, np.integer)) or lookahead < 0):
+            raise ValueError(f"lookahead={lookahead!r} must be None (the whole future) or an int ≥ 0")
+        self.lookahead = None if lookahead is None else int(lookahead)
+        if lookahead is not None:
+            self.name = f"belady-{lookahead}"
         self._future = None
         if future is not None:
             self.set_future(future, batch_size)
@@ -76,6 +86,12 @@ class Belady(BasePolicy):
         E = min(num_experts, self._first.shape[1])
         first[:, :E] = self._first[:, :E]
         self._next = first.tolist()  # int[L][E]: next token (≥ the current step) that uses the expert
+        self._clock, self._horizon = 0, N
+        self._last = [[-1] * num_experts for _ in range(num_layers)]  # int[L][E]: clock of the last access
+
+    def on_access(self, layer: int, expert: int, hit: bool) -> None:
+        self._clock += 1
+        self._last[layer][expert] = self._clock
 
     def on_route(self, layer: int, experts: Sequence[int], view) -> list:
         B, N = self._batch, len(self._fut_rows)
@@ -83,6 +99,8 @@ class Belady(BasePolicy):
         if t0 >= N:
             raise RuntimeError(f"belady: step {view.step} is past the future trace ({N} tokens, {B} per step)")
         nxt = self._next[layer]
+        if self.lookahead is not None:  # the oracle sees tokens up to t1 + k − 1; later uses all look alike
+            self._horizon = t1 + self.lookahead
         seen = set()
         for t in range(t0, t1):  # later tokens overwrite: next use after the step's last occurrence
             for e, n in zip(self._fut_rows[t][layer], self._nxt_rows[t][layer]):
@@ -94,4 +112,5 @@ class Belady(BasePolicy):
         return []
 
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
-        return max(candidates, key=self._next[layer].__getitem__)
+        nxt, last, cap = self._next[layer], self._last[layer], self._horizon
+        return max(candidates, key=lambda e: (min(nxt[e], cap), -last[e]))
