@@ -5,11 +5,13 @@
   2. replay (batch 1) of the report prompts at each slot count, timing preset: nocache, lru, predictive, belady —
      predictive's confidence threshold chosen on the tune prompts (lowest stall), top-K variant shown too
   3. token scheduling (all held-out prompts cut into requests of ≤ --request-tokens): distinct experts per layer and
-     step, MB and stall per token, for continuous batching in arrival order vs the route-aware token scheduler
+     step, MB and stall per token, for continuous batching in arrival order vs round robin, the route-aware token
+     scheduler and its cache-aware variant (which reads the replayed cache's residency before each step)
 → benchmarks/results/predictor_<name>.{json,md}
 
     python -m ef_jax.cli train-predictor TRACE --out DIR --max-minutes 12     # once
     python benchmarks/bench_predictor.py --predictor DIR [--trace TRACE] [--name deepseek_v2_lite]
+    python benchmarks/bench_predictor.py --predictor DIR --only sched   # redo section 3 in the existing record
 
 Timing presets are models, not measurements (ef_jax.offload.clock.TIMING_PRESETS): stall figures are what the
 assumed bandwidth and compute time imply.
@@ -17,6 +19,7 @@ assumed bandwidth and compute time imply.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import time
@@ -93,7 +96,9 @@ def sched_table(trace, scores, batch_sizes, slots, timing, E, request_tokens) ->
         variants = [("arrival order (continuous batching)", ContinuousScheduler(np.zeros((len(offsets) - 1, 1)), B,
                                                                                   route=False), {}),
                     ("round robin, pool 2B", TokenScheduler(B, route=False), dict(sets=sets, pool=2 * B)),
-                    ("route-aware, pool 2B", TokenScheduler(B, route=True), dict(sets=sets, pool=2 * B))]
+                    ("route-aware, pool 2B", TokenScheduler(B, route=True), dict(sets=sets, pool=2 * B)),
+                    ("route + cache-aware, pool 2B", TokenScheduler(B, route=True, cache_aware=True),
+                     dict(sets=sets, pool=2 * B))]
         for label, sched, extra in variants:
             s = replay_batches(trace.experts, offsets, sched, **kw, **extra)
             rows.append(s.to_dict() | {"label": label, "B": B, "requests": len(offsets) - 1})
@@ -166,8 +171,11 @@ def markdown(rec: dict) -> str:
         lines.append(f"| {r['slots_per_layer']} | {r['label']} | {r['hit_rate']:.4f} | "
                      f"{r['bytes_per_token'] / 1e6:.1f} | {r['stall_per_token_s'] * 1e3:.2f} | {prec} |")
     lines += ["", f"## Token scheduling, LRU with {rec['sched_slots']} slots/layer: all held-out prompts cut into "
-              f"{rec['sched'][0]['requests']} requests of ≤ {rec['request_tokens']} tokens", "",
-              "| B | schedule | tokens/step | distinct experts/layer/step | per token | MB/token H2D | "
+              f"{rec['sched'][0]['requests']} requests of ≤ {rec['request_tokens']} tokens", ""]
+    if rec.get("sched_commit"):
+        lines += [f"Rerun alone (`--only sched`) at commit {rec['sched_commit']}, with a retrained predictor "
+                  f"({rec['sched_predictor_steps']} steps, same settings).", ""]
+    lines += ["| B | schedule | tokens/step | distinct experts/layer/step | per token | MB/token H2D | "
               "stall ms/token | longest wait (steps) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rec["sched"]:
         lines.append(f"| {r['B']} | {r['label']} | {r['tokens_per_step']:.1f} | {r['distinct_per_layer']:.2f} | "
@@ -187,6 +195,22 @@ def markdown(rec: dict) -> str:
                          f"{r['hits']} | {r['misses']} | {r['hit_rate']:.4f} | "
                          f"{r['stall_s'] / max(r['tokens'], 1) * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _only_sched(args, tp: TrainedPredictor, held, timing, E: int) -> int:
+    """Rerun the token-scheduling table and put it into the existing record (which must match the settings)."""
+    path = Path(args.out) / f"predictor_{args.name}.json"
+    if not path.exists():
+        raise SystemExit(f"--only sched updates {path}, which does not exist: run the full benchmark first")
+    rec = json.loads(path.read_text())
+    if rec["timing_preset"] != args.timing:
+        raise SystemExit(f"{path} was made with --timing {rec['timing_preset']}, not {args.timing}")
+    rec["sched"] = sched_table(held, tp.scores(held), args.batch_sizes, args.sched_slots, timing, E,
+                               args.request_tokens)
+    rec.update(sched_slots=args.sched_slots, request_tokens=args.request_tokens, sched_commit=git_commit(),
+               sched_predictor_steps=(tp.meta.get("history") or [{}])[-1].get("step", 0))
+    write_results(args.out, f"predictor_{args.name}", rec, markdown(rec))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -210,6 +234,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-prompt-tokens", type=int, default=32)
     ap.add_argument("--engine-new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--only", choices=["sched"], default=None,
+                    help="sched: rerun only the token-scheduling table and replace it in the existing "
+                         "predictor_<name>.json/.md (the other sections keep their numbers and commit)")
     args = ap.parse_args(argv)
     tp = TrainedPredictor.load(args.predictor)
     traces = [load_trace(p) for p in args.trace]
@@ -226,6 +253,8 @@ def main(argv=None) -> int:
     E, K = tp.cfg.num_experts, full.experts.shape[-1]
     timing = get_timing(args.timing)
     t0 = time.perf_counter()
+    if args.only == "sched":
+        return _only_sched(args, tp, held, timing, E)
     recall = evaluate(tp, held, train=training_trace(tp.meta), budgets=[K, 2 * K], num_experts=E)
     print(format_table(recall), flush=True)
     lat1, lat8 = step_latency(tp, batch=1), step_latency(tp, batch=8)

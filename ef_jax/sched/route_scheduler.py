@@ -148,40 +148,65 @@ class TokenScheduler:
     experts not yet in the batch (ties: the longer-waiting, then the earlier request). route=False picks the B
     longest-waiting tokens (round robin: the baseline with the same pool).
 
+    Cache-aware (pick(..., resident=r)): an expert already resident costs nothing, so the greedy adds the token
+    with the fewest predicted experts neither in the batch nor in the cache: cost = sets[c] @ (unused · (1 − r)).
+    When the cache holds the batch's union (B·K ≲ S), bytes depend on reuse across steps, which plain overlap
+    ignores: it picks different requests every step and so loses the locality of arrival order. Seeding and ties
+    are unchanged, so nothing resident gives the plain greedy's choice and everything resident gives round robin's.
+
     Args:
         batch_size: B tokens per step.
         route: route-aware (True) or longest-waiting first (False).
         max_wait: steps a live request may be skipped before it must run (default 4).
+        cache_aware: ask the caller for residency (a server or simulator reads this flag and passes
+            `resident=` to pick; pick itself uses `resident` whenever it is given).
     """
 
-    def __init__(self, batch_size: int, *, route: bool = True, max_wait: int = 4):
+    def __init__(self, batch_size: int, *, route: bool = True, max_wait: int = 4, cache_aware: bool = False):
         _check(0, batch_size)
         if max_wait < 1:
             raise ValueError(f"max_wait={max_wait} must be ≥ 1")
-        self.batch_size, self.route, self.max_wait = batch_size, route, max_wait
+        if cache_aware and not route:
+            raise ValueError("cache_aware=True needs route=True (round robin ignores routes and residency)")
+        self.batch_size, self.route, self.max_wait, self.cache_aware = batch_size, route, max_wait, cache_aware
 
     @property
     def name(self) -> str:
-        return "route" if self.route else "round-robin"
+        return "round-robin" if not self.route else "route+cache" if self.cache_aware else "route"
 
-    def pick(self, sets: np.ndarray, waited: np.ndarray) -> list[int]:
-        """sets f32[C, F] predicted expert sets of the C candidate tokens (live requests, arrival order),
-        waited i[C] steps each has been skipped → indices of the ≤ B tokens to run, in pick order."""
+    def pick(self, sets: np.ndarray, waited: np.ndarray, resident: np.ndarray | None = None) -> list[int]:
+        """Choose the tokens to run this step.
+
+        Args:
+            sets: f32[C, F] predicted expert sets (0/1) of the C candidate tokens (live requests, arrival order).
+            waited: i[C] steps each candidate has been skipped.
+            resident: f32[F] 1 where the expert is resident in the cache (F = L·E, the layout of sets), or None
+                (residency unknown: the plain route-aware greedy).
+        Returns:
+            indices of the ≤ B tokens to run, in pick order.
+        """
+        sets, waited = np.asarray(sets, np.float32), np.asarray(waited)
         C = len(waited)
         if C <= self.batch_size:
             return list(range(C))
-        urgency = np.lexsort((np.arange(C), -np.asarray(waited)))   # longest waiting first, then arrival
+        urgency = np.lexsort((np.arange(C), -waited))    # longest waiting first, then arrival
         if not self.route:
             return urgency[:self.batch_size].tolist()
+        missing = np.ones(sets.shape[1], np.float32)     # f32[F]: 1 where an expert would have to be loaded
+        if resident is not None:
+            resident = np.asarray(resident, np.float32)
+            if resident.shape != sets.shape[1:]:
+                raise ValueError(f"resident must be f32[{sets.shape[1]}] (sets' layout), got {list(resident.shape)}")
+            missing = 1.0 - resident
         forced = [int(i) for i in urgency if waited[i] >= self.max_wait][:self.batch_size]
         chosen = forced or [int(urgency[0])]
         taken = np.zeros(C, bool)
         taken[chosen] = True
-        unused = np.prod(1.0 - sets[chosen], axis=0)
+        unused = np.prod(1.0 - sets[chosen], axis=0) * missing   # f32[F]: what adding each expert still costs
         while len(chosen) < self.batch_size:
             cand = np.flatnonzero(~taken)
             cost = sets[cand] @ unused
-            best = cand[np.lexsort((cand, -np.asarray(waited)[cand], cost))[0]]
+            best = cand[np.lexsort((cand, -waited[cand], cost))[0]]
             chosen.append(int(best))
             taken[best] = True
             unused = unused * (1.0 - sets[best])

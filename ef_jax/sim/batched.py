@@ -15,11 +15,11 @@ at most S experts, waits for them and computes for layer_compute_s / passes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ef_jax.offload.cache import ExpertCache
+from ef_jax.offload.cache import CacheView, ExpertCache
 from ef_jax.offload.clock import CopyStream, get_timing
 from ef_jax.policies.base import Policy
 from ef_jax.policies.registry import get_policy
@@ -101,39 +101,80 @@ def continuous_steps(experts: np.ndarray, offsets: np.ndarray, scheduler) -> lis
     return steps
 
 
+def residency(view: CacheView) -> np.ndarray:
+    """f32[L·E]: 1 where the cache holds the expert (arrived or in flight), 0 elsewhere; the layout of
+    ef_jax.sched.predicted_sets."""
+    L, E = view.num_layers, view.num_experts
+    out = np.zeros((L, E), np.float32)
+    for l in range(L):
+        out[l, view.resident(l)] = 1.0
+    return out.reshape(-1)
+
+
+class TokenPool:
+    """Token scheduling as a step source: up to `pool` requests are live (admitted first come, first served);
+    before each step `scheduler.pick(sets of their next tokens, waited[, resident])` chooses which of them run
+    (ef_jax.sched.TokenScheduler), and the step is the per-layer union of their experts.
+
+    A cache-aware scheduler (`scheduler.cache_aware`) is handed the cache's residency as it is when the step
+    starts, so the choice and the cache are interleaved: iterate `pool.steps(view)` while replaying each step
+    through the cache behind `view` (replay_steps does this when given `pool.steps`). Other schedulers never read
+    the view, and their steps are those of a plain list(pool.steps()).
+
+    Args:
+        experts: i[N, L, K] the trace's routing; offsets: i[P+1] its request boundaries.
+        sets: f32[N, L·E] every token's predicted expert set (ef_jax.sched.predicted_sets).
+        scheduler: has pick(sets, waited[, resident]) and batch_size.
+        pool: live requests (≥ 1).
+    Counters (final once the steps are exhausted): max_wait (longest any request was skipped), rows (tokens run),
+    num_steps.
+    """
+
+    def __init__(self, experts: np.ndarray, offsets: np.ndarray, sets: np.ndarray, scheduler, pool: int):
+        if pool < 1:
+            raise ValueError(f"pool={pool} must be ≥ 1")
+        self.experts, self.offsets, self.sets = experts, offsets, sets
+        self.scheduler, self.pool = scheduler, pool
+        self.max_wait = self.rows = self.num_steps = 0
+
+    def steps(self, view: CacheView | None = None) -> Iterator[list[list[int]]]:
+        """Yield per step, per layer, the sorted union of the chosen tokens' experts (view: the live cache, read
+        before each pick when the scheduler is cache-aware)."""
+        experts, offsets = self.experts, self.offsets
+        aware = view is not None and getattr(self.scheduler, "cache_aware", False)
+        self.max_wait = self.rows = self.num_steps = 0
+        waiting, live, pos, wait = list(range(len(offsets) - 1)), [], {}, {}
+        while waiting or live:
+            while waiting and len(live) < self.pool:
+                r = waiting.pop(0)
+                live.append(r)
+                pos[r], wait[r] = int(offsets[r]), 0
+            cand = (self.sets[[pos[r] for r in live]], np.array([wait[r] for r in live]))
+            picked = self.scheduler.pick(*cand, resident=residency(view)) if aware else self.scheduler.pick(*cand)
+            run = [live[i] for i in picked]
+            if not run:
+                raise RuntimeError(f"scheduler {self.scheduler!r} picked no token from {len(live)} live requests")
+            block = experts[[pos[r] for r in run]]                                     # [b, L, K]
+            self.rows += len(run)
+            self.num_steps += 1
+            ran = set(run)
+            for r in live:
+                if r in ran:
+                    pos[r], wait[r] = pos[r] + 1, 0
+                else:
+                    wait[r] += 1
+                    self.max_wait = max(self.max_wait, wait[r])
+            live = [r for r in live if pos[r] < offsets[r + 1]]
+            yield [np.unique(block[:, l]).tolist() for l in range(experts.shape[1])]
+
+
 def pooled_steps(experts: np.ndarray, offsets: np.ndarray, sets: np.ndarray, scheduler, pool: int
                  ) -> tuple[list[list[list[int]]], dict]:
-    """Per-step unions under token scheduling: up to `pool` requests are live (admitted first come, first
-    served); each step `scheduler.pick(sets of their next tokens, waited)` chooses which of them run
-    (ef_jax.sched.TokenScheduler). sets f32[N, L·E]: every token's predicted expert set.
+    """All steps of a TokenPool without a cache (residency unknown: a cache-aware scheduler is not given any).
     Returns (steps, {"max_wait": longest any request was skipped, "mean_rows": tokens per step})."""
-    P = len(offsets) - 1
-    if pool < 1:
-        raise ValueError(f"pool={pool} must be ≥ 1")
-    waiting, live, pos, wait = list(range(P)), [], {}, {}
-    steps, worst, rows = [], 0, 0
-    while waiting or live:
-        while waiting and len(live) < pool:
-            r = waiting.pop(0)
-            live.append(r)
-            pos[r], wait[r] = int(offsets[r]), 0
-        nxt = [pos[r] for r in live]
-        picked = scheduler.pick(sets[nxt], np.array([wait[r] for r in live]))
-        run = [live[i] for i in picked]
-        if not run:
-            raise RuntimeError(f"scheduler {scheduler!r} picked no token from {len(live)} live requests")
-        block = experts[[pos[r] for r in run]]                                         # [b, L, K]
-        steps.append([np.unique(block[:, l]).tolist() for l in range(experts.shape[1])])
-        rows += len(run)
-        ran = set(run)
-        for r in live:
-            if r in ran:
-                pos[r], wait[r] = pos[r] + 1, 0
-            else:
-                wait[r] += 1
-                worst = max(worst, wait[r])
-        live = [r for r in live if pos[r] < offsets[r + 1]]
-    return steps, {"max_wait": worst, "mean_rows": rows / max(len(steps), 1)}
+    src = TokenPool(experts, offsets, sets, scheduler, pool)
+    steps = list(src.steps())
+    return steps, {"max_wait": src.max_wait, "mean_rows": src.rows / max(src.num_steps, 1)}
 
 
 def replay_batches(experts: np.ndarray, offsets: np.ndarray, batches, *, slots_per_layer: int,
@@ -147,18 +188,19 @@ def replay_batches(experts: np.ndarray, offsets: np.ndarray, batches, *, slots_p
             - static batches: a list of lists of request indices (ef_jax.sched.route_batches), one after another;
             - a scheduler with `admit` (ef_jax.sched.ContinuousScheduler): continuous batching;
             - a scheduler with `pick` (ef_jax.sched.TokenScheduler): per-step token choice among `pool` live
-              requests, from every token's predicted expert set `sets` f32[N, L·E].
+              requests, from every token's predicted expert set `sets` f32[N, L·E]; a cache-aware one
+              (`cache_aware=True`) sees the replayed cache's residency before each step (TokenPool).
         slots_per_layer, policy, timing, num_experts, check: as in ef_jax.sim.replay (online policies only).
     """
     experts = np.asarray(experts)
     if experts.ndim != 3 or not np.issubdtype(experts.dtype, np.integer):
         raise ValueError(f"experts must be an integer array [N, L, K], got {experts.dtype}{list(experts.shape)}")
-    info: dict = {}
+    src = None
     if hasattr(batches, "pick"):
         if sets is None or pool is None:
             raise ValueError("a token scheduler needs sets= (predicted expert sets f32[N, L·E]) and pool=")
-        steps, info = pooled_steps(experts, offsets, sets, batches, pool)
-        B, nb = batches.batch_size, 0
+        src = TokenPool(experts, offsets, sets, batches, pool)
+        steps, B, nb = src.steps, batches.batch_size, 0     # replay_steps hands the pool its cache's view
     elif hasattr(batches, "admit"):
         steps, B, nb = continuous_steps(experts, offsets, batches), batches.batch_size, 0
     else:
@@ -166,13 +208,17 @@ def replay_batches(experts: np.ndarray, offsets: np.ndarray, batches, *, slots_p
     st = replay_steps(steps, experts.shape[0], num_layers=experts.shape[1], slots_per_layer=slots_per_layer,
                       policy=policy, timing=timing, check=check,
                       num_experts=num_experts or max(int(experts.max(initial=0)) + 1, slots_per_layer))
-    return dataclasses.replace(st, batch_size=B, batches=nb, max_wait=info.get("max_wait", 0))
+    return dataclasses.replace(st, batch_size=B, batches=nb, max_wait=src.max_wait if src else 0)
 
 
-def replay_steps(steps: Sequence[Sequence[Sequence[int]]], tokens: int, *, num_layers: int, num_experts: int,
-                 slots_per_layer: int, policy: str | Policy = "lru", timing=None, check: bool = False) -> BatchedStats:
+def replay_steps(steps: Iterable[Sequence[Sequence[int]]] | Callable[[CacheView], Iterable[Sequence[Sequence[int]]]],
+                 tokens: int, *, num_layers: int, num_experts: int, slots_per_layer: int,
+                 policy: str | Policy = "lru", timing=None, check: bool = False) -> BatchedStats:
     """Run per-step, per-layer expert unions (steps[s][l] = sorted expert ids) through an ExpertCache on the
-    copy-stream clock; `tokens` is how many tokens the steps decode (for per-token figures)."""
+    copy-stream clock; `tokens` is how many tokens the steps decode (for per-token figures).
+
+    steps may also be a function of the cache's read-only view returning the steps lazily (TokenPool.steps): each
+    step is then drawn after the previous one has run, so the step source can read the cache as it is."""
     L, E, S = num_layers, num_experts, slots_per_layer
     timing = get_timing(timing)
     pol = get_policy(policy)
@@ -181,8 +227,9 @@ def replay_steps(steps: Sequence[Sequence[Sequence[int]]], tokens: int, *, num_l
     cache = ExpertCache(L, E, S, pol, check=check, bytes_per_expert=timing.expert_bytes if timing else 0)
     stream = CopyStream(cache, L, E, timing)
     compute_s = timing.layer_compute_s if timing else 0.0
-    t, stall, distinct = 0.0, 0.0, 0
-    for need_by_layer in steps:
+    t, stall, distinct, num_steps = 0.0, 0.0, 0, 0
+    for need_by_layer in (steps(cache.view) if callable(steps) else steps):
+        num_steps += 1
         stream.issue(cache.begin_step(), t)
         for l, need in enumerate(need_by_layer):
             distinct += len(need)
@@ -201,6 +248,6 @@ def replay_steps(steps: Sequence[Sequence[Sequence[int]]], tokens: int, *, num_l
         stream.issue(cache.end_step(), t)
     s = cache.stats()
     return BatchedStats(policy=pol.name, slots_per_layer=S, batch_size=0, batches=0, tokens=tokens,
-                        steps=len(steps), distinct_per_layer=distinct / max(len(steps) * L, 1), hits=s["hits"],
+                        steps=num_steps, distinct_per_layer=distinct / max(num_steps * L, 1), hits=s["hits"],
                         misses=s["misses"], hit_rate=s["hit_rate"], loads=s["loads"], bytes_h2d=s["bytes_h2d"],
                         stall_s=stall if timing else None, total_s=t if timing else None)
