@@ -203,6 +203,8 @@ def _only_sched(args, tp: TrainedPredictor, held, timing, E: int) -> int:
     if not path.exists():
         raise SystemExit(f"--only sched updates {path}, which does not exist: run the full benchmark first")
     rec = json.loads(path.read_text())
+    if "engine_threshold" in rec:   # JSON made the slot counts strings
+        rec["engine_threshold"] = {int(k): v for k, v in rec["engine_threshold"].items()}
     if rec["timing_preset"] != args.timing:
         raise SystemExit(f"{path} was made with --timing {rec['timing_preset']}, not {args.timing}")
     rec["sched"] = sched_table(held, tp.scores(held), args.batch_sizes, args.sched_slots, timing, E,

@@ -148,11 +148,13 @@ class TokenScheduler:
     experts not yet in the batch (ties: the longer-waiting, then the earlier request). route=False picks the B
     longest-waiting tokens (round robin: the baseline with the same pool).
 
-    Cache-aware (pick(..., resident=r)): an expert already resident costs nothing, so the greedy adds the token
-    with the fewest predicted experts neither in the batch nor in the cache: cost = sets[c] @ (unused · (1 − r)).
-    When the cache holds the batch's union (B·K ≲ S), bytes depend on reuse across steps, which plain overlap
-    ignores: it picks different requests every step and so loses the locality of arrival order. Seeding and ties
-    are unchanged, so nothing resident gives the plain greedy's choice and everything resident gives round robin's.
+    Cache-aware (pick(..., resident=r)): an expert already resident costs no copy, so the greedy adds the token
+    with the fewest predicted experts neither in the batch nor in the cache, sets[c] @ (unused · (1 − r)); ties go
+    to the token growing the batch's union least (a resident expert still takes a slot: without this, tokens of
+    resident and of non-resident experts mix and overflow the slots), then as above. When the cache holds the
+    batch's union (B·K ≲ S), bytes depend on reuse across steps, which plain overlap ignores: it picks different
+    requests every step and so loses the locality of arrival order. Seeding is unchanged, so a uniform residency
+    (nothing or everything resident) gives exactly the plain greedy's choice.
 
     Args:
         batch_size: B tokens per step.
@@ -192,21 +194,20 @@ class TokenScheduler:
         urgency = np.lexsort((np.arange(C), -waited))    # longest waiting first, then arrival
         if not self.route:
             return urgency[:self.batch_size].tolist()
-        missing = np.ones(sets.shape[1], np.float32)     # f32[F]: 1 where an expert would have to be loaded
         if resident is not None:
             resident = np.asarray(resident, np.float32)
             if resident.shape != sets.shape[1:]:
                 raise ValueError(f"resident must be f32[{sets.shape[1]}] (sets' layout), got {list(resident.shape)}")
-            missing = 1.0 - resident
         forced = [int(i) for i in urgency if waited[i] >= self.max_wait][:self.batch_size]
         chosen = forced or [int(urgency[0])]
         taken = np.zeros(C, bool)
         taken[chosen] = True
-        unused = np.prod(1.0 - sets[chosen], axis=0) * missing   # f32[F]: what adding each expert still costs
+        unused = np.prod(1.0 - sets[chosen], axis=0)     # f32[F]: 1 where an expert is not yet in the batch
         while len(chosen) < self.batch_size:
             cand = np.flatnonzero(~taken)
-            cost = sets[cand] @ unused
-            best = cand[np.lexsort((cand, -waited[cand], cost))[0]]
+            grow = sets[cand] @ unused                   # experts each candidate adds to the batch's union
+            load = grow if resident is None else sets[cand] @ (unused * (1.0 - resident))   # ... not resident
+            best = cand[np.lexsort((cand, -waited[cand], grow, load))[0]]
             chosen.append(int(best))
             taken[best] = True
             unused = unused * (1.0 - sets[best])

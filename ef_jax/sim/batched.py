@@ -11,6 +11,10 @@ The same ExpertCache, policies and timing model as ef_jax.sim.replay; the differ
 consecutive tokens, here the next token of up to B requests (how a server decodes many prompts, and what a
 token scheduler chooses). A layer whose union exceeds S runs in passes, as in the engine: each pass requires
 at most S experts, waits for them and computes for layer_compute_s / passes.
+
+Static and continuous batches are fixed before the replay; token scheduling (TokenPool) is a lazy step source
+that replay_steps interleaves with the cache, so a cache-aware scheduler sees the residency each step starts with,
+as a server would.
 """
 from __future__ import annotations
 
