@@ -8,6 +8,7 @@ import pytest
 import ef_jax
 from ef_jax import OffloadConfig
 from ef_jax.offload import ExpertCache
+from ef_jax.offload.routing import router_probs
 from ef_jax.policies import get_policy
 from ef_jax.policies.expertflow import ExpertFlow
 from tests.hf_models import save_tiny
@@ -45,14 +46,16 @@ def _policy(L=6, E=8, K=2, D=4, **kw):
     return pol
 
 
-def test_horizon_follows_bandwidth_and_compute():
-    """S = 1 + ceil(g · N_e · E_s / (C_s · T_l)): slower copies or faster layers mean looking further ahead."""
-    pol = _policy(max_horizon=8)
+@pytest.mark.parametrize("point, lag", [("attention", 0), ("moe", 1)])
+def test_horizon_follows_bandwidth_and_compute(point, lag):
+    """S = lag + ceil(g · N_e · E_s / (C_s · T_l)): slower copies or faster layers mean looking further ahead; from
+    a layer's output (point "moe") one more layer, since that layer's experts have already computed."""
+    pol = _policy(max_horizon=8, point=point)
     assert pol.horizon == 1  # nothing measured yet
     pol.on_measure(layer_compute_s=1e-3)
     pol.on_measure(copy_s=1e-3)
     base = pol.horizon
-    assert base == 1 + int(np.ceil(pol.num_fetch))  # copy time = layer time: N_e layers of lead
+    assert base == lag + int(np.ceil(pol.num_fetch))  # copy time = layer time: N_e layers of lead
     slow = _policy(max_horizon=8)
     slow.on_measure(layer_compute_s=1e-3)
     slow.on_measure(copy_s=3e-3)
@@ -65,6 +68,49 @@ def test_horizon_follows_bandwidth_and_compute():
     capped.on_measure(layer_compute_s=1e-5)
     capped.on_measure(copy_s=1e-2)
     assert capped.horizon == 3
+
+
+class _Recorder(ExpertFlow):
+    """expertflow that also keeps every hidden state it is shown."""
+    def reset(self, *a):
+        super().reset(*a)
+        self.seen = []
+
+    def on_hidden(self, layer, hidden, view):
+        self.seen.append((view.step, layer, np.asarray(hidden, np.float32), view.routed(view.step, layer)))
+        return super().on_hidden(layer, hidden, view)
+
+
+def test_attention_point_shows_the_routers_input(model):
+    """At the attention point the engine shows layer j's experts' input: layer j's own router on it (distance 0
+    of pre-gating) picks exactly the experts layer j routed. The default point is the attention point."""
+    cfg = model.config
+    assert ExpertFlow.from_model(model).hidden_point == "attention"
+    pol = _Recorder.from_model(model)
+    ef_jax.generate(model, PROMPTS[:1], max_new_tokens=3,
+                    offload=OffloadConfig(slots_per_layer=cfg.num_experts, policy=pol))
+    decode = [x for x in pol.seen if not (x[2].ndim == 3 and x[2].shape[1] > 1)]
+    assert len(decode) >= 2 * cfg.num_moe_layers
+    for step, j, h, routed in pol.seen:
+        if h.ndim == 3 and h.shape[1] > 1:
+            continue  # the prefill step's routed set is the union over positions: check decode steps
+        z = pol.predictor.scores(j, h.reshape(1, -1), [j], {})[j]
+        probs = router_probs(cfg, z)[0]  # the family's rule (DeepSeek: group limit)
+        assert set(np.argsort(-probs)[:cfg.top_k].tolist()) == set(routed.tolist()), (step, j)
+
+
+def test_point_must_match_a_trained_predictor():
+    class Trained:
+        hidden_point = "moe"
+
+        def scores(self, layer, hidden, targets, context):
+            return {}
+
+    assert _policy(predictor=Trained()).hidden_point == "moe"
+    with pytest.raises(ValueError, match="trained on hidden states at point 'moe'"):
+        _policy(predictor=Trained(), point="attention")
+    with pytest.raises(ValueError, match="point='mid' must be"):
+        _policy(point="mid")
 
 
 def test_horizon_feedback_late_raises_unused_lowers():
@@ -121,9 +167,9 @@ def test_eviction_never_drops_a_live_prediction_for_an_unpredicted_expert():
 
 
 def test_precision_gate_by_distance_and_rank():
-    """A (distance, rank) whose measured precision is below the floor is predicted but not prefetched; distance 1
-    is skipped once S ≥ 2 (its only lead is the next layer's attention)."""
-    pol = _policy(L=4, K=2, min_precision=0.5, horizon=3)
+    """A (distance, rank) whose measured precision is below the floor is predicted but not prefetched; from a
+    layer's output distance 1 is skipped once S ≥ 2 (its only lead is the next layer's attention)."""
+    pol = _policy(L=4, K=2, min_precision=0.5, horizon=3, point="moe")
 
     class _View:
         step, layer = 0, 0
@@ -146,6 +192,22 @@ def test_precision_gate_by_distance_and_rank():
     pol.precision[2] = pol.precision[3] = [0.1, 0.1]
     _View.step = 2
     assert predict() == []
+
+
+def test_attention_point_issues_distance_one_now_and_defers_the_rest():
+    """From layer j's attention point, layer j+1's predictions go at once (behind j's demand loads, with j's
+    expert compute to arrive in); j+2.. wait for j+1's demand loads (on_route(j+1))."""
+    pol = _policy(L=4, K=2, horizon=3, point="attention")
+
+    class _View:
+        step, layer = 0, 0
+
+        def is_resident(self, layer, expert):
+            return False
+    now = pol.on_hidden(0, np.ones((1, 4), np.float32), _View())
+    assert {t for t, _ in now} == {1} and len(now) == 2
+    later = pol.on_route(1, [], _View())
+    assert {t for t, _ in later} == {2, 3} and len(later) == 4
 
 
 def test_break_even_precision_rises_with_stream_load():

@@ -17,6 +17,7 @@ from ef_jax.hybrid.record import Record
 
 
 class HybridPredictor:
+    hidden_point = "moe"  # trained on `ef-jax record`'s hidden states: each MoE layer's output
     def __init__(self, cfg: hm.HybridConfig, params: dict, routers: list, norms: list):
         self.cfg, self.p = cfg, {k: np.asarray(v, np.float32) for k, v in params.items()}
         self.routers = [np.asarray(r, np.float32) for r in routers]

@@ -152,10 +152,14 @@ class OffloadForward:
         needed = np.unique(experts[real])
         K = experts.shape[1]
         passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
+        policy = self.cache.policy
+        wants = getattr(policy, "hidden_point", "moe") if getattr(policy, "wants_hidden", False) else None
         for n, chunk in enumerate(passes):
             self.transfers.poll()
             loads = self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk)
             self.transfers.issue(loads)
+            if n == 0 and wants == "attention":  # behind this layer's demand loads, ahead of its expert compute
+                self.transfers.issue(self.cache.hidden(j, np.asarray(h)))
             self.transfers.wait(j, chunk)
             if self.config.check:
                 self.cache.verify()
@@ -171,7 +175,7 @@ class OffloadForward:
             if n + 1 < len(passes):
                 jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
                 self.cache.release(j)
-        if getattr(self.cache.policy, "wants_hidden", False):  # hidden-state predictors (pre-gating) only
+        if wants == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
             self.transfers.issue(self.cache.hidden(j, np.asarray(h)))
         self.cache.release(j)
         return h

@@ -32,6 +32,7 @@ class Policy(Protocol):
     name: str
     flush_each_step: bool  # True: the cache invalidates every slot at step start (the "nocache" baseline)
     wants_hidden: bool     # True: the engine should copy hidden states to the host and call cache.hidden()
+    hidden_point: str      # where on_hidden sees them: "moe" (a layer's output) or "attention" (its MoE input)
 
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None: ...
     def on_step_start(self, step: int, token_ids: np.ndarray | None, view: CacheView) -> list[Prefetch]: ...
@@ -53,6 +54,9 @@ class BasePolicy:
     name = "base"
     flush_each_step = False
     wants_hidden = False  # hidden states cost a device→host copy per layer: only fetched for policies that ask
+    # "moe": after the layer's experts (its output); "attention": the residual after its attention, the MoE's
+    # input, seen right after the layer's demand loads are issued and before its experts compute
+    hidden_point = "moe"
 
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         self.num_layers, self.num_experts, self.slots_per_layer = num_layers, num_experts, slots_per_layer

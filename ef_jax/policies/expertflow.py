@@ -2,8 +2,9 @@
 measured bandwidth and compute, corrected online from prefetch feedback; eviction aligned with the predictions.
 
 [on_measure] → EMA copy time E_s/C_s, layer compute T_l      [on_access / on_route] → fetch fraction, late, unused
-[on_hidden(j, h)] → S = 1 + ceil(g · N_e · E_s / (C_s · T_l)) clipped to [1, max_horizon] (see `horizon`)
-                  → predictor scores for layers j+2..j+S (j+1 when S = 1) → top-k per row → each predicted expert
+[on_hidden(j, h)] → S = lag + ceil(g · N_e · E_s / (C_s · T_l)) clipped to [1, max_horizon] (see `horizon`)
+                  → predictor scores for layers j+1..j+S (attention point; from a layer's output: j+2..j+1+…,
+                    j+1 when S = 1) → top-k per row → each predicted expert
                     is prefetched when the predictor's measured precision at its (distance, rank) reaches the
                     break-even precision u/(1+u) of the copy stream (u = copies per layer of compute); the rest
                     are recorded to keep measuring precision. Nearer layers refine farther predictions.
@@ -12,6 +13,11 @@ measured bandwidth and compute, corrected online from prefetch feedback; evictio
 [on_step_end]     → g ← g · exp(η (late − λ unused) / prefetches)   (late → look further ahead, unused → nearer)
 
 Axes: B batch rows, D model, E experts per layer, K top-k, L MoE layers, j/t MoE layer indices (source/target).
+
+Where h comes from (`point`): by default the residual after layer j's attention — the experts' input, shown as
+soon as j's demand loads are queued — so a prediction for j+1 has layer j's expert compute to arrive in (lag 0).
+From layer j's output (point="moe", lag 1) predictions are a little more accurate at equal distance but one
+expert compute later. On the default model the attention point stalled less (docs/expertflow.md).
 
 N_e (experts a layer must fetch) = the measured fraction of needed experts that came from the host (misses plus
 used prefetches, an EMA) × the size of the batch's predicted union for the next layer — so at batch > 1 it grows
@@ -58,13 +64,19 @@ class ExpertFlow(Pregate):
         decay: per-step decay of the use counts that order evictions (1: all-time LFU).
         embed: the token embedding table [V, D] (from_model passes it): at step start the new tokens' embeddings
             act as the hidden state of "layer −1", so the first layers get predictions too.
+        point: where the engine shows hidden states: "attention" (layer j's residual after attention, the
+            experts' input, as soon as j's demand loads are issued) or "moe" (layer j's output, after its
+            experts). The attention point predicts layer j+s one layer's expert compute earlier, a little less
+            accurately; it stalled less on both presets (docs/expertflow.md). None: the predictor's own point
+            (a hybrid head's is "moe", where `ef-jax record` captures), else "attention".
     """
     name = "expertflow"
     wants_hidden = True
 
     def __init__(self, routers=None, norms=None, *, top_k: int = 0, eps: float = 1e-6, max_horizon: int = 8,
                  horizon: int | None = None, ema: float = 0.1, gain_rate: float = 0.5, unused_weight: float = 1.0,
-                 min_precision: float = 0.3, decay: float = 0.97, predictor=None, embed=None):
+                 min_precision: float = 0.3, decay: float = 0.97, predictor=None, embed=None,
+                 point: str | None = None):
         if routers is None or norms is None:
             raise ValueError("policy 'expertflow' needs the model's routers and hidden states: use it in the engine "
                              "(OffloadConfig(policy='expertflow')) or build it with ExpertFlow.from_model(model)")
@@ -85,6 +97,14 @@ class ExpertFlow(Pregate):
         if not 0 < decay <= 1:
             raise ValueError(f"decay={decay} must be in (0, 1] (1 = all-time use counts)")
         self.decay = decay
+        if point not in (None, "moe", "attention"):
+            raise ValueError(f"point={point!r} must be 'moe' (predict from a layer's output) or 'attention' (from "
+                             "its MoE input, one layer's experts earlier), or None (the predictor's own)")
+        fixed = getattr(predictor, "hidden_point", None)  # a trained predictor knows which states it learned from
+        if point is not None and fixed is not None and point != fixed:
+            raise ValueError(f"point={point!r}, but the predictor {type(predictor).__name__} was trained on hidden "
+                             f"states at point {fixed!r}: leave point=None or record and train at {point!r}")
+        self.hidden_point = point or fixed or "attention"
 
     @classmethod
     def from_model(cls, model, **kw) -> "ExpertFlow":
@@ -143,8 +163,10 @@ class ExpertFlow(Pregate):
         raw = self.lead_layers
         if math.isinf(raw):
             return 1
-        S = 1 if raw < 0.1 else 1 + math.ceil(raw - 1e-9)
-        return int(min(S, self.max_horizon))
+        # from the attention point a prediction for layer j+s has s whole layers of compute to arrive in
+        lag = 0 if self.hidden_point == "attention" else 1
+        S = 1 if raw < 0.1 else lag + math.ceil(raw - 1e-9)
+        return int(min(max(S, 1), self.max_horizon))
 
     @property
     def mean_horizon(self) -> float:
@@ -167,7 +189,7 @@ class ExpertFlow(Pregate):
         if self.embed is None or self.token_ids is None:
             return []
         x0 = np.asarray(self.embed[self.token_ids.reshape(-1)], np.float32)  # [B, D]: rows of the device table
-        return self._issue_or_defer(self._predict(-1, x0, view))
+        return self._issue_or_defer(self._predict(-1, x0, view), -1)
 
     def on_load(self, layer: int, expert: int, kind: str) -> None:
         super().on_load(layer, expert, kind)
@@ -225,17 +247,19 @@ class ExpertFlow(Pregate):
     # ---- prediction and prefetch -------------------------------------------------------------------------------
     def on_hidden(self, layer: int, hidden: np.ndarray, view) -> list[tuple[int, int]]:
         last = hidden[:, -1] if hidden.ndim == 3 else hidden  # [B, D]: the newest position of every row
-        return self._issue_or_defer(self._predict(layer, last, view))
+        return self._issue_or_defer(self._predict(layer, last, view), layer)
 
-    def _issue_or_defer(self, requests: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _issue_or_defer(self, requests: list[tuple[int, int]], layer: int) -> list[tuple[int, int]]:
         """The copy stream is FIFO: a prefetch issued now would queue in front of the next layer's demand loads,
         which are routed a moment later and are needed first. Predictions for layer j+2 and beyond are therefore
         handed to the cache from on_route(j+1), behind its demand loads; they still have layer j+1's compute to
-        arrive in. Distance-1 requests (S = 1) cannot wait."""
-        if self.horizon < 2:
+        arrive in. Distance-1 requests (S = 1, or from the attention point, where layer j's experts still have
+        to compute) go now."""
+        if self.horizon < 2 and self.hidden_point == "moe":
             return requests
-        self._deferred += requests
-        return []
+        now = [(t, e) for t, e in requests if t == layer + 1 and layer >= 0 and self.hidden_point == "attention"]
+        self._deferred += [r for r in requests if r not in now]
+        return now
 
     @property
     def precision_floor(self) -> float:
@@ -260,7 +284,9 @@ class ExpertFlow(Pregate):
         S = self.horizon
         self.horizons.append(S)
         step = view.step
-        first = 2 if S >= 2 else 1  # distance 1 leaves only the next attention to copy in: useless once S ≥ 2
+        # from a layer's output, distance 1 leaves only the next attention to copy in: useless once S ≥ 2; from
+        # the attention point it has the layer's expert compute (the embeddings of step start count as an output)
+        first = 1 if S < 2 or (self.hidden_point == "attention" and layer >= 0) else 2
         targets = list(range(layer + first, min(layer + 1 + S, self.num_layers)))
         if not targets:
             return []
