@@ -26,7 +26,28 @@ def test_record_matches_the_model(tiny):
     assert rec.hidden.shape == (70, 3, model.config.hidden_size) and rec.offsets.tolist() == [0, 32, 64, 70]
     want = np.concatenate([ef_jax.trace_routing(model, [ids[i:i + 32]]) for i in (0, 32, 64)])
     np.testing.assert_array_equal(np.sort(rec.experts, -1), np.sort(want, -1))
-    assert rec.tokens.tolist() == ids
+    assert rec.tokens.tolist() == ids and rec.point == "moe"
+
+
+def test_record_at_the_attention_point(tiny, tmp_path):
+    """The attention point records each layer's MoE input: that layer's own router on it gives exactly its
+    routed experts (qwen3moe: plain top-k). The point survives save/load; records without it are layer outputs."""
+    _, model = tiny
+    ids = np.random.default_rng(2).integers(0, 96, 40).tolist()
+    rec = record(model, ids, seq_len=40, point="attention")
+    assert rec.point == "attention"
+    hn = hm.rms(rec.hidden, rec.eps)                                              # [N, L, D]
+    for j in range(rec.hidden.shape[1]):
+        z = (hn[:, j] * rec.norms[j]) @ rec.routers[j]
+        top = np.sort(np.argsort(-z, -1)[:, :rec.experts.shape[-1]], -1)
+        np.testing.assert_array_equal(top, np.sort(rec.experts[:, j], -1))
+    rec.save(str(tmp_path / "a.npz"))
+    assert Record.load(str(tmp_path / "a.npz")).point == "attention"
+    with np.load(str(tmp_path / "a.npz")) as z:
+        np.savez(str(tmp_path / "old.npz"), **{k: z[k] for k in z.files if k != "point"})
+    assert Record.load(str(tmp_path / "old.npz")).point == "moe"
+    with pytest.raises(ValueError, match="point='mid' must be"):
+        record(model, ids, point="mid")
 
 
 def _synthetic(N=3000, L=3, E=8, K=2, D=8, seed=0):
@@ -68,13 +89,15 @@ def test_record_train_and_use_through_the_cli(tiny, tmp_path, capsys):
     text = tmp_path / "ids.txt"
     text.write_text(" ".join(map(str, np.random.default_rng(1).integers(0, 96, 160))))
     rec, out = str(tmp_path / "rec.npz"), str(tmp_path / "hyb")
-    assert main(["record", "--model", d, "--text", str(text), "--out", rec, "--seq-len", "64"]) == 0
+    assert main(["record", "--model", d, "--text", str(text), "--out", rec, "--seq-len", "64",
+                 "--point", "attention"]) == 0
     assert main(["train-hybrid", rec, "--out", out, "--steps", "100", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["recall_hybrid"]) == 2 and all(0 <= r <= 1 for r in report["recall_pregate"])
     from ef_jax.hybrid import HybridPredictor
     from ef_jax.policies.expertflow import ExpertFlow
     pol = ExpertFlow.from_model(model, predictor=HybridPredictor.load(out, model))
+    assert report["point"] == pol.hidden_point == "attention"  # the head runs where it was trained
     prompts = [[5, 17, 33, 2, 70], [88, 3, 60]]
     ref = ef_jax.generate(model, prompts, max_new_tokens=5).tokens
     res = ef_jax.generate(model, prompts, max_new_tokens=5,

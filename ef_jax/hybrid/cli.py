@@ -19,6 +19,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--seq-len", type=int, default=256, help="tokens per recorded chunk")
     r.add_argument("--max-tokens", type=int, default=None, help="record at most this many tokens")
     r.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    r.add_argument("--point", choices=["moe", "attention"], default="moe",
+                   help="hidden states after each MoE layer (moe) or after its attention, the MoE input (attention); "
+                        "expertflow with the trained head predicts from the same point")
     r.set_defaults(fn=run_record)
     t = subparsers.add_parser("train-hybrid", help="train the hybrid cross-layer expert predictor on a record")
     t.add_argument("record", help="an `ef-jax record` .npz")
@@ -39,10 +42,11 @@ def run_record(args: argparse.Namespace) -> int:
     model = ef_jax.load(args.model, dtype=args.dtype)
     with open(args.text, encoding="utf-8") as f:
         ids = text_to_ids(model, f.read())
-    rec = record(model, ids, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    rec = record(model, ids, seq_len=args.seq_len, max_tokens=args.max_tokens, point=args.point)
     rec.save(args.out)
     N, L, D = rec.hidden.shape
-    print(f"wrote {args.out}: {N} tokens × {L} MoE layers (hidden D={D}, top-{rec.experts.shape[-1]})")
+    print(f"wrote {args.out}: {N} tokens × {L} MoE layers (hidden D={D} at the {args.point} point, "
+          f"top-{rec.experts.shape[-1]})")
     return 0
 
 
@@ -66,7 +70,8 @@ def _fmt(x: float) -> str:
 
 
 def table(r: dict) -> str:
-    lines = [f"recall@{r['top_k']} on {r['tokens_val']} held-out tokens by distance s (layers ahead)",
+    lines = [f"recall@{r['top_k']} on {r['tokens_val']} held-out tokens by distance s (layers ahead"
+             f"{', from the ' + r['point'] + ' point' if 'point' in r else ''})",
              "s        " + " ".join(f"{s:>5}" for s in r["distances"]),
              "pregate  " + " ".join(f"{_fmt(x):>5}" for x in r["recall_pregate"]),
              "hybrid   " + " ".join(f"{_fmt(x):>5}" for x in r["recall_hybrid"])]

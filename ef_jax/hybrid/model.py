@@ -33,6 +33,7 @@ class HybridConfig:
     max_distance: int = 8
     token_dim: int = 16
     eps: float = 1e-6
+    point: str = "moe"  # the record's hidden-state point: the engine must show the same one at inference
 
     @property
     def pairs(self) -> list[tuple[int, int]]:

@@ -17,12 +17,12 @@ from ef_jax.hybrid.record import Record
 
 
 class HybridPredictor:
-    hidden_point = "moe"  # trained on `ef-jax record`'s hidden states: each MoE layer's output
     def __init__(self, cfg: hm.HybridConfig, params: dict, routers: list, norms: list):
         self.cfg, self.p = cfg, {k: np.asarray(v, np.float32) for k, v in params.items()}
         self.routers = [np.asarray(r, np.float32) for r in routers]
         self.norms = [np.asarray(n, np.float32) for n in norms]
         self.pair_index = {pair: i for i, pair in enumerate(cfg.pairs)}
+        self.hidden_point = cfg.point  # ExpertFlow asks the engine for the states the head was trained on
 
     @classmethod
     def load(cls, directory: str, model) -> "HybridPredictor":
@@ -71,7 +71,7 @@ def train_from_record(rec: Record, out_dir: str | None = None, *, max_distance: 
         raise ValueError("a hybrid cross-layer predictor needs at least 2 MoE layers")
     E, K = int(rec.routers.shape[-1]), rec.experts.shape[-1]
     cfg = hm.HybridConfig(num_layers=L, num_experts=E, top_k=K, hidden=D, vocab=rec.vocab,
-                          max_distance=min(max_distance, L - 1), eps=rec.eps)
+                          max_distance=min(max_distance, L - 1), eps=rec.eps, point=rec.point)
     f = hm.features(cfg, rec, list(rec.routers), list(rec.norms))
     cut = int(N * (1 - val_frac))
     if cut < 1 or cut >= N:
@@ -82,7 +82,7 @@ def train_from_record(rec: Record, out_dir: str | None = None, *, max_distance: 
     pre = hm.recall_by_distance(cfg, hm.recall_at_k(va["zpg"], va["y"], K))
     hyb = hm.recall_by_distance(cfg, hm.recall_at_k(np.asarray(hm.head_logits(params, cfg, va)), va["y"], K))
     s = np.arange(1, cfg.max_distance + 1)
-    report = {"tokens_train": cut, "tokens_val": N - cut, "top_k": K, "distances": s.tolist(),
+    report = {"point": rec.point, "tokens_train": cut, "tokens_val": N - cut, "top_k": K, "distances": s.tolist(),
               "recall_pregate": pre, "recall_hybrid": hyb,
               "fit_pregate": hm.fit_exp_decay(s, np.array(pre)), "fit_hybrid": hm.fit_exp_decay(s, np.array(hyb))}
     if out_dir:

@@ -19,11 +19,12 @@ from ef_jax.policies.classic import LRU
 
 
 class _Recorder(LRU):
-    """LRU (never evicts: every expert fits) that keeps every hidden state it is shown."""
+    """LRU (never evicts: every expert fits) that keeps every hidden state it is shown at `point`."""
     name = "record"
     wants_hidden = True
 
-    def __init__(self):
+    def __init__(self, point: str = "moe"):
+        self.hidden_point = point
         self.hidden: list[list[np.ndarray]] = []  # per step: per MoE layer f16[T, D]
 
     def on_step_start(self, step, token_ids, view):
@@ -45,8 +46,9 @@ class Record:
     norms: np.ndarray    # f32[L, D] each MoE layer's FFN-input RMSNorm scale
     vocab: int           # V, the model's vocabulary size
     eps: float           # RMSNorm epsilon
+    point: str = "moe"   # where the hidden states were taken: "moe" (layer outputs) or "attention" (MoE inputs)
 
-    FIELDS = ("hidden", "experts", "tokens", "offsets", "routers", "norms", "vocab", "eps")
+    FIELDS = ("hidden", "experts", "tokens", "offsets", "routers", "norms", "vocab", "eps", "point")
 
     def save(self, path: str) -> None:
         np.savez(path, **{k: getattr(self, k) for k in self.FIELDS})
@@ -54,14 +56,19 @@ class Record:
     @classmethod
     def load(cls, path: str) -> "Record":
         with np.load(path) as z:
-            missing = set(cls.FIELDS) - set(z.files)
+            missing = set(cls.FIELDS) - set(z.files) - {"point"}  # records before `point` are layer outputs
             if missing:
                 raise ValueError(f"{path} is not an `ef-jax record` file: it lacks {sorted(missing)}")
-            return cls(**{k: z[k] for k in cls.FIELDS[:-2]}, vocab=int(z["vocab"]), eps=float(z["eps"]))
+            return cls(**{k: z[k] for k in cls.FIELDS[:-3]}, vocab=int(z["vocab"]), eps=float(z["eps"]),
+                       point=str(z["point"]) if "point" in z.files else "moe")
 
 
-def record(model: Model, token_ids: list[int], *, seq_len: int = 256, max_tokens: int | None = None) -> Record:
-    """Runs `token_ids` (one stream, cut into chunks of seq_len) through the engine and records it."""
+def record(model: Model, token_ids: list[int], *, seq_len: int = 256, max_tokens: int | None = None,
+           point: str = "moe") -> Record:
+    """Runs `token_ids` (one stream, cut into chunks of seq_len) through the engine and records it; `point` is
+    where the engine shows hidden states (ef_jax.policies.base: "moe" or "attention")."""
+    if point not in ("moe", "attention"):
+        raise ValueError(f"point={point!r} must be 'moe' (layer outputs) or 'attention' (MoE inputs)")
     from ef_jax.engine.batch import make_batch
     from ef_jax.models.transformer import init_cache
     from ef_jax.offload.config import OffloadConfig
@@ -72,7 +79,7 @@ def record(model: Model, token_ids: list[int], *, seq_len: int = 256, max_tokens
     ids = list(token_ids)[:max_tokens] if max_tokens else list(token_ids)
     if len(ids) < 2:
         raise ValueError(f"need at least 2 tokens to record, got {len(ids)}")
-    rec = _Recorder()
+    rec = _Recorder(point)
     fwd = OffloadForward(model, OffloadConfig(slots_per_layer=cfg.num_experts, policy=rec))
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
     for c in chunks:
@@ -88,4 +95,4 @@ def record(model: Model, token_ids: list[int], *, seq_len: int = 256, max_tokens
     return Record(hidden=hidden, experts=experts, tokens=np.asarray(ids, np.int32), offsets=offsets,
                   routers=np.stack([np.asarray(p["mlp"]["router"], np.float32) for p in layers]),
                   norms=np.stack([np.asarray(p["mlp_norm"], np.float32) for p in layers]), vocab=cfg.vocab_size,
-                  eps=cfg.rms_norm_eps)
+                  eps=cfg.rms_norm_eps, point=point)
