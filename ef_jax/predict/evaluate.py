@@ -79,11 +79,12 @@ def evaluate(predictor, trace: RoutingTrace, *, train: RoutingTrace | None = Non
     return out
 
 
-def step_latency(predictor, tokens: int = 64, batch: int = 1, context: int | None = None) -> dict:
-    """Seconds per step of the step-by-step predictor (one forward over the last `context` tokens), after one
-    warm-up."""
+def step_latency(predictor, tokens: int = 64, batch: int = 1, context: int | None = None,
+                 incremental: bool = True) -> dict:
+    """Seconds per step of the step-by-step predictor (incremental: one new position with a key/value cache; else
+    one forward over the last `context` tokens), after one warm-up."""
     ids = np.arange(tokens + 1) % 1000
-    step = predictor.stepper(context=context)
+    step = predictor.stepper(context=context, incremental=incremental)
     step.reset(predictor.cfg.num_layers, predictor.cfg.num_experts)
     step.predict(np.full(batch, ids[0]))
     times = []
@@ -91,7 +92,8 @@ def step_latency(predictor, tokens: int = 64, batch: int = 1, context: int | Non
         t0 = time.perf_counter()
         step.predict(np.full(batch, t))
         times.append(time.perf_counter() - t0)
-    return {"batch": batch, "context": step.context, "steps": tokens, "median_s": float(np.median(times)),
+    return {"batch": batch, "context": step.context, "incremental": incremental, "steps": tokens,
+            "median_s": float(np.median(times)),
             "p90_s": float(np.percentile(times, 90))}
 
 

@@ -56,10 +56,16 @@ class TrainedPredictor:
                       context or self.cfg.window)
         return score_packed(self.cfg, self.params, packed)
 
-    def stepper(self, id_to_token: Callable[[int], str] = str, context: int | None = None) -> "PathStepPredictor":
+    def stepper(self, id_to_token: Callable[[int], str] = str, context: int | None = None, *,
+                incremental: bool = True):
         """A StepPredictor; `id_to_token` maps the model's token ids to the strings the vocabulary holds (a
         tokenizer's convert_ids_to_tokens; `str` for traces that store ids as decimal strings). `context`: how many
-        recent tokens each prediction reads (default the training window; fewer = faster, ALiBi needs no change)."""
+        recent tokens each prediction reads (default the training window; ALiBi needs no change).
+        incremental=True (default): one position per step with a key/value cache (ef_jax.predict.incremental);
+        False: re-run the whole window every step (PathStepPredictor, the reference)."""
+        if incremental:
+            from ef_jax.predict.incremental import IncrementalStepPredictor
+            return IncrementalStepPredictor(self, id_to_token, context)
         return PathStepPredictor(self, id_to_token, context)
 
     def _check(self, trace: RoutingTrace) -> None:
