@@ -159,7 +159,15 @@ def markdown(rec: dict) -> str:
              f"latency {pr['step_latency_ms']:.2f} ms per token at batch 1 ({pr['step_latency_b8_ms']:.2f} ms per "
              f"step of 8) on this machine's CPU, whole-trace scoring {pr['batch_us_per_token']:.0f} µs per token. "
              f"Reading only the last {pr['short_context']} tokens: {pr['step_latency_short_ms']:.2f} ms per token, "
-             f"recall@{rec['top_k']} {pr['recall_short_context']:.3f}.", "",
+             f"recall@{rec['top_k']} {pr['recall_short_context']:.3f}.", ""]
+    if "incremental_latency_ms" in pr:
+        lines += [f"Those step latencies re-run the whole window every token. Decoded with a key/value ring "
+                  f"(`stepper(incremental=True)`, the default; commit {pr['latency_commit']}): "
+                  f"**{pr['incremental_latency_ms']:.2f} ms** per token at batch 1 and "
+                  f"{pr['incremental_latency_b8_ms']:.2f} ms per step of 8, against "
+                  f"{pr['full_window_latency_ms']:.2f} / {pr['full_window_latency_b8_ms']:.2f} ms re-running the "
+                  f"window in the same run (median of 200 steps, this machine's CPU).", ""]
+    lines += [
              f"## Cache policies, batch 1, the reported prompts ({rec['sim'][0]['tokens']:,} tokens)", "",
              f"Timing preset `{rec['timing_preset']}` (assumed): {t['h2d_bytes_per_s'] / 1e9:.0f} GB/s host→device, "
              f"{t['expert_bytes']:,} bytes per expert ({t['copy_s'] * 1e3:.3f} ms per copy), "
@@ -195,6 +203,26 @@ def markdown(rec: dict) -> str:
                          f"{r['hits']} | {r['misses']} | {r['hit_rate']:.4f} | "
                          f"{r['stall_s'] / max(r['tokens'], 1) * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _only_latency(args, tp: TrainedPredictor) -> int:
+    """Measure the step latency of the incremental and the full-window stepper in one run and add both to the
+    existing record."""
+    path = Path(args.out) / f"predictor_{args.name}.json"
+    if not path.exists():
+        raise SystemExit(f"--only latency updates {path}, which does not exist: run the full benchmark first")
+    rec = json.loads(path.read_text())
+    if "engine_threshold" in rec:   # JSON made the slot counts strings
+        rec["engine_threshold"] = {int(k): v for k, v in rec["engine_threshold"].items()}
+    lat = {(inc, b): step_latency(tp, tokens=200, batch=b, incremental=inc)["median_s"] * 1e3
+           for inc in (True, False) for b in (1, 8)}
+    for (inc, b), ms in lat.items():
+        print(f"{'incremental' if inc else 'full window'}, batch {b}: {ms:.2f} ms per step", flush=True)
+    rec["predictor"].update(incremental_latency_ms=lat[True, 1], incremental_latency_b8_ms=lat[True, 8],
+                            full_window_latency_ms=lat[False, 1], full_window_latency_b8_ms=lat[False, 8],
+                            latency_commit=git_commit())
+    write_results(args.out, f"predictor_{args.name}", rec, markdown(rec))
+    return 0
 
 
 def _only_sched(args, tp: TrainedPredictor, held, timing, E: int) -> int:
@@ -236,9 +264,10 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-prompt-tokens", type=int, default=32)
     ap.add_argument("--engine-new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--only", choices=["sched"], default=None,
+    ap.add_argument("--only", choices=["sched", "latency"], default=None,
                     help="sched: rerun only the token-scheduling table and replace it in the existing "
-                         "predictor_<name>.json/.md (the other sections keep their numbers and commit)")
+                         "predictor_<name>.json/.md (the other sections keep their numbers and commit); latency: "
+                         "add the incremental vs full-window step latency to it")
     args = ap.parse_args(argv)
     tp = TrainedPredictor.load(args.predictor)
     traces = [load_trace(p) for p in args.trace]
@@ -257,11 +286,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.only == "sched":
         return _only_sched(args, tp, held, timing, E)
+    if args.only == "latency":
+        return _only_latency(args, tp)
     recall = evaluate(tp, held, train=training_trace(tp.meta), budgets=[K, 2 * K], num_experts=E)
     print(format_table(recall), flush=True)
-    lat1, lat8 = step_latency(tp, batch=1), step_latency(tp, batch=8)
+    lat1, lat8 = step_latency(tp, batch=1, incremental=False), step_latency(tp, batch=8, incremental=False)
     short = min(32, tp.cfg.window)
-    lat_short = step_latency(tp, batch=1, context=short)
+    lat_short = step_latency(tp, batch=1, context=short, incremental=False)
+    inc1, inc8 = step_latency(tp, tokens=200, batch=1), step_latency(tp, tokens=200, batch=8)
     recall_short = float(recall_at_k(tp.scores(held, context=short), held.experts).mean())
     sim, sweep = sim_table(report, tune, tp.scores(report), tp.scores(tune), args.slots, timing, E)
     for r in sim:
@@ -283,6 +315,10 @@ def main(argv=None) -> int:
                          "step_latency_ms": lat1["median_s"] * 1e3, "step_latency_b8_ms": lat8["median_s"] * 1e3,
                          "short_context": short, "step_latency_short_ms": lat_short["median_s"] * 1e3,
                          "recall_short_context": recall_short,
+                         "incremental_latency_ms": inc1["median_s"] * 1e3,
+                         "incremental_latency_b8_ms": inc8["median_s"] * 1e3,
+                         "full_window_latency_ms": lat1["median_s"] * 1e3,
+                         "full_window_latency_b8_ms": lat8["median_s"] * 1e3, "latency_commit": git_commit(),
                          "batch_us_per_token": recall["predictor_batch_s_per_token"] * 1e6},
            "recall": recall, "sim": sim, "threshold_sweep": sweep, "sched": sched,
            "sched_slots": args.sched_slots, "request_tokens": args.request_tokens,
