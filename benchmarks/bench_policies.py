@@ -271,6 +271,11 @@ def main(argv=None) -> int:
                 if name == "expertflow+hybrid" and not args.hybrid:
                     print(f"  {name}: needs --hybrid DIR, skipped")
                     continue
+                if name == "expertflow+cache-aware" and override is not None:
+                    # the replayed routes come from the trace, the router scores from random weights: swapping
+                    # experts by those scores would measure nothing about the real model
+                    print(f"  {name}: meaningless with --replay (router scores of random weights), skipped")
+                    continue
                 if name not in ("resident", "expertflow+cache-aware", "expertflow+hybrid") and name not in POLICIES:
                     print(f"  {name}: not registered, skipped")
                     continue
