@@ -68,7 +68,7 @@ class ExpertFlow(Pregate):
             experts' input, as soon as j's demand loads are issued) or "moe" (layer j's output, after its
             experts). The attention point predicts layer j+s one layer's expert compute earlier, a little less
             accurately; it stalled less on both presets (docs/expertflow.md). None: the predictor's own point
-            (a hybrid head's is "moe", where `ef-jax record` captures), else "attention".
+            (a hybrid head runs at the point its record was taken at), else "attention".
     """
     name = "expertflow"
     wants_hidden = True
@@ -255,7 +255,7 @@ class ExpertFlow(Pregate):
         handed to the cache from on_route(j+1), behind its demand loads; they still have layer j+1's compute to
         arrive in. Distance-1 requests (S = 1, or from the attention point, where layer j's experts still have
         to compute) go now."""
-        if self.horizon < 2 and self.hidden_point == "moe":
+        if self.horizon < 2 and (self.hidden_point == "moe" or layer < 0):  # step start counts as an output
             return requests
         now = [(t, e) for t, e in requests if t == layer + 1 and layer >= 0 and self.hidden_point == "attention"]
         self._deferred += [r for r in requests if r not in now]
