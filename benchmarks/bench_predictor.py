@@ -205,15 +205,21 @@ def markdown(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _only_latency(args, tp: TrainedPredictor) -> int:
-    """Measure the step latency of the incremental and the full-window stepper in one run and add both to the
-    existing record."""
+def _existing_record(args) -> tuple[Path, dict]:
+    """The record an --only run updates (it must exist)."""
     path = Path(args.out) / f"predictor_{args.name}.json"
     if not path.exists():
-        raise SystemExit(f"--only latency updates {path}, which does not exist: run the full benchmark first")
+        raise SystemExit(f"--only {args.only} updates {path}, which does not exist: run the full benchmark first")
     rec = json.loads(path.read_text())
     if "engine_threshold" in rec:   # JSON made the slot counts strings
         rec["engine_threshold"] = {int(k): v for k, v in rec["engine_threshold"].items()}
+    return path, rec
+
+
+def _only_latency(args, tp: TrainedPredictor) -> int:
+    """Measure the step latency of the incremental and the full-window stepper in one run and add both to the
+    existing record."""
+    _, rec = _existing_record(args)
     lat = {(inc, b): step_latency(tp, tokens=200, batch=b, incremental=inc)["median_s"] * 1e3
            for inc in (True, False) for b in (1, 8)}
     for (inc, b), ms in lat.items():
@@ -227,12 +233,7 @@ def _only_latency(args, tp: TrainedPredictor) -> int:
 
 def _only_sched(args, tp: TrainedPredictor, held, timing, E: int) -> int:
     """Rerun the token-scheduling table and put it into the existing record (which must match the settings)."""
-    path = Path(args.out) / f"predictor_{args.name}.json"
-    if not path.exists():
-        raise SystemExit(f"--only sched updates {path}, which does not exist: run the full benchmark first")
-    rec = json.loads(path.read_text())
-    if "engine_threshold" in rec:   # JSON made the slot counts strings
-        rec["engine_threshold"] = {int(k): v for k, v in rec["engine_threshold"].items()}
+    path, rec = _existing_record(args)
     if rec["timing_preset"] != args.timing:
         raise SystemExit(f"{path} was made with --timing {rec['timing_preset']}, not {args.timing}")
     rec["sched"] = sched_table(held, tp.scores(held), args.batch_sizes, args.sched_slots, timing, E,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ef_jax.predict.path_predictor import NGRAMS, PredictorConfig, alibi_slopes, multi_hot
+from ef_jax.predict.runtime import check_cache_shape
 
 LN_EPS = 1e-6  # flax.linen.LayerNorm's default
 
@@ -110,10 +111,7 @@ class IncrementalStepPredictor:
         self.reset(tp.cfg.num_layers, tp.cfg.num_experts)
 
     def reset(self, num_layers: int, num_experts: int) -> None:
-        cfg = self.tp.cfg
-        if (num_layers, num_experts) != (cfg.num_layers, cfg.num_experts):
-            raise ValueError(f"the predictor was trained for {cfg.num_layers} layers × {cfg.num_experts} experts; "
-                             f"this cache has {num_layers} × {num_experts}")
+        check_cache_shape(self.tp.cfg, num_layers, num_experts)
         self._state: dict | None = None
         self._current: list[list[int]] = [[] for _ in range(num_layers)]  # the step's observed route so far
 

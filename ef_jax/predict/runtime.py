@@ -20,6 +20,13 @@ from ef_jax.predict.path_predictor import PAD, PredictorConfig, Vocab, make_appl
 from ef_jax.sim.trace import RoutingTrace
 
 
+def check_cache_shape(cfg: PredictorConfig, num_layers: int, num_experts: int) -> None:
+    """A step predictor serves only the cache shape it was trained for."""
+    if (num_layers, num_experts) != (cfg.num_layers, cfg.num_experts):
+        raise ValueError(f"the predictor was trained for {cfg.num_layers} layers × {cfg.num_experts} experts; "
+                         f"this cache has {num_layers} × {num_experts}")
+
+
 @runtime_checkable
 class StepPredictor(Protocol):
     """What the predictive policy calls. `predict` gets the ids of the tokens about to be processed (one per row)
@@ -88,10 +95,7 @@ class PathStepPredictor:
         self.reset(tp.cfg.num_layers, tp.cfg.num_experts)
 
     def reset(self, num_layers: int, num_experts: int) -> None:
-        cfg = self.tp.cfg
-        if (num_layers, num_experts) != (cfg.num_layers, cfg.num_experts):
-            raise ValueError(f"the predictor was trained for {cfg.num_layers} layers × {cfg.num_experts} experts; "
-                             f"this cache has {num_layers} × {num_experts}")
+        check_cache_shape(self.tp.cfg, num_layers, num_experts)
         self._tokens: list[list[np.ndarray]] | None = None  # per row: encoded tokens (id [+ trigrams]), oldest first
         self._routes: list[list[np.ndarray]] = []     # per row: i32[L, K] route of each token (-1 = unknown)
         self._current: list[list[int]] = [[] for _ in range(num_layers)]  # the step's observed route so far
