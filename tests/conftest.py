@@ -1,4 +1,4 @@
-"""Shared pytest setup: GPU marker handling."""
+"""Shared pytest setup: GPU marker handling, tiny Hugging Face checkpoints built once per session."""
 import jax
 import pytest
 
@@ -17,3 +17,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """name → the directory of that tiny Hugging Face checkpoint (tests/hf_models.py). Each variant is built once
+    per session and shared by every module that asks for it: callers only read it (ef_jax.load, --model)."""
+    pytest.importorskip("torch")
+    from tests.hf_models import save_tiny
+    built: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in built:
+            d = str(tmp_path_factory.mktemp(name))
+            save_tiny(name, d)
+            built[name] = d
+        return built[name]
+    return get

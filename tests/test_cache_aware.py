@@ -9,17 +9,13 @@ import ef_jax
 from ef_jax import OffloadConfig
 from ef_jax.offload.routing import cache_aware, router_probs
 from ef_jax.random_model import presets
-from tests.hf_models import save_tiny
 
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    pytest.importorskip("torch")
-    d = str(tmp_path_factory.mktemp("q3"))
-    save_tiny("qwen3moe-norm", d)
-    return ef_jax.load(d)
+def model(tiny_checkpoint):
+    return ef_jax.load(tiny_checkpoint("qwen3moe-norm"))
 
 
 def test_zero_tolerance_is_exact_and_positive_moves_fewer_bytes(model):

@@ -8,17 +8,14 @@ import pytest
 import ef_jax
 from ef_jax import OffloadConfig
 from ef_jax.evalpolicy import evaluate_policy, split_sequences
-from tests.hf_models import save_tiny
 
 FIELDS = ("hit_rate", "bytes_per_token", "stall_s_per_token", "prefetch_precision", "prefetch_recall", "mean_horizon",
           "perplexity")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("torch")
-    d = str(tmp_path_factory.mktemp("q3"))
-    save_tiny("qwen3moe-norm", d)
+def tiny(tmp_path_factory, tiny_checkpoint):
+    d = tiny_checkpoint("qwen3moe-norm")
     ids = np.random.default_rng(0).integers(0, 96, 120).tolist()
     path = tmp_path_factory.mktemp("text") / "ids.txt"
     path.write_text(" ".join(map(str, ids)))

@@ -11,17 +11,13 @@ from ef_jax.offload import ExpertCache
 from ef_jax.offload.routing import router_probs
 from ef_jax.policies import get_policy
 from ef_jax.policies.expertflow import ExpertFlow
-from tests.hf_models import save_tiny
 
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
 
 
 @pytest.fixture(scope="module", params=["qwen3moe-norm", "deepseek-qlora-grouped-yarn"])
-def model(request, tmp_path_factory):
-    pytest.importorskip("torch")
-    d = str(tmp_path_factory.mktemp(request.param))
-    save_tiny(request.param, d)
-    return ef_jax.load(d)
+def model(request, tiny_checkpoint):
+    return ef_jax.load(tiny_checkpoint(request.param))
 
 
 def test_expertflow_tokens_equal_resident(model):

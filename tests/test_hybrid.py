@@ -8,14 +8,11 @@ import pytest
 import ef_jax
 from ef_jax.hybrid import model as hm
 from ef_jax.hybrid.record import Record, record
-from tests.hf_models import save_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("torch")
-    d = str(tmp_path_factory.mktemp("q3"))
-    save_tiny("qwen3moe-norm", d)
+def tiny(tiny_checkpoint):
+    d = tiny_checkpoint("qwen3moe-norm")
     return d, ef_jax.load(d)
 
 

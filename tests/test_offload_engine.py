@@ -9,7 +9,6 @@ import pytest
 import ef_jax
 from ef_jax import OffloadConfig
 from ef_jax.model import DEFAULT_MODEL_DIR
-from tests.hf_models import save_tiny
 
 pytest.importorskip("torch")
 
@@ -18,10 +17,8 @@ FAMILIES = ["mixtral-top2", "qwen2moe-norm-sparse-step", "qwen3moe-norm", "olmoe
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def model(request, tmp_path_factory):
-    d = str(tmp_path_factory.mktemp(request.param))
-    save_tiny(request.param, d)
-    return ef_jax.load(d)
+def model(request, tiny_checkpoint):
+    return ef_jax.load(tiny_checkpoint(request.param))
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "nocache"])
@@ -116,10 +113,8 @@ def test_simulator_replay_agrees_with_engine(model, policy):
         assert (sim.hits, sim.misses) == (fwd.cache.hits, fwd.cache.misses)
 
 
-def test_bfloat16_offloaded_tokens_equal_resident(tmp_path):
-    d = str(tmp_path / "ds")
-    save_tiny("deepseek-qlora-grouped-yarn", d)
-    model = ef_jax.load(d, dtype="bfloat16")
+def test_bfloat16_offloaded_tokens_equal_resident(tiny_checkpoint):
+    model = ef_jax.load(tiny_checkpoint("deepseek-qlora-grouped-yarn"), dtype="bfloat16")
     ref = ef_jax.generate(model, PROMPTS, max_new_tokens=6).tokens
     res = ef_jax.generate(model, PROMPTS, max_new_tokens=6,
                           offload=OffloadConfig(slots_per_layer=model.config.top_k, check=True))
@@ -167,12 +162,10 @@ def test_prefetching_policy_keeps_tokens_and_counts(model):
     assert policy.hidden_shapes and all(h[-1] == cfg.hidden_size for h in policy.hidden_shapes)
 
 
-def test_pallas_kernel_inside_the_engine(tmp_path):
+def test_pallas_kernel_inside_the_engine(tiny_checkpoint):
     """The engine's expert compute through kernels_pallas (interpret mode) gives the XLA path's tokens."""
     from ef_jax.models import moe
-    d = str(tmp_path / "q3")
-    save_tiny("qwen3moe-norm", d)
-    model = ef_jax.load(d)
+    model = ef_jax.load(tiny_checkpoint("qwen3moe-norm"))
     offload = OffloadConfig(slots_per_layer=model.config.top_k)
     ref = ef_jax.generate(model, PROMPTS[:2], max_new_tokens=3, offload=offload).tokens
     try:

@@ -76,13 +76,9 @@ PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12]]
 
 
 @pytest.fixture(scope="module", params=["mixtral-top2"])  # one family: the engine's parity suite covers the rest
-def model(request, tmp_path_factory):
-    pytest.importorskip("torch")
+def model(request, tiny_checkpoint):
     import ef_jax
-    from tests.hf_models import save_tiny
-    d = str(tmp_path_factory.mktemp(request.param))
-    save_tiny(request.param, d)
-    return ef_jax.load(d)
+    return ef_jax.load(tiny_checkpoint(request.param))
 
 
 class _Oracle:

@@ -4,7 +4,6 @@ import pytest
 
 import ef_jax
 from ef_jax import OffloadConfig
-from tests.hf_models import save_tiny
 
 pytest.importorskip("torch")
 
@@ -12,10 +11,8 @@ PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
 
 
 @pytest.fixture(scope="module", params=["deepseek-qlora-grouped-yarn"])
-def model(request, tmp_path_factory):
-    d = str(tmp_path_factory.mktemp(request.param))
-    save_tiny(request.param, d)
-    return ef_jax.load(d)
+def model(request, tiny_checkpoint):
+    return ef_jax.load(tiny_checkpoint(request.param))
 
 
 @pytest.mark.parametrize("policy", ["lru", "pregate", "expertflow"])
