@@ -86,7 +86,7 @@ class Belady(BasePolicy):
         E = min(num_experts, self._first.shape[1])
         first[:, :E] = self._first[:, :E]
         self._next = first.tolist()  # int[L][E]: next token (≥ the current step) that uses the expert
-        self._clock, self._horizon = 0, N
+        self._clock = 0
         self._last = [[-1] * num_experts for _ in range(num_layers)]  # int[L][E]: clock of the last access
 
     def on_access(self, layer: int, expert: int, hit: bool) -> None:
@@ -99,8 +99,6 @@ class Belady(BasePolicy):
         if t0 >= N:
             raise RuntimeError(f"belady: step {view.step} is past the future trace ({N} tokens, {B} per step)")
         nxt = self._next[layer]
-        if self.lookahead is not None:  # the oracle sees tokens up to t1 + k − 1; later uses all look alike
-            self._horizon = t1 + self.lookahead
         seen = set()
         for t in range(t0, t1):  # later tokens overwrite: next use after the step's last occurrence
             for e, n in zip(self._fut_rows[t][layer], self._nxt_rows[t][layer]):
@@ -112,5 +110,8 @@ class Belady(BasePolicy):
         return []
 
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
-        nxt, last, cap = self._next[layer], self._last[layer], self._horizon
+        nxt, last = self._next[layer], self._last[layer]
+        # with a lookahead the oracle sees up to token t1 + k − 1 (t1: the end of this step); later uses look alike
+        N = len(self._fut_rows)
+        cap = N if self.lookahead is None else min((view.step + 1) * self._batch, N) + self.lookahead
         return max(candidates, key=lambda e: (min(nxt[e], cap), -last[e]))
