@@ -26,11 +26,10 @@ import numpy as np
 import ef_jax
 from ef_jax import OffloadConfig
 from ef_jax.evalpolicy import evaluate_policy, text_to_ids
-from ef_jax.offload.clock import get_timing
-from ef_jax.policies import Belady
-from ef_jax.policies.expertflow import ExpertFlow
+from ef_jax.cache.timing import get_timing
+from ef_jax.policies.registry import PolicySpec
 from ef_jax.sim import replay
-from ef_jax.sim.trace import load_trace
+from ef_jax.trace import load_trace
 from results_io import git_commit, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +43,7 @@ GATES = ((None, "expertflow (default gate)"), (0.9, "expertflow, precision ≥ 0
 def sim_rows(routing: np.ndarray, slots: int, num_experts: int, timing: str) -> list[dict]:
     """Simulator rows on routing i[N, L, K]: lru, lfu, belady-k, belady."""
     rows = []
-    policies = [("lru", "lru"), ("lfu", "lfu")] + [(Belady(lookahead=k), f"belady, next {k} tokens known")
+    policies = [("lru", "lru"), ("lfu", "lfu")] + [(PolicySpec("belady", lookahead=k), f"belady, next {k} tokens known")
                                                    for k in LOOKAHEADS] + [("belady", "belady")]
     for pol, label in policies:
         s = replay(np.sort(routing, -1), slots_per_layer=slots, policy=pol, num_experts=num_experts, timing=timing)
@@ -56,7 +55,7 @@ def sim_rows(routing: np.ndarray, slots: int, num_experts: int, timing: str) -> 
 
 def engine_rows(model, ids, slots: int, timing: str, max_tokens: int) -> tuple[list[dict], np.ndarray]:
     rows, routing = [], None
-    runs = [("lru", "lru")] + [(ExpertFlow.from_model(model, **({} if p is None else {"min_precision": p})), label)
+    runs = [("lru", "lru")] + [(PolicySpec("expertflow", **({} if p is None else {"min_precision": p})), label)
                                for p, label in GATES]
     for pol, label in runs:
         r = evaluate_policy(model, ids, OffloadConfig(slots_per_layer=slots, policy=pol, timing=timing),

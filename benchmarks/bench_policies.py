@@ -29,7 +29,7 @@ import numpy as np
 import ef_jax
 from ef_jax import OffloadConfig
 from ef_jax.evalpolicy import evaluate_policy, text_to_ids
-from ef_jax.offload.clock import get_timing
+from ef_jax.cache.timing import get_timing
 from ef_jax.policies.registry import POLICIES
 from ef_jax.random_model import presets, random_model, with_layers
 from ef_jax.sim import replay
@@ -49,8 +49,8 @@ def offload_for(name: str, slots: int, timing, model=None, hybrid: str | None = 
         return None
     if name == "expertflow+hybrid":  # the hybrid cross-layer predictor from `ef-jax train-hybrid`
         from ef_jax.hybrid import HybridPredictor
-        from ef_jax.policies.expertflow import ExpertFlow
-        pol = ExpertFlow.from_model(model, predictor=HybridPredictor.load(hybrid, model))
+        from ef_jax.policies.registry import PolicySpec
+        pol = PolicySpec("expertflow", predictor=HybridPredictor.load(hybrid, model))
         return OffloadConfig(slots_per_layer=slots, policy=pol, timing=timing)
     if name == "expertflow+cache-aware":
         return OffloadConfig(slots_per_layer=slots, policy="expertflow", routing="cache-aware", timing=timing)
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     cfg = model.config
     trace = None
     if args.replay:
-        from ef_jax.sim.trace import load_trace
+        from ef_jax.trace import load_trace
         trace = load_trace(args.replay).experts.astype(np.int32)
         if trace.shape[-1] != cfg.top_k or trace.max() >= cfg.num_experts:
             raise SystemExit(f"trace top-{trace.shape[-1]} over {trace.max() + 1} experts does not fit the model "

@@ -13,7 +13,7 @@
     python benchmarks/bench_predictor.py --predictor DIR [--trace TRACE] [--name deepseek_v2_lite]
     python benchmarks/bench_predictor.py --predictor DIR --only sched   # redo section 3 in the existing record
 
-Timing presets are models, not measurements (ef_jax.offload.clock.TIMING_PRESETS): stall figures are what the
+Timing presets are models, not measurements (ef_jax.cache.timing.TIMING_PRESETS): stall figures are what the
 assumed bandwidth and compute time imply.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ef_jax.offload.clock import get_timing
+from ef_jax.cache.timing import get_timing
 from ef_jax.policies.predictive import Predictive
 from ef_jax.predict.baselines import recall_at_k
 from ef_jax.predict.evaluate import evaluate, format_table, step_latency, training_trace
@@ -37,7 +37,7 @@ from ef_jax.predict.train import concat_traces, prompt_slice, trace_digest
 from ef_jax.sched import ContinuousScheduler, TokenScheduler, predicted_sets
 from ef_jax.sim.batched import replay_batches
 from ef_jax.sim.replay import replay
-from ef_jax.sim.trace import load_trace
+from ef_jax.trace import load_trace
 from results_io import git_commit, write_results
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,14 +5,36 @@ Public API:
   logits(model, token_ids) -> np.ndarray f32[B, T, V]
   generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, offload) -> GenerationResult
   trace_routing(model, texts_or_token_ids) -> np.ndarray int[N, L_moe, K]
-"""
-from ef_jax.checkpoint import CheckpointError
-from ef_jax.config import ModelConfig
-from ef_jax.engine.forward import logits, trace_routing
-from ef_jax.engine.generate import GenerationResult, generate
-from ef_jax.model import Model, load
-from ef_jax.offload.config import OffloadConfig
 
-__all__ = ["CheckpointError", "GenerationResult", "Model", "ModelConfig", "OffloadConfig", "generate", "load", "logits",
-           "trace_routing"]
+Names are imported on first use, so host-only parts (ef_jax.cache, ef_jax.policies, ef_jax.sim) load without jax.
+"""
+import importlib
+
+_EXPORTS = {
+    "CheckpointError": "ef_jax.checkpoint",
+    "ModelConfig": "ef_jax.config",
+    "logits": "ef_jax.engine.api",
+    "trace_routing": "ef_jax.engine.api",
+    "GenerationResult": "ef_jax.engine.generate",
+    "generate": "ef_jax.engine.generate",
+    "Model": "ef_jax.model",
+    "load": "ef_jax.model",
+    "OffloadConfig": "ef_jax.cache.config",
+    "PolicySpec": "ef_jax.policies.registry",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ef_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

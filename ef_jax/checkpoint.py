@@ -244,7 +244,7 @@ def _expert_plan(cfg: ModelConfig, reader: SafetensorsReader, layer: int) -> lis
     return plan
 
 
-def _set(tree: dict, dotted: str, value):
+def set_dotted(tree: dict, dotted: str, value):
     parts = dotted.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):
@@ -293,7 +293,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "float32"):
         params: dict = {"layers": [{} for _ in range(cfg.num_layers)]}
         for ours, (hf_name, transpose) in names.items():
             keep_f32 = cfg.router_fp32_weight and ours.endswith(".router")
-            _set(params, ours, read(hf_name, transpose, keep_f32))
+            set_dotted(params, ours, read(hf_name, transpose, keep_f32))
         experts = tuple(_read_experts(cfg, plans[i], read, np_dtype) if i in plans else None
                         for i in range(cfg.num_layers))
     finally:

@@ -23,7 +23,7 @@ def _cmd_generate(args) -> int:
     model = ef_jax.load(args.model, dtype=args.dtype)
     offload = None
     if args.expert_memory or args.slots_per_layer or args.policy or args.timeline:
-        from ef_jax.offload.config import OffloadConfig
+        from ef_jax.cache.config import OffloadConfig
         offload = OffloadConfig(expert_memory=args.expert_memory, slots_per_layer=args.slots_per_layer,
                                 policy=args.policy or "lru", record_timeline=args.timeline)
     res = ef_jax.generate(model, [args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -64,7 +64,7 @@ def _cmd_info(args) -> int:
 def _cmd_trace(args) -> int:
     import ef_jax
     from ef_jax.engine.batch import normalize_prompts
-    from ef_jax.engine.forward import save_routing_trace
+    from ef_jax.engine.api import save_routing_trace
     model = ef_jax.load(args.model, dtype=args.dtype)
     with open(args.text, encoding="utf-8") as f:
         texts = [t for t in (f.read().split("\n\n") if args.split_paragraphs else [f.read()]) if t.strip()]

@@ -1,8 +1,8 @@
 """ef_jax.Model: a loaded checkpoint — config, device params, host-side experts, tokenizer — and ef_jax.load().
 
-Routed experts stay in host memory after loading: a model whose experts exceed the device can be loaded, and
-the offload engine builds its pinned-host store from them. `resident_pools()` puts every expert on the device
-(once, cached) for all-resident decoding.
+Routed experts stay in host memory after loading: a model whose experts exceed the device can be loaded. The engine
+(ef_jax/engine) decides where they go: its expert sources either put every expert on the device (resident) or build
+a pinned-host store and stream them into slots (offloaded). A Model is plain data; running it never changes it.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import numpy as np
 
 from ef_jax.checkpoint import DTYPES, iter_param_leaves, load_checkpoint
 from ef_jax.config import ModelConfig
-from ef_jax.models.moe import ExpertPool
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 
@@ -31,27 +30,6 @@ class Model:
     dtype: str
     tokenizer: Any = None
     path: str | None = None
-    _resident: tuple | None = dataclasses.field(default=None, repr=False)
-    _store: Any = dataclasses.field(default=None, repr=False)
-
-    def resident_pools(self) -> tuple:
-        """Per layer: ExpertPool with all E experts on the device (slot e holds expert e), or None."""
-        if self._resident is None:
-            self._resident = tuple(
-                None if ex is None else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
-                for ex in self.host_experts)
-        return self._resident
-
-    def expert_store(self):
-        """The pinned-host ExpertStore of every MoE layer's experts (built once, reused by every offloaded run)."""
-        if self._store is None:
-            from ef_jax.offload.store import ExpertStore
-            self._store = ExpertStore([self.host_experts[i] for i in self.config.moe_layer_ids])
-        return self._store
-
-    def release_resident(self) -> None:
-        """Drops the all-resident device copy of the experts (frees device memory for an offloaded run)."""
-        self._resident = None
 
     def param_bytes(self) -> dict[str, int]:
         """Bytes of routed experts vs everything else, and of one expert, at the loaded dtype."""

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ef_jax.checkpoint import DTYPES, _set, expected_shapes, expert_shapes
+from ef_jax.checkpoint import DTYPES, expected_shapes, expert_shapes, set_dotted
 from ef_jax.config import ModelConfig, RopeConfig
 from ef_jax.model import Model
 
@@ -48,7 +48,7 @@ def random_model(cfg: ModelConfig, *, dtype: str = "float32", seed: int = 0) -> 
 
     params: dict = {"layers": [{} for _ in range(cfg.num_layers)]}
     for name, shape in expected_shapes(cfg).items():
-        _set(params, name, draw(shape, name))
+        set_dotted(params, name, draw(shape, name))
     experts = tuple({k: draw(s) for k, s in expert_shapes(cfg).items()} if cfg.moe_layers[i] else None
                     for i in range(cfg.num_layers))
     return Model(config=cfg, params=jax.tree.map(jnp.asarray, params), host_experts=experts, dtype=dtype)

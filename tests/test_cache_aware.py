@@ -7,7 +7,7 @@ import pytest
 
 import ef_jax
 from ef_jax import OffloadConfig
-from ef_jax.offload.routing import cache_aware, router_probs
+from ef_jax.cache.routing import cache_aware, router_probs
 from ef_jax.random_model import presets
 
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
@@ -75,16 +75,16 @@ def test_invalid_arguments_name_themselves(kw, match):
 
 
 def test_routing_override_replays_a_trace():
-    from ef_jax.offload.engine import OffloadForward
+    from ef_jax.engine.forward import Forward
     from ef_jax.random_model import random_model
     from ef_jax.engine.batch import make_batch
-    from ef_jax.engine.generate import _decode
+    from ef_jax.engine.decode import sample_rows
     from ef_jax.engine.sampling import SamplingParams
     model = random_model(presets(num_layers=2)["tiny"])
     K = model.config.top_k
     trace = np.random.default_rng(0).permuted(np.tile(np.arange(8), (6, 2, 1)), axis=-1)[..., :K]  # [6, 2, K]
-    fwd = OffloadForward(model, OffloadConfig(slots_per_layer=K, check=True))
-    fwd.route_override = lambda step, j, experts: trace[step % len(trace), j][None].repeat(len(experts), 0)
-    _decode(model, fwd, make_batch([[3]], 6), SamplingParams(), 0, set(), 6)
-    got = np.concatenate(fwd.routing_log)
+    fwd = Forward(model, OffloadConfig(slots_per_layer=K, check=True))
+    fwd.source.route_override = lambda step, j, experts: trace[step % len(trace), j][None].repeat(len(experts), 0)
+    sample_rows(fwd, make_batch([[3]], 6), SamplingParams(), 0, set(), 6)
+    got = np.concatenate(fwd.source.routing_log)
     np.testing.assert_array_equal(np.sort(got, -1), np.sort(trace, -1))

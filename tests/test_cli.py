@@ -73,7 +73,7 @@ def test_generate_offloaded_prints_expert_stats(tiny_dir, capsys, tmp_path):
 def test_trace_writes_the_shared_npz_layout(tiny_dir, tmp_path):
     import shutil
     import numpy as np
-    from ef_jax.sim.trace import load_trace
+    from ef_jax.trace import load_trace
     d = str(tmp_path / "with_tok")
     shutil.copytree(tiny_dir, d)
     _save_word_tokenizer(d, 96)

@@ -61,7 +61,7 @@ def test_model_card_states_the_required_facts():
 
 
 def test_shipped_traces_match_the_model(model):
-    from ef_jax.sim.trace import load_trace
+    from ef_jax.trace import load_trace
     for dom in ("shakespeare", "kjv", "python"):
         path = os.path.join(REPO, "benchmarks", "data", f"default_model_{dom}.npz")
         trace = load_trace(path)

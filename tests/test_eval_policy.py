@@ -29,11 +29,11 @@ def test_virtual_clock_engine_matches_simulator(tiny):
     _, model, ids, _ = tiny
     for policy in ("lru", "nocache"):
         offload = OffloadConfig(slots_per_layer=3, policy=policy, timing="h100")
-        from ef_jax.offload.engine import OffloadForward
-        fwd = OffloadForward(model, offload)
-        from ef_jax.evalpolicy.harness import _decode_group
-        _decode_group(model, fwd, np.asarray([ids[:40]], np.int32))
-        trace = np.sort(np.concatenate(fwd.routing_log), axis=-1)  # the engine requires a layer's experts sorted
+        from ef_jax.engine.forward import Forward
+        fwd = Forward(model, offload)
+        from ef_jax.engine.decode import teacher_forced
+        teacher_forced(fwd, np.asarray([ids[:40]], np.int32))
+        trace = np.sort(np.concatenate(fwd.source.routing_log), axis=-1)  # the engine requires a layer's experts sorted
         sim = replay(trace, slots_per_layer=3, policy=policy, timing="h100", num_experts=model.config.num_experts)
         s = fwd.stats()
         assert (s["hits"], s["misses"], s["h2d_bytes"]) == (sim.hits, sim.misses, sim.bytes_h2d)

@@ -7,8 +7,8 @@ import pytest
 
 import ef_jax
 from ef_jax import OffloadConfig
-from ef_jax.offload import ExpertCache
-from ef_jax.offload.routing import router_probs
+from ef_jax.cache import ExpertCache
+from ef_jax.cache.routing import router_probs
 from ef_jax.policies import get_policy
 from ef_jax.policies.expertflow import ExpertFlow
 

@@ -57,13 +57,13 @@ def test_option_errors():
         OffloadConfig()
     with pytest.raises(ValueError, match="is not a size"):
         OffloadConfig(expert_memory="lots")
-    from ef_jax.offload.config import parse_bytes
+    from ef_jax.cache.config import parse_bytes
     assert parse_bytes("4GiB") == 4 << 30 and parse_bytes("1.5GB") == 1_500_000_000
 
 
 def test_slot_write_is_in_place():
     from ef_jax.models.moe import ExpertPool
-    from ef_jax.offload.store import write_slot
+    from ef_jax.engine.store import write_slot
     pool = ExpertPool(gate=jax.numpy.zeros((4, 8, 6)), up=jax.numpy.zeros((4, 8, 6)), down=jax.numpy.zeros((4, 6, 8)))
     ptr = pool.gate.unsafe_buffer_pointer()
     flat = jax.numpy.arange(3 * 8 * 6, dtype=jax.numpy.float32)
@@ -97,17 +97,17 @@ def test_bench_offload_tiny_mode_runs(tmp_path):
 def test_simulator_replay_agrees_with_engine(model, policy):
     """Replaying the routing the engine recorded gives the engine's hits and misses (one token per step)."""
     from ef_jax.engine.batch import make_batch
-    from ef_jax.engine.generate import _decode
+    from ef_jax.engine.decode import sample_rows
     from ef_jax.engine.sampling import SamplingParams
-    from ef_jax.offload.engine import OffloadForward
+    from ef_jax.engine.forward import Forward
     from ef_jax.sim.replay import replay
     cfg = model.config
     for prompts, slots in (([[7]], cfg.top_k), ([[7], [50]], 2 * cfg.top_k)):
         slots = min(slots, cfg.num_experts)
         offload = OffloadConfig(slots_per_layer=slots, policy=policy)
-        fwd = OffloadForward(model, offload)
-        _decode(model, fwd, make_batch(prompts, 12), SamplingParams(), 0, set(), 12)
-        trace = np.concatenate(fwd.routing_log)              # [steps · B, L_moe, K], rows of a step together
+        fwd = Forward(model, offload)
+        sample_rows(fwd, make_batch(prompts, 12), SamplingParams(), 0, set(), 12)
+        trace = np.concatenate(fwd.source.routing_log)              # [steps · B, L_moe, K], rows of a step together
         sim = replay(trace, slots_per_layer=slots, policy=policy, batch_size=len(prompts),
                      num_experts=cfg.num_experts)
         assert (sim.hits, sim.misses) == (fwd.cache.hits, fwd.cache.misses)

@@ -62,12 +62,12 @@ def test_greedy_batch_matches_transformers_alone(pair):
 def test_decode_with_cache_equals_full_forward(pair):
     """Logits of each decoded step (KV cache) equal a full forward pass over prompt + generated tokens."""
     _, model = pair
-    from ef_jax.engine.forward import ResidentForward
+    from ef_jax.engine.forward import Forward
     from ef_jax.models.transformer import head, init_cache
     prompt = PROMPTS[0]
     seq = prompt + [11, 45, 7, 90]
     full = ef_jax.logits(model, [seq])[0]
-    fwd = ResidentForward(model, layers_per_group=2)
+    fwd = Forward(model, layers_per_group=2)
     S = len(seq) + 3
     cache = init_cache(model.config, 1, S, np.float32)
     valid = np.zeros((1, S), bool)

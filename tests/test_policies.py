@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ef_jax.offload import ExpertCache, Load
+from ef_jax.cache import ExpertCache, Load
 from ef_jax.policies import BasePolicy, Belady, get_policy, policy_names
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ef_jax.predict import FrequencyBaseline, PreviousTokenBaseline, TokenLookupBaseline, recall_at_k
-from ef_jax.sim.trace import load_trace, make_trace
+from ef_jax.trace import load_trace, make_trace
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing" / "deepseek-v2-lite-puffin-dev.npz"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ef_jax.offload import ExpertCache
+from ef_jax.cache import ExpertCache
 from ef_jax.policies import get_policy
 from ef_jax.policies.predictive import Predictive
 from ef_jax.sim import replay
@@ -61,7 +61,7 @@ def test_argument_errors():
 def test_fewer_misses_than_lru_on_the_real_trace():
     from ef_jax.predict import TokenLookupBaseline
     from ef_jax.predict.train import prompt_slice
-    from ef_jax.sim.trace import load_trace
+    from ef_jax.trace import load_trace
     full = load_trace(TRACE)
     train, val = prompt_slice(full, 0, 800), prompt_slice(full, 800, 815)
     scores = TokenLookupBaseline(64).fit(train).scores(val)
@@ -106,9 +106,9 @@ def test_engine_tokens_equal_resident_and_an_oracle_beats_lru(model):
     import ef_jax
     from ef_jax import OffloadConfig
     from ef_jax.engine.batch import make_batch
-    from ef_jax.engine.generate import _decode
+    from ef_jax.engine.decode import sample_rows
     from ef_jax.engine.sampling import SamplingParams
-    from ef_jax.offload.engine import OffloadForward
+    from ef_jax.engine.forward import Forward
     cfg = model.config
     S = cfg.top_k
     ref = ef_jax.generate(model, PROMPTS[:1], max_new_tokens=8).tokens
@@ -116,9 +116,9 @@ def test_engine_tokens_equal_resident_and_an_oracle_beats_lru(model):
     online = ef_jax.generate(model, PROMPTS[:1], max_new_tokens=8,
                              offload=OffloadConfig(slots_per_layer=S, policy="predictive", check=True))
     assert online.tokens == lru.tokens == ref and online.stats["policy"] == "predictive"
-    fwd = OffloadForward(model, OffloadConfig(slots_per_layer=S, policy="lru"))
-    _decode(model, fwd, make_batch(PROMPTS[:1], 8), SamplingParams(), 0, set(), 8)
-    oracle = Predictive(_Oracle(fwd.routing_log, cfg.num_experts), prefetch=cfg.num_experts, threshold=0.5,
+    fwd = Forward(model, OffloadConfig(slots_per_layer=S, policy="lru"))
+    sample_rows(fwd, make_batch(PROMPTS[:1], 8), SamplingParams(), 0, set(), 8)
+    oracle = Predictive(_Oracle(fwd.source.routing_log, cfg.num_experts), prefetch=cfg.num_experts, threshold=0.5,
                         top_k=cfg.top_k)
     res = ef_jax.generate(model, PROMPTS[:1], max_new_tokens=8,
                           offload=OffloadConfig(slots_per_layer=S, policy=oracle, check=True))

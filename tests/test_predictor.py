@@ -10,7 +10,7 @@ from ef_jax.predict import TokenLookupBaseline, recall_at_k
 from ef_jax.predict.path_predictor import PAD, UNK, PathPredictor, PredictorConfig, Vocab, pack, score_packed
 from ef_jax.predict.runtime import TrainedPredictor
 from ef_jax.predict.train import TrainConfig, fit, load_predictor, prompt_slice, save_predictor
-from ef_jax.sim.trace import make_trace, save_trace
+from ef_jax.trace import make_trace, save_trace
 
 L, E, K = 2, 8, 2
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ef_jax.offload.cache import ExpertCache
+from ef_jax.cache.expert_cache import ExpertCache
 from ef_jax.sched import TokenScheduler, predicted_sets
 from ef_jax.sim.batched import TokenPool, pooled_steps, replay_batches, replay_steps, residency
 

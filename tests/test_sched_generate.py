@@ -1,24 +1,72 @@
-"""generate_scheduled: route-aware batches of prompts give every prompt the tokens it gets in arrival order."""
+"""generate(batch_size=, schedule=): route-aware batches give every prompt the tokens it gets in arrival order, and
+one expert cache serves every batch without ever holding more experts on the device than its slots."""
+import jax
+import numpy as np
 import pytest
 
-from ef_jax.sched.generate import generate_scheduled
+import ef_jax
+from ef_jax import OffloadConfig
+from ef_jax.policies.classic import LRU
 
 PROMPTS = [[5, 17, 33, 2], [88, 3, 60, 12], [5, 17, 33, 9], [88, 3, 61, 12]]  # one length: one compilation
 
 
-def test_route_schedule_keeps_every_prompts_tokens(tmp_path):
-    pytest.importorskip("torch")
-    import ef_jax
-    from tests.hf_models import save_tiny
-    save_tiny("mixtral-top2", str(tmp_path))
-    model = ef_jax.load(str(tmp_path))
-    arrival = generate_scheduled(model, PROMPTS, batch_size=2, schedule="arrival", max_new_tokens=3)
-    route = generate_scheduled(model, PROMPTS, batch_size=2, schedule="route", max_new_tokens=3)
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return ef_jax.load(tiny_checkpoint("mixtral-top2"))
+
+
+def test_route_schedule_keeps_every_prompts_tokens(model):
+    arrival = ef_jax.generate(model, PROMPTS, batch_size=2, schedule="arrival", max_new_tokens=3)
+    route = ef_jax.generate(model, PROMPTS, batch_size=2, schedule="route", max_new_tokens=3)
     assert arrival.stats["batches"] == [[0, 1], [2, 3]]
     assert sorted(i for b in route.stats["batches"] for i in b) == list(range(4))
     assert all(len(b) == 2 for b in route.stats["batches"])
     assert route.tokens == arrival.tokens and all(len(t) == 3 for t in route.tokens)
-    via_generate = ef_jax.generate(model, PROMPTS, max_new_tokens=3, batch_size=2, schedule="route")
-    assert via_generate.tokens == arrival.tokens and via_generate.stats["batches"] == route.stats["batches"]
+    alone = [ef_jax.generate(model, [p], max_new_tokens=3).tokens[0] for p in PROMPTS]
+    assert route.tokens == alone
     with pytest.raises(ValueError, match="schedule="):
-        generate_scheduled(model, PROMPTS, batch_size=2, schedule="fastest")
+        ef_jax.generate(model, PROMPTS, batch_size=2, schedule="fastest")
+
+
+def test_batching_keeps_one_stats_shape(model):
+    plain = ef_jax.generate(model, PROMPTS[:2], max_new_tokens=2, offload=OffloadConfig(slots_per_layer=2))
+    batched = ef_jax.generate(model, PROMPTS, max_new_tokens=2, offload=OffloadConfig(slots_per_layer=2),
+                              batch_size=2)
+    assert set(plain.stats) <= set(batched.stats)
+    assert 0 <= batched.stats["hit_rate"] <= 1 and batched.stats["generated_tokens"] == 8
+
+
+class _LiveExpertBytes(LRU):
+    """LRU that samples the device's live arrays at every routed layer: the bytes of expert-shaped arrays."""
+    name = "lru-watch"
+
+    def __init__(self, shapes):
+        self.shapes, self.peak = shapes, 0
+        self.before = {id(a) for a in jax.live_arrays()}  # other tests' models may hold their experts
+
+    def on_route(self, layer, experts, view):
+        live = 0
+        for a in jax.live_arrays():
+            if id(a) in self.before or a.is_deleted() or a.ndim != 3 or tuple(a.shape[1:]) not in self.shapes:
+                continue
+            if a.sharding.memory_kind in (None, "device"):
+                live += a.nbytes
+        self.peak = max(self.peak, live)
+        return []
+
+
+def test_route_scheduled_offload_never_holds_more_than_its_slots(tiny_checkpoint):
+    """Bug: the route schedule profiled prompts through an all-resident forward, uploading every expert, and
+    each batch started with a cold cache. Now profiling and every batch run through one offloaded Forward."""
+    fresh = ef_jax.load(tiny_checkpoint("mixtral-top2"))  # nothing resident from other tests
+    cfg = fresh.config
+    D, F = cfg.hidden_size, cfg.moe_intermediate
+    S = cfg.top_k
+    watch = _LiveExpertBytes({(D, F), (F, D)})
+    res = ef_jax.generate(fresh, PROMPTS, max_new_tokens=3, batch_size=2, schedule="route",
+                          offload=OffloadConfig(slots_per_layer=S, policy=watch))
+    per_expert = fresh.param_bytes()["per_expert"]
+    assert 0 < watch.peak <= cfg.num_moe_layers * S * per_expert
+    assert res.tokens == ef_jax.generate(fresh, PROMPTS, max_new_tokens=3, batch_size=2).tokens
+    assert res.stats["cache_steps"] > 2 * 3  # one cache for the profiling passes and both batches

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ef_jax.offload import ExpertCache
+from ef_jax.cache import ExpertCache
 from ef_jax.policies import BasePolicy, Belady
 from ef_jax.sim import TIMING_PRESETS, Timing, load_trace, make_trace, replay, save_trace
 from ef_jax.sim import cli

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ef_jax.offload import SlotSnapshot, SlotTable
+from ef_jax.cache import SlotSnapshot, SlotTable
 
 L, E, S = 3, 10, 4
 

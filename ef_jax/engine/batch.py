@@ -76,3 +76,17 @@ def make_batch(ids: Sequence[Sequence[int]], max_new_tokens: int, bucket: bool =
         valid[b, P - n:] = True
         positions[b, P - n:] = np.arange(n)
     return PromptBatch(tokens=tokens, valid=valid, positions=positions, lengths=lengths, cache_slots=S)
+
+
+def text_to_ids(model, text: str) -> list[int]:
+    """Tokenize with the model's tokenizer; a model without one reads whitespace-separated token ids."""
+    if model.tokenizer is not None:
+        return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    try:
+        ids = [int(t) for t in text.split()]
+    except ValueError:
+        raise ValueError("this model has no tokenizer: the text file must hold whitespace-separated token ids") from None
+    V = model.config.vocab_size
+    if any(not 0 <= t < V for t in ids):
+        raise ValueError(f"token ids must lie in [0, {V})")
+    return ids

@@ -1,24 +1,27 @@
 """ef_jax.generate: prefill + token-by-token decode with an explicit KV cache, sampling and stop tokens.
 
-prompts → tokenize → left-padded batch → prefill (all prompt tokens, one pass) → sample
-        → repeat: decode one token per row (forward over layer groups) → sample → stop at EOS / stop ids
+prompts → tokenize → [batch_size: batches in arrival order, or by overlapping routes (ef_jax.sched)]
+        → per batch: left-padded rows → engine.decode.sample_rows over ONE Forward → outputs in input order
 
-The loop is shared by all-resident and offloaded decoding: only the forward object differs.
+Resident and offloaded decoding are the same loop over the same Forward; only its expert source differs. With
+batch_size, every batch runs through the same Forward, so one expert cache (and its slots) serves them all.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
 
 from ef_jax.engine.batch import make_batch, normalize_prompts
-from ef_jax.engine.forward import DEFAULT_LAYERS_PER_GROUP, ResidentForward
-from ef_jax.engine.sampling import SamplingParams, sample
+from ef_jax.engine.decode import full, sample_rows
+from ef_jax.engine.forward import Forward
+from ef_jax.engine.sampling import SamplingParams
 from ef_jax.model import Model
-from ef_jax.models.transformer import head, init_cache
+from ef_jax.sched.route_scheduler import arrival_batches, route_batches, routing_profile
+
+SCHEDULES = ("arrival", "route")
 
 
 @dataclasses.dataclass
@@ -41,17 +44,30 @@ def _stop_ids(model: Model, stop_token_ids: Sequence[int] | None) -> set[int]:
     return ids
 
 
-def _make_forward(model: Model, offload, layers_per_group: int):
-    if offload is None:
-        return ResidentForward(model, layers_per_group)
-    from ef_jax.offload.engine import OffloadForward  # the offload engine (own module)
-    return OffloadForward(model, offload)
+def _plan(forward: Forward, ids: list[list[int]], batch_size: int | None, schedule: str):
+    """(batches of prompt indices, seconds spent planning). Route profiles come from one pass per prompt through
+    the same Forward (its expert source: an offloaded run never uploads every expert to profile)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: use 'route' or 'arrival'")
+    if batch_size is None:
+        if schedule != "arrival":
+            raise ValueError(f"schedule={schedule!r} chooses which prompts share a batch: give batch_size too")
+        return [list(range(len(ids)))], 0.0
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
+    if schedule == "arrival":
+        return arrival_batches(len(ids), batch_size), 0.0
+    t0 = time.perf_counter()
+    E = forward.cfg.num_experts
+    prof = np.stack([routing_profile(full(forward, np.asarray([seq], np.int32), all_logits=False)[1], E)
+                     for seq in ids])
+    return route_batches(prof, batch_size), time.perf_counter() - t0
 
 
 def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float = 1.0, seed: int = 0, offload=None, stop_token_ids: Sequence[int] | None = None,
-             layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, batch_size: int | None = None,
-             schedule: str = "arrival") -> GenerationResult:
+             layers_per_group: int | None = None, batch_size: int | None = None,
+             schedule: str = "arrival", on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Generates up to max_new_tokens per prompt.
 
     Args:
@@ -59,18 +75,13 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
       temperature: 0 → greedy; otherwise sample with top_k / top_p from a PRNG seeded by `seed`.
       offload: None (every expert resident) or an ef_jax.OffloadConfig.
       stop_token_ids: extra ids that end a row (EOS from the config / tokenizer always does).
+      layers_per_group: layers per jitted group (default: offload.layers_per_group, else 4); applies to both modes.
       batch_size / schedule: decode at most batch_size prompts together, grouped in input order ("arrival") or by
-        overlapping expert routes ("route", ef_jax.sched.generate); outputs stay in input order.
+        overlapping expert routes ("route"); outputs stay in input order, and one expert cache serves every batch.
+        Greedy outputs are each prompt's own; sampled rows draw from one PRNG stream per batch.
+      on_token(prompt index, token id): called for every generated token as soon as it is sampled (streaming).
     Returns: GenerationResult(tokens, texts, stats).
     """
-    if batch_size is None and schedule != "arrival":
-        raise ValueError(f"schedule={schedule!r} chooses which prompts share a batch: give batch_size too")
-    if batch_size is not None:
-        from ef_jax.sched.generate import generate_scheduled
-        return generate_scheduled(model, prompts, batch_size=batch_size, schedule=schedule,
-                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed, offload=offload, stop_token_ids=stop_token_ids,
-                                  layers_per_group=layers_per_group)
     if not isinstance(model, Model):
         raise TypeError(f"model must be an ef_jax.Model (from ef_jax.load), got {type(model).__name__}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -78,54 +89,33 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
     sp = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
     ids, _ = normalize_prompts(prompts, model.tokenizer, model.config.vocab_size)
     stops = _stop_ids(model, stop_token_ids)
-    forward = _make_forward(model, offload, layers_per_group)
-    batch = make_batch(ids, max_new_tokens)
-    tokens, stats = _decode(model, forward, batch, sp, seed, stops, max_new_tokens)
-    if hasattr(forward, "stats"):
+    with Forward(model, offload, layers_per_group=layers_per_group) as forward:
+        batches, schedule_s = _plan(forward, ids, batch_size, schedule)
+        tokens: list = [None] * len(ids)
+        per_batch = []
+        for batch in batches:
+            emit = None if on_token is None else (lambda row, t, batch=batch: on_token(batch[row], t))
+            out, st = sample_rows(forward, make_batch([ids[i] for i in batch], max_new_tokens), sp, seed, stops,
+                                  max_new_tokens, emit)
+            for row, i in enumerate(batch):
+                tokens[i] = out[row]
+            per_batch.append(st)
+        stats = _merge(per_batch)
         stats.update(forward.stats())
+    if batch_size is not None:
+        stats.update(batches=batches, schedule=schedule, schedule_s=schedule_s, per_batch=per_batch)
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return GenerationResult(tokens=tokens, texts=texts, stats=stats)
 
 
-def _decode(model: Model, forward, batch, sp: SamplingParams, seed: int, stops: set[int], max_new: int):
-    cfg = model.config
-    B, P, S = batch.tokens.shape[0], batch.prompt_slots, batch.cache_slots
-    cache = init_cache(cfg, B, S, model.params["embed"].dtype)
-    valid = np.zeros((B, S), bool)
-    valid[:, :P] = batch.valid
-    key = jax.random.key(seed)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = np.zeros(B, bool)
-
-    def emit(tok: np.ndarray):
-        for b in range(B):
-            if not done[b]:
-                out[b].append(int(tok[b]))
-                done[b] = int(tok[b]) in stops
-
-    t0 = time.perf_counter()
-    x, cache, _ = forward(batch.tokens, batch.positions, 0, valid, cache)
-    tok = np.asarray(sample(head(cfg, model.params, x, last_only=True), jax.random.fold_in(key, 0), sp))
-    emit(tok)
-    prefill_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    steps = 0
-    for step in range(1, max_new):
-        if done.all():
-            break
-        slot = P + step - 1
-        valid[:, slot] = True
-        positions = (batch.lengths + step - 1)[:, None]
-        x, cache, _ = forward(tok[:, None], positions, slot, valid, cache)
-        tok = np.asarray(sample(head(cfg, model.params, x, last_only=True), jax.random.fold_in(key, step), sp))
-        emit(tok)
-        steps += 1
-    decode_s = time.perf_counter() - t1
-    decoded = steps * B
-    stats = {"prefill_s": prefill_s, "decode_s": decode_s,
-             "tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
-             "prompt_tokens": int(batch.lengths.sum()), "generated_tokens": sum(len(o) for o in out),
-             "batch_size": B}
-    return out, stats
+def _merge(per_batch: list[dict]) -> dict:
+    """One stats shape whatever the batching: times and counts summed, tokens/s over all decode steps."""
+    if len(per_batch) == 1:
+        return dict(per_batch[0])
+    out = {k: sum(s[k] for s in per_batch) for k in ("prefill_s", "decode_s", "prompt_tokens", "generated_tokens")}
+    decoded = sum(s["tokens_per_s"] * s["decode_s"] for s in per_batch if s["decode_s"] > 0)
+    out["tokens_per_s"] = decoded / out["decode_s"] if out["decode_s"] > 0 else float("nan")
+    out["batch_size"] = max(s["batch_size"] for s in per_batch)
+    return out

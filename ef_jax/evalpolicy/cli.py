@@ -8,7 +8,7 @@ import argparse
 import json
 import math
 
-from ef_jax.offload.clock import TIMING_PRESETS
+from ef_jax.cache.timing import TIMING_PRESETS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_offload(model, args):
     """OffloadConfig from the CLI arguments (None for --policy resident)."""
-    from ef_jax.offload.config import OffloadConfig
+    from ef_jax.cache.config import OffloadConfig
     if args.policy == "resident":
         return None
     if args.expert_memory is None and args.slots_per_layer is None:
@@ -49,8 +49,8 @@ def build_offload(model, args):
         if policy != "expertflow":
             raise ValueError(f"--hybrid feeds expertflow's predictor; got --policy {policy}")
         from ef_jax.hybrid.predictor import HybridPredictor
-        from ef_jax.policies.expertflow import ExpertFlow
-        policy = ExpertFlow.from_model(model, predictor=HybridPredictor.load(args.hybrid, model))
+        from ef_jax.policies.registry import PolicySpec
+        policy = PolicySpec("expertflow", predictor=HybridPredictor.load(args.hybrid, model))
     return OffloadConfig(expert_memory=args.expert_memory, slots_per_layer=args.slots_per_layer, policy=policy,
                          routing=args.routing, routing_tolerance=args.routing_tolerance,
                          timing=None if args.timing == "none" else args.timing)

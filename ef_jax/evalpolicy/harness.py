@@ -1,7 +1,7 @@
 """Teacher-forced token-by-token decoding through the offload engine: cache and prefetch quality, stall and
 perplexity of a policy on real text.
 
-[text] → token ids → B sequences of ≤ seq_len tokens → for t: forward(token t) through OffloadForward (one step =
+[text] → token ids → B sequences of ≤ seq_len tokens → engine.decode.teacher_forced through one Forward (one step =
 one token per row, as in decoding) → log p(token t+1) → perplexity; engine stats → hit rate, bytes, stall,
 prefetch precision / recall, mean horizon
 
@@ -20,9 +20,10 @@ import time
 import jax
 import numpy as np
 
-from ef_jax.engine.forward import ResidentForward
+from ef_jax.engine.batch import text_to_ids  # noqa: F401  (re-exported by ef_jax.evalpolicy)
+from ef_jax.engine.decode import teacher_forced
+from ef_jax.engine.forward import Forward
 from ef_jax.model import Model
-from ef_jax.models.transformer import head, init_cache
 
 
 @dataclasses.dataclass
@@ -64,60 +65,34 @@ def split_sequences(ids: list[int], seq_len: int, batch_size: int, max_tokens: i
     return list(arr.reshape(n_groups, batch_size, T))
 
 
-def _make_forward(model: Model, offload):
-    if offload is None:
-        return ResidentForward(model)
-    from ef_jax.offload.engine import OffloadForward
-    return OffloadForward(model, offload)
-
-
-def _decode_group(model: Model, fwd, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """seqs i32[B, T] → (nll f32[B, T-1], argmax i32[B, T-1]), one token per row per step."""
-    cfg = model.config
-    B, T = seqs.shape
-    cache = init_cache(cfg, B, T, model.params["embed"].dtype)
-    valid = np.zeros((B, T), bool)
-    nll = np.zeros((B, T - 1), np.float32)
-    am = np.zeros((B, T - 1), np.int32)
-    for t in range(T - 1):
-        valid[:, t] = True
-        x, cache, _ = fwd(seqs[:, t:t + 1], np.full((B, 1), t, np.int32), t, valid, cache)
-        logits = np.asarray(head(cfg, model.params, x, last_only=True), np.float64)  # [B, V]
-        z = logits - logits.max(axis=-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-        nll[:, t] = -logp[np.arange(B), seqs[:, t + 1]]
-        am[:, t] = logits.argmax(axis=-1)
-    return nll, am
-
-
 def evaluate_policy(model: Model, token_ids: list[int], offload=None, *, batch_size: int = 1, seq_len: int = 256,
                     max_tokens: int | None = None, route_override=None) -> PolicyEval:
     """Teacher-forced decoding of `token_ids` (one stream, split into rows) through `offload` (None: resident).
-    route_override (benchmarks only): see OffloadForward.route_override."""
+    route_override (benchmarks only): see ef_jax.engine.experts.OffloadedExperts."""
     groups = split_sequences(token_ids, seq_len, batch_size, max_tokens)
-    fwd = _make_forward(model, offload)
-    if route_override is not None:
-        if offload is None:
-            raise ValueError("route_override needs an offloaded run (offload=OffloadConfig(...))")
-        fwd.route_override = route_override
-    t0 = time.perf_counter()
-    nlls, argmaxes = [], []
-    for seqs in groups:
-        nll, am = _decode_group(model, fwd, seqs)
-        nlls.append(nll)
-        argmaxes.append(am)
-    jax.effects_barrier()
-    wall = time.perf_counter() - t0
+    if route_override is not None and offload is None:
+        raise ValueError("route_override needs an offloaded run (offload=OffloadConfig(...))")
+    with Forward(model, offload) as fwd:
+        if route_override is not None:
+            fwd.source.route_override = route_override
+        t0 = time.perf_counter()
+        nlls, argmaxes = [], []
+        for seqs in groups:
+            nll, am = teacher_forced(fwd, seqs)
+            nlls.append(nll)
+            argmaxes.append(am)
+        jax.effects_barrier()
+        wall = time.perf_counter() - t0
+        stats = fwd.stats()
+        routing = np.concatenate(fwd.source.routing_log) if fwd.offloaded and fwd.source.routing_log else None
     nll = float(np.mean(np.concatenate([n.ravel() for n in nlls])))
     decoded = sum(g.shape[0] * (g.shape[1] - 1) for g in groups)
-    stats = fwd.stats() if hasattr(fwd, "stats") else {"policy": "resident"}
-    routing = np.concatenate(fwd.routing_log) if getattr(fwd, "routing_log", None) else None
     return PolicyEval(policy=stats["policy"], tokens=decoded, perplexity=math.exp(nll), nll=nll, wall_s=wall,
                       stats=stats, argmax=np.concatenate(argmaxes), routing=routing, **_cache_metrics(stats, decoded))
 
 
 def _cache_metrics(s: dict, tokens: int) -> dict:
-    if "hits" not in s:  # resident: nothing moves, nothing waits
+    if s["policy"] == "resident":  # nothing moves, nothing waits
         return dict(hit_rate=1.0, bytes_per_token=0.0, stall_s_per_token=0.0, prefetch_precision=float("nan"),
                     prefetch_recall=float("nan"), mean_horizon=0.0)
     issued, used, demand = s["cache_prefetch_issued"], s["cache_prefetch_used"], s["cache_demand_loads"]
@@ -125,17 +100,3 @@ def _cache_metrics(s: dict, tokens: int) -> dict:
     return dict(hit_rate=s["hit_rate"], bytes_per_token=s["h2d_bytes"] / tokens, stall_s_per_token=s["stall_s"] / tokens,
                 prefetch_precision=used / issued if issued else float("nan"),
                 prefetch_recall=used / (used + demand) if used + demand else float("nan"), mean_horizon=horizon)
-
-
-def text_to_ids(model: Model, text: str) -> list[int]:
-    """Tokenize with the model's tokenizer; a model without one reads whitespace-separated token ids."""
-    if model.tokenizer is not None:
-        return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    try:
-        ids = [int(t) for t in text.split()]
-    except ValueError:
-        raise ValueError("this model has no tokenizer: the text file must hold whitespace-separated token ids") from None
-    V = model.config.vocab_size
-    if any(not 0 <= t < V for t in ids):
-        raise ValueError(f"token ids must lie in [0, {V})")
-    return ids

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
 
 def run_record(args: argparse.Namespace) -> int:
     import ef_jax
-    from ef_jax.evalpolicy.harness import text_to_ids
+    from ef_jax.engine.batch import text_to_ids
     from ef_jax.hybrid.record import record
     model = ef_jax.load(args.model, dtype=args.dtype)
     with open(args.text, encoding="utf-8") as f:

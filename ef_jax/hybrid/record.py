@@ -1,8 +1,8 @@
 """Records what a hybrid predictor learns from: per token, the hidden state after every MoE layer (the point the
 engine's on_hidden hook sees), its routed experts and its token id — captured by the offload engine itself.
 
-[text ids] → chunks of ≤ seq_len → OffloadForward (every expert resident: slots = E) prefill of each chunk
-→ recorder policy's on_hidden: hidden [T, D] per MoE layer; engine routing_log: experts [T, L, K] → .npz
+[text ids] → chunks of ≤ seq_len → engine.decode.record: one prefill per chunk through the resident Forward with a
+hidden-state tap at `point` → hidden [T, D] per MoE layer, routed experts [T, L, K] → .npz
 
 Axes: N tokens (all chunks), L MoE layers, D model, K top-k.
 Because the model is causal, the hidden state and routing of position t in a prefill are those a token-by-token
@@ -15,25 +15,6 @@ import dataclasses
 import numpy as np
 
 from ef_jax.model import Model
-from ef_jax.policies.classic import LRU
-
-
-class _Recorder(LRU):
-    """LRU (never evicts: every expert fits) that keeps every hidden state it is shown at `point`."""
-    name = "record"
-    wants_hidden = True
-
-    def __init__(self, point: str = "moe"):
-        self.hidden_point = point
-        self.hidden: list[list[np.ndarray]] = []  # per step: per MoE layer f16[T, D]
-
-    def on_step_start(self, step, token_ids, view):
-        self.hidden.append([])
-        return []
-
-    def on_hidden(self, layer, hidden, view):
-        self.hidden[-1].append(np.asarray(hidden[0], np.float16))  # batch of one row: [T, D]
-        return []
 
 
 @dataclasses.dataclass
@@ -69,27 +50,18 @@ def record(model: Model, token_ids: list[int], *, seq_len: int = 256, max_tokens
     where the engine shows hidden states (ef_jax.policies.base: "moe" or "attention")."""
     if point not in ("moe", "attention"):
         raise ValueError(f"point={point!r} must be 'moe' (layer outputs) or 'attention' (MoE inputs)")
-    from ef_jax.engine.batch import make_batch
-    from ef_jax.models.transformer import init_cache
-    from ef_jax.offload.config import OffloadConfig
-    from ef_jax.offload.engine import OffloadForward
+    from ef_jax.engine.decode import record as record_chunks
+    from ef_jax.engine.forward import Forward
     cfg = model.config
     if not cfg.moe_layer_ids:
         raise ValueError("this model has no MoE layers: there is nothing to record")
     ids = list(token_ids)[:max_tokens] if max_tokens else list(token_ids)
     if len(ids) < 2:
         raise ValueError(f"need at least 2 tokens to record, got {len(ids)}")
-    rec = _Recorder(point)
-    fwd = OffloadForward(model, OffloadConfig(slots_per_layer=cfg.num_experts, policy=rec))
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
-    for c in chunks:
-        b = make_batch([c], 1, bucket=False)
-        cache = init_cache(cfg, 1, b.cache_slots, model.params["embed"].dtype)
-        valid = np.zeros((1, b.cache_slots), bool)
-        valid[:, :len(c)] = True
-        fwd(b.tokens, b.positions, 0, valid, cache)
-    hidden = np.concatenate([np.stack(h, axis=1) for h in rec.hidden])  # [N, L, D]
-    experts = np.concatenate(fwd.routing_log).astype(np.int16)          # [N, L, K]
+    with Forward(model) as fwd:
+        hidden, experts = record_chunks(fwd, chunks, point)               # [N, L, D], [N, L, K]
+    experts = experts.astype(np.int16)
     offsets = np.cumsum([0] + [len(c) for c in chunks]).astype(np.int64)
     layers = [model.params["layers"][i] for i in cfg.moe_layer_ids]
     return Record(hidden=hidden, experts=experts, tokens=np.asarray(ids, np.int32), offsets=offsets,

@@ -7,8 +7,9 @@
 Axes: L MoE layers, E experts per layer, S slots per layer, D model width.
 
 A policy is a small strategy object. It sees the cache only through a read-only `CacheView`, keeps its own
-host-side state, and never touches device arrays. The same object runs inside the device engine and the
-trace-replay simulator (which never calls `on_hidden`).
+host-side state, and never touches device arrays: what it needs from the model comes once, as host arrays, in a
+`PolicyContext` (the registry, ef_jax.policies.registry, is the only place a name becomes a policy). The same
+object runs inside the device engine and the trace-replay simulator (which never calls `on_hidden`).
 
 Prefetch requests may name any layer: a later layer of the current step, or any layer for the next step
 (a request for a layer already routed this step is, by construction, for the next step). Requests for experts
@@ -16,40 +17,61 @@ already resident are ignored by the cache.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+import dataclasses
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from ef_jax.offload.cache import CacheView
 
 Prefetch = tuple[int, int]  # (layer, expert)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PolicyContext:
+    """What a policy may know about the model and the run, as host arrays handed over once (never device arrays).
+
+    The engine builds it from the model (routers, norms, embeddings); the simulator from the trace (future).
+    A field a run cannot supply is None, and a policy that needs it says so when it is built.
+    """
+    routers: list | None = None      # per MoE layer: router weight f32[D, E]
+    norms: list | None = None        # per MoE layer: FFN-input RMSNorm scale f32[D]
+    embed: Any = None                # token embedding table [V, D] (host numpy), for step-start predictions
+    top_k: int = 0                   # K
+    eps: float = 1e-6                # RMSNorm epsilon
+    future: np.ndarray | None = None  # i[N, L, K]: the routing about to be replayed (simulator only)
+    batch_size: int = 1              # tokens per step in `future`
+
+
 @runtime_checkable
 class Policy(Protocol):
-    """What ExpertCache calls. Subclass `BasePolicy` to get no-op defaults for the hooks you do not need."""
+    """Everything the cache, the engine and the simulator use of a policy. `BasePolicy` gives every member a
+    default, so a policy states only what it changes, and no caller probes for a capability."""
     name: str
     flush_each_step: bool  # True: the cache invalidates every slot at step start (the "nocache" baseline)
-    wants_hidden: bool     # True: the engine should copy hidden states to the host and call cache.hidden()
+    wants_hidden: bool     # True: the engine copies hidden states to the host and calls cache.hidden()
     hidden_point: str      # where on_hidden sees them: "moe" (a layer's output) or "attention" (its MoE input)
 
+    @classmethod
+    def from_context(cls, context: PolicyContext | None, **kw) -> "Policy": ...
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None: ...
-    def on_step_start(self, step: int, token_ids: np.ndarray | None, view: CacheView) -> list[Prefetch]: ...
-    def on_route(self, layer: int, experts: Sequence[int], view: CacheView) -> list[Prefetch]: ...
-    def on_hidden(self, layer: int, hidden: np.ndarray, view: CacheView) -> list[Prefetch]: ...
-    def on_step_end(self, step: int, view: CacheView) -> list[Prefetch]: ...
+    def on_step_start(self, step: int, token_ids: np.ndarray | None, view) -> list[Prefetch]: ...
+    def on_route(self, layer: int, experts: Sequence[int], view) -> list[Prefetch]: ...
+    def on_hidden(self, layer: int, hidden: np.ndarray, view) -> list[Prefetch]: ...
+    def on_step_end(self, step: int, view) -> list[Prefetch]: ...
     def on_access(self, layer: int, expert: int, hit: bool) -> None: ...
     def on_load(self, layer: int, expert: int, kind: str) -> None: ...
-    def victim(self, layer: int, candidates: Sequence[int], view: CacheView) -> int: ...
+    def on_measure(self, *, layer_compute_s: float | None, copy_s: float | None, copy_bytes: int) -> None: ...
+    def victim(self, layer: int, candidates: Sequence[int], view) -> int: ...
+    @property
+    def prefetch_distance(self) -> float | None: ...
 
 
 class BasePolicy:
-    """No-op hooks; `victim` must be overridden.
+    """Defaults for every Policy member; `victim` must be overridden.
 
     Hook order per step (ExpertCache drives it): on_step_start → for each layer in order: [on_access per needed
     expert, on_load per demand load (victim when a slot must be freed)] → on_route → (engine only) on_hidden →
-    ... → on_step_end. on_load(kind="prefetch") fires for every prefetch the cache performs.
+    ... → on_step_end. on_load(kind="prefetch") fires for every prefetch the cache performs. on_measure gets the
+    engine's or simulator's timings whenever they are measured.
     """
     name = "base"
     flush_each_step = False
@@ -58,19 +80,24 @@ class BasePolicy:
     # input, seen right after the layer's demand loads are issued and before its experts compute
     hidden_point = "moe"
 
+    @classmethod
+    def from_context(cls, context: PolicyContext | None, **kw) -> "BasePolicy":
+        """Built by the registry; policies that need the model or the future override this."""
+        return cls(**kw)
+
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         self.num_layers, self.num_experts, self.slots_per_layer = num_layers, num_experts, slots_per_layer
 
-    def on_step_start(self, step: int, token_ids: np.ndarray | None, view: CacheView) -> list[Prefetch]:
+    def on_step_start(self, step: int, token_ids: np.ndarray | None, view) -> list[Prefetch]:
         return []
 
-    def on_route(self, layer: int, experts: Sequence[int], view: CacheView) -> list[Prefetch]:
+    def on_route(self, layer: int, experts: Sequence[int], view) -> list[Prefetch]:
         return []
 
-    def on_hidden(self, layer: int, hidden: np.ndarray, view: CacheView) -> list[Prefetch]:
+    def on_hidden(self, layer: int, hidden: np.ndarray, view) -> list[Prefetch]:
         return []
 
-    def on_step_end(self, step: int, view: CacheView) -> list[Prefetch]:
+    def on_step_end(self, step: int, view) -> list[Prefetch]:
         return []
 
     def on_access(self, layer: int, expert: int, hit: bool) -> None:
@@ -79,8 +106,41 @@ class BasePolicy:
     def on_load(self, layer: int, expert: int, kind: str) -> None:
         pass
 
-    def victim(self, layer: int, candidates: Sequence[int], view: CacheView) -> int:
+    def on_measure(self, *, layer_compute_s: float | None = None, copy_s: float | None = None,
+                   copy_bytes: int = 0) -> None:
+        pass
+
+    @property
+    def prefetch_distance(self) -> float | None:
+        """Mean prefetch distance in layers (None: the policy does not prefetch ahead by layers)."""
+        return None
+
+    def victim(self, layer: int, candidates: Sequence[int], view) -> int:
         raise NotImplementedError(f"{type(self).__name__} must implement victim()")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class Recency:
+    """Last-touch clock per (layer, expert): the LRU order that several policies evict by (reused by composition).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self._clock = 0
+        self.last = [[-1] * num_experts for _ in range(num_layers)]  # int[L][E]: clock of the last touch
+
+    def touch(self, layer: int, expert: int) -> None:
+        self._clock += 1
+        self.last[layer][expert] = self._clock
+
+    def oldest(self, layer: int, candidates: Sequence[int]) -> int:
+        return min(candidates, key=self.last[layer].__getitem__)
+
+
+def require_model_context(name: str, context: PolicyContext | None) -> PolicyContext:
+    """The context a model-bound policy (routers and hidden states) needs, or a ValueError saying where it runs."""
+    if context is None or context.routers is None or context.norms is None:
+        raise ValueError(f"policy {name!r} needs the model's routers and hidden states: use it in the engine "
+                         f"(OffloadConfig(policy={name!r})), not in the trace simulator")
+    return context

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ef_jax.policies.base import BasePolicy
+from ef_jax.policies.base import BasePolicy, PolicyContext, Recency
 
 
 def next_use_index(experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +59,13 @@ class Belady(BasePolicy):
         if future is not None:
             self.set_future(future, batch_size)
 
+    @classmethod
+    def from_context(cls, context: PolicyContext | None, **kw) -> "Belady":
+        """The simulator's context carries the trace being replayed and its tokens per step."""
+        if context is not None and context.future is not None and kw.get("future") is None:
+            kw.update(future=context.future, batch_size=context.batch_size)
+        return cls(**kw)
+
     def set_future(self, experts: np.ndarray, batch_size: int = 1) -> None:
         """The routing of every token the cache will see, in order: i[N, L, K]; B = `batch_size` tokens/step."""
         experts = np.asarray(experts)
@@ -77,8 +84,8 @@ class Belady(BasePolicy):
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         super().reset(num_layers, num_experts, slots_per_layer)
         if self._future is None:
-            raise ValueError("belady needs the future routing: get_policy('belady', future=experts) or "
-                             "policy.set_future(experts) before building the cache (the simulator does this)")
+            raise ValueError("belady needs the future routing: it runs in the trace simulator (ef-jax sim), or "
+                             "build it with Belady(future=experts)")
         N, L, _ = self._future.shape
         if L != num_layers:
             raise ValueError(f"belady future has {L} layers but the cache has {num_layers}")
@@ -86,12 +93,10 @@ class Belady(BasePolicy):
         E = min(num_experts, self._first.shape[1])
         first[:, :E] = self._first[:, :E]
         self._next = first.tolist()  # int[L][E]: next token (≥ the current step) that uses the expert
-        self._clock = 0
-        self._last = [[-1] * num_experts for _ in range(num_layers)]  # int[L][E]: clock of the last access
+        self.recency = Recency(num_layers, num_experts)  # ties (and experts beyond the lookahead) go LRU
 
     def on_access(self, layer: int, expert: int, hit: bool) -> None:
-        self._clock += 1
-        self._last[layer][expert] = self._clock
+        self.recency.touch(layer, expert)
 
     def on_route(self, layer: int, experts: Sequence[int], view) -> list:
         B, N = self._batch, len(self._fut_rows)
@@ -110,7 +115,7 @@ class Belady(BasePolicy):
         return []
 
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
-        nxt, last = self._next[layer], self._last[layer]
+        nxt, last = self._next[layer], self.recency.last[layer]
         # with a lookahead the oracle sees up to token t1 + k − 1 (t1: the end of this step); later uses look alike
         N = len(self._fut_rows)
         cap = N if self.lookahead is None else min((view.step + 1) * self._batch, N) + self.lookahead

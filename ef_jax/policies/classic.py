@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ef_jax.policies.base import BasePolicy
+from ef_jax.policies.base import BasePolicy, Recency
 
 
 class NoCache(BasePolicy):
@@ -26,38 +26,37 @@ class LRU(BasePolicy):
 
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         super().reset(num_layers, num_experts, slots_per_layer)
-        self._clock = 0
-        self._last = [[-1] * num_experts for _ in range(num_layers)]  # int[L][E]: clock of the last touch
+        self.recency = Recency(num_layers, num_experts)
 
     def on_access(self, layer: int, expert: int, hit: bool) -> None:
-        self._clock += 1
-        self._last[layer][expert] = self._clock
+        self.recency.touch(layer, expert)
 
     def on_load(self, layer: int, expert: int, kind: str) -> None:
         if kind == "prefetch":  # a prefetched expert enters as most recent, else it would be evicted first
-            self.on_access(layer, expert, False)
+            self.recency.touch(layer, expert)
 
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
-        return min(candidates, key=self._last[layer].__getitem__)
+        return self.recency.oldest(layer, candidates)
 
 
-class LFU(LRU):
+class LFU(BasePolicy):
     """Evict the resident expert with the fewest accesses since the start (all-time, not just while resident:
     expert popularity is a long-run property), ties broken by LRU."""
     name = "lfu"
 
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         super().reset(num_layers, num_experts, slots_per_layer)
+        self.recency = Recency(num_layers, num_experts)
         self._count = [[0] * num_experts for _ in range(num_layers)]  # int[L][E]: accesses so far
 
     def on_access(self, layer: int, expert: int, hit: bool) -> None:
-        super().on_access(layer, expert, hit)
+        self.recency.touch(layer, expert)
         self._count[layer][expert] += 1
 
     def on_load(self, layer: int, expert: int, kind: str) -> None:
         if kind == "prefetch":  # recency only: a prediction is not an access
-            LRU.on_access(self, layer, expert, False)
+            self.recency.touch(layer, expert)
 
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
-        count, last = self._count[layer], self._last[layer]
+        count, last = self._count[layer], self.recency.last[layer]
         return min(candidates, key=lambda e: (count[e], last[e]))

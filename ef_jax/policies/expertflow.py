@@ -32,27 +32,15 @@ from typing import Sequence
 
 import numpy as np
 
-from ef_jax.policies.pregate import Pregate
+from ef_jax.policies.base import BasePolicy, PolicyContext, Recency, require_model_context
+from ef_jax.policies.pregate import PregateScorer
 
 
-class PregateScorer:
-    """Pre-gate scores: router_t(rms_norm(h, norm_t)) for each target MoE layer t."""
-
-    def __init__(self, routers: list[np.ndarray], norms: list[np.ndarray], eps: float):
-        self.routers, self.norms, self.eps = routers, norms, eps
-
-    def scores(self, layer: int, hidden: np.ndarray, targets: Sequence[int], context: dict) -> dict[int, np.ndarray]:
-        """hidden f32[B, D] of MoE layer `layer` → {t: logits f32[B, E]}."""
-        h = hidden.astype(np.float32)
-        x = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return {t: (x * self.norms[t]) @ self.routers[t] for t in targets}
-
-
-class ExpertFlow(Pregate):
+class ExpertFlow(BasePolicy):
     """Adaptive-horizon pre-gate prefetching with prediction-aligned eviction.
 
     Args:
-        routers, norms, top_k, eps: as Pregate (use `ExpertFlow.from_model(model)`).
+        routers, norms, top_k, eps: the pre-gate scorer's inputs (the registry passes them from the PolicyContext).
         max_horizon: upper bound on S (layers ahead).
         horizon: a fixed S (disables adaptation; for ablations).
         ema: weight of a new measurement in the moving estimates.
@@ -62,7 +50,7 @@ class ExpertFlow(Pregate):
         predictor: an object with `scores(layer, hidden, targets, context)` (default: pre-gating); a hybrid
             predictor from ef_jax.hybrid fits here.
         decay: per-step decay of the use counts that order evictions (1: all-time LFU).
-        embed: the token embedding table [V, D] (from_model passes it): at step start the new tokens' embeddings
+        embed: the token embedding table [V, D], host numpy (from the PolicyContext): at step start the new tokens' embeddings
             act as the hidden state of "layer −1", so the first layers get predictions too.
         point: where the engine shows hidden states: "attention" (layer j's residual after attention, the
             experts' input, as soon as j's demand loads are issued) or "moe" (layer j's output, after its
@@ -78,9 +66,8 @@ class ExpertFlow(Pregate):
                  min_precision: float = 0.3, decay: float = 0.97, predictor=None, embed=None,
                  point: str | None = None):
         if routers is None or norms is None:
-            raise ValueError("policy 'expertflow' needs the model's routers and hidden states: use it in the engine "
-                             "(OffloadConfig(policy='expertflow')) or build it with ExpertFlow.from_model(model)")
-        super().__init__(routers, norms, top_k=top_k, eps=eps, distance=1)
+            require_model_context(self.name, None)
+        self.top_k, self.eps = top_k, eps
         if not isinstance(max_horizon, int) or max_horizon < 1:
             raise ValueError(f"max_horizon={max_horizon!r} must be a positive int")
         if horizon is not None and (not isinstance(horizon, int) or horizon < 1):
@@ -92,31 +79,29 @@ class ExpertFlow(Pregate):
         if not 0 <= min_precision <= 1.01:
             raise ValueError(f"min_precision={min_precision} must be in [0, 1]")
         self.min_precision = min_precision
-        self.predictor = predictor if predictor is not None else PregateScorer(self.routers, self.norms, eps)
-        self.embed = embed
+        self.predictor = predictor if predictor is not None else PregateScorer(routers, norms, eps)
+        self.embed = None if embed is None else np.asarray(embed)  # host copy: a policy never indexes device arrays
         if not 0 < decay <= 1:
             raise ValueError(f"decay={decay} must be in (0, 1] (1 = all-time use counts)")
         self.decay = decay
         if point not in (None, "moe", "attention"):
             raise ValueError(f"point={point!r} must be 'moe' (predict from a layer's output) or 'attention' (from "
                              "its MoE input, one layer's experts earlier), or None (the predictor's own)")
-        fixed = getattr(predictor, "hidden_point", None)  # a trained predictor knows which states it learned from
+        fixed = self.predictor.hidden_point  # a trained predictor knows which states it learned from (None: any)
         if point is not None and fixed is not None and point != fixed:
             raise ValueError(f"point={point!r}, but the predictor {type(predictor).__name__} was trained on hidden "
                              f"states at point {fixed!r}: leave point=None or record and train at {point!r}")
         self.hidden_point = point or fixed or "attention"
 
     @classmethod
-    def from_model(cls, model, **kw) -> "ExpertFlow":
-        cfg, layers = model.config, model.params["layers"]
-        ids = cfg.moe_layer_ids
-        return cls([np.asarray(layers[i]["mlp"]["router"]) for i in ids],
-                   [np.asarray(layers[i]["mlp_norm"]) for i in ids], top_k=cfg.top_k, eps=cfg.rms_norm_eps,
-                   embed=kw.pop("embed", model.params["embed"]), **kw)
+    def from_context(cls, context: PolicyContext | None, **kw) -> "ExpertFlow":
+        ctx = require_model_context(cls.name, context)
+        return cls(ctx.routers, ctx.norms, top_k=ctx.top_k, eps=ctx.eps, embed=kw.pop("embed", ctx.embed), **kw)
 
     # ---- state ------------------------------------------------------------------------------------------------
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         super().reset(num_layers, num_experts, slots_per_layer)
+        self.recency = Recency(num_layers, num_experts)
         self.copy_s: float | None = None    # EMA: seconds one expert copy occupies the copy stream (E_s / C_s)
         self.copy_bytes = 0                 # E_s
         self.layer_s: float | None = None   # EMA: T_l, one MoE layer's compute on the critical path
@@ -172,6 +157,10 @@ class ExpertFlow(Pregate):
     def mean_horizon(self) -> float:
         return float(np.mean(self.horizons)) if self.horizons else float("nan")
 
+    @property
+    def prefetch_distance(self) -> float:
+        return self.mean_horizon
+
     # ---- measurements ------------------------------------------------------------------------------------------
     def _avg(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.ema) * old + self.ema * new
@@ -188,16 +177,16 @@ class ExpertFlow(Pregate):
         self.token_ids = None if token_ids is None else np.asarray(token_ids)
         if self.embed is None or self.token_ids is None:
             return []
-        x0 = np.asarray(self.embed[self.token_ids.reshape(-1)], np.float32)  # [B, D]: rows of the device table
+        x0 = np.asarray(self.embed[self.token_ids.reshape(-1)], np.float32)  # [B, D]: rows of the host table
         return self._issue_or_defer(self._predict(-1, x0, view), -1)
 
     def on_load(self, layer: int, expert: int, kind: str) -> None:
-        super().on_load(layer, expert, kind)
-        if kind == "prefetch":
+        if kind == "prefetch":  # a prefetched expert enters as most recent
+            self.recency.touch(layer, expert)
             self._prefetched[layer].add(expert)
 
     def on_access(self, layer: int, expert: int, hit: bool) -> None:
-        super().on_access(layer, expert, hit)
+        self.recency.touch(layer, expert)
         self._freq[layer, expert] += 1.0
         self.hit_rate += 0.01 * (float(hit) - self.hit_rate)
         mine = self._prefetched[layer]
@@ -330,7 +319,7 @@ class ExpertFlow(Pregate):
         traces this beat both LRU and all-time LFU at 25 % and 50 % budgets), ties by least recent."""
         live = self._live[layer] if self._pred_step[layer] == view.step and layer > view.layer else ()
         free = [e for e in candidates if e not in live] or list(candidates)
-        freq, last = self._freq[layer], self._last[layer]
+        freq, last = self._freq[layer], self.recency.last[layer]
         return min(free, key=lambda e: (freq[e], last[e]))
 
     def __repr__(self) -> str:

@@ -18,12 +18,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ef_jax.policies.classic import LRU
+from ef_jax.policies.base import BasePolicy, PolicyContext, Recency
+from ef_jax.policies.step_predictor import OnlineLookupPredictor
 
 
-class Predictive(LRU):
+class Predictive(BasePolicy):
     """Args:
-        predictor: a StepPredictor (ef_jax.predict.runtime): predict(token ids i[B]) → f32[B, L, E] before
+        predictor: a StepPredictor (ef_jax.policies.step_predictor): predict(token ids i[B]) → f32[B, L, E] before
             each step, observe(layer, experts) after each layer is routed. Used in the engine.
         scores: f32[N, L, E] precomputed scores, row n = the n-th token the cache will see (the simulator,
             where steps take `batch_size` consecutive tokens). Exactly one of predictor / scores.
@@ -53,13 +54,17 @@ class Predictive(LRU):
         self.horizon, self.threshold, self.batch_size = horizon, threshold, batch_size
 
     @classmethod
-    def from_model(cls, model, predictor=None, **kw) -> "Predictive":
-        """Engine use by name: a trained StepPredictor when given, else an OnlineLookupPredictor."""
-        from ef_jax.predict.runtime import OnlineLookupPredictor
-        return cls(predictor or OnlineLookupPredictor(), top_k=model.config.top_k, **kw)
+    def from_context(cls, context: PolicyContext | None, predictor=None, scores=None, **kw) -> "Predictive":
+        """By name: a trained StepPredictor or precomputed scores when given, else an OnlineLookupPredictor."""
+        if predictor is None and scores is None:
+            predictor = OnlineLookupPredictor()
+        if context is not None and context.top_k and "top_k" not in kw:
+            kw["top_k"] = context.top_k
+        return cls(predictor, scores, **kw)
 
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         super().reset(num_layers, num_experts, slots_per_layer)
+        self.recency = Recency(num_layers, num_experts)
         if self.scores is not None and self.scores.shape[1:] != (num_layers, num_experts):
             raise ValueError(f"scores have [L, E] = {list(self.scores.shape[1:])} but the cache has "
                              f"[{num_layers}, {num_experts}]")
@@ -110,7 +115,7 @@ class Predictive(LRU):
         want = self._want_set[layer]
         self.predicted += len(want)
         self.predicted_used += sum(1 for e in experts if e in want)
-        if self.predictor is not None and hasattr(self.predictor, "observe"):
+        if self.predictor is not None:
             self.predictor.observe(layer, experts)
         return self._requests(layer + self.horizon)
 
@@ -119,7 +124,14 @@ class Predictive(LRU):
             unpredicted = [e for e in candidates if e not in self._want_set[layer]]
             if unpredicted:
                 candidates = unpredicted
-        return super().victim(layer, candidates, view)
+        return self.recency.oldest(layer, candidates)
+
+    def on_access(self, layer: int, expert: int, hit: bool) -> None:
+        self.recency.touch(layer, expert)
+
+    def on_load(self, layer: int, expert: int, kind: str) -> None:
+        if kind == "prefetch":  # a prefetched expert enters as most recent, else it would be evicted first
+            self.recency.touch(layer, expert)
 
     @property
     def precision(self) -> float:

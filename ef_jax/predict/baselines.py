@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ef_jax.sim.trace import RoutingTrace
+from ef_jax.trace import RoutingTrace
 
 
 def _onehot_counts(experts: np.ndarray, num_experts: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from ef_jax.sim.trace import load_trace
+from ef_jax.trace import load_trace
 
 
 def add_parser(subparsers) -> None:

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ef_jax.predict.baselines import FrequencyBaseline, PreviousTokenBaseline, TokenLookupBaseline, recall_at_k
-from ef_jax.sim.trace import RoutingTrace, load_trace
+from ef_jax.trace import RoutingTrace, load_trace
 
 BASELINES = {"frequency": FrequencyBaseline, "previous_token": PreviousTokenBaseline,
              "token_lookup": TokenLookupBaseline}

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ef_jax.predict.path_predictor import NGRAMS, PredictorConfig, alibi_slopes, multi_hot
-from ef_jax.predict.runtime import check_cache_shape
+from ef_jax.predict.path_predictor import NGRAMS, PredictorConfig, alibi_slopes, check_cache_shape, multi_hot
 
 LN_EPS = 1e-6  # flax.linen.LayerNorm's default
 

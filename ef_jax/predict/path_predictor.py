@@ -264,3 +264,10 @@ def score_packed(cfg: PredictorConfig, params, packed: Packed, batch: int = 32) 
         out.append(np.asarray(apply(params, *args))[:n])
     logits = np.concatenate(out)                                                       # [M, T, L, E]
     return logits[packed.where[:, 0], packed.where[:, 1]]
+
+
+def check_cache_shape(cfg: PredictorConfig, num_layers: int, num_experts: int) -> None:
+    """A step predictor serves only the cache shape it was trained for."""
+    if (num_layers, num_experts) != (cfg.num_layers, cfg.num_experts):
+        raise ValueError(f"the predictor was trained for {cfg.num_layers} layers × {cfg.num_experts} experts; "
+                         f"this cache has {num_layers} × {num_experts}")

@@ -26,7 +26,7 @@ import optax
 from ef_jax.predict.baselines import recall_at_k
 from ef_jax.predict.path_predictor import (NGRAMS, PathPredictor, PredictorConfig, Vocab, bce_loss, pack,
                                            score_packed)
-from ef_jax.sim.trace import RoutingTrace, make_trace
+from ef_jax.trace import RoutingTrace, make_trace
 
 
 @dataclasses.dataclass(frozen=True)

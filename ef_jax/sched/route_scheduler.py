@@ -47,6 +47,15 @@ def request_profiles(scores: np.ndarray, offsets: np.ndarray, *, top_k: int, pre
     return out
 
 
+def routing_profile(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """A prompt's route profile f32[L·E]: the fraction of its tokens routed to each (MoE layer, expert), from its
+    routing i[T, L, K] (what its prefill computes anyway; route_batches groups prompts by these)."""
+    T, L, _ = experts.shape
+    hot = np.zeros((T, L, num_experts), np.float32)
+    np.put_along_axis(hot, experts.astype(np.int64), 1.0, axis=-1)
+    return hot.mean(0).reshape(-1)
+
+
 def arrival_batches(num_requests: int, batch_size: int) -> list[list[int]]:
     """The baseline: consecutive requests in arrival order, B at a time."""
     _check(num_requests, batch_size)

@@ -23,9 +23,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ef_jax.offload.cache import CacheView, ExpertCache
-from ef_jax.offload.clock import CopyStream, get_timing
+from ef_jax.cache.expert_cache import CacheView, ExpertCache
+from ef_jax.cache.timing import CopyStream, get_timing
 from ef_jax.policies.base import Policy
+from ef_jax.policies.belady import Belady
 from ef_jax.policies.registry import get_policy
 from ef_jax.sim.replay import PerTokenFigures
 
@@ -226,7 +227,7 @@ def replay_steps(steps: Iterable[Sequence[Sequence[int]]] | Callable[[CacheView]
     L, E, S = num_layers, num_experts, slots_per_layer
     timing = get_timing(timing)
     pol = get_policy(policy)
-    if hasattr(pol, "set_future"):
+    if isinstance(pol, Belady):
         raise ValueError(f"policy {pol.name!r} needs a fixed-width future; batched replay supports online policies")
     cache = ExpertCache(L, E, S, pol, check=check, bytes_per_expert=timing.expert_bytes if timing else 0)
     stream = CopyStream(cache, L, E, timing)

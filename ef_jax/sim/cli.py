@@ -10,7 +10,7 @@ import sys
 
 from ef_jax.policies.registry import policy_names
 from ef_jax.sim.replay import TIMING_PRESETS, replay
-from ef_jax.sim.trace import load_trace
+from ef_jax.trace import load_trace
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -19,10 +19,10 @@ import math
 
 import numpy as np
 
-from ef_jax.offload.cache import ExpertCache
-from ef_jax.offload.clock import (DEEPSEEK_V2_LITE_EXPERT_BYTES, TIMING_PRESETS, CopyStream, Timing,  # noqa: F401
+from ef_jax.cache.expert_cache import ExpertCache
+from ef_jax.cache.timing import (DEEPSEEK_V2_LITE_EXPERT_BYTES, TIMING_PRESETS, CopyStream, Timing,  # noqa: F401
                                  get_timing)
-from ef_jax.policies.base import Policy
+from ef_jax.policies.base import Policy, PolicyContext
 from ef_jax.policies.registry import get_policy
 
 
@@ -76,7 +76,8 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
     Args:
         experts: i[N, L, K] routed experts per token and MoE layer.
         slots_per_layer: S, cache slots per layer (caches start empty).
-        policy: a policy name or object; one with `set_future` (Belady) is given `experts` and `batch_size`.
+        policy: a policy name, PolicySpec or object; names and specs are built with `experts` and `batch_size` as
+            their context's future (Belady reads it).
         timing: a Timing, a TIMING_PRESETS name, or None (count hits and loads only; no clock).
         batch_size: B consecutive tokens form one step; each layer needs the union of their experts.
         num_experts: E (default: the largest id + 1, at least S).
@@ -92,9 +93,7 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
     N, L, K = experts.shape
     E = num_experts if num_experts is not None else max(int(experts.max(initial=0)) + 1, slots_per_layer)
     timing = get_timing(timing)
-    pol = get_policy(policy)
-    if hasattr(pol, "set_future"):
-        pol.set_future(experts, batch_size)
+    pol = get_policy(policy, PolicyContext(future=experts, batch_size=batch_size))
     cache = ExpertCache(L, E, slots_per_layer, pol, check=check,
                         bytes_per_expert=timing.expert_bytes if timing else 0)
     stream = CopyStream(cache, L, E, timing)

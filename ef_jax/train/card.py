@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ef_jax.engine.forward import logits as ef_jax_logits
+from ef_jax.engine.api import logits as ef_jax_logits
+from ef_jax.engine.experts import resident_pools
 from ef_jax.models.layers import rms_norm
 from ef_jax.train.corpus import DOMAINS, LICENSES
 from ef_jax.train.data import eval_windows
@@ -43,7 +44,7 @@ def layer_states(model, tokens: np.ndarray):
     ctx = make_context(cfg, positions, jnp.int32(0), jnp.ones((B, T), bool))
     identity = jnp.arange(cfg.num_experts, dtype=jnp.int32)
     inputs, experts = [], []
-    for p, kind, pool in zip(model.params["layers"], layer_kinds(cfg), model.resident_pools()):
+    for p, kind, pool in zip(model.params["layers"], layer_kinds(cfg), resident_pools(model)):
         inputs.append(np.asarray(x).reshape(B * T, -1))
         cache = attn_lib.init_layer_cache(cfg, B, T, x.dtype)
         h, normed, routing, _ = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
@@ -98,7 +99,7 @@ def routing_stats(model, sequences: list[np.ndarray]) -> list[dict]:
 
 def write_traces(model, streams: dict, traces_dir: str, tokens_per_domain: int) -> dict[str, str]:
     """benchmarks/data/default_model_<domain>.npz: routing of the first held-out tokens, TRACE_SEQ per sequence."""
-    from ef_jax.engine.forward import save_routing_trace
+    from ef_jax.engine.api import save_routing_trace
     os.makedirs(traces_dir, exist_ok=True)
     paths = {}
     for dom in DOMAINS:

@@ -11,12 +11,26 @@ The store format (flat, compute dtype) is separate from the compute layout: quan
 from __future__ import annotations
 
 import functools
+import weakref
 
 import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from ef_jax.model import Model
 from ef_jax.models.moe import ExpertPool
+
+_STORES: "weakref.WeakKeyDictionary[Model, ExpertStore]" = weakref.WeakKeyDictionary()
+
+
+def store_for(model: Model) -> "ExpertStore":
+    """The pinned-host ExpertStore of every MoE layer's experts, built once per model and reused by every
+    offloaded run (pinning is the expensive part). The model itself is left as it is."""
+    store = _STORES.get(model)
+    if store is None:
+        store = ExpertStore([model.host_experts[i] for i in model.config.moe_layer_ids])
+        _STORES[model] = store
+    return store
 
 
 def _memory_sharding(device, kind: str) -> SingleDeviceSharding:

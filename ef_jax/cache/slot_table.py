@@ -1,6 +1,7 @@
 """SlotTable: which expert sits in which device slot, per MoE layer (host-side numpy state).
 
-[ExpertCache decides] → assign / evict → SlotTable → snapshot() → (device engine uploads it as a pytree)
+[ExpertCache decides] → assign / evict → SlotTable → slot_row(layer) → (the engine passes it to the layer's expert
+compute as its slot map i32[E])
 
 Axes: L MoE layers, E experts per layer, S device slots per layer.
 
@@ -151,7 +152,7 @@ class SlotTable:
 
     # ---- export / import -----------------------------------------------------------------------------------
     def snapshot(self) -> SlotSnapshot:
-        """Both maps as fresh numpy arrays (the engine uploads this as the device `CacheState`)."""
+        """Both maps as fresh numpy arrays (for tests, dumps and replay comparisons)."""
         return SlotSnapshot(self.slot_of_expert, self.expert_of_slot)
 
     @classmethod

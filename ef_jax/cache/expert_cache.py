@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ef_jax.offload.slot_table import SlotSnapshot, SlotTable
+from ef_jax.cache.slot_table import SlotSnapshot, SlotTable
 from ef_jax.policies.base import Policy, Prefetch
 from ef_jax.policies.registry import get_policy
 
@@ -91,7 +91,8 @@ class ExpertCache:
         num_layers: L, MoE layers.
         num_experts: E, routed experts per layer.
         slots_per_layer: S.
-        policy: a registered name ("nocache", "lru", "lfu", "belady", ...) or a Policy object.
+        policy: a Policy object, or a registered name / PolicySpec for a policy that needs no model context
+            (the engine and the simulator build theirs with ef_jax.policies.registry.get_policy and a context).
         bytes_per_expert: bytes one Load copies (for the `bytes_h2d` counter).
         check: verify every invariant after each call (slow; for tests and debugging).
         **policy_kw: passed to the policy constructor when `policy` is a name.
@@ -171,11 +172,9 @@ class ExpertCache:
 
         The engine (wall or virtual clock) and the simulator report one MoE layer's compute time on the critical
         path (`layer_compute_s`) and one finished expert copy's duration on the copy stream (`copy_s`, for
-        `bytes_per_expert` bytes). Policies without `on_measure` never see them.
+        `bytes_per_expert` bytes). BasePolicy.on_measure ignores them.
         """
-        hook = getattr(self.policy, "on_measure", None)
-        if hook is not None:
-            hook(layer_compute_s=layer_compute_s, copy_s=copy_s, copy_bytes=self.bytes_per_expert)
+        self.policy.on_measure(layer_compute_s=layer_compute_s, copy_s=copy_s, copy_bytes=self.bytes_per_expert)
 
     def arrive(self, layer: int, expert: int) -> None:
         """The copy of `expert` into its slot at `layer` finished. Ignored when it was evicted meanwhile."""
@@ -284,7 +283,7 @@ class ExpertCache:
         return self.demand_loads + self.prefetch_issued
 
     def snapshot(self) -> SlotSnapshot:
-        """Residency as two numpy arrays (the device engine's CacheState)."""
+        """Residency as two numpy arrays."""
         return self.table.snapshot()
 
     def stats(self) -> dict:

@@ -39,7 +39,7 @@ class OffloadConfig:
       record_timeline: a path: write a Chrome/Perfetto trace JSON of compute, transfers and stalls there.
         Timing a transfer or a layer means waiting for it, so a recorded run overlaps less than a plain one.
       check: verify cache invariants and slot contents after every layer (slow; for tests).
-      timing: None (wall clock) or a timing preset name ("h100") / ef_jax.offload.clock.Timing: transfers and
+      timing: None (wall clock) or a timing preset name ("h100") / ef_jax.cache.timing.Timing: transfers and
         compute are then charged on the simulator's deterministic virtual clock (real bytes still move, so tokens
         are unchanged; stall_s and the policy's measurements become virtual).
       routing: "exact" (default: the model's own routing) or "cache-aware" (opt-in, changes outputs): where a
@@ -47,7 +47,7 @@ class OffloadConfig:
         resident one is used instead, its weight renormalised as the family does.
       routing_tolerance: δ ≥ 0 for cache-aware routing (default DEFAULT_ROUTING_TOLERANCE).
       transfers: "inline" (copies issued by the thread that dispatches compute) or "thread" (a background copy
-        thread; see ThreadedTransferQueue for the H100 measurement behind it). Wall clock only.
+        thread; see ef_jax.engine.copier.ThreadCopier for the H100 measurement behind it). Either clock.
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None
@@ -74,7 +74,7 @@ class OffloadConfig:
         if not isinstance(self.layers_per_group, int) or self.layers_per_group < 1:
             raise ValueError(f"layers_per_group={self.layers_per_group!r} must be a positive int")
         if self.timing is not None:
-            from ef_jax.offload.clock import get_timing
+            from ef_jax.cache.timing import get_timing
             try:
                 get_timing(self.timing)
             except ValueError as e:

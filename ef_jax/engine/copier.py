@@ -1,0 +1,158 @@
+"""Copiers: perform the ExpertCache's Loads — move an expert's bytes from the pinned-host store into its slot.
+
+Load → store.fetch (device_put from pinned host, async) → write_slot (in place, donated pool) → tracked until done
+poll() → copies seen finished (non-blocking);  wait(layer, experts, block) → the layer's copies are in its pool
+
+A copier only moves bytes; *when* a copy counts as arrived, and how long compute waited for it, is the clock's
+business (ef_jax.engine.clock), so any copier runs under any clock. Both copiers keep the slot pools, one
+ExpertPool per MoE layer, and count the bytes they really moved.
+
+Axes: j MoE layer, e expert, S slots per layer.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ef_jax.cache.expert_cache import Load
+from ef_jax.engine.store import ExpertStore, write_slot
+from ef_jax.engine.timeline import Timeline
+
+Key = tuple[int, int]  # (MoE layer, expert)
+
+
+class InlineCopier:
+    """Copies issued from the thread that dispatches compute. JAX orders each slot write before any later compute
+    that reads the pool, so `wait(block=False)` has nothing to do; `block=True` waits for the bytes (to time a
+    stall on the wall clock)."""
+    name = "inline"
+
+    def __init__(self, store: ExpertStore, slots: int, timeline: Timeline | None = None):
+        self.store, self.timeline = store, timeline
+        self.pools = store.empty_pools(slots)              # per MoE layer: ExpertPool of S slots
+        self._inflight: dict[Key, jax.Array] = {}          # (layer, expert) → device buffer being copied
+        self.bytes = 0        # bytes really copied host → device
+        self.issue_s = 0.0    # host time spent issuing copies
+        self.dispatches = 0   # jitted programs and transfers dispatched (a fetch and a slot write per load)
+
+    def issue(self, loads: list[Load]) -> None:
+        for ld in loads:
+            t = time.perf_counter()
+            buf = self.store.fetch(ld.layer, ld.expert)
+            self.pools[ld.layer] = write_slot(self.pools[ld.layer], buf, jnp.int32(ld.slot))
+            self._inflight[(ld.layer, ld.expert)] = buf
+            self.bytes += self.store.bytes_per_expert
+            self.dispatches += 2
+            self.issue_s += time.perf_counter() - t
+            if self.timeline is not None:  # timing a copy means waiting for it: recorded runs overlap less
+                buf.block_until_ready()
+                self.timeline.add(f"H2D L{ld.layer} e{ld.expert} ({ld.kind})", "copy", t)
+
+    def poll(self) -> list[Key]:
+        done = [k for k, buf in self._inflight.items() if buf.is_ready()]
+        for k in done:
+            del self._inflight[k]
+        return done
+
+    def wait(self, layer: int, experts: np.ndarray, block: bool = True) -> list[Key]:
+        waited = []
+        for e in experts.tolist():
+            buf = self._inflight.pop((layer, e), None)
+            if buf is not None:
+                if block:
+                    buf.block_until_ready()
+                waited.append((layer, e))
+        if waited and block:
+            jax.block_until_ready(self.pools[layer])
+        return waited
+
+    def settle(self) -> None:
+        """Every issued write is in its pool (slot-content checks read the pools)."""
+
+    def close(self) -> None:
+        self._inflight.clear()
+
+
+class ThreadCopier(InlineCopier):
+    """Copies issued from one background thread; slot writes applied on the main thread in issue order.
+
+    Why: on an H100 with jax 0.11, a `device_put` issued from the thread that has just dispatched compute overlapped
+    only ~12 % of its copy time with that compute, while the same copies issued from a separate thread overlapped
+    ~55 % (benchmarks/results/transfer_NVIDIA_H100_80GB_HBM3.md). The thread only moves bytes host → device; the
+    donated slot write stays on the main thread, so the pool pytree is never touched concurrently. A layer's
+    pending writes are applied (in FIFO order) up to the last one it needs before its experts run.
+
+    Measured end to end on the same H100 (benchmarks/results/offload_transfers_*_NVIDIA_H100_80GB_HBM3.md), with
+    demand-loading policies (nocache, lru) this mode is slower than inline copies (DeepSeek-V2-Lite shapes, lru,
+    50 %: 48.6 vs 60.0 tokens/s): a demand load cannot overlap anything, and the hand-off to the thread adds
+    latency. So "inline" stays the default. `close()` stops the thread.
+    """
+    name = "thread"
+
+    def __init__(self, store: ExpertStore, slots: int, timeline: Timeline | None = None):
+        super().__init__(store, slots, timeline)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ef-jax-h2d")
+        self._pending: dict[int, list] = {}  # layer → FIFO of (slot, (layer, expert), future of the device buffer)
+        self._landed: list[Key] = []          # written into a pool, not yet reported by poll/wait
+
+    def _copy(self, layer: int, expert: int) -> jax.Array:
+        buf = self.store.fetch(layer, expert)
+        buf.block_until_ready()  # the future completes when the bytes are on the device
+        return buf
+
+    def issue(self, loads: list[Load]) -> None:
+        for ld in loads:
+            t = time.perf_counter()
+            key = (ld.layer, ld.expert)
+            fut = self._executor.submit(self._copy, *key)
+            self._pending.setdefault(ld.layer, []).append((ld.slot, key, fut, t))
+            self.bytes += self.store.bytes_per_expert
+            self.issue_s += time.perf_counter() - t
+
+    def _apply(self, layer: int, count: int) -> list[Key]:
+        """Writes the first `count` pending copies of `layer` into its pool (blocking on each copy)."""
+        q = self._pending.get(layer, [])
+        written = []
+        for _ in range(min(count, len(q))):
+            slot, key, fut, t = q.pop(0)
+            self.pools[layer] = write_slot(self.pools[layer], fut.result(), jnp.int32(slot))
+            self.dispatches += 2
+            if self.timeline is not None:
+                self.timeline.add(f"H2D L{key[0]} e{key[1]}", "copy", t)
+            written.append(key)
+        return written
+
+    def poll(self) -> list[Key]:
+        done, self._landed = self._landed, []
+        for layer, q in self._pending.items():
+            n = 0
+            while n < len(q) and q[n][2].done():
+                n += 1
+            done += self._apply(layer, n)
+        return done
+
+    def wait(self, layer: int, experts: np.ndarray, block: bool = True) -> list[Key]:
+        q = self._pending.get(layer, [])
+        wanted = {(layer, e) for e in experts.tolist()}
+        last = max((n for n, item in enumerate(q) if item[1] in wanted), default=-1)
+        written = self._landed + self._apply(layer, last + 1)
+        waited = [k for k in written if k in wanted]
+        self._landed = [k for k in written if k not in wanted]
+        if waited and block:
+            jax.block_until_ready(self.pools[layer])
+        return waited
+
+    def settle(self) -> None:
+        for layer, q in self._pending.items():
+            self._landed += self._apply(layer, len(q))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+
+COPIERS = {"inline": InlineCopier, "thread": ThreadCopier}

@@ -1,0 +1,233 @@
+"""Expert sources: where the Forward's MoE layers get their routed experts from.
+
+ResidentExperts:  every expert in its own device slot (identity slot map); routing and experts run in one
+                  program, no host sync (the fused fast path of the layer groups).
+OffloadedExperts: experts in pinned host memory, S device slots per MoE layer managed by an ExpertCache:
+   per MoE layer j (model layer i), after the Forward's attend_route program:
+   routing → host (the named sync point "route") → [trace override | cache-aware routing]
+   → cache.route(j, needed) → Loads → copier (bytes into slots) ; clock (arrivals, stall)
+   → [policy hidden tap at the attention point] → wait for demand/late copies → expert_pass program
+   → [policy hidden tap at the layer output] → cache.release(j)
+
+Batch > 1: a layer needs the union of its real tokens' experts (pad tokens are masked out). When that union is
+larger than the layer's slots, the layer runs in passes of at most S experts, each pass adding its share.
+Everything the host decides is counted by ExpertCache (hits, misses, prefetch used/wasted), so the simulator can
+replay the same routing and must agree.
+
+Axes: N tokens (B·T), K top-k, E experts, S slots, L MoE layers, D model.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ef_jax.cache import routing as routing_rules
+from ef_jax.cache.config import OffloadConfig
+from ef_jax.cache.expert_cache import ExpertCache
+from ef_jax.cache.timing import get_timing
+from ef_jax.engine.clock import VirtualClock, WallClock
+from ef_jax.engine.context import policy_context
+from ef_jax.engine.copier import COPIERS
+from ef_jax.engine.programs import expert_pass
+from ef_jax.engine.store import store_for
+from ef_jax.engine.telemetry import HostCounters
+from ef_jax.engine.timeline import Timeline
+from ef_jax.model import Model
+from ef_jax.models.moe import ExpertPool, Routing
+from ef_jax.policies.registry import get_policy
+
+_RESIDENT: "weakref.WeakKeyDictionary[Model, tuple]" = weakref.WeakKeyDictionary()
+
+
+def resident_pools(model: Model) -> tuple:
+    """Per layer: an ExpertPool with all E experts on the device (slot e holds expert e), or None for dense layers.
+    Uploaded once per model and kept while the model lives (offloaded runs never touch it)."""
+    pools = _RESIDENT.get(model)
+    if pools is None:
+        pools = tuple(None if ex is None else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
+                      for ex in model.host_experts)
+        _RESIDENT[model] = pools
+    return pools
+
+
+class ResidentExperts:
+    """Every routed expert resident in its own slot: no host sync, no copies."""
+    fused = True  # routing and experts may run in the same program
+
+    def __init__(self, model: Model, counters: HostCounters):
+        cfg = model.config
+        self.cfg, self.counters = cfg, counters
+        self.pools = resident_pools(model)
+        identity = jnp.arange(cfg.num_experts, dtype=jnp.int32)
+        self.slot_maps = tuple(identity if cfg.moe_layers[i] else None for i in range(cfg.num_layers))
+
+    def begin_step(self, last_tokens: np.ndarray) -> None:
+        pass
+
+    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray):
+        """The split path (a hidden-state tap asked to see between routing and experts): one expert pass."""
+        keep = jnp.ones(routing.experts.shape, jnp.float32)
+        self.counters.dispatches += 1
+        return expert_pass(self.cfg, True, p["mlp"], h, normed, routing, keep, self.pools[i], self.slot_maps[i]), routing
+
+    def end_step(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"policy": "resident", "slots_per_layer": self.cfg.num_experts}
+
+    def close(self) -> None:
+        pass
+
+
+class OffloadedExperts:
+    """Experts streamed from pinned host memory into S slots per MoE layer (see the module docstring).
+
+    route_override (benchmarks only): route_override(step, moe_layer j, experts i32[N, K]) → i32[N, K] replaces
+    the router's choice (e.g. replayed from a real trace, so a random-weight model of a real shape sees real
+    routing)."""
+    fused = False
+
+    def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters):
+        if not isinstance(offload, OffloadConfig):
+            raise TypeError(f"offload must be an ef_jax.OffloadConfig or None, got {type(offload).__name__}")
+        cfg = model.config
+        if not cfg.moe_layer_ids:
+            raise ValueError("this model has no MoE layers: there is nothing to offload (use offload=None)")
+        self.cfg, self.config, self.counters = cfg, offload, counters
+        self.store = store_for(model)
+        L, E = len(cfg.moe_layer_ids), cfg.num_experts
+        self.slots = offload.resolve_slots(L, E, cfg.top_k, self.store.bytes_per_expert)
+        self.timing = get_timing(offload.timing)  # a virtual clock stands for its preset's expert size too
+        policy = get_policy(offload.policy, policy_context(model))
+        self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check,
+                                 bytes_per_expert=self.timing.expert_bytes if self.timing else self.store.bytes_per_expert)
+        self.timeline = Timeline() if offload.record_timeline else None
+        self.copier = COPIERS[offload.transfers](self.store, self.slots, self.timeline)
+        self.clock = (VirtualClock(self.cache, self.timing, L, E) if self.timing
+                      else WallClock(self.cache, self.timeline))
+        self.compute_s = 0.0
+        self.routing_log: list[np.ndarray] = []  # per step: experts i32[N_real, L_moe, K] (for replay)
+        self.substitutions = 0  # cache-aware routing: (token, expert) choices swapped for a resident expert
+        self.route_override = None
+        self._step = -1
+        self._step_routes: list[np.ndarray] = []
+
+    # ---- the copy seam ---------------------------------------------------------------------------------------
+    def _issue(self, loads) -> None:
+        if loads:
+            self.copier.issue(loads)
+            self.clock.issued(loads)
+
+    def begin_step(self, last_tokens: np.ndarray) -> None:
+        self.clock.poll(self.copier)
+        self._issue(self.cache.begin_step(last_tokens))  # rows are left-padded: the last column is real
+        self._step += 1
+        self._step_routes = []
+
+    def end_step(self) -> None:
+        self._issue(self.cache.end_step())
+        self.routing_log.append(np.stack(self._step_routes, axis=1))
+
+    # ---- one MoE layer ---------------------------------------------------------------------------------------
+    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray):
+        """Layer i (MoE layer j): h [B, T, D] + its MoE output, after making its experts resident.
+        real bool[N]: not padding. Returns (h, the routing actually used)."""
+        t = time.perf_counter()
+        experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer
+        self.compute_s += time.perf_counter() - t
+        self.clock.routed(j)
+        routing, experts = self._rewrite_routing(j, routing, experts, real)
+        needed = np.unique(experts[real])
+        K = experts.shape[1]
+        passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
+        policy = self.cache.policy
+        tap = policy.hidden_point if policy.wants_hidden else None
+        for n, chunk in enumerate(passes):
+            self.clock.poll(self.copier)
+            self._issue(self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk))
+            if n == 0 and tap == "attention":  # behind this layer's demand loads, ahead of its expert compute
+                self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
+            self.clock.wait(j, chunk, self.copier)
+            if self.config.check:
+                self.copier.settle()
+                self.cache.verify()
+                self.store.verify(self.copier.pools, self.cache.table.expert_of_slot)
+            keep = (np.isin(experts, chunk) & real[:, None]).astype(np.float32)
+            slot_map = jnp.asarray(np.asarray(self.cache.table.slot_row(j), np.int32))
+            t = time.perf_counter()
+            h = expert_pass(self.cfg, n == 0, p["mlp"], h, normed, routing, jnp.asarray(keep.reshape(-1, K)),
+                            self.copier.pools[j], slot_map)
+            self.counters.dispatches += 3  # keep and slot-map uploads, the expert program
+            self._timed(f"experts L{i}" + (f" pass {n}" if n else ""), t, h)
+            self.clock.computed(j, len(passes))
+            if n + 1 < len(passes):
+                jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
+                self.cache.release(j)
+        if tap == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
+            self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
+        self.cache.release(j)
+        self._step_routes.append(experts[real])
+        return h, routing
+
+    def _rewrite_routing(self, j: int, routing: Routing, experts: np.ndarray, real: np.ndarray):
+        """Trace override (benchmarks) and cache-aware routing (opt-in); exact routing passes through untouched."""
+        if self.route_override is not None:
+            new = np.asarray(self.route_override(self._step, j, experts), np.int32)
+            if new.shape != experts.shape:
+                raise ValueError(f"route_override returned shape {new.shape}, expected {experts.shape}")
+            probs = routing_rules.router_probs(self.cfg, self.counters.to_host("logits", routing.logits))
+            weights = routing_rules.family_weights(self.cfg, probs, new)
+            routing = Routing(logits=routing.logits, experts=jnp.asarray(new), weights=jnp.asarray(weights))
+            experts = new
+        if self.config.routing != "cache-aware":
+            return routing, experts
+        resident = np.asarray(self.cache.table.slot_row(j)) >= 0
+        new, weights, changed = routing_rules.cache_aware(
+            self.cfg, self.counters.to_host("logits", routing.logits), experts, resident, self.config.tolerance, real)
+        if weights is None:
+            return routing, experts
+        self.substitutions += int((new != experts).sum())
+        w = np.where(changed[:, None], weights, self.counters.to_host("weights", routing.weights)).astype(np.float32)
+        return Routing(logits=routing.logits, experts=jnp.asarray(new), weights=jnp.asarray(w)), new
+
+    # ---- telemetry -------------------------------------------------------------------------------------------
+    def _timed(self, name: str, t: float, out) -> None:
+        if self.timeline is not None:
+            jax.block_until_ready(out)
+            self.timeline.add(name, "compute", t)
+        self.compute_s += time.perf_counter() - t
+
+    def stats(self) -> dict:
+        c = self.cache.stats()
+        if self.timeline is not None:
+            self.timeline.write(self.config.record_timeline)
+        accesses = self.cache.hits + self.cache.misses
+        bytes_per_expert = self.cache.bytes_per_expert
+        out = {"hits": self.cache.hits, "misses": self.cache.misses,
+               "hit_rate": self.cache.hits / accesses if accesses else float("nan"),
+               # bytes as the clock counts them: under a virtual clock, its preset's expert size per copy
+               "h2d_bytes": self.cache.loads * bytes_per_expert, "bytes_per_expert": bytes_per_expert,
+               "h2d_bytes_real": self.copier.bytes, "bytes_per_expert_real": self.store.bytes_per_expert,
+               "h2d_s": self.copier.issue_s, "stall_s": self.clock.stall_s, "copier": self.copier.name,
+               "compute_s": self.compute_s, "slots_per_layer": self.slots,
+               "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
+               "policy": self.cache.policy.name, "routing": self.config.routing,
+               "routing_substitutions": self.substitutions}
+        out.update(self.clock.stats())
+        horizon = self.cache.policy.prefetch_distance  # layers ahead; None for history-only policies
+        if horizon is not None:
+            out["mean_horizon"] = float(horizon)
+        out.update({f"cache_{k}": v for k, v in c.items() if k not in out})
+        mem = self.store.device.memory_stats()  # None on CPU; on GPU the allocator's own numbers
+        if mem:
+            out["device_bytes_in_use"] = mem.get("bytes_in_use")
+            out["device_peak_bytes_in_use"] = mem.get("peak_bytes_in_use")
+        return out
+
+    def close(self) -> None:
+        self.copier.close()
