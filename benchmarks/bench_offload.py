@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 import ef_jax
+from ef_jax.engine.experts import drop_resident
 from ef_jax.random_model import presets, random_model, with_layers
 from results_io import git_commit, write_results
 
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
                                device_peak_bytes_in_use=s.get("device_peak_bytes_in_use"))
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            model.release_resident()
+            drop_resident(model)  # the offloaded rows must not also hold every expert on the device
     meta = {"device": device, "backend": jax.default_backend(), "jax": jax.__version__, "dtype": dtype,
             "h2d_peak_gb_per_s": peak / 1e9, "commit": git_commit(), "host": platform.node(),
             "new_tokens": new_tokens, "repeats": repeats, "layers": 2 if args.tiny else args.layers}

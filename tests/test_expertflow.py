@@ -10,6 +10,7 @@ from ef_jax import OffloadConfig
 from ef_jax.cache import ExpertCache
 from ef_jax.cache.routing import router_probs
 from ef_jax.policies import get_policy
+from ef_jax.engine.context import policy_context
 from ef_jax.policies.expertflow import ExpertFlow
 
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
@@ -81,8 +82,8 @@ def test_attention_point_shows_the_routers_input(model):
     """At the attention point the engine shows layer j's experts' input: layer j's own router on it (distance 0
     of pre-gating) picks exactly the experts layer j routed. The default point is the attention point."""
     cfg = model.config
-    assert ExpertFlow.from_model(model).hidden_point == "attention"
-    pol = _Recorder.from_model(model)
+    assert ExpertFlow.from_context(policy_context(model)).hidden_point == "attention"
+    pol = _Recorder.from_context(policy_context(model))
     ef_jax.generate(model, PROMPTS[:1], max_new_tokens=3,
                     offload=OffloadConfig(slots_per_layer=cfg.num_experts, policy=pol))
     decode = [x for x in pol.seen if not (x[2].ndim == 3 and x[2].shape[1] > 1)]

@@ -92,8 +92,9 @@ def test_record_train_and_use_through_the_cli(tiny, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["recall_hybrid"]) == 2 and all(0 <= r <= 1 for r in report["recall_pregate"])
     from ef_jax.hybrid import HybridPredictor
+    from ef_jax.engine.context import policy_context
     from ef_jax.policies.expertflow import ExpertFlow
-    pol = ExpertFlow.from_model(model, predictor=HybridPredictor.load(out, model))
+    pol = ExpertFlow.from_context(policy_context(model), predictor=HybridPredictor.load(out, model))
     assert report["point"] == pol.hidden_point == "attention"  # the head runs where it was trained
     prompts = [[5, 17, 33, 2, 70], [88, 3, 60]]
     ref = ef_jax.generate(model, prompts, max_new_tokens=5).tokens

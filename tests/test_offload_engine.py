@@ -8,6 +8,7 @@ import pytest
 
 import ef_jax
 from ef_jax import OffloadConfig
+from ef_jax.engine.context import policy_context
 from ef_jax.model import DEFAULT_MODEL_DIR
 
 pytest.importorskip("torch")
@@ -185,7 +186,7 @@ def test_pregate_prediction_matches_the_router(model):
     cfg = model.config
     if cfg.num_moe_layers < 2:
         pytest.skip("needs two MoE layers")
-    pol = Pregate.from_model(model)
+    pol = Pregate.from_context(policy_context(model))
     h = np.random.RandomState(0).randn(3, cfg.hidden_size).astype(np.float32)
     nxt = cfg.moe_layer_ids[1]
     p = model.params["layers"][nxt]

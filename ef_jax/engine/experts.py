@@ -54,6 +54,11 @@ def resident_pools(model: Model) -> tuple:
     return pools
 
 
+def drop_resident(model: Model) -> None:
+    """Frees the device copy of every expert that resident runs of `model` keep (benchmarks switching modes)."""
+    _RESIDENT.pop(model, None)
+
+
 class ResidentExperts:
     """Every routed expert resident in its own slot: no host sync, no copies."""
     fused = True  # routing and experts may run in the same program
@@ -219,7 +224,7 @@ class OffloadedExperts:
                "policy": self.cache.policy.name, "routing": self.config.routing,
                "routing_substitutions": self.substitutions}
         out.update(self.clock.stats())
-        horizon = self.cache.policy.prefetch_distance  # layers ahead; None for history-only policies
+        horizon = self.cache.policy.prefetch_distance()  # layers ahead; None for history-only policies
         if horizon is not None:
             out["mean_horizon"] = float(horizon)
         out.update({f"cache_{k}": v for k, v in c.items() if k not in out})

@@ -61,7 +61,6 @@ class Policy(Protocol):
     def on_load(self, layer: int, expert: int, kind: str) -> None: ...
     def on_measure(self, *, layer_compute_s: float | None, copy_s: float | None, copy_bytes: int) -> None: ...
     def victim(self, layer: int, candidates: Sequence[int], view) -> int: ...
-    @property
     def prefetch_distance(self) -> float | None: ...
 
 
@@ -110,7 +109,6 @@ class BasePolicy:
                    copy_bytes: int = 0) -> None:
         pass
 
-    @property
     def prefetch_distance(self) -> float | None:
         """Mean prefetch distance in layers (None: the policy does not prefetch ahead by layers)."""
         return None

@@ -157,7 +157,6 @@ class ExpertFlow(BasePolicy):
     def mean_horizon(self) -> float:
         return float(np.mean(self.horizons)) if self.horizons else float("nan")
 
-    @property
     def prefetch_distance(self) -> float:
         return self.mean_horizon
 

@@ -59,7 +59,6 @@ class Pregate(BasePolicy):
         scorer = PregateScorer.from_context(cls.name, context)
         return cls(scorer, top_k=context.top_k, distance=distance)
 
-    @property
     def prefetch_distance(self) -> float:
         return float(self.distance)
 

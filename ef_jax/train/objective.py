@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ef_jax.checkpoint import _set, expected_shapes, expert_shapes
+from ef_jax.checkpoint import expected_shapes, expert_shapes, set_dotted
 from ef_jax.config import ModelConfig, from_hf_config
 from ef_jax.models import attention as attn_lib
 from ef_jax.models.moe import Routing
@@ -63,7 +63,7 @@ def init_params(cfg: ModelConfig, seed: int) -> tuple[dict, tuple]:
 
     params: dict = {"layers": [{} for _ in range(cfg.num_layers)]}
     for name, shape in expected_shapes(cfg).items():
-        _set(params, name, draw(shape, name))
+        set_dotted(params, name, draw(shape, name))
     experts = tuple({k: draw(s, k) for k, s in expert_shapes(cfg).items()} for _ in range(cfg.num_layers))
     return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, experts)
 
