@@ -146,3 +146,14 @@ def test_sync_points_are_named_and_counted(model):
     assert res.stats["sync_points"] == {"route": steps * cfg.num_moe_layers, "sample": steps}
     resident = ef_jax.generate(model, [[3, 5, 7], [9, 2]], max_new_tokens=4)
     assert resident.stats["sync_points"] == {"sample": 4} and resident.tokens == res.tokens
+
+
+def test_dense_layers_join_the_next_routing_program():
+    """Per MoE layer two programs: the last ≤ layers_per_group dense layers before it run inside its attention +
+    route program; longer dense runs and trailing dense layers run in groups of ≤ layers_per_group."""
+    from ef_jax.engine.forward import split_segments
+    assert split_segments([0, 0, 0, 0, 0, 1, 0, 1, 0, 0], 2) == [
+        ("dense", (0, 1)), ("dense", (2,)), ("moe", (3, 4, 5)), ("moe", (6, 7)), ("dense", (8, 9))]
+    assert split_segments([1, 1], 4) == [("moe", (0,)), ("moe", (1,))]
+    covered = [i for _, layers in split_segments([0, 1, 0, 0, 0, 1, 0], 1) for i in layers]
+    assert covered == list(range(7))

@@ -111,7 +111,7 @@ def test_simulator_replay_agrees_with_engine(model, policy):
         trace = np.concatenate(fwd.source.routing_log)              # [steps · B, L_moe, K], rows of a step together
         sim = replay(trace, slots_per_layer=slots, policy=policy, batch_size=len(prompts),
                      num_experts=cfg.num_experts)
-        assert (sim.hits, sim.misses) == (fwd.cache.hits, fwd.cache.misses)
+        assert (sim.hits, sim.misses) == (fwd.source.cache.hits, fwd.source.cache.misses)
 
 
 def test_bfloat16_offloaded_tokens_equal_resident(tiny_checkpoint):

@@ -51,7 +51,7 @@ class _LiveExpertBytes:
     def _sample(self):
         live = 0
         for a in jax.live_arrays():
-            if id(a) in self.before or a.is_deleted() or a.ndim != 3 or tuple(a.shape[1:]) not in self.shapes:
+            if id(a) in self.before or a.is_deleted() or a.ndim < 3 or tuple(a.shape[-2:]) not in self.shapes:
                 continue
             if a.sharding.memory_kind in (None, "device"):
                 live += a.nbytes

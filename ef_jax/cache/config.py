@@ -25,7 +25,7 @@ ROUTING_MODES = ("exact", "cache-aware")
 # Router-probability difference below which cache-aware routing prefers a resident expert. Chosen from the δ
 # sweep in docs/expertflow.md (perplexity cost ≤ 1 % on held-out text).
 DEFAULT_ROUTING_TOLERANCE = 0.02
-TRANSFER_MODES = ("inline", "thread")
+TRANSFER_MODES = ("inline", "thread", "program")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +46,11 @@ class OffloadConfig:
         resident expert's router probability is within `routing_tolerance` of a chosen non-resident one, the
         resident one is used instead, its weight renormalised as the family does.
       routing_tolerance: δ ≥ 0 for cache-aware routing (default DEFAULT_ROUTING_TOLERANCE).
-      transfers: "inline" (copies issued by the thread that dispatches compute) or "thread" (a background copy
-        thread; see ef_jax.engine.copier.ThreadCopier for the H100 measurement behind it). Either clock.
+      transfers: "program" (default: copies travel inside the next MoE layer's compiled program and overlap its
+        compute; the host never waits for them, so wall-clock stall_s reads 0 and the wait is inside the
+        programs), "inline" (device_put + a slot-write program per copy, from the thread that dispatches
+        compute) or "thread" (a background copy thread; see ef_jax.engine.copier.ThreadCopier for the H100
+        measurement behind it). Either clock.
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None
@@ -58,7 +61,7 @@ class OffloadConfig:
     timing: Any = None
     routing: str = "exact"
     routing_tolerance: float | None = None
-    transfers: str = "inline"
+    transfers: str = "program"
 
     def __post_init__(self):
         if self.transfers not in TRANSFER_MODES:

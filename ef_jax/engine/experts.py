@@ -32,7 +32,8 @@ from ef_jax.cache.timing import get_timing
 from ef_jax.engine.clock import VirtualClock, WallClock
 from ef_jax.engine.context import policy_context
 from ef_jax.engine.copier import COPIERS
-from ef_jax.engine.programs import expert_pass
+from ef_jax.engine.copier import bucket
+from ef_jax.engine.programs import expert_pass, offloaded_expert_pass
 from ef_jax.engine.store import store_for
 from ef_jax.engine.telemetry import HostCounters
 from ef_jax.engine.timeline import Timeline
@@ -70,7 +71,7 @@ class ResidentExperts:
         identity = jnp.arange(cfg.num_experts, dtype=jnp.int32)
         self.slot_maps = tuple(identity if cfg.moe_layers[i] else None for i in range(cfg.num_layers))
 
-    def begin_step(self, last_tokens: np.ndarray) -> None:
+    def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
         pass
 
     def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray):
@@ -112,7 +113,7 @@ class OffloadedExperts:
         self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check,
                                  bytes_per_expert=self.timing.expert_bytes if self.timing else self.store.bytes_per_expert)
         self.timeline = Timeline() if offload.record_timeline else None
-        self.copier = COPIERS[offload.transfers](self.store, self.slots, self.timeline)
+        self.copier = COPIERS[offload.transfers](self.store, self.slots, counters, self.timeline)
         self.clock = (VirtualClock(self.cache, self.timing, L, E) if self.timing
                       else WallClock(self.cache, self.timeline))
         self.compute_s = 0.0
@@ -121,16 +122,28 @@ class OffloadedExperts:
         self.route_override = None
         self._step = -1
         self._step_routes: list[np.ndarray] = []
+        # the device copy of the slot table, updated inside each expert program from the loads since the last one
+        self.slot_of_expert = jax.device_put(np.full((L, E), -1, np.int32), self.store.device_sharding)  # i32[L, E]
+        self._updates: list[tuple[int, int, int, int]] = []  # (layer, expert, slot, evicted) not yet on the device
+        self._reset = False      # the cache flushed: the device table starts over
+        self._keep_real = None   # f32[N, K] on the device: 1 for real tokens (a single-pass layer's keep mask)
+        self.variants: set = set()  # distinct (loads, updates, keep) shapes of the expert program: its compiles
 
     # ---- the copy seam ---------------------------------------------------------------------------------------
     def _issue(self, loads) -> None:
         if loads:
             self.copier.issue(loads)
             self.clock.issued(loads)
+            self._updates += [(ld.layer, ld.expert, ld.slot, ld.evicted) for ld in loads]
 
-    def begin_step(self, last_tokens: np.ndarray) -> None:
+    def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
+        """real bool[N]: which of the step's tokens are not padding."""
         self.clock.poll(self.copier)
+        if self.cache.policy.flush_each_step:  # begin_step flushes the table before its loads
+            self._reset, self._updates = True, []
         self._issue(self.cache.begin_step(last_tokens))  # rows are left-padded: the last column is real
+        self._keep_real = jnp.asarray(np.repeat(real.astype(np.float32)[:, None], self.cfg.top_k, axis=1))
+        self.counters.dispatches += 1
         self._step += 1
         self._step_routes = []
 
@@ -158,17 +171,16 @@ class OffloadedExperts:
             if n == 0 and tap == "attention":  # behind this layer's demand loads, ahead of its expert compute
                 self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
             self.clock.wait(j, chunk, self.copier)
-            if self.config.check:
-                self.copier.settle()
-                self.cache.verify()
-                self.store.verify(self.copier.pools, self.cache.table.expert_of_slot)
-            keep = (np.isin(experts, chunk) & real[:, None]).astype(np.float32)
-            slot_map = jnp.asarray(np.asarray(self.cache.table.slot_row(j), np.int32))
+            if len(passes) == 1:
+                keep = self._keep_real  # every needed expert is resident: only padding is masked
+            else:
+                keep = jnp.asarray((np.isin(experts, chunk) & real[:, None]).astype(np.float32).reshape(-1, K))
+                self.counters.dispatches += 1
             t = time.perf_counter()
-            h = expert_pass(self.cfg, n == 0, p["mlp"], h, normed, routing, jnp.asarray(keep.reshape(-1, K)),
-                            self.copier.pools[j], slot_map)
-            self.counters.dispatches += 3  # keep and slot-map uploads, the expert program
+            h = self._program(j, n == 0, p, h, normed, routing, keep)
             self._timed(f"experts L{i}" + (f" pass {n}" if n else ""), t, h)
+            if self.config.check:
+                self._verify()
             self.clock.computed(j, len(passes))
             if n + 1 < len(passes):
                 jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
@@ -178,6 +190,34 @@ class OffloadedExperts:
         self.cache.release(j)
         self._step_routes.append(experts[real])
         return h, routing
+
+    def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep):
+        """Dispatches layer j's expert program with the loads and slot-table changes queued so far."""
+        bufs, dst = self.copier.take()
+        upd = self._updates
+        self._updates = []
+        if upd:
+            upd = upd + [upd[-1]] * (bucket(len(upd)) - len(upd))  # repeating the last row changes nothing
+        updates = np.asarray(upd, np.int32).reshape(-1, 4)
+        self.variants.add((len(bufs), len(updates), include_shared, keep.shape))
+        h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(
+            self.cfg, include_shared, p["mlp"], h, normed, routing, keep, self.copier.pool, self.slot_of_expert,
+            j, bufs, dst, updates, self._reset)
+        self._reset = False
+        self.copier.carried(h)
+        self.counters.dispatches += 1
+        return h
+
+    def _verify(self) -> None:
+        """check=True: the cache's invariants, every slot's bytes, and the device slot table equal the host's."""
+        self.copier.settle()
+        self.cache.verify()
+        self.store.verify(self.copier.pool, self.cache.table.expert_of_slot)
+        if self._updates:  # loads issued after the last program are not on the device yet
+            return
+        device = np.asarray(self.slot_of_expert)
+        if not np.array_equal(device, self.cache.table.slot_of_expert):
+            raise RuntimeError(f"device slot table differs from the host's:\n{device}\n{self.cache.table.dump()}")
 
     def _rewrite_routing(self, j: int, routing: Routing, experts: np.ndarray, real: np.ndarray):
         """Trace override (benchmarks) and cache-aware routing (opt-in); exact routing passes through untouched."""
@@ -220,6 +260,7 @@ class OffloadedExperts:
                "h2d_bytes_real": self.copier.bytes, "bytes_per_expert_real": self.store.bytes_per_expert,
                "h2d_s": self.copier.issue_s, "stall_s": self.clock.stall_s, "copier": self.copier.name,
                "compute_s": self.compute_s, "slots_per_layer": self.slots,
+               "expert_program_variants": len(self.variants),
                "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
                "policy": self.cache.policy.name, "routing": self.config.routing,
                "routing_substitutions": self.substitutions}

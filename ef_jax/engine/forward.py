@@ -3,9 +3,9 @@
 tokens → embed → per segment:
    fused (resident source, nothing to see between routing and experts): a group of up to layers_per_group layers
        in one program (models.run_group), experts read from the source's pools
-   split: dense layers in groups (run_group); each MoE layer = attend_route program → [tap "attention"] →
-       source.experts (the offloaded source syncs routing to the host here, the named point "route") →
-       [tap "moe"]
+   split: each MoE layer = attend_route program (the dense layers before it, its attention, its router) →
+       [tap "attention"] → source.experts (the offloaded source syncs routing to the host here, the named point
+       "route") → [tap "moe"]; dense layers after the last MoE layer in groups (run_group)
 → hidden [B, T, D]   (the decode loop, ef_jax.engine.decode, applies the head)
 
 `Forward(model, offload=None)` builds the resident source, `Forward(model, OffloadConfig(...))` the offloaded one:
@@ -33,15 +33,26 @@ def layer_groups(num_layers: int, layers_per_group: int) -> list[tuple[int, ...]
 
 
 def split_segments(moe_layers, layers_per_group: int) -> list[tuple[str, tuple[int, ...]]]:
-    """("dense", layers) runs of at most layers_per_group dense layers, and ("moe", (i,)) for each MoE layer."""
+    """("moe", (dense layers…, i)) for each MoE layer i, the last ≤ layers_per_group dense layers before it joined to
+    its routing program (no dispatch of their own); ("dense", layers) groups of ≤ layers_per_group for the rest."""
     out: list[tuple[str, tuple[int, ...]]] = []
+    pending: list[int] = []
+
+    def flush(keep: int):
+        nonlocal pending
+        while len(pending) > keep:
+            n = min(layers_per_group, len(pending) - keep)
+            out.append(("dense", tuple(pending[:n])))
+            pending = pending[n:]
+
     for i, moe in enumerate(moe_layers):
         if moe:
-            out.append(("moe", (i,)))
-        elif out and out[-1][0] == "dense" and len(out[-1][1]) < layers_per_group:
-            out[-1] = ("dense", out[-1][1] + (i,))
+            flush(layers_per_group)
+            out.append(("moe", tuple(pending) + (i,)))
+            pending = []
         else:
-            out.append(("dense", (i,)))
+            pending.append(i)
+    flush(0)
     return out
 
 
@@ -84,7 +95,7 @@ class Forward:
         caches, routings = list(cache.layers), [None] * cfg.num_layers
         self.counters.steps += 1
         self.counters.dispatches += 1
-        self.source.begin_step(tokens[:, -1])
+        self.source.begin_step(tokens[:, -1], real)
         if self.source.fused and tap is None:
             for g in self.groups:
                 x = self._group(g, x, caches, routings, pos, widx, vld, self.source.pools, self.source.slot_maps)
@@ -93,11 +104,17 @@ class Forward:
                 if kind == "dense":
                     x = self._group(layers, x, caches, routings, pos, widx, vld, None, None)
                     continue
-                i = layers[0]
+                *dense, i = layers
                 j = self.moe_index[i]
                 p = params["layers"][i]
-                h, normed, routing, caches[i] = attend_route(cfg, self.kinds[i], p, x, caches[i], pos, widx, vld)
+                h, normed, routing, new, caches[i] = attend_route(
+                    cfg, tuple(self.kinds[d] for d in dense), self.kinds[i], tuple(params["layers"][d] for d in dense),
+                    p, x, tuple(caches[d] for d in dense), caches[i], pos, widx, vld)
+                for d, c in zip(dense, new):
+                    caches[d] = c
                 self.counters.dispatches += 1
+                if not self.source.fused:  # start moving the routing to the host now; the sync point reads it
+                    routing.experts.copy_to_host_async()
                 if tap is not None:
                     tap(j, "attention", h)
                 x, routings[i] = self.source.experts(i, j, p, h, normed, routing, real)

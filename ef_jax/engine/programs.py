@@ -1,7 +1,9 @@
 """The compiled programs of a step that the host runs between sync points (dense groups use models.run_group).
 
-attend_route(layer i): attention (+ KV cache, donated) → router → (h, normed, routing, cache)
+attend_route(layer i): [the dense layers before it] → attention (+ KV cache, donated) → router
 expert_pass(layer i): h + this pass's share of the MoE output, experts read through a slot pool and slot map
+offloaded_expert_pass(layer i): the same over the stacked offload pool, with the layer's copies and slot-table
+  updates inside the program (so copies overlap its compute, and no separate dispatch moves bytes or maps)
 
 Axes: B rows, T new tokens, N = B·T tokens, D model, K top-k, E experts, S slots.
 """
@@ -12,15 +14,25 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ef_jax.models.moe import ExpertPool, Routing, moe_combine
-from ef_jax.models.transformer import layer_attention_and_route, make_context
+from ef_jax.engine.store import put_expert
+from ef_jax.models.moe import GATHER_MAX_PAIRS, ExpertPool, Routing, moe_combine
+from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kind"), donate_argnames=("cache",))
-def attend_route(cfg, kind, p, x, cache, positions, write_idx, valid):
-    """x [B, T, D] → (h [B, T, D], normed FFN input [N, D], Routing, cache)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "dense_kinds", "kind"),
+                   donate_argnames=("dense_caches", "cache"))
+def attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid):
+    """The dense layers before a MoE layer (whole), then its attention and router, in one program (dense work
+    joins the next routing program instead of costing a dispatch of its own). x [B, T, D] →
+    (h [B, T, D], normed FFN input [N, D], Routing, dense caches, cache)."""
     ctx = make_context(cfg, positions, write_idx, valid)
-    return layer_attention_and_route(p, cfg, kind, x, cache, ctx)
+    new = []
+    for dp, dk, dc in zip(dense_params, dense_kinds, dense_caches):
+        hd, nd, _, dc = layer_attention_and_route(dp, cfg, dk, x, dc, ctx)
+        x = layer_finish(dp, cfg, dk, hd, nd, None, None, None)
+        new.append(dc)
+    h, normed, routing, cache = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
+    return h, normed, routing, tuple(new), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "include_shared"))
@@ -31,3 +43,48 @@ def expert_pass(cfg, include_shared, p, h, normed, routing: Routing, keep, pool:
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
     y = moe_combine(p, cfg, normed, masked, pool, jnp.maximum(slot_map, 0), include_shared)
     return h + y.reshape(h.shape)
+
+
+def _apply_table_updates(slot_of_expert, updates, reset):
+    """slot_of_expert i32[L, E] after `reset` (all -1) and then each update row (layer, expert, slot, evicted),
+    in order (an expert evicted and reloaded by the same batch ends up where its last row puts it)."""
+    soe = jnp.where(reset, jnp.full_like(slot_of_expert, -1), slot_of_expert)
+    if updates.shape[0] == 0:
+        return soe
+
+    def body(i, soe):
+        layer, expert, slot, evicted = updates[i, 0], updates[i, 1], updates[i, 2], updates[i, 3]
+        ev = jnp.maximum(evicted, 0)
+        soe = soe.at[layer, ev].set(jnp.where(evicted >= 0, -1, soe[layer, ev]))
+        return soe.at[layer, expert].set(slot)
+
+    return jax.lax.fori_loop(0, updates.shape[0], body, soe)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "include_shared"), donate_argnames=("pool", "slot_of_expert"))
+def offloaded_expert_pass(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool,
+                          slot_of_expert, j, bufs, dst, updates, reset):
+    """One MoE layer's expert program in the offloaded engine, with its copies inside it.
+
+    h [B, T, D], normed [N, D], routing of layer j; keep f32[N, K] (0 for padding and for experts left to another
+    pass); pool: the stacked slot pool ExpertPool [L, S, ...] (donated, written in place); slot_of_expert
+    i32[L, E] (donated): the device copy of the slot table, -1 = not resident; j: this MoE layer (traced: one
+    program for every layer); bufs: pinned-host expert buffers [3·D·F] moved to the device here, so XLA
+    overlaps the copies with this program's compute; dst i32[n, 2]: (layer, slot) of each buffer (any layer: a
+    prefetch for a later layer travels in this program); updates i32[m, 4]: (layer, expert, slot, evicted) rows
+    of slot-table changes since the last program; reset: bool, clear the table first (a flushing policy).
+    Returns (h + this pass's MoE output, pool, slot_of_expert)."""
+    for i, b in enumerate(bufs):
+        pool = put_expert(pool, jax.device_put(b, jax.memory.Space.Device), dst[i, 0], dst[i, 1])
+    soe = _apply_table_updates(slot_of_expert, updates, reset)
+    L, S = pool.gate.shape[:2]
+    smap = jnp.maximum(jax.lax.dynamic_index_in_dim(soe, j, keepdims=False), 0)  # i32[E]
+    N, K = routing.experts.shape
+    if N * K <= GATHER_MAX_PAIRS:  # decode: gather straight from the stacked pool (no copy of layer j's slots)
+        view = jax.tree.map(lambda a: a.reshape((L * S,) + a.shape[2:]), pool)
+        smap = smap + j * S
+    else:  # prefill: grouped matmuls over layer j's S slots
+        view = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False), pool)
+    masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
+    y = moe_combine(p, cfg, normed, masked, view, smap, include_shared)
+    return h + y.reshape(h.shape), pool, soe

@@ -2,8 +2,9 @@
 
 host: store[j][e] = one contiguous pinned_host buffer [3·D·F] per expert (gate | up | down, row-major),
       so a swap-in is exactly one host→device copy.
-device: pools[j] = ExpertPool(gate [S, D, F], up [S, D, F], down [S, F, D]) per MoE layer j, written in place
-      (the pool is donated to the jitted slot write, so no pool is ever re-allocated).
+device: one stacked ExpertPool(gate [L, S, D, F], up [L, S, D, F], down [L, S, F, D]) for every MoE layer, written
+      in place (the pool is donated to every program that writes it, so it is never re-allocated); one pytree
+      lets a layer's program also write later layers' slots (prefetches travelling in an earlier program).
 
 Axes: j MoE layer (0..L_moe-1), E experts, S slots, D model, F expert FFN width.
 The store format (flat, compute dtype) is separate from the compute layout: quantized stores can unpack here.
@@ -67,28 +68,38 @@ class ExpertStore:
         """Starts the host→device copy of one expert; returns the (future) device buffer [3·D·F]."""
         return jax.device_put(self.buffers[layer][expert], self.device_sharding)
 
-    def empty_pools(self, slots: int) -> list[ExpertPool]:
-        D, F = self.hidden, self.ffn
+    def empty_pools(self, slots: int) -> ExpertPool:
+        """The stacked slot pool of every MoE layer, zero-filled: ExpertPool of [L, S, ...] leaves."""
+        L, D, F = self.num_layers, self.hidden, self.ffn
         zeros = lambda shape: jax.device_put(np.zeros(shape, self.dtype), self.device_sharding)
-        return [ExpertPool(gate=zeros((slots, D, F)), up=zeros((slots, D, F)), down=zeros((slots, F, D)))
-                for _ in range(self.num_layers)]
+        return ExpertPool(gate=zeros((L, slots, D, F)), up=zeros((L, slots, D, F)), down=zeros((L, slots, F, D)))
 
-    def verify(self, pools: list[ExpertPool], expert_of_slot: np.ndarray) -> None:
+    def verify(self, pool: ExpertPool, expert_of_slot: np.ndarray) -> None:
         """Debug check: every occupied slot holds exactly its expert's bytes (RuntimeError otherwise)."""
-        for j, pool in enumerate(pools):
+        gate, up, down = np.asarray(pool.gate), np.asarray(pool.up), np.asarray(pool.down)
+        for j in range(self.num_layers):
             for s, e in enumerate(expert_of_slot[j].tolist()):
                 if e < 0:
                     continue
-                got = np.concatenate([np.asarray(pool.gate[s]).ravel(), np.asarray(pool.up[s]).ravel(),
-                                      np.asarray(pool.down[s]).ravel()])
+                got = np.concatenate([gate[j, s].ravel(), up[j, s].ravel(), down[j, s].ravel()])
                 if not np.array_equal(got, np.asarray(self.buffers[j][e])):
                     raise RuntimeError(f"slot {s} of MoE layer {j} should hold expert {e} but its bytes differ")
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def write_slot(pool: ExpertPool, flat: jax.Array, slot: jax.Array) -> ExpertPool:
-    """Writes one expert (flat [3·D·F]) into `slot` of a donated pool, in place. slot: traced i32 (no recompiles)."""
-    S, D, F = pool.gate.shape
-    g, u, d = flat[:D * F].reshape(D, F), flat[D * F:2 * D * F].reshape(D, F), flat[2 * D * F:].reshape(F, D)
-    put = lambda buf, w: jax.lax.dynamic_update_slice(buf, w[None].astype(buf.dtype), (slot, 0, 0))
+def unpack(flat: jax.Array, D: int, F: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One expert's flat buffer [3·D·F] → (gate [D, F], up [D, F], down [F, D])."""
+    return flat[:D * F].reshape(D, F), flat[D * F:2 * D * F].reshape(D, F), flat[2 * D * F:].reshape(F, D)
+
+
+def put_expert(pool: ExpertPool, flat: jax.Array, layer: jax.Array, slot: jax.Array) -> ExpertPool:
+    """pool with expert `flat` [3·D·F] written at (layer, slot) — traced indices, so no recompiles per slot."""
+    _, _, D, F = pool.gate.shape
+    g, u, d = unpack(flat, D, F)
+    put = lambda buf, w: jax.lax.dynamic_update_slice(buf, w[None, None].astype(buf.dtype), (layer, slot, 0, 0))
     return ExpertPool(gate=put(pool.gate, g), up=put(pool.up, u), down=put(pool.down, d))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def write_slot(pool: ExpertPool, flat: jax.Array, layer: jax.Array, slot: jax.Array) -> ExpertPool:
+    """Writes one expert (flat [3·D·F], on the device) into (layer, slot) of the donated stacked pool, in place."""
+    return put_expert(pool, flat, layer, slot)
