@@ -24,11 +24,11 @@ class ContextLengthError(ValueError):
         """The message, with the max-new-tokens setting called `max_new_name` (a CLI flag or an argument)."""
         n, m, limit = self.prompt_tokens, self.max_new_tokens, self.limit
         which = "the prompt" if self.prompt_index is None else f"prompt {self.prompt_index}"
-        head = (f"{which} has {n:,} tokens + {max_new_name} {m:,} = {n + m:,} positions, more than the model's "
-                f"max_position_embeddings={limit:,}")
+        head = (f"{which} has {n} tokens + {max_new_name} {m} = {n + m} positions, more than the model's "
+                f"max_position_embeddings={limit}")
         if n >= limit:
-            return f"{head}: shorten {which} to fewer than {limit:,} tokens"
-        return f"{head}: lower {max_new_name} to at most {limit - n:,} or shorten {which}"
+            return f"{head}: shorten {which} to fewer than {limit} tokens"
+        return f"{head}: lower {max_new_name} to at most {limit - n} or shorten {which}"
 
 
 def check_context(cfg: ModelConfig, lengths: Sequence[int], max_new_tokens: int) -> None:
