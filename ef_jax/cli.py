@@ -15,7 +15,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if "default" in h or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        d = action.default
+        if "default" in h or d is None or d is False or d == argparse.SUPPRESS or not action.option_strings:
             return h
         return f"{h} (default: %(default)s)"
 

@@ -55,6 +55,8 @@ def _writable_parent(flag: str, path: str) -> None:
 def output_file(flag: str, path: str, suffix: str | None = None) -> str:
     """The path a file will really be written to (`suffix` appended when missing, as numpy's savez does), after
     checking that it is not a directory and that its directory exists and is writable."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory: give a file name")
     if suffix and not path.endswith(suffix):
         path += suffix
     if os.path.isdir(path):
