@@ -178,3 +178,17 @@ def test_empty_trace_file_guard_reports_numpy_free_message(tmp_path, capsys):
     assert cli.main(["sim", str(p), "--slots-per-layer", "4"]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_quantized_checkpoint_refused_in_one_line(tiny_checkpoint, tmp_path, no_model_work, capsys):
+    import json
+    import shutil
+    d = str(tmp_path / "fp8")
+    shutil.copytree(tiny_checkpoint("qwen3moe-norm"), d)
+    p = os.path.join(d, "config.json")
+    cfg = json.load(open(p))
+    cfg["quantization_config"] = {"quant_method": "fp8"}
+    json.dump(cfg, open(p, "w"))
+    assert cli.main(["generate", "--model", d, "--prompt-ids", "1 2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "quant_method='fp8'" in err and "Traceback" not in err
