@@ -187,3 +187,49 @@ def test_no_pytorch_advice_when_torch_is_absent():
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "tokenizer    yes" in r.stdout
     assert "PyTorch was not found" not in r.stderr, r.stderr
+
+
+def test_cli_takes_generation_config_defaults(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_checkpoint("qwen3moe-norm"), d)
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump({"max_new_tokens": 3, "do_sample": False}, f)
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", d, "--prompt-ids", "3 4 5"]) == 0
+    assert len(capsys.readouterr().out.split()) == 3 + 3                 # the file's 3 tokens, not ef_jax's 64
+    assert cli.main(["generate", "--model", d, "--prompt-ids", "3 4 5", "--max-new-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out.split()) == 3 + 5                 # a flag wins over the file
+
+
+class _FakeTTY:
+    def __init__(self):
+        self.parts = []
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.parts.append(s)
+
+    def flush(self):
+        pass
+
+
+def test_spinner_only_on_a_tty_and_clears_its_line():
+    import io
+
+    from ef_jax.cli_stream import Spinner
+    quiet = io.StringIO()
+    s = Spinner(quiet)
+    s.start("loading")
+    s.stop()
+    assert quiet.getvalue() == ""                                      # not a terminal: nothing written
+    tty = _FakeTTY()
+    s = Spinner(tty)
+    s.start("compiling and prefilling 5 prompt tokens")
+    time.sleep(0.35)
+    s.stop()
+    written = "".join(tty.parts)
+    assert "compiling and prefilling 5 prompt tokens" in written and written.count("\r") >= 3
+    assert written.endswith("\r\033[K")                                # the line is cleared for the output

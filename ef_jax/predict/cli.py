@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
                    help="hashed character-trigram buckets for unknown/rare tokens (0: off; default 4096)")
     t.add_argument("--token-rank", type=int, default=256,
                    help="rank of the per-token route table added to the logits (0: off; default 256)")
-    t.add_argument("--eval-every", type=int, default=200, help="steps between validation passes")
+    t.add_argument("--eval-every", type=int, default=200, help="steps between validation passes (0: only at the end)")
     t.set_defaults(fn=run_train)
 
     e = subparsers.add_parser("eval-predictor", help="recall@K of a trained predictor vs the baselines",
@@ -49,8 +49,9 @@ def add_parser(subparsers) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from ef_jax.cli_guards import input_npz, output_dir, positive
     from ef_jax.predict.train import TrainConfig, train_predictor
-    for flag in ("max_steps", "batch", "d_model", "depth", "window", "eval_every"):
+    for flag in ("max_steps", "batch", "d_model", "depth", "window"):
         positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    positive("--eval-every", args.eval_every, minimum=0)  # 0: validate only at the end
     positive("--train-prompts", args.train_prompts)
     for p in args.traces:
         input_npz("TRACE.npz", p, "`ef-jax trace`")
