@@ -7,13 +7,16 @@ Ctrl-C: the text generated so far stays printed, the process exits 130 without a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import sys
 
 from ef_jax.cli_guards import UsageError, input_dir, output_file, plural, positive
-from ef_jax.cli_model import fmt_bytes, offload_budget, preflight, prompt_ids
+from ef_jax.cli_model import Preflight, fmt_bytes, offload_budget, preflight, prompt_ids
 from ef_jax.cli_stream import Spinner, TextStream
+from ef_jax.generation_config import SamplingRequest
 
 
 def add_parser(sub) -> None:
@@ -115,7 +118,7 @@ def _predictor_ahead(args, cfg):
         return pred
     if args.hybrid:
         input_dir("--hybrid", args.hybrid, "config.json", "`ef-jax train-hybrid --out`")
-        with open(f"{args.hybrid}/config.json", encoding="utf-8") as f:
+        with open(os.path.join(args.hybrid, "config.json"), encoding="utf-8") as f:
             h = json.load(f)
         got, want = (h.get("num_layers"), h.get("num_experts"), h.get("hidden")), \
             (cfg.num_moe_layers, cfg.num_experts, cfg.hidden_size)
@@ -137,8 +140,21 @@ def _policy_object(name: str, args, model, predictor):
     return name
 
 
-def run(args) -> int:
-    import ef_jax
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A generate request that passed every check; nothing of the model is loaded yet."""
+    pf: Preflight
+    ids: list[int]                 # prompt token ids
+    sampling: SamplingRequest
+    dtype: str
+    policy: str                    # "resident" or an online policy name
+    budget: dict | None            # OffloadConfig budget kwargs; None = resident
+    predictor: object              # a loaded TrainedPredictor for --predictor, else None
+    timeline: str | None
+
+
+def plan(args) -> Plan:
+    """Every refusal of `ef-jax generate`, in CLI terms, before any weight is read."""
     from ef_jax.engine.request import ContextLengthError, check_context
     from ef_jax.generation_config import resolve_sampling
     from ef_jax.model import default_dtype
@@ -155,19 +171,31 @@ def run(args) -> int:
         raise UsageError(e.describe("--max-new-tokens")) from None
     dtype = args.dtype or default_dtype()
     name = _policy_name(args)
-    budget = offload_budget(args, pf.config, dtype) if name != "resident" else None
-    predictor = _predictor_ahead(args, pf.config)
-    timeline = output_file("--timeline", args.timeline) if args.timeline else None
-    # Every check passed: from here on the work starts.
+    return Plan(pf=pf, ids=ids, sampling=req, dtype=dtype, policy=name,
+                budget=offload_budget(args, pf.config, dtype) if name != "resident" else None,
+                predictor=_predictor_ahead(args, pf.config),
+                timeline=output_file("--timeline", args.timeline) if args.timeline else None)
+
+
+def run(args) -> int:
+    p = plan(args)
     spinner = Spinner()
-    spinner.start(f"loading {pf.path}")
-    model = ef_jax.load(pf.path, dtype=dtype)
+    try:
+        return _generate(args, p, spinner)
+    finally:
+        spinner.stop()  # also on Ctrl-C while loading: the spinner thread must not write after the exit message
+
+
+def _generate(args, p: Plan, spinner: Spinner) -> int:
+    import ef_jax
+    spinner.start(f"loading {p.pf.path}")
+    model = ef_jax.load(p.pf.path, dtype=p.dtype)
     offload = None
-    if budget is not None:
-        offload = ef_jax.OffloadConfig(**budget, policy=_policy_object(name, args, model, predictor),
-                                       record_timeline=timeline)
-    stream = TextStream(model.tokenizer, ids, stops=tuple(args.stop or ()), enabled=not args.json)
-    spinner.start(f"compiling and prefilling {plural(len(ids), 'prompt token')}")
+    if p.budget is not None:
+        offload = ef_jax.OffloadConfig(**p.budget, policy=_policy_object(p.policy, args, model, p.predictor),
+                                       record_timeline=p.timeline)
+    stream = TextStream(model.tokenizer, p.ids, stops=tuple(args.stop or ()), enabled=not args.json)
+    spinner.start(f"compiling and prefilling {plural(len(p.ids), 'prompt token')}")
 
     def on_token(row: int, token: int) -> bool:
         spinner.stop()
@@ -175,14 +203,14 @@ def run(args) -> int:
 
     res = None
     try:
-        res = ef_jax.generate(model, [ids], seed=args.seed, offload=offload, on_token=on_token, **req.kwargs())
+        res = ef_jax.generate(model, [p.ids], seed=args.seed, offload=offload, on_token=on_token,
+                              **p.sampling.kwargs())
     except KeyboardInterrupt:
-        pass
-    finally:
-        spinner.stop()
+        pass  # the text so far is printed (below); exit 130
+    spinner.stop()
     text = stream.finish()
     if args.json:
-        print(json.dumps(_record(pf, ids, stream, text, res), default=_jsonable))
+        print(json.dumps(_record(p, stream, text, res), default=_jsonable))
     if res is None:
         print(f"ef-jax generate: interrupted after {plural(len(stream.tokens), 'token')}", file=sys.stderr)
         return 130
@@ -191,9 +219,9 @@ def run(args) -> int:
     return 0
 
 
-def _record(pf, ids, stream: TextStream, text: str, res) -> dict:
-    tok = pf.tokenizer
-    return {"model": pf.path, "prompt": stream.prompt_text if tok is not None else None, "prompt_ids": ids,
+def _record(p: Plan, stream: TextStream, text: str, res) -> dict:
+    tok = p.pf.tokenizer
+    return {"model": p.pf.path, "prompt": stream.prompt_text if tok is not None else None, "prompt_ids": p.ids,
             "text": text if tok is not None else None, "tokens": list(stream.tokens),
             "stopped_by_string": stream.stopped, "interrupted": res is None,
             "stats": None if res is None else _finite(res.stats)}

@@ -2,7 +2,8 @@
 tokenizer, prompt ids and the offload budget, each refused in CLI terms (UsageError naming the flag).
 
 --model DIR → checkpoint_dir → preflight (config.json, generation_config.json, tokenizer; no tensors read)
-            → prompt_ids(text | --prompt-file | --prompt-ids | stdin) → offload_budget(--expert-memory | --slots-per-layer)
+            → prompt_ids(text | --prompt-file | --prompt-ids | stdin)
+            → offload_budget(--expert-memory | --slots-per-layer)
 """
 from __future__ import annotations
 

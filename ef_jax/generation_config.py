@@ -1,6 +1,7 @@
 """A checkpoint's generation_config.json: the sampling defaults its authors chose, applied where a caller gives none.
 
-[generation_config.json] → read_generation_config() → GenerationDefaults (frozen) → resolve_sampling(caller's args)
+[generation_config.json] → read_generation_config() → GenerationDefaults (frozen)
+    → resolve_sampling(caller's args)
     → SamplingRequest (max_new_tokens, temperature, top_k, top_p, repetition_penalty), each value from the caller,
       else the checkpoint, else ef_jax's own default
 

@@ -1,6 +1,7 @@
 """`ef-jax sim`: replay a routing trace through a cache policy and print hit rate, bytes and stall.
 
-[TRACE.npz] → load_trace → first --tokens tokens → replay(policy, slots, batch, timing[, --expert-bytes]) → summary | JSON
+[TRACE.npz] → load_trace → first --tokens tokens → replay(policy, slots, batch, timing[, --expert-bytes])
+    → summary | JSON
 
 A trace holds routing only, not the model's expert size: bytes and stall follow the timing preset's expert
 (17.3 MB, DeepSeek-V2-Lite bf16, for h100) unless --expert-bytes gives the traced model's.
