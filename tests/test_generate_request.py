@@ -151,6 +151,9 @@ def test_compile_time_reported_apart(model):
     assert first["compile_s"] > 0
     assert again["compile_s"] < 0.1 * first["compile_s"]
     assert 0 < first["prefill_s"] and 0 < again["prefill_s"]
+    # the first decode step compiled: it is warm-up, and tokens/s counts only the step after it
+    assert first["decoded_tokens"] == 1 and first["warmup_s"] > 0
+    assert again["decoded_tokens"] == 2 and again["warmup_s"] == 0
 
 
 def test_stats_have_one_shape_with_or_without_batch_size(model):

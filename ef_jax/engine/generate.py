@@ -144,29 +144,31 @@ def _decode(model: Model, forward, batch, sp: SamplingParams, seed: int, stops: 
         tok = next_token(x, 0)
         prefill_s = time.perf_counter() - t0
         prefill_compile_s = compiling.seconds
-        emit(tok)  # after the timer: a streaming callback's printing is not prefill time
-        t1 = time.perf_counter()
-        steps, callback_s = 0, 0.0
+        emit(tok)  # untimed: a streaming callback's printing is not compute
+        # A decode step that compiled a new shape is not steady state even without its compile time (first
+        # dispatch, executable load): it goes to warmup_s; tokens_per_s counts the steps that compiled nothing.
+        steps, decode_s, warm_steps, warmup_s = 0, 0.0, 0, 0.0
         for step in range(1, max_new):
             if done.all():
                 break
             slot = P + step - 1
             valid[:, slot] = True
             positions = (batch.lengths + step - 1)[:, None]
+            c0, t1 = compiling.seconds, time.perf_counter()
             x, cache, _ = forward(tok[:, None], positions, slot, valid, cache)
             tok = next_token(x, step)
-            tc = time.perf_counter()
+            dt, dc = time.perf_counter() - t1, compiling.seconds - c0
+            if dc > 0:
+                warm_steps, warmup_s = warm_steps + 1, warmup_s + dt - dc
+            else:
+                steps, decode_s = steps + 1, decode_s + dt
             emit(tok)
-            callback_s += time.perf_counter() - tc
-            steps += 1
-        decode_s = time.perf_counter() - t1 - callback_s
-        decode_compile_s = compiling.seconds - prefill_compile_s
+        compile_s = compiling.seconds
+    if steps == 0:  # every decode step compiled: report them rather than nothing
+        steps, decode_s, warm_steps, warmup_s = warm_steps, warmup_s, 0, 0.0
     decoded = steps * B
-    # Compilation (first call of a shape) is reported on its own: prefill_s / decode_s are compute time.
-    prefill_s, decode_s = prefill_s - prefill_compile_s, decode_s - decode_compile_s
-    stats = {"prefill_s": prefill_s, "decode_s": decode_s,
-             "compile_s": prefill_compile_s + decode_compile_s,
-             "tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
+    stats = {"compile_s": compile_s, "prefill_s": prefill_s - prefill_compile_s, "decode_s": decode_s,
+             "warmup_s": warmup_s, "tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
              "prompt_tokens": int(batch.lengths.sum()), "generated_tokens": sum(len(o) for o in out),
              "decoded_tokens": decoded, "batch_size": B}
     return out, stats

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 # Totals over the run: the sum over batches is the run's figure.
-ADDITIVE = ("prefill_s", "decode_s", "compile_s", "prompt_tokens", "generated_tokens", "decoded_tokens", "hits",
-            "misses", "h2d_bytes", "h2d_bytes_real", "h2d_s", "stall_s", "compute_s", "routing_substitutions",
+ADDITIVE = ("prefill_s", "decode_s", "compile_s", "warmup_s", "prompt_tokens", "generated_tokens", "decoded_tokens",
+            "hits", "misses", "h2d_bytes", "h2d_bytes_real", "h2d_s", "stall_s", "compute_s", "routing_substitutions",
             "virtual_total_s", "copy_busy_s")
 SCHEDULE_KEYS = ("batches", "schedule", "schedule_s", "per_batch")
 
