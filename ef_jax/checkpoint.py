@@ -16,6 +16,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensor
 import numpy as np
 
 from ef_jax.config import ModelConfig, from_hf_config, load_hf_config
+from ef_jax.generation_config import read_generation_json
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -268,9 +269,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "float32"):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model path {path} is not a directory (expected a Hugging Face checkpoint dir)")
     hf = load_hf_config(path)
-    gen_path = os.path.join(path, "generation_config.json")
-    gen = json.load(open(gen_path)) if os.path.isfile(gen_path) else None
-    cfg = from_hf_config(hf, gen)
+    cfg = from_hf_config(hf, read_generation_json(path))
     reader = SafetensorsReader(path)
     names, shapes = hf_name_map(cfg), expected_shapes(cfg)
     assert set(names) == set(shapes), set(names) ^ set(shapes)

@@ -91,6 +91,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # positions the model was trained for (config.json max_position_embeddings); None = not stated, no limit
+    max_position_embeddings: int | None = None
 
     def __post_init__(self):
         if self.family not in SUPPORTED:
@@ -131,10 +133,11 @@ def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{cfg_path} not found: a Hugging Face checkpoint directory needs config.json "
                                 f"(supported: {supported_architectures()})")
     try:
-        with open(cfg_path) as f:
+        with open(cfg_path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e}); re-save the checkpoint with save_pretrained") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid UTF-8 JSON ({e}); re-save the checkpoint with "
+                         "save_pretrained") from None
 
 
 def _rope_params(hf: dict) -> dict:
@@ -154,7 +157,7 @@ def _rope_config(hf: dict, dim: int, interleaved: bool) -> RopeConfig:
     p = _rope_params(hf)
     rope_type = p["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise NotImplementedError(f"rope type {rope_type!r} is not implemented (supported: {SUPPORTED_ROPE_TYPES})")
+        raise NotImplementedError(f"rope type {rope_type!r} is not implemented (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if p.get("partial_rotary_factor", 1.0) != 1.0:
         raise NotImplementedError("partial_rotary_factor != 1 is not implemented")
     factor = p.get("factor")
@@ -171,6 +174,18 @@ def _rope_config(hf: dict, dim: int, interleaved: bool) -> RopeConfig:
 def _reject(hf: dict, key: str, ok, what: str):
     if key in hf and hf[key] is not None and not ok(hf[key]):
         raise NotImplementedError(f"config.json {key}={hf[key]!r}: {what} is not implemented")
+
+
+def _reject_quantized(hf: dict):
+    # A quantized checkpoint's tensors are not the bf16/f32 weights the loader reads: refuse it before any tensor is
+    # read (bf16 tensors under an fp8 config would otherwise run with a silently different model).
+    q = hf.get("quantization_config")
+    if q:
+        method = (q.get("quant_method") or q.get("quant_type")) if isinstance(q, dict) else None
+        method = method or "unknown"
+        raise NotImplementedError(
+            f"config.json quantization_config (quant_method={method!r}): quantized checkpoints are not implemented; "
+            f"use the unquantized (bf16/float32) checkpoint of this model")
 
 
 def _req(hf: dict, *keys: str):
@@ -202,6 +217,7 @@ def from_hf_config(hf: dict[str, Any], generation_config: dict | None = None) ->
     if mt not in SUPPORTED:
         raise ValueError(f"model_type={mt!r} is not supported by ef_jax; supported architectures: "
                          f"{supported_architectures()}")
+    _reject_quantized(hf)
     _reject(hf, "hidden_act", lambda v: v == "silu", "an activation other than silu")
     _reject(hf, "mlp_bias", lambda v: not v, "mlp_bias=True")
     _reject(hf, "pretraining_tp", lambda v: v == 1, "pretraining_tp != 1")
@@ -212,7 +228,7 @@ def from_hf_config(hf: dict[str, Any], generation_config: dict | None = None) ->
                   rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                   tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                   bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos_ids(hf, generation_config),
-                  pad_token_id=hf.get("pad_token_id"))
+                  pad_token_id=hf.get("pad_token_id"), max_position_embeddings=hf.get("max_position_embeddings"))
     if mt == "deepseek_v2":
         return _deepseek_config(hf, common)
     head_dim = hf.get("head_dim") or D // H

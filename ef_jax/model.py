@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 
 from ef_jax.checkpoint import DTYPES, iter_param_leaves, load_checkpoint
 from ef_jax.config import ModelConfig
+from ef_jax.generation_config import GenerationDefaults, read_generation_config
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 
@@ -30,6 +32,7 @@ class Model:
     dtype: str
     tokenizer: Any = None
     path: str | None = None
+    generation: GenerationDefaults = GenerationDefaults()  # the checkpoint's generation_config.json defaults
 
     def param_bytes(self) -> dict[str, int]:
         """Bytes of routed experts vs everything else, and of one expert, at the loaded dtype."""
@@ -49,10 +52,34 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def _load_tokenizer(path: str):
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                               "tokenizer.model", "vocab.json")):
+def _import_transformers_quietly():
+    # ef_jax uses transformers only for tokenizers, which need no torch; transformers' import-time advice
+    # "PyTorch was not found. Models won't be available ..." reads like a broken install, so mute it (only it:
+    # the switch is restored once transformers is imported).
+    if "transformers" in sys.modules:
+        return
+    key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        import transformers  # noqa: F401
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
+
+def has_tokenizer_files(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                "tokenizer.model", "vocab.json"))
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's Hugging Face tokenizer, or None when the directory has no tokenizer files."""
+    if not has_tokenizer_files(path):
         return None
+    _import_transformers_quietly()
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
 
@@ -74,8 +101,9 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None) -> 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
     path = os.fspath(path)
+    generation = read_generation_config(path) if os.path.isdir(path) else GenerationDefaults()
     cfg, params, host_experts = load_checkpoint(path, dtype)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     device_params = jax.tree.map(jnp.asarray, params)
     return Model(config=cfg, params=device_params, host_experts=host_experts, dtype=dtype,
-                 tokenizer=tokenizer, path=path)
+                 tokenizer=tokenizer, path=path, generation=generation)

@@ -86,3 +86,18 @@ def test_bench_policies_tiny_mode_runs(tmp_path):
     bel = next(r for r in rows if r["policy"] == "belady (sim)" and r["batch"] == 1)
     assert bel["mb_per_token"] <= lru["mb_per_token"]  # Belady is the demand-paging bound on the same routing
     assert (tmp_path / "policies_tiny.md").read_text().startswith("# Cache policies")
+
+
+def test_eval_policy_keeps_real_bytes_beside_preset_bytes(tiny, capsys):
+    from ef_jax.cli import main
+    d, model, _, text = tiny
+    argv = ["eval-policy", "--model", d, "--text", text, "--slots-per-layer", "4", "--policy", "lru", "--timing",
+            "h100", "--max-tokens", "50", "--seq-len", "25"]
+    assert main(argv + ["--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    preset, per_expert = 17_301_504, model.param_bytes()["per_expert"]
+    assert rec["bytes_per_token"] > 0
+    assert rec["real_bytes_per_token"] * preset == pytest.approx(rec["bytes_per_token"] * per_expert)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "at the h100 preset's expert size" in out and "really moved" in out

@@ -16,7 +16,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "ef_jax")
 
 # Lower layers never import higher ones. A package's own modules may import each other (acyclically).
 LAYERS = [
-    {"config", "trace"},
+    {"config", "trace", "generation_config"},
     {"policies", "checkpoint", "models"},
     {"cache", "sched", "model"},
     {"sim", "random_model", "predict"},
@@ -56,7 +56,7 @@ def _imports(path: str, modules) -> set[str]:
 def _unit(module: str) -> str:
     """The layer unit of a module: its package under ef_jax; every `*/cli.py` belongs to the command line."""
     parts = module.split(".")
-    if parts[-1] == "cli" or parts[-1] == "__main__":
+    if parts[-1] == "__main__" or parts[-1] == "cli" or parts[-1].startswith("cli_"):
         return "cli"
     return parts[1] if len(parts) > 1 else "ef_jax"
 

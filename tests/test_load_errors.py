@@ -148,3 +148,31 @@ def test_sampling_is_seeded_and_respects_stop_tokens(tiny_dir):
     stop = greedy[4]
     cut = ef_jax.generate(model, [[3, 4, 5]], max_new_tokens=12, stop_token_ids=[stop]).tokens[0]
     assert cut == greedy[: greedy.index(stop) + 1]
+
+
+def test_quantized_checkpoint_refused_before_tensors_are_read(tiny_dir, tmp_path, monkeypatch):
+    import ef_jax.checkpoint as ckpt
+    d = _copy(tiny_dir, tmp_path)
+    _edit_config(d, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
+
+    def no_reading(*a, **k):
+        raise AssertionError("tensors were opened before the quantization refusal")
+    monkeypatch.setattr(ckpt, "SafetensorsReader", no_reading)
+    with pytest.raises(NotImplementedError, match="quant_method='fp8'.*not implemented.*unquantized"):
+        ef_jax.load(d)
+
+
+def test_non_utf8_config_names_the_file(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    p = os.path.join(d, "config.json")
+    open(p, "wb").write(open(p, "rb").read().replace(b'"qwen3_moe"', '"qwen3_moe\xe9"'.encode("latin-1")))
+    with pytest.raises(ValueError, match=r"config\.json is not valid UTF-8 JSON"):
+        ef_jax.load(d)
+
+
+def test_rope_error_lists_types_not_a_tuple(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    _edit_config(d, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0})
+    with pytest.raises(NotImplementedError) as e:
+        ef_jax.load(d)
+    assert "(supported: default, linear, yarn)" in str(e.value)

@@ -207,9 +207,25 @@ def test_cli_summary_and_errors(tmp_path, capsys):
     assert cli.run(parse(["sim", str(path), "--slots-per-layer", "4"])) == 0
     out = capsys.readouterr().out
     assert "hit rate" in out and "MB/token" in out and "ms/token" in out
-    assert cli.run(parse(["sim", str(path), "--slots-per-layer", "4", "--policy", "fifo"])) == 2
-    assert "unknown policy 'fifo'" in capsys.readouterr().err
+    for name in ("fifo", "pregate"):  # unknown, or model-bound (it needs router weights): argparse refuses it
+        with pytest.raises(SystemExit):
+            parse(["sim", str(path), "--slots-per-layer", "4", "--policy", name])
+        assert "invalid choice" in capsys.readouterr().err
     assert cli.run(parse(["sim", str(tmp_path / "none.npz"), "--slots-per-layer", "4"])) == 2
+
+
+def test_cli_labels_preset_bytes_and_takes_the_models(tmp_path, capsys):
+    path, _ = tiny_trace_file(tmp_path)
+    assert cli.run(parse(["sim", str(path), "--slots-per-layer", "4", "--json"])) == 0
+    preset = json.loads(capsys.readouterr().out)
+    assert preset["expert_bytes_from"] == "preset" and preset["expert_bytes"] == 17_301_504
+    assert cli.run(parse(["sim", str(path), "--slots-per-layer", "4", "--expert-bytes", "73728", "--json"])) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert own["expert_bytes"] == 73728 and own["misses"] == preset["misses"]
+    assert own["bytes_per_token"] * 17_301_504 == pytest.approx(preset["bytes_per_token"] * 73728)
+    assert cli.run(parse(["sim", str(path), "--slots-per-layer", "4"])) == 0
+    out = capsys.readouterr().out
+    assert "17.3 MB experts (the h100 preset's; --expert-bytes" in out and "ms total" in out
 
 
 def test_save_trace_from_arrays(tmp_path):

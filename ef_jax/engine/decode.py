@@ -21,7 +21,9 @@ import jax
 import numpy as np
 
 from ef_jax.engine.batch import PromptBatch
+from ef_jax.engine.compile_time import CompileTimer
 from ef_jax.engine.forward import Forward
+from ef_jax.engine.penalty import SeenTokens, apply_repetition_penalty
 from ef_jax.engine.sampling import SamplingParams, sample
 from ef_jax.models.transformer import head, init_cache
 
@@ -48,45 +50,76 @@ class Rows:
         return head(self.cfg, self.params, x, last_only=not all_logits), routings
 
 
+def prefill(forward: Forward, batch: PromptBatch):
+    """The prompts' first step: (Rows holding their KV cache, logits f32[B, V] of each row's last prompt token,
+    routings per layer). ef_jax.generate and the continuous-batching pool both start a prompt here, so a prompt
+    that joins a running batch computes exactly what it computes alone."""
+    rows = Rows(forward, batch.tokens.shape[0], batch.cache_slots)
+    logits, routings = rows.advance(batch.tokens, batch.positions, batch.valid)
+    return rows, logits, routings
+
+
 def sample_rows(forward: Forward, batch: PromptBatch, sp: SamplingParams, seed: int, stops: set[int],
-                max_new: int, on_token: Callable[[int, int], None] | None = None) -> tuple[list[list[int]], dict]:
+                max_new: int, on_token: Callable[[int, int], object] | None = None,
+                repetition_penalty: float = 1.0) -> tuple[list[list[int]], dict]:
     """Prefill + sampled decode. Returns (generated ids per row, a stop id included when hit; timing stats).
-    on_token(row, token_id) is called for every generated token as soon as it is sampled."""
+
+    on_token(row, token_id) is called for every generated token as soon as it is sampled; a true return value
+    ends that row there (the token is kept). repetition_penalty > 1 discourages tokens the row already holds.
+    Timing: compile time goes to compile_s; a decode step that compiled a new shape is not steady state and goes
+    to warmup_s; tokens_per_s counts only the steps that compiled nothing."""
     B, P = batch.tokens.shape
-    rows = Rows(forward, B, batch.cache_slots)
+    cfg, params = forward.cfg, forward.model.params
     key = jax.random.key(seed)
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
+    seen = SeenTokens(batch.tokens, batch.valid, cfg.vocab_size) if repetition_penalty != 1.0 else None
+
+    def next_token(logits, step: int) -> np.ndarray:
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen.mask, np.float32(repetition_penalty))
+        return forward.counters.to_host("sample", sample(logits, jax.random.fold_in(key, step), sp))
 
     def emit(tok: np.ndarray):
         for b in range(B):
             if not done[b]:
-                out[b].append(int(tok[b]))
-                done[b] = int(tok[b]) in stops
-                if on_token is not None:
-                    on_token(b, int(tok[b]))
+                t = int(tok[b])
+                out[b].append(t)
+                done[b] = t in stops
+                if seen is not None:
+                    seen.add(b, t)
+                if on_token is not None and on_token(b, t):
+                    done[b] = True
 
-    t0 = time.perf_counter()
-    logits, _ = rows.advance(batch.tokens, batch.positions, batch.valid)
-    tok = forward.counters.to_host("sample", sample(logits, jax.random.fold_in(key, 0), sp))
-    emit(tok)
-    prefill_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    steps = 0
-    for step in range(1, max_new):
-        if done.all():
-            break
-        positions = (batch.lengths + step - 1)[:, None]
-        logits, _ = rows.advance(tok[:, None], positions)
-        tok = forward.counters.to_host("sample", sample(logits, jax.random.fold_in(key, step), sp))
-        emit(tok)
-        steps += 1
-    decode_s = time.perf_counter() - t1
+    with CompileTimer() as compiling:
+        t0 = time.perf_counter()
+        rows, logits, _ = prefill(forward, batch)
+        tok = next_token(logits, 0)
+        prefill_s = time.perf_counter() - t0
+        prefill_compile_s = compiling.seconds
+        emit(tok)  # untimed: a streaming callback's printing is not compute
+        steps, decode_s, warm_steps, warmup_s = 0, 0.0, 0, 0.0
+        for step in range(1, max_new):
+            if done.all():
+                break
+            positions = (batch.lengths + step - 1)[:, None]
+            c0, t1 = compiling.seconds, time.perf_counter()
+            logits, _ = rows.advance(tok[:, None], positions)
+            tok = next_token(logits, step)
+            dt, dc = time.perf_counter() - t1, compiling.seconds - c0
+            if dc > 0:
+                warm_steps, warmup_s = warm_steps + 1, warmup_s + dt - dc
+            else:
+                steps, decode_s = steps + 1, decode_s + dt
+            emit(tok)
+        compile_s = compiling.seconds
+    if steps == 0:  # every decode step compiled: report them rather than nothing
+        steps, decode_s, warm_steps, warmup_s = warm_steps, warmup_s, 0, 0.0
     decoded = steps * B
-    stats = {"prefill_s": prefill_s, "decode_s": decode_s,
-             "tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
+    stats = {"compile_s": compile_s, "prefill_s": prefill_s - prefill_compile_s, "decode_s": decode_s,
+             "warmup_s": warmup_s, "tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
              "prompt_tokens": int(batch.lengths.sum()), "generated_tokens": sum(len(o) for o in out),
-             "batch_size": B}
+             "decoded_tokens": decoded, "batch_size": B}
     return out, stats
 
 

@@ -1,10 +1,12 @@
 """ef_jax.generate: prefill + token-by-token decode with an explicit KV cache, sampling and stop tokens.
 
-prompts → tokenize → [batch_size: batches in arrival order, or by overlapping routes (ef_jax.sched)]
-        → per batch: left-padded rows → engine.decode.sample_rows over ONE Forward → outputs in input order
+prompts → tokenize → checks (context length) → [batch_size: batches in arrival order, or by overlapping routes
+(ef_jax.sched)] → per batch: left-padded rows → engine.decode.sample_rows over ONE Forward → outputs in input order
 
 Resident and offloaded decoding are the same loop over the same Forward; only its expert source differs. With
 batch_size, every batch runs through the same Forward, so one expert cache (and its slots) serves them all.
+Sampling settings the caller leaves as None come from the checkpoint's generation_config.json
+(ef_jax.generation_config), as in transformers.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ import numpy as np
 from ef_jax.engine.batch import make_batch, normalize_prompts
 from ef_jax.engine.decode import full, sample_rows
 from ef_jax.engine.forward import Forward
+from ef_jax.engine.request import check_context
 from ef_jax.engine.sampling import SamplingParams
+from ef_jax.engine.stats import merge_batch_stats
+from ef_jax.generation_config import resolve_sampling
 from ef_jax.model import Model
 from ef_jax.sched.route_scheduler import arrival_batches, route_batches, routing_profile
 
@@ -28,7 +33,7 @@ SCHEDULES = ("arrival", "route")
 class GenerationResult:
     tokens: list[list[int]]        # generated ids per prompt (prompt excluded; a stop token, if hit, included)
     texts: list[str] | None        # decoded generations, when the model has a tokenizer
-    stats: dict[str, Any]          # prefill_s, decode_s, tokens_per_s, ... (+ offload telemetry)
+    stats: dict[str, Any]          # compile_s, prefill_s, decode_s, tokens_per_s, ... (+ offload telemetry)
 
 
 def _stop_ids(model: Model, stop_token_ids: Sequence[int] | None) -> set[int]:
@@ -44,17 +49,20 @@ def _stop_ids(model: Model, stop_token_ids: Sequence[int] | None) -> set[int]:
     return ids
 
 
+def _check_plan(batch_size: int | None, schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: use 'route' or 'arrival'")
+    if batch_size is None and schedule != "arrival":
+        raise ValueError(f"schedule={schedule!r} chooses which prompts share a batch: give batch_size too")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
+
+
 def _plan(forward: Forward, ids: list[list[int]], batch_size: int | None, schedule: str):
     """(batches of prompt indices, seconds spent planning). Route profiles come from one pass per prompt through
     the same Forward (its expert source: an offloaded run never uploads every expert to profile)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r}: use 'route' or 'arrival'")
     if batch_size is None:
-        if schedule != "arrival":
-            raise ValueError(f"schedule={schedule!r} chooses which prompts share a batch: give batch_size too")
         return [list(range(len(ids)))], 0.0
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     if schedule == "arrival":
         return arrival_batches(len(ids), batch_size), 0.0
     t0 = time.perf_counter()
@@ -64,30 +72,38 @@ def _plan(forward: Forward, ids: list[list[int]], batch_size: int | None, schedu
     return route_batches(prof, batch_size), time.perf_counter() - t0
 
 
-def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float = 1.0, seed: int = 0, offload=None, stop_token_ids: Sequence[int] | None = None,
-             layers_per_group: int | None = None, batch_size: int | None = None,
-             schedule: str = "arrival", on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
+def generate(model: Model, prompts, *, max_new_tokens: int | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+             seed: int = 0, offload=None, stop_token_ids: Sequence[int] | None = None,
+             layers_per_group: int | None = None, batch_size: int | None = None, schedule: str = "arrival",
+             on_token: Callable[[int, int], Any] | None = None) -> GenerationResult:
     """Generates up to max_new_tokens per prompt.
 
     Args:
       prompts: a str, a list of str (needs the model's tokenizer), or a list of lists of token ids.
-      temperature: 0 → greedy; otherwise sample with top_k / top_p from a PRNG seeded by `seed`.
+      max_new_tokens, temperature, top_k, top_p, repetition_penalty: None takes the checkpoint's
+        generation_config.json value (model.generation), else 64 / greedy / no top-k / 1.0 / 1.0
+        (ef_jax.generation_config). temperature 0 → greedy; otherwise sample with top_k (0 = off) / top_p from a
+        PRNG seeded by `seed`. repetition_penalty > 1 discourages tokens already in the row (prompt included).
       offload: None (every expert resident) or an ef_jax.OffloadConfig.
       stop_token_ids: extra ids that end a row (EOS from the config / tokenizer always does).
       layers_per_group: layers per jitted group (default: offload.layers_per_group, else 4); applies to both modes.
       batch_size / schedule: decode at most batch_size prompts together, grouped in input order ("arrival") or by
         overlapping expert routes ("route"); outputs stay in input order, and one expert cache serves every batch.
         Greedy outputs are each prompt's own; sampled rows draw from one PRNG stream per batch.
-      on_token(prompt index, token id): called for every generated token as soon as it is sampled (streaming).
-    Returns: GenerationResult(tokens, texts, stats).
+      on_token: called as on_token(prompt index, token_id) on the host as each token is sampled, e.g. to stream
+        text; a true return value ends that prompt there (the token is kept).
+    Returns: GenerationResult(tokens, texts, stats); stats has the same keys with or without batch_size
+      (ef_jax.engine.stats). The prompt + max_new_tokens must fit in the model's max_position_embeddings.
     """
     if not isinstance(model, Model):
         raise TypeError(f"model must be an ef_jax.Model (from ef_jax.load), got {type(model).__name__}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
-    sp = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+    req = resolve_sampling(model.generation, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, repetition_penalty=repetition_penalty)
+    sp = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
     ids, _ = normalize_prompts(prompts, model.tokenizer, model.config.vocab_size)
+    check_context(model.config, [len(p) for p in ids], req.max_new_tokens)  # before any device work
+    _check_plan(batch_size, schedule)
     stops = _stop_ids(model, stop_token_ids)
     with Forward(model, offload, layers_per_group=layers_per_group) as forward:
         batches, schedule_s = _plan(forward, ids, batch_size, schedule)
@@ -95,27 +111,14 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
         per_batch = []
         for batch in batches:
             emit = None if on_token is None else (lambda row, t, batch=batch: on_token(batch[row], t))
-            out, st = sample_rows(forward, make_batch([ids[i] for i in batch], max_new_tokens), sp, seed, stops,
-                                  max_new_tokens, emit)
+            out, st = sample_rows(forward, make_batch([ids[i] for i in batch], req.max_new_tokens), sp, seed, stops,
+                                  req.max_new_tokens, emit, req.repetition_penalty)
             for row, i in enumerate(batch):
                 tokens[i] = out[row]
             per_batch.append(st)
-        stats = _merge(per_batch)
-        stats.update(forward.stats())
-    if batch_size is not None:
-        stats.update(batches=batches, schedule=schedule, schedule_s=schedule_s, per_batch=per_batch)
+        stats = merge_batch_stats(per_batch, batches, schedule if batch_size is not None else "arrival", schedule_s)
+        stats.update(forward.stats())  # one Forward served every batch: its counters are the run's
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return GenerationResult(tokens=tokens, texts=texts, stats=stats)
-
-
-def _merge(per_batch: list[dict]) -> dict:
-    """One stats shape whatever the batching: times and counts summed, tokens/s over all decode steps."""
-    if len(per_batch) == 1:
-        return dict(per_batch[0])
-    out = {k: sum(s[k] for s in per_batch) for k in ("prefill_s", "decode_s", "prompt_tokens", "generated_tokens")}
-    decoded = sum(s["tokens_per_s"] * s["decode_s"] for s in per_batch if s["decode_s"] > 0)
-    out["tokens_per_s"] = decoded / out["decode_s"] if out["decode_s"] > 0 else float("nan")
-    out["batch_size"] = max(s["batch_size"] for s in per_batch)
-    return out

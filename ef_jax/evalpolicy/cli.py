@@ -8,6 +8,8 @@ import argparse
 import json
 import math
 
+from ef_jax.cli_guards import UsageError, input_dir, positive, read_text
+from ef_jax.cli_model import parse_ids, preflight
 from ef_jax.cache.timing import TIMING_PRESETS
 
 
@@ -20,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--expert-memory", default=None, help="device budget for routed experts, e.g. 2GiB")
     budget.add_argument("--slots-per-layer", type=int, default=None, help="expert slots per MoE layer")
-    p.add_argument("--policy", default="expertflow",
+    p.add_argument("--policy", default="expertflow", metavar="NAME",
                    help="cache policy name (expertflow, pregate, lru, nocache, ...) or 'resident' (no offloading)")
     p.add_argument("--routing", choices=["exact", "cache-aware"], default="exact")
     p.add_argument("--routing-tolerance", type=float, default=None,
@@ -39,15 +41,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_offload(model, args):
     """OffloadConfig from the CLI arguments (None for --policy resident)."""
-    from ef_jax.cache.config import OffloadConfig
+    from ef_jax import OffloadConfig
     if args.policy == "resident":
         return None
     if args.expert_memory is None and args.slots_per_layer is None:
-        raise ValueError("give --expert-memory (e.g. 2GiB) or --slots-per-layer N (or --policy resident)")
+        raise UsageError("give --expert-memory (e.g. 2GiB) or --slots-per-layer N (or --policy resident)")
     policy = args.policy
     if args.hybrid:
         if policy != "expertflow":
-            raise ValueError(f"--hybrid feeds expertflow's predictor; got --policy {policy}")
+            raise UsageError(f"--hybrid feeds expertflow's predictor; got --policy {policy}: add --policy expertflow")
         from ef_jax.hybrid.predictor import HybridPredictor
         from ef_jax.policies.registry import PolicySpec
         policy = PolicySpec("expertflow", predictor=HybridPredictor.load(args.hybrid, model))
@@ -56,21 +58,59 @@ def build_offload(model, args):
                          timing=None if args.timing == "none" else args.timing)
 
 
+def _check_args(args, pf) -> None:
+    """Every refusal that needs no weights, before the model loads."""
+    from ef_jax.cli_model import offload_budget
+    from ef_jax.model import default_dtype
+    from ef_jax.policies.registry import policy_names
+    for flag in ("batch_size", "seq_len", "max_tokens"):
+        positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.policy != "resident" and args.policy not in policy_names():
+        raise UsageError(f"--policy {args.policy} is unknown: choose one of resident, {', '.join(policy_names())}")
+    if args.policy == "resident":
+        if args.expert_memory is not None or args.slots_per_layer is not None or args.hybrid:
+            raise UsageError("--policy resident keeps every expert on the device: drop --expert-memory / "
+                             "--slots-per-layer / --hybrid")
+    elif args.expert_memory is None and args.slots_per_layer is None:
+        raise UsageError("give --expert-memory (e.g. 2GiB) or --slots-per-layer N (or --policy resident)")
+    else:
+        offload_budget(args, pf.config, args.dtype or default_dtype())
+    if args.routing_tolerance is not None and args.routing != "cache-aware":
+        raise UsageError("--routing-tolerance applies to cache-aware routing: add --routing cache-aware")
+    if args.hybrid:
+        input_dir("--hybrid", args.hybrid, "config.json", "`ef-jax train-hybrid --out`")
+        if args.policy != "expertflow":
+            raise UsageError(f"--hybrid feeds expertflow's predictor; got --policy {args.policy}: add --policy "
+                             "expertflow")
+
+
 def run(args: argparse.Namespace) -> int:
     import ef_jax
-    from ef_jax.evalpolicy.harness import evaluate_policy, text_to_ids
-    model = ef_jax.load(args.model, dtype=args.dtype)
-    with open(args.text, encoding="utf-8") as f:
-        ids = text_to_ids(model, f.read())
+    from ef_jax.evalpolicy.harness import evaluate_policy
+    pf = preflight("--model", args.model)
+    _check_args(args, pf)
+    text = read_text("--text", args.text)
+    ids = _text_ids(text, pf)
+    model = ef_jax.load(pf.path, dtype=args.dtype)
     res = evaluate_policy(model, ids, build_offload(model, args), batch_size=args.batch_size, seq_len=args.seq_len,
                           max_tokens=args.max_tokens)
     record = {"model": model.path, "text": args.text, "timing": args.timing, "batch_size": args.batch_size,
-              "routing": args.routing, **res.to_dict()}
+              "routing": args.routing, **res.to_dict(),
+              # a timing preset counts its own expert size in bytes_per_token; this is what really moved
+              "real_bytes_per_token": res.stats.get("cache_loads", 0) * model.param_bytes()["per_expert"] / res.tokens}
     if args.json:
         print(json.dumps(record, default=_jsonable))
     else:
         print(summary(record))
     return 0
+
+
+def _text_ids(text: str, pf) -> list[int]:
+    """As evalpolicy.harness.text_to_ids, from the preflight (so a bad --text is refused before the weights load)."""
+    if pf.tokenizer is not None:
+        return list(pf.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return parse_ids("--text (this checkpoint has no tokenizer, so it must hold token ids)", text,
+                     pf.config.vocab_size)
 
 
 def _jsonable(x):
@@ -81,10 +121,14 @@ def summary(r: dict) -> str:
     clock = "virtual" if r["timing"] != "none" else "wall"
     prec = "n/a" if math.isnan(r["prefetch_precision"]) else f"{r['prefetch_precision']:.3f}"
     rec = "n/a" if math.isnan(r["prefetch_recall"]) else f"{r['prefetch_recall']:.3f}"
+    moved = f"{r['bytes_per_token'] / 1e6:.2f} MB/token host→device"
+    if clock == "virtual" and r.get("real_bytes_per_token") is not None:
+        moved += (f" at the {r['timing']} preset's expert size ({r['real_bytes_per_token'] / 1e6:.3f} MB/token "
+                  f"really moved)")
     return "\n".join([
         f"policy {r['policy']} ({r['routing']} routing), batch {r['batch_size']}: {r['tokens']} tokens, "
         f"perplexity {r['perplexity']:.3f}",
-        f"hit rate {r['hit_rate']:.4f} | {r['bytes_per_token'] / 1e6:.2f} MB/token host→device | stall "
-        f"{r['stall_s_per_token'] * 1e3:.3f} ms/token ({clock} clock{', ' + r['timing'] if clock == 'virtual' else ''})",
+        f"hit rate {r['hit_rate']:.4f} | {moved} | stall {r['stall_s_per_token'] * 1e3:.3f} ms/token "
+        f"({clock} clock{', ' + r['timing'] if clock == 'virtual' else ''})",
         f"prefetch precision {prec}, recall {rec}, mean horizon {r['mean_horizon']:.2f} layers",
     ])

@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
     r = subparsers.add_parser("record", help="record hidden states, token ids and routes of a text (for train-hybrid)")
     r.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped model)")
     r.add_argument("--text", required=True, help="text file (token ids separated by spaces for tokenizer-less models)")
-    r.add_argument("--out", required=True, help="output .npz")
+    r.add_argument("--out", required=True, help="output .npz (.npz is appended if missing)")
     r.add_argument("--seq-len", type=int, default=256, help="tokens per recorded chunk")
     r.add_argument("--max-tokens", type=int, default=None, help="record at most this many tokens")
     r.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
@@ -26,33 +26,49 @@ def add_parser(subparsers) -> None:
     t = subparsers.add_parser("train-hybrid", help="train the hybrid cross-layer expert predictor on a record")
     t.add_argument("record", help="an `ef-jax record` .npz")
     t.add_argument("--out", required=True, help="output directory (params.npz, config.json, report.json)")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--max-distance", type=int, default=8)
-    t.add_argument("--max-minutes", type=float, default=None)
+    t.add_argument("--steps", type=int, default=2000, help="training steps")
+    t.add_argument("--max-distance", type=int, default=8, help="predict up to this many MoE layers ahead")
+    t.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (default: none)")
     t.add_argument("--val-frac", type=float, default=0.2, help="last fraction of tokens held out for evaluation")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="PRNG seed")
     t.add_argument("--json", action="store_true", help="print the report as one JSON object")
     t.set_defaults(fn=run_train)
 
 
 def run_record(args: argparse.Namespace) -> int:
     import ef_jax
-    from ef_jax.engine.batch import text_to_ids
+    from ef_jax.cli_guards import output_file, positive, read_text
+    from ef_jax.cli_model import parse_ids, preflight
+    positive("--seq-len", args.seq_len)
+    positive("--max-tokens", args.max_tokens)
+    pf = preflight("--model", args.model)
+    text = read_text("--text", args.text)
+    if pf.tokenizer is not None:
+        ids = list(pf.tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = parse_ids("--text (this checkpoint has no tokenizer, so it must hold token ids)", text,
+                        pf.config.vocab_size)
+    out = output_file("--out", args.out, ".npz")  # numpy's savez appends .npz: report the real name
     from ef_jax.hybrid.record import record
-    model = ef_jax.load(args.model, dtype=args.dtype)
-    with open(args.text, encoding="utf-8") as f:
-        ids = text_to_ids(model, f.read())
+    model = ef_jax.load(pf.path, dtype=args.dtype)
     rec = record(model, ids, seq_len=args.seq_len, max_tokens=args.max_tokens, point=args.point)
-    rec.save(args.out)
+    rec.save(out)
     N, L, D = rec.hidden.shape
-    print(f"wrote {args.out}: {N} tokens × {L} MoE layers (hidden D={D} at the {args.point} point, "
+    print(f"wrote {out}: {N} tokens × {L} MoE layers (hidden D={D} at the {args.point} point, "
           f"top-{rec.experts.shape[-1]})")
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ef_jax.cli_guards import input_npz, output_dir, positive
     from ef_jax.hybrid.predictor import train_from_record
     from ef_jax.hybrid.record import Record
+    positive("--steps", args.steps)
+    positive("--max-distance", args.max_distance)
+    if not 0 < args.val_frac < 1:
+        raise ValueError(f"--val-frac {args.val_frac} must be in (0, 1)")
+    input_npz("RECORD", args.record, "`ef-jax record`")
+    output_dir("--out", args.out)
     rec = Record.load(args.record)
     report = train_from_record(rec, args.out, max_distance=args.max_distance, steps=args.steps,
                                val_frac=args.val_frac, seed=args.seed,

@@ -19,21 +19,21 @@ def add_parser(subparsers) -> None:
     t.add_argument("traces", nargs="+", metavar="TRACE.npz", help="routing traces of one model")
     t.add_argument("--out", required=True, help="directory for config.json, vocab.json and the orbax checkpoint")
     t.add_argument("--max-minutes", type=float, default=15.0, help="wall-clock training budget (default 15)")
-    t.add_argument("--max-steps", type=int, default=3000)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-steps", type=int, default=3000, help="training steps at most")
+    t.add_argument("--seed", type=int, default=0, help="PRNG seed")
     t.add_argument("--train-prompts", type=int, default=None,
                    help="train on each trace's first N prompts, validate on the rest (default: first 80%%)")
     t.add_argument("--batch", type=int, default=32, help="windows per step")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--d-model", type=int, default=128)
-    t.add_argument("--depth", type=int, default=2)
+    t.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    t.add_argument("--d-model", type=int, default=128, help="model width")
+    t.add_argument("--depth", type=int, default=2, help="transformer blocks")
     t.add_argument("--window", type=int, default=128, help="positions per window (context length)")
     t.add_argument("--no-prev-route", action="store_true", help="token ids only (no previous-token route input)")
     t.add_argument("--ngram-buckets", type=int, default=4096,
                    help="hashed character-trigram buckets for unknown/rare tokens (0: off; default 4096)")
     t.add_argument("--token-rank", type=int, default=256,
                    help="rank of the per-token route table added to the logits (0: off; default 256)")
-    t.add_argument("--eval-every", type=int, default=200)
+    t.add_argument("--eval-every", type=int, default=200, help="steps between validation passes (0: only at the end)")
     t.set_defaults(fn=run_train)
 
     e = subparsers.add_parser("eval-predictor", help="recall@K of a trained predictor vs the baselines",
@@ -47,7 +47,15 @@ def add_parser(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ef_jax.cli_guards import input_npz, output_dir, positive
     from ef_jax.predict.train import TrainConfig, train_predictor
+    for flag in ("max_steps", "batch", "d_model", "depth", "window"):
+        positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    positive("--eval-every", args.eval_every, minimum=0)  # 0: validate only at the end
+    positive("--train-prompts", args.train_prompts)
+    for p in args.traces:
+        input_npz("TRACE.npz", p, "`ef-jax trace`")
+    output_dir("--out", args.out)
     traces = [load_trace(p) for p in args.traces]
     tc = TrainConfig(batch=args.batch, max_steps=args.max_steps, max_minutes=args.max_minutes, lr=args.lr,
                      seed=args.seed, eval_every=args.eval_every)
@@ -62,6 +70,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from ef_jax.predict.evaluate import eval_split, evaluate, format_table, training_trace
     from ef_jax.predict.runtime import TrainedPredictor
     from ef_jax.predict.train import prompt_slice
+    from ef_jax.cli_guards import input_dir, input_npz, positive
+    input_dir("DIR", args.dir, "config.json", "`ef-jax train-predictor --out`")
+    input_npz("TRACE.npz", args.trace, "`ef-jax trace`")
+    for m in args.budget or []:
+        positive("--budget", m)
     pred = TrainedPredictor.load(args.dir)
     full = load_trace(args.trace)
     start, stop = eval_split(full, pred.meta)

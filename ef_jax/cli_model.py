@@ -1,0 +1,136 @@
+"""What the CLI learns about a checkpoint before loading its tensors: path, ModelConfig, generation defaults,
+tokenizer, prompt ids and the offload budget, each refused in CLI terms (UsageError naming the flag).
+
+--model DIR → checkpoint_dir → preflight (config.json, generation_config.json, tokenizer; no tensors read)
+            → prompt_ids(text | --prompt-file | --prompt-ids | stdin)
+            → offload_budget(--expert-memory | --slots-per-layer)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+from ef_jax.cli_guards import UsageError, input_file, plural, read_text
+from ef_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Preflight:
+    path: str
+    config: ModelConfig
+    generation: object        # ef_jax.generation_config.GenerationDefaults
+    tokenizer: object         # a transformers tokenizer, or None
+
+
+def checkpoint_dir(flag: str, path: str | None) -> str:
+    """The checkpoint directory (None: the shipped default model), checked to hold config.json."""
+    from ef_jax.model import DEFAULT_MODEL_DIR
+    if path is None:
+        path = DEFAULT_MODEL_DIR
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"this build ships no default model: give {flag} DIR (a Hugging Face checkpoint)")
+        return path
+    if not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is not a directory: give a Hugging Face checkpoint directory "
+                         "(config.json + model.safetensors)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"{flag} {path} holds no config.json: give a Hugging Face checkpoint directory")
+    return path
+
+
+def preflight(flag: str, path: str | None, with_tokenizer: bool = True) -> Preflight:
+    """Reads config.json, generation_config.json and the tokenizer: every refusal they cause (unsupported
+    architecture, quantized checkpoint, corrupt files) comes before the weights are read."""
+    from ef_jax.config import from_hf_config, load_hf_config
+    from ef_jax.generation_config import read_generation_config, read_generation_json
+    from ef_jax.model import load_tokenizer
+    path = checkpoint_dir(flag, path)
+    cfg = from_hf_config(load_hf_config(path), read_generation_json(path))
+    gen = read_generation_config(path)
+    return Preflight(path=path, config=cfg, generation=gen, tokenizer=load_tokenizer(path) if with_tokenizer else None)
+
+
+def parse_ids(flag: str, text: str, vocab_size: int) -> list[int]:
+    """Whitespace-separated token ids, each in [0, vocab_size)."""
+    try:
+        ids = [int(t) for t in text.split()]
+    except ValueError:
+        raise UsageError(f"{flag} must be whitespace-separated token ids (e.g. \"1 2 3\")") from None
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise UsageError(f"{flag} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    if not ids:
+        raise UsageError(f"{flag} holds no token ids")
+    return ids
+
+
+def prompt_ids(args, pf: Preflight) -> list[int]:
+    """The prompt's ids from exactly one of: PROMPT (text; '-' = stdin), --prompt-file FILE, --prompt-ids IDS."""
+    given = [n for n, v in (("PROMPT", args.prompt), ("--prompt-file", args.prompt_file),
+                            ("--prompt-ids", args.prompt_ids)) if v is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of PROMPT (text, or - for stdin), --prompt-file FILE or --prompt-ids "
+                         f"\"1 2 3\"{'' if not given else ' (got ' + ' and '.join(given) + ')'}")
+    if args.prompt_ids is not None:
+        return parse_ids("--prompt-ids", args.prompt_ids, pf.config.vocab_size)
+    if args.prompt_file is not None:
+        text = read_text("--prompt-file", input_file("--prompt-file", args.prompt_file))
+        flag = "--prompt-file"
+    else:
+        text = read_text("PROMPT", "-") if args.prompt == "-" else args.prompt
+        flag = "PROMPT"
+    if pf.tokenizer is None:
+        raise UsageError(f"{flag}: {pf.path} has no tokenizer files, so the prompt cannot be text; pass token ids "
+                         "with --prompt-ids \"1 2 3\" (or add tokenizer.json to the checkpoint)")
+    ids = list(pf.tokenizer(text, add_special_tokens=True)["input_ids"])
+    if not ids:
+        raise UsageError(f"{flag} is empty: give at least one token of prompt")
+    return ids
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def offload_budget(args, cfg: ModelConfig, dtype: str) -> dict:
+    """{"expert_memory" or "slots_per_layer": value} from the flags, checked against this model: a budget below
+    one token's top-k experts per MoE layer is refused with the minimum, as flags."""
+    from ef_jax import OffloadConfig
+    from ef_jax.checkpoint import DTYPES
+    K, L = cfg.top_k, cfg.num_moe_layers
+    per_expert = cfg.expert_params() * DTYPES[dtype].itemsize
+    need = K * L * per_expert
+    if args.slots_per_layer is not None:
+        if args.slots_per_layer < K:
+            raise UsageError(f"--slots-per-layer {args.slots_per_layer} is fewer than the {plural(K, 'expert')} one "
+                             f"token routes to per layer: give --slots-per-layer {K} or more (at most "
+                             f"{cfg.num_experts}), or --policy resident for no offloading")
+        return {"slots_per_layer": args.slots_per_layer}
+    try:
+        budget = OffloadConfig(expert_memory=args.expert_memory)
+    except ValueError as e:
+        if "positive" in str(e):
+            raise UsageError(f"--expert-memory {args.expert_memory} must be more than 0 bytes; for no offloading "
+                             "use --policy resident") from None
+        raise UsageError(f"--expert-memory {args.expert_memory!r} is not a size: give bytes or e.g. 2GiB, 512MiB, "
+                         "1.5GB") from None
+    try:
+        budget.resolve_slots(L, cfg.num_experts, K, per_expert)
+    except ValueError:
+        raise UsageError(f"--expert-memory {args.expert_memory} is too small: one token needs its top-{K} experts "
+                         f"in each of {L} MoE layers, {need:,} bytes at {dtype}; give --expert-memory "
+                         f"{_ceil_size(need)} or more, or --slots-per-layer {K}") from None
+    return {"expert_memory": args.expert_memory}
+
+
+def _ceil_size(n: int) -> str:
+    """A size string ≥ n bytes, in the largest binary unit that keeps one decimal."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{math.ceil(n / scale * 10) / 10:g}{unit}"
+    return str(n)
