@@ -6,6 +6,9 @@ MoE layer when offloaded) and returns the head's logits. The modes are thin driv
 
   sample          prefill the left-padded prompts, then one sampled token per row per step, stop at EOS/stop ids
                   (ef_jax.generate)
+  continuous      rows that join and leave at step boundaries: each prompt prefilled alone (`prefill`, the program
+                  `sample` runs), its KV row spliced into a pool, one step over the rows a scheduler picks
+                  (ef_jax.engine.continuous, `ef-jax serve`)
   teacher_forced  one given token per row per step: log p(next token) and the greedy choice (eval-policy)
   record          one prefill per chunk with a hidden-state tap: hidden states and routing (hybrid training data)
   full            one pass over whole sequences: logits of every position and the routing (logits, trace)
@@ -48,12 +51,20 @@ class Rows:
         return head(self.cfg, self.params, x, last_only=not all_logits), routings
 
 
+def prefill(forward: Forward, batch: PromptBatch):
+    """The prompts' first step: (Rows holding their KV cache, logits f32[B, V] of each row's last prompt token,
+    routings per layer). ef_jax.generate and the continuous-batching pool both start a prompt here, so a prompt
+    that joins a running batch computes exactly what it computes alone."""
+    rows = Rows(forward, batch.tokens.shape[0], batch.cache_slots)
+    logits, routings = rows.advance(batch.tokens, batch.positions, batch.valid)
+    return rows, logits, routings
+
+
 def sample_rows(forward: Forward, batch: PromptBatch, sp: SamplingParams, seed: int, stops: set[int],
                 max_new: int, on_token: Callable[[int, int], None] | None = None) -> tuple[list[list[int]], dict]:
     """Prefill + sampled decode. Returns (generated ids per row, a stop id included when hit; timing stats).
     on_token(row, token_id) is called for every generated token as soon as it is sampled."""
     B, P = batch.tokens.shape
-    rows = Rows(forward, B, batch.cache_slots)
     key = jax.random.key(seed)
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
@@ -67,7 +78,7 @@ def sample_rows(forward: Forward, batch: PromptBatch, sp: SamplingParams, seed: 
                     on_token(b, int(tok[b]))
 
     t0 = time.perf_counter()
-    logits, _ = rows.advance(batch.tokens, batch.positions, batch.valid)
+    rows, logits, _ = prefill(forward, batch)
     tok = forward.counters.to_host("sample", sample(logits, jax.random.fold_in(key, 0), sp))
     emit(tok)
     prefill_s = time.perf_counter() - t0
