@@ -68,7 +68,8 @@ class TextStream:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationDefaults:
-    """Request defaults from the checkpoint's generation_config.json (OpenAI's where it has none)."""
+    """Request defaults from the checkpoint's generation_config.json, read as transformers does (greedy unless
+    do_sample; then its temperature, top_p, top_k); without the file, OpenAI's (temperature 1, 16 tokens)."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -81,7 +82,7 @@ class GenerationDefaults:
             return cls()
         with open(f, encoding="utf-8") as fh:
             g = json.load(fh)
-        greedy = g.get("do_sample") is False
+        greedy = not g.get("do_sample", False)   # transformers' GenerationConfig: greedy unless do_sample
         top_k = g.get("top_k")
         return cls(max_tokens=int(g.get("max_new_tokens") or cls.max_tokens),
                    temperature=0.0 if greedy else float(g.get("temperature", cls.temperature)),
