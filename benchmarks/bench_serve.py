@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import socket
 import threading
 import time
@@ -35,6 +36,14 @@ PROMPTS = [  # the shipped model's three training domains, mixed: their routes d
     "Blessed are the meek: for", "The LORD is my shepherd;", "    return self.items.pop()", "try:\n    import json",
     "MACBETH. Is this a dagger", "And it came to pass, when",
 ]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 def _metrics(url: str) -> dict:
@@ -175,7 +184,8 @@ def main() -> None:
     args = ap.parse_args()
     model = ef_jax.load()
     dev = jax.devices()[0]
-    device = dev.device_kind if dev.platform != "cpu" else f"CPU ({dev.device_kind}, jax {jax.__version__})"
+    device = dev.device_kind if dev.platform != "cpu" else f"CPU: {_cpu_name()}, {os.cpu_count()} cores"
+    device += f", jax {jax.__version__}"
     reference: dict = {}
     results = [r for s in args.schedules for r in bench_schedule(model, s, args, reference)]
     rec = dict(model="default_model", device=device, commit=git_commit(), num_experts=model.config.num_experts,

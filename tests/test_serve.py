@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -308,3 +309,42 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_zero(tiny_checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_serve_flags():
+    from ef_jax.cli import build_parser, main
+    a = build_parser().parse_args(["serve", "--max-batch", "2", "--schedule", "arrival", "--slots-per-layer", "4"])
+    assert (a.max_batch, a.schedule, a.slots_per_layer, a.host, a.port, a.max_wait) == (2, "arrival", 4,
+                                                                                        "127.0.0.1", 8000, 4)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--expert-memory", "1GiB", "--slots-per-layer", "4"])
+    assert main(["serve", "--policy", "lru"]) == 2   # a policy needs a budget: one line on stderr, exit 2
+
+
+def test_route_scheduler_in_the_loop_starves_nobody(tiny_checkpoint):
+    """1 token per step over 4 live requests, route-aware and cache-aware: every request keeps stepping — between
+    two of a request's tokens the others get at most max_wait + (live - 1) steps — and each still decodes its
+    tokens alone."""
+    from ef_jax.engine.sampling import SamplingParams
+    from ef_jax.serve.protocol import RequestSpec
+    from ef_jax.serve.worker import ServeEngine
+    from ef_jax.engine.forward import Forward
+    model = ef_jax.load(tiny_checkpoint("qwen3moe-norm"))
+    prompts = [[3, 5, 7], [50, 51], [9, 9, 9, 9], [70]]
+    order, done = [], threading.Event()
+    with Forward(model, OffloadConfig(slots_per_layer=2)) as fwd:
+        eng = ServeEngine(fwd, None, set(), max_batch=1, max_live=4, context=64, schedule="route", max_wait=2)
+        assert eng.scheduler.cache_aware and eng.track_routes
+        jobs = [eng.submit(RequestSpec("completion", tuple(p), 10, SamplingParams(), None, (), False, False),
+                           lambda ev, i=i: (order.append(i) if ev[0] == "delta" else None,
+                                            done.set() if ev[0] == "done" and all(j.finish for j in jobs) else None))
+                for i, p in enumerate(prompts)]
+        eng.start()
+        assert done.wait(120)
+        eng.shutdown()
+    stepped = order[len(prompts):]   # after the four prefills, one token per step
+    for i in range(len(prompts)):
+        at = [k for k, j in enumerate(stepped) if j == i]
+        assert max(np.diff(at)) - 1 <= 2 + len(prompts) - 1, stepped
+    for job, p in zip(jobs, prompts):
+        assert job.out == ef_jax.generate(model, [p], max_new_tokens=10, offload=OffloadConfig(slots_per_layer=2)).tokens[0]

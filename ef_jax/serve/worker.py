@@ -107,7 +107,7 @@ class ServeEngine:
         return self._thread.is_alive() and self.error is None
 
     def submit(self, spec: RequestSpec, emit: Callable[[tuple], None]) -> Job:
-        if not self._accepting or not self.alive:
+        if not self._accepting or self.error is not None:   # before start() jobs queue up
             raise APIError("the server is shutting down or its engine stopped; retry elsewhere",
                            type="server_error", code="unavailable", status=503)
         job = Job(spec, emit, self.tokenizer, self.stop_ids)
