@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     from ef_jax.hybrid import cli as hybrid_cli
     hybrid_cli.add_parser(sub)
     try:
+        from ef_jax.serve import cli as serve_cli
+        serve_cli.add_parser(sub)
+    except ImportError:  # the server needs the `serve` extra (fastapi, uvicorn) only when it runs
+        pass
+    try:
         from ef_jax.predict import cli as predict_cli
         predict_cli.add_parser(sub)
     except ImportError:  # the predictor needs flax/optax

@@ -21,7 +21,7 @@ LAYERS = [
     {"cache", "sched", "model"},
     {"sim", "random_model", "predict"},
     {"engine"},
-    {"hybrid", "evalpolicy"},
+    {"hybrid", "evalpolicy", "serve"},
     {"train"},
     {"cli"},
 ]

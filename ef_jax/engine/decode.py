@@ -6,6 +6,9 @@ MoE layer when offloaded) and returns the head's logits. The modes are thin driv
 
   sample          prefill the left-padded prompts, then one sampled token per row per step, stop at EOS/stop ids
                   (ef_jax.generate)
+  continuous      rows that join and leave at step boundaries: each prompt prefilled alone (`prefill`, the program
+                  `sample` runs), its KV row spliced into a pool, one step over the rows a scheduler picks
+                  (ef_jax.engine.continuous, `ef-jax serve`)
   teacher_forced  one given token per row per step: log p(next token) and the greedy choice (eval-policy)
   record          one prefill per chunk with a hidden-state tap: hidden states and routing (hybrid training data)
   full            one pass over whole sequences: logits of every position and the routing (logits, trace)
@@ -69,7 +72,7 @@ def sample_rows(forward: Forward, batch: PromptBatch, sp: SamplingParams, seed: 
     Timing: compile time goes to compile_s; a decode step that compiled a new shape is not steady state and goes
     to warmup_s; tokens_per_s counts only the steps that compiled nothing."""
     B, P = batch.tokens.shape
-    cfg, params = forward.cfg, forward.model.params
+    cfg = forward.cfg
     key = jax.random.key(seed)
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
