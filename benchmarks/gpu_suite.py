@@ -67,7 +67,7 @@ def parse(argv):
     ap.add_argument("--routing", default=None, help="routing trace .npz to replay on the DeepSeek shapes")
     ap.add_argument("--repeats", type=int, default=7, help="timing repeats of the transfer and kernel parts")
     ap.add_argument("--expert-mib", type=float, default=16.5, help="expert size of the overlap measurement")
-    ap.add_argument("--ds-steps-b1", type=int, default=24, help="DeepSeek: decode steps per run at batch 1")
+    ap.add_argument("--ds-steps-b1", type=int, default=32, help="DeepSeek: decode steps per run at batch 1")
     ap.add_argument("--ds-steps-b8", type=int, default=6, help="DeepSeek: decode steps per run at batch 8")
     ap.add_argument("--mixtral-tokens", type=int, default=16)
     ap.add_argument("--hf-tokens", type=int, default=6)

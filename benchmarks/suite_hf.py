@@ -72,6 +72,10 @@ def part_hf(part, args) -> None:
     rec = part.record
     dry = part.dry_run
     cuda = torch.cuda.is_available()
+    if not cuda and not dry:
+        part.skip("transformers + accelerate", f"torch {torch.__version__} sees no CUDA device: a CPU run of these "
+                                               "shapes would say nothing about the GPU peer")
+        return
     main = 0 if cuda else "cpu"
     dev = torch.device("cuda:0" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda and not dry else torch.float32
