@@ -105,7 +105,9 @@ def target_of(name: str) -> float:
 def markdown(rec: dict) -> str:
     m = rec["meta"]
     lines = [f"# Engine on {m['device']} — default model, batch 1, {m['new_tokens']} new tokens",
-             "", f"jax {m['jax']}, {m['dtype']}, commit {m['commit']}, host {m['host']} ({m['cpus']} CPUs). "
+             "", f"jax {m['jax']}, {m['dtype']}, commit {m['commit']}, host {m['host']} ({m['cpus']} CPUs, load average "
+             f"{', '.join(f'{x:.1f}' for x in m['load_average_1_5_15_min'])} at the end: on a shared machine every "
+             "figure is a lower bound, the ratios less so). "
              f"Configurations interleaved over {m['rounds']} rounds after a burn-in round; best of each. Decode "
              f"tokens/s (prefill excluded). Transformers: {m['transformers']}.", "",
              "| configuration | best tokens/s | rounds tokens/s | dispatches / step | host syncs / step | "
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
     match = {k: v["tokens"] == ref for k, v in best.items()}
     rec = {"meta": {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                     "jax": jax.__version__, "dtype": model.dtype, "commit": git_commit(), "host": platform.node(),
-                    "cpus": os.cpu_count(), "new_tokens": args.new_tokens, "rounds": args.rounds, "batch": 1,
+                    "cpus": os.cpu_count(), "load_average_1_5_15_min": os.getloadavg(), "new_tokens": args.new_tokens, "rounds": args.rounds, "batch": 1,
                     "prompt": PROMPT, "prompt_tokens": len(ids), "model": cfg.describe(),
                     "transfer_modes": list(TRANSFER_MODES), "transformers": hf_desc},
            "best": {k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in best.items()},

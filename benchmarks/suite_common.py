@@ -96,7 +96,7 @@ def _json_default(x):
 def run_meta() -> dict:
     """Device, versions, commit, host: what every record names (jax only if this process imported it)."""
     meta = {"commit": git_commit(), "host": platform.node(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if "jax" in sys.modules:
         import jax
         meta.update(jax=jax.__version__, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),

@@ -94,6 +94,7 @@ def part_hf(part, args) -> None:
                     "config": kwargs, "new_tokens": new_tokens, "build_s": time.perf_counter() - t,
                     "expert_bytes": sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                                         if ".experts." in n)}
+    rec["meta"].update(device=rec["setup"]["device"], backend="torch " + ("cuda" if cuda else "cpu"))
     rec["rows"] = []
     part.save()
     ids = torch.randint(0, kwargs["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(1))
@@ -124,7 +125,7 @@ def part_hf(part, args) -> None:
         try:
             dmap = experts_device_map(model, main)
             model = accelerate.dispatch_model(model, device_map=dmap, main_device=main)
-            n_off = sum(1 for v in dmap.values() if v == "cpu")
+            n_off = sum(1 for k in dmap if k.endswith(".experts"))
             measure("accelerate offload", f"{n_off} experts modules on cpu (accelerate.dispatch_model), the rest "
                                           f"on {main}" + ("" if cuda else " — no GPU: hooks without any offload"),
                     model)
@@ -144,7 +145,7 @@ def ef_jax_ratios(out_dir: str, hf_rows: list[dict]) -> dict:
     hf = {r["config"]: r["tokens_per_s"] for r in hf_rows}
     out = {}
     for name, v in ef.items():
-        if "accelerate offload" in hf:
+        if "accelerate offload" in hf and not name.startswith("resident"):
             out[f"ef_jax {name} / accelerate offload"] = v / hf["accelerate offload"]
         if name.startswith("resident") and "transformers resident" in hf:
             out["ef_jax resident / transformers resident"] = v / hf["transformers resident"]

@@ -116,6 +116,18 @@ def add_roofline(row: dict, compute_step_s: float | None, bytes_per_expert: int,
                frac_of_roofline_moved=row["tokens_per_s"] / (B / moved))
 
 
+def pin_store(model):
+    """Seconds to pin every expert in host memory (once per model; the first offloaded run would pay it), or why
+    it was not timed apart (then the first burn-in includes it)."""
+    try:
+        from ef_jax.engine.store import store_for
+    except ImportError as e:
+        return f"not timed apart ({e})"
+    t = time.perf_counter()
+    store_for(model)
+    return time.perf_counter() - t
+
+
 # ---- deepseek + copiers -----------------------------------------------------------------------------------------
 def part_deepseek(parts: dict, args) -> None:
     """parts: name → Part for "deepseek" and/or "copiers" (one model build serves both)."""
@@ -149,12 +161,14 @@ def part_deepseek(parts: dict, args) -> None:
              else "the random model's own router (no trace found)", "trace": trace_path,
              "transfer_modes": list(TRANSFER_MODES),
              "host_memory_limit_gb": os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB")}
+    setup["pin_s"] = pin_store(model)
     for p in parts.values():
         p.record["setup"] = setup
         p.record["rows"] = []
         p.save()
     print(f"[deepseek] {cfg.describe()}, {dtype}, {setup['expert_bytes_total'] / 1e9:.1f} GB of experts built in "
-          f"{build_s:.1f} s; H2D peak {peak / 1e9:.1f} GB/s; routing {setup['routing']}", flush=True)
+          f"{build_s:.1f} s, pinned in {fmt(setup['pin_s'], 1)} s; H2D peak {peak / 1e9:.1f} GB/s; routing "
+          f"{setup['routing']}", flush=True)
     slots_of = lambda frac: min(cfg.num_experts, max(cfg.top_k, round(frac * cfg.num_experts)))
     resident: dict[int, float] = {}  # batch → resident seconds per step (the roofline's compute)
     warmed: set = set()
@@ -268,7 +282,7 @@ def models_markdown(rec: dict) -> str:
     if s:
         lines += [f"{s.get('model')}, {s.get('dtype')}; {s.get('bytes_per_expert', 0) / 1e6:.2f} MB per expert, "
                   f"{s.get('expert_bytes_total', 0) / 1e9:.2f} GB of experts in pinned host memory (built in "
-                  f"{s.get('build_s', 0):.1f} s); routing: {s.get('routing')}; measured pinned H2D peak "
+                  f"{s.get('build_s', 0):.1f} s, pinned in {fmt(s.get('pin_s'), 1)} s); routing: {s.get('routing')}; measured pinned H2D peak "
                   f"{fmt(s.get('h2d_peak_gb_per_s'))} GB/s; {s.get('how', 'teacher-forced steps per run: ' + str(s.get('steps')))}.",
                   "", "Roofline tokens/s = B / max(resident step time at batch B, misses per step × expert bytes / "
                   "peak), misses from the same run; 'moved' uses the bytes really copied (prefetches included).", ""]

@@ -165,7 +165,7 @@ def overlap(part, jax, jnp, np, lax, pinned, on_dev, reps, dry, args) -> None:
             t = median_time(fn, reps)
             row = {"both_ms": 1e3 * t, "copy_alone_ms": 1e3 * tc, "compute_alone_ms": 1e3 * t_compute,
                    "overlap_fraction": (t_compute + tc - t) / min(t_compute, tc),
-                   "copy_gb_per_s": n_exp * elems * 2 / tc / 1e9}
+                   "copy_gb_per_s": n_exp * elems * 2 / tc / 1e9, "copy_ms_each": 1e3 * tc / n_exp}
             if name in progs:
                 row["hlo"] = hlo_async_copies(progs[name], a, state["pool"], *prog_args[name])
             rec["overlap"][name] = row
