@@ -70,14 +70,16 @@ def run_ef(model, ids, new_tokens, offload) -> dict:
     return row
 
 
-def hf_runner(path: str):
+def hf_runner(path: str, threads: int | None = None):
     """(run(ids, new_tokens) → row, description) for transformers' generate of the checkpoint at path, or
-    (None, why not)."""
+    (None, why not). threads: torch intra-op threads (default: torch's own choice)."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         return None, f"transformers/torch not importable: {e}"
+    if threads:
+        torch.set_num_threads(threads)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     pad = hf.config.eos_token_id if hf.config.pad_token_id is None else hf.config.pad_token_id
 
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after one burn-in round)")
     ap.add_argument("--low-slots", type=int, default=8, help="slots per layer of the lru / expertflow rows")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch threads of the transformers row")
     ap.add_argument("--stem", default=None, help="output file stem (default engine_<device kind>)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
             for name, off in configs(cfg.num_experts, args.low_slots).items()}
     hf_desc = "not run (--no-transformers)"
     if not args.no_transformers:
-        hf, hf_desc = hf_runner(model.path)
+        hf, hf_desc = hf_runner(model.path, args.torch_threads)
         if hf is not None:
             runs["transformers"] = lambda: hf(ids, args.new_tokens)
     low = f"{args.low_slots}/{cfg.num_experts}"

@@ -45,12 +45,12 @@ from suite_common import Part, fmt, md_header, run_meta, table  # noqa: E402
 
 # name: (child group, nominal seconds on a GPU, minimum seconds to be worth starting)
 PARTS = {
-    "transfer": ("transfer", 60, 25),
+    "transfer": ("transfer", 50, 25),
     "deepseek": ("deepseek", 200, 90),
     "copiers": ("deepseek", 0, 0),  # runs in the deepseek child (one model build, ~28 GB pinned, serves both)
     "mixtral": ("mixtral", 60, 30),
-    "hf_accelerate": ("hf_accelerate", 75, 35),
-    "policies": ("policies", 55, 25),
+    "hf_accelerate": ("hf_accelerate", 70, 35),
+    "policies": ("policies", 75, 35),
     "expert_ffn": ("expert_ffn", 45, 20),
 }
 DRY_SECONDS = 300   # each dry-run group's limit: tiny shapes take ~10-30 s, many times that on a loaded 2-core CPU
@@ -71,7 +71,7 @@ def parse(argv):
     ap.add_argument("--ds-steps-b8", type=int, default=6, help="DeepSeek: decode steps per run at batch 8")
     ap.add_argument("--mixtral-tokens", type=int, default=16)
     ap.add_argument("--hf-tokens", type=int, default=6)
-    ap.add_argument("--policy-tokens", type=int, default=256)
+    ap.add_argument("--policy-tokens", type=int, default=64, help="policies: teacher-forced tokens per run")
     ap.add_argument("--ffn-shapes", default="deepseek-v2-lite,mixtral")
     ap.add_argument("--ffn-tokens", default="1,16,256")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)       # child: which group to run

@@ -5,7 +5,8 @@ expert_ffn: HBM and matmul peaks measured in this run, then per shape and token 
   atomic-combine decode variant, take+einsum and ragged_dot (bench_expert_ffn.bench_shape; one failing
   implementation is recorded, not fatal).
 policies: bench_policies.main on the shipped model and benchmarks/results/policies_heldout.txt, wall clock (no
-  --timing), after one burn-in invocation of the same shapes (lru and resident) so compiles stay out of the rows.
+  --timing), once per budget, each after a burn-in invocation of the same shapes (lru and resident) so compiles
+  stay out of the rows.
 """
 from __future__ import annotations
 
@@ -63,32 +64,40 @@ def ffn_markdown(rec: dict) -> str:
 
 
 def part_policies(part, args) -> None:
+    """One bench_policies invocation per budget (each writes its own table), so a part stopped at its time limit
+    keeps the budgets it finished; rows merged into this part's record."""
     import bench_policies
     dry = part.dry_run
     text = os.path.join(HERE, "results", "policies_heldout.txt")
     common = ["--text", text, "--tokens", "24" if dry else str(args.policy_tokens),
-              "--seq-len", "12" if dry else "128", "--budgets", "0.25", *([] if dry else ["0.5"]),
-              "--batches", "1", *([] if dry else ["8"])]
+              "--seq-len", "12" if dry else "64", "--batches", "1", *([] if dry else ["8"])]
     policies = (["resident", "lru", "expertflow"] if dry else
                 ["resident", "nocache", "lru", "pregate", "predictive", "expertflow", "expertflow+cache-aware"])
+    budgets = ["0.25"] if dry else ["0.25", "0.5"]
     part.record["setup"] = {"text": os.path.relpath(text, os.path.dirname(HERE)), "args": common,
-                            "policies": policies, "clock": "wall"}
+                            "budgets": budgets, "policies": policies, "clock": "wall",
+                            "burn_in": not dry}  # a dry run times nothing worth a burn-in
+    part.record["rows"] = []
     part.save()
-    part.record["setup"]["burn_in"] = not dry  # a dry run does not time anything worth a burn-in
-    if not dry and part.has_time(25, "burn-in (lru, resident)"):
-        with tempfile.TemporaryDirectory() as tmp:
-            bench_policies.main(common + ["--policies", "resident", "lru", "--out", tmp, "--stem", "burnin"])
-    if not part.has_time(10 if dry else 30, "policy rows"):
-        return
-    bench_policies.main(common + ["--policies", *policies, "--out", part.out_dir, "--stem", "policies_wall"])
-    with open(os.path.join(part.out_dir, "policies_wall.json")) as f:
-        res = json.load(f)
-    part.record["rows"] = res["rows"]
-    part.record["policies_setup"] = {k: v for k, v in res.items() if k != "rows"}
+    for b in budgets:
+        if not part.has_time(10 if dry else 30, f"budget {b}"):
+            continue
+        if not dry:  # compiles this budget's shapes outside the timed rows
+            with tempfile.TemporaryDirectory() as tmp:
+                bench_policies.main(common + ["--budgets", b, "--policies", "resident", "lru", "--out", tmp,
+                                              "--stem", "burnin"])
+        stem = f"policies_wall_{int(float(b) * 100)}"
+        bench_policies.main(common + ["--budgets", b, "--policies", *policies, "--out", part.out_dir, "--stem", stem])
+        with open(os.path.join(part.out_dir, f"{stem}.json")) as f:
+            res = json.load(f)
+        part.record["rows"] += res["rows"]
+        part.record["policies_setup"] = {k: v for k, v in res.items() if k != "rows"}
+        part.save()
     ratios = []
-    for b in sorted({(r["budget"], r["batch"]) for r in res["rows"]}):
-        tps = {r["policy"]: r["wall_tokens_per_s"] for r in res["rows"] if (r["budget"], r["batch"]) == b}
-        ratios.append({"budget": b[0], "batch": b[1],
+    rows = part.record["rows"]
+    for key in sorted({(r["budget"], r["batch"]) for r in rows}):
+        tps = {r["policy"]: r["wall_tokens_per_s"] for r in rows if (r["budget"], r["batch"]) == key}
+        ratios.append({"budget": key[0], "batch": key[1],
                        **{f"{p}/lru": tps[p] / tps["lru"] for p in tps if p not in ("lru", "belady (sim)")
                           and "lru" in tps}})
     part.record["ratios"] = ratios
@@ -96,7 +105,8 @@ def part_policies(part, args) -> None:
 
 def policies_markdown(rec: dict) -> str:
     lines = md_header(rec, "Default model's cache policies, wall clock (bench_policies)")
-    lines += [f"Full table: policies_wall.md beside this file. Text: {rec.get('setup', {}).get('text')}.", ""]
+    lines += [f"Full tables: policies_wall_<budget %>.md beside this file. Text: {rec.get('setup', {}).get('text')}; "
+              f"bench_policies arguments {' '.join(rec.get('setup', {}).get('args', [])[2:])}.", ""]
     lines += table(["budget", "batch", "policy", "wall tokens/s", "hit rate", "stall ms/token", "MB/token"],
                    [[f"{int(100 * r['budget'])}%", r["batch"], r["policy"], r["wall_tokens_per_s"], r["hit_rate"],
                      r["stall_ms_per_token"], r["mb_per_token"]] for r in rec.get("rows", [])])
