@@ -1,0 +1,375 @@
+"""gpu_suite parts on whole models: full-depth DeepSeek-V2-Lite shapes against the roofline, the copiers at one
+budget, and a few-layer Mixtral shape (whose tokens/s the transformers + accelerate part compares against).
+
+deepseek: [random model, 26 MoE layers × 64 experts of 17.3 MB bf16, pinned once] → resident per batch (the compute
+  time) → per (budget, batch): a burn-in run (compiles that shape) → nocache / lru / expertflow / predictive, each
+  one teacher-forced run through ef_jax.evalpolicy (one decode step per token and row, routing replayed from a real
+  DeepSeek-V2-Lite trace when one is found) → tokens/s beside the roofline
+      roofline step time = max(resident step time at that batch, misses per step × expert bytes / pinned H2D peak)
+  with misses and hit rate from the same run and the peak measured at the start of the part. Each run starts from
+  a cold cache (a fresh Forward), and the roofline counts the same cold misses.
+copiers: lru at 50 %, batch 1, one row per OffloadConfig.transfers mode (inline / thread / program when built).
+mixtral: resident, nocache at top-k slots, lru and expertflow at half the experts, batch 1, through ef_jax.generate
+  with two prompts in one cache: the first warms (and compiles), the second is timed (decode tokens/s).
+
+Axes: L MoE layers, E experts, K top-k, B rows, T decode steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import time
+
+import numpy as np
+
+from suite_common import fast_model, fmt, md_header, release, table
+
+POLICIES = ("nocache", "lru", "expertflow", "predictive")
+
+
+# ---- shapes -----------------------------------------------------------------------------------------------------
+def deepseek_config(dry: bool):
+    from ef_jax.config import RopeConfig
+    from ef_jax.random_model import presets, with_layers
+    cfg = with_layers(presets()["deepseek-v2-lite"], 3 if dry else 26)
+    if dry:  # same family, routing (64 experts, top-6) and layer kinds; tiny widths
+        cfg = dataclasses.replace(cfg, vocab_size=256, hidden_size=64, num_heads=2, num_kv_heads=2, head_dim=24,
+                                  kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                  attn_scale=24 ** -0.5, rope=RopeConfig(theta=1e4, dim=8, interleaved=True),
+                                  moe_intermediate=32, shared_intermediate=64)
+    return cfg
+
+
+def mixtral_config(dry: bool):
+    from ef_jax.config import RopeConfig
+    from ef_jax.random_model import presets, with_layers
+    cfg = with_layers(presets()["mixtral"], 2 if dry else 4)
+    if dry:
+        cfg = dataclasses.replace(cfg, vocab_size=256, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                                  attn_scale=16 ** -0.5, rope=RopeConfig(theta=1e6, dim=16), moe_intermediate=128)
+    return cfg
+
+
+def compute_dtype(dry: bool) -> str:
+    import jax
+    return "float32" if dry or jax.default_backend() == "cpu" else "bfloat16"
+
+
+# ---- routing replay ---------------------------------------------------------------------------------------------
+def find_trace(explicit: str | None) -> str | None:
+    """A DeepSeek-V2-Lite routing trace: --routing, else the first .npz in shared/data/routing beside or inside the
+    checkout, else None (the model's own routing)."""
+    if explicit:
+        return explicit
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for d in (os.path.join(root, "..", "shared", "data", "routing"), os.path.join(root, "shared", "data", "routing"),
+              "/work/shared/data/routing"):
+        hits = sorted(glob.glob(os.path.join(d, "deepseek-v2-lite*.npz"))) or sorted(glob.glob(os.path.join(d, "*.npz")))
+        if hits:
+            return os.path.abspath(hits[0])
+    return None
+
+
+def replay_override(experts: np.ndarray, batch: int):
+    """route_override replaying experts u8[N, L, K]: row b decodes its own stretch of the trace (token
+    b·⌊N/B⌋ + step), MoE layer j takes trace layer j mod L — B independent streams, as B prompts would be."""
+    N, L, _ = experts.shape
+    starts = np.arange(batch) * (N // batch)
+
+    def override(step, j, routed):
+        rows = (starts[:len(routed)] + step) % N
+        return experts[rows, j % L].astype(np.int32)
+    return override
+
+
+# ---- one teacher-forced run -------------------------------------------------------------------------------------
+def teacher_forced_row(model, ids, offload, batch: int, steps: int, override=None) -> dict:
+    from ef_jax.evalpolicy import evaluate_policy
+    r = evaluate_policy(model, ids, offload, batch_size=batch, seq_len=steps + 1, max_tokens=batch * (steps + 1),
+                        route_override=override)
+    s = r.stats
+    row = {"tokens": r.tokens, "steps": r.tokens // batch, "wall_s": r.wall_s, "tokens_per_s": r.tokens / r.wall_s,
+           "hit_rate": r.hit_rate, "stall_ms_per_token": 1e3 * r.stall_s_per_token,
+           "mb_per_token": r.bytes_per_token / 1e6, "prefetch_precision": r.prefetch_precision,
+           "prefetch_recall": r.prefetch_recall, "dispatches_per_step": s.get("dispatches_per_step"),
+           "host_syncs_per_step": s.get("host_syncs_per_step"), "sync_points": s.get("sync_points")}
+    if offload is not None:
+        row.update(misses=s.get("misses"), hits=s.get("hits"), h2d_bytes_real=s.get("h2d_bytes_real"),
+                   copier=s.get("copier"), slots_per_layer=s.get("slots_per_layer"),
+                   device_peak_bytes_in_use=s.get("device_peak_bytes_in_use"),
+                   compile_stats={k: v for k, v in s.items() if "compile" in k})  # whatever the engine counts
+    return row
+
+
+def add_roofline(row: dict, compute_step_s: float | None, bytes_per_expert: int, peak: float) -> None:
+    """roofline = max(compute, misses × copy time) per step, from this run's misses and the measured peak; also
+    the same bound on the bytes really moved (prefetches included)."""
+    if compute_step_s is None or row.get("misses") is None:
+        return
+    steps, copy_s = row["steps"], bytes_per_expert / peak
+    B = row["tokens"] / steps
+    miss_step = row["misses"] / steps
+    roof = max(compute_step_s, miss_step * copy_s)
+    moved = max(compute_step_s, (row.get("h2d_bytes_real") or 0) / steps / peak)
+    row.update(misses_per_step=miss_step, roofline_step_s=roof, roofline_tokens_per_s=B / roof,
+               frac_of_roofline=row["tokens_per_s"] / (B / roof), roofline_moved_tokens_per_s=B / moved,
+               frac_of_roofline_moved=row["tokens_per_s"] / (B / moved))
+
+
+def pin_store(model):
+    """Seconds to pin every expert in host memory (once per model; the first offloaded run would pay it), or why
+    it was not timed apart (then the first burn-in includes it)."""
+    try:
+        from ef_jax.engine.store import store_for
+    except ImportError as e:
+        return f"not timed apart ({e})"
+    t = time.perf_counter()
+    store_for(model)
+    return time.perf_counter() - t
+
+
+# ---- deepseek + copiers -----------------------------------------------------------------------------------------
+def part_deepseek(parts: dict, args) -> None:
+    """parts: name → Part for "deepseek" and/or "copiers" (one model build serves both)."""
+    import ef_jax
+    from bench_offload import measure_h2d_peak
+    from ef_jax.cache.config import TRANSFER_MODES
+    lead = parts.get("deepseek") or parts["copiers"]
+    dry = lead.dry_run
+    cfg = deepseek_config(dry)
+    dtype = compute_dtype(dry)
+    steps = {1: 3, 8: 2} if dry else {1: args.ds_steps_b1, 8: args.ds_steps_b8}
+    budgets = (0.25, 0.5, 1.0)
+    peak = measure_h2d_peak(4 << 20 if dry else 256 << 20)
+    t = time.perf_counter()
+    model = fast_model(cfg, dtype)
+    build_s = time.perf_counter() - t
+    per = model.param_bytes()["per_expert"]
+    trace_path = find_trace(args.routing)
+    trace = None
+    if trace_path:
+        from ef_jax.trace import load_trace
+        trace = load_trace(trace_path).experts
+        if trace.shape[-1] != cfg.top_k or int(trace.max()) >= cfg.num_experts:
+            raise ValueError(f"{trace_path}: top-{trace.shape[-1]} of {int(trace.max()) + 1} experts does not fit "
+                             f"top-{cfg.top_k} of {cfg.num_experts}")
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 8 * (max(steps.values()) + 1)).tolist()
+    setup = {"model": cfg.describe(), "dtype": dtype, "bytes_per_expert": per,
+             "expert_bytes_total": per * cfg.num_moe_layers * cfg.num_experts, "build_s": build_s,
+             "h2d_peak_gb_per_s": peak / 1e9, "steps": steps, "budgets": budgets, "policies": POLICIES,
+             "routing": f"replayed from {os.path.basename(trace_path)}" if trace is not None
+             else "the random model's own router (no trace found)", "trace": trace_path,
+             "transfer_modes": list(TRANSFER_MODES),
+             "host_memory_limit_gb": os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB")}
+    setup["pin_s"] = pin_store(model)
+    for p in parts.values():
+        p.record["setup"] = setup
+        p.record["rows"] = []
+        p.save()
+    print(f"[deepseek] {cfg.describe()}, {dtype}, {setup['expert_bytes_total'] / 1e9:.1f} GB of experts built in "
+          f"{build_s:.1f} s, pinned in {fmt(setup['pin_s'], 1)} s; H2D peak {peak / 1e9:.1f} GB/s; routing "
+          f"{setup['routing']}", flush=True)
+    slots_of = lambda frac: min(cfg.num_experts, max(cfg.top_k, round(frac * cfg.num_experts)))
+    resident: dict[int, float] = {}  # batch → resident seconds per step (the roofline's compute)
+    warmed: set = set()
+
+    def run(part, label, offload, batch, policy, frac, routing="replay", transfers="inline", burn=True):
+        """One row into part's record (burn-in first for a new (slots, batch, copier) shape)."""
+        est = 4 if dry else (8 if batch == 1 else 15)
+        if not part.has_time(est * (2 if burn else 1), f"{label} batch {batch}"):
+            return None
+        override = None
+        if routing == "replay" and trace is not None and offload is not None:
+            override = replay_override(trace, batch)
+        try:
+            key = (offload.slots_per_layer if offload else "resident", batch, transfers, override is None)
+            burn_s = None
+            if burn and key not in warmed:
+                t0 = time.perf_counter()
+                teacher_forced_row(model, ids, offload, batch, steps[batch], override)
+                burn_s = time.perf_counter() - t0
+                warmed.add(key)
+            row = teacher_forced_row(model, ids, offload, batch, steps[batch], override)
+        except Exception as e:  # noqa: BLE001 — one configuration failing must not end the part
+            part.error(f"{label} batch {batch}", e)
+            part.save()
+            return None
+        row.update(policy=policy, budget=frac, batch=batch, routing=routing if offload else "model",
+                   transfers=transfers if offload else "-", burn_in_s=burn_s)
+        if offload is None:
+            resident[batch] = row["wall_s"] / row["steps"]
+        add_roofline(row, resident.get(batch), per, peak)
+        part.record["rows"].append(row)
+        part.save()
+        print(f"[{part.name}] {label:28s} B={batch} {row['tokens_per_s']:8.2f} tok/s hit {fmt(row['hit_rate'], 3)}"
+              f" roofline {fmt(row.get('roofline_tokens_per_s'))} ({fmt(row.get('frac_of_roofline'))}×)"
+              + (f" burn-in {burn_s:.1f} s" if burn_s else ""), flush=True)
+        return row
+
+    def sweep(part, batch, fracs, policies):
+        for frac in fracs:
+            for pol in policies:
+                off = ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy=pol)
+                run(part, f"{pol} {int(frac * 100)}%", off, batch, pol, frac)
+
+    ds, cp = parts.get("deepseek"), parts.get("copiers")
+    lead_part = ds or cp
+    run(lead_part, "resident", None, 1, "resident", 1.0)
+    release(model)
+    if ds:  # the issue's figures first: lru at 50 %, batch 1, and its ratios
+        sweep(ds, 1, (0.5,), ("lru", "nocache", "expertflow", "predictive"))
+    if cp:
+        half = slots_of(0.5)
+        inline = next((r for r in (ds.record["rows"] if ds else []) if r["policy"] == "lru" and r["budget"] == 0.5
+                       and r["batch"] == 1), None)
+        for mode in ("inline", "thread", "program"):
+            if mode not in TRANSFER_MODES:
+                cp.record["rows"].append({"policy": "lru", "budget": 0.5, "batch": 1, "transfers": mode,
+                                          "status": "not available in this build"})
+                cp.skip(f"transfers={mode!r}", "not available in this build (not in TRANSFER_MODES)")
+                continue
+            if mode == "inline" and inline is not None:
+                cp.record["rows"].append(dict(inline))
+                cp.save()
+                continue
+            off = ef_jax.OffloadConfig(slots_per_layer=half, policy="lru", transfers=mode)
+            run(cp, f"lru 50% {mode}", off, 1, "lru", 0.5, transfers=mode)
+        cp.record["ratios"] = copier_ratios(cp.record["rows"])
+        cp.save()
+    if not ds:
+        return
+    # a dry run walks every kind of row once (each budget, both batches), not the whole grid
+    sweep(ds, 1, (0.25,) if dry else (0.25, 1.0), ("lru",) if dry else POLICIES)
+    run(ds, "resident", None, 8, "resident", 1.0)
+    release(model)
+    sweep(ds, 8, (0.5,) if dry else (0.5, 0.25, 1.0), ("lru", "expertflow") if dry else POLICIES)
+    if trace is not None:  # expertflow predicts with the model's routers: show it on the routing it predicts too
+        for pol in ("lru",) if dry else ("lru", "expertflow"):
+            off = ef_jax.OffloadConfig(slots_per_layer=slots_of(0.5), policy=pol)
+            run(ds, f"{pol} 50% own routing", off, 1, pol, 0.5, routing="model")
+    ds.record["ratios"] = policy_ratios(ds.record["rows"])
+    ds.save()
+
+
+def policy_ratios(rows: list[dict]) -> list[dict]:
+    """expertflow/lru, expertflow/nocache, lru/roofline per (budget, batch, routing), tokens/s."""
+    out = []
+    keys = sorted({(r["budget"], r["batch"], r["routing"]) for r in rows if r.get("policy") in POLICIES})
+    for b, B, rt in keys:
+        tps = {r["policy"]: r["tokens_per_s"] for r in rows
+               if (r["budget"], r["batch"], r["routing"]) == (b, B, rt) and r.get("transfers", "inline") == "inline"}
+        lru = next((r for r in rows if (r["budget"], r["batch"], r["routing"], r["policy"]) == (b, B, rt, "lru")),
+                   None)
+        out.append({"budget": b, "batch": B, "routing": rt,
+                    "expertflow/lru": tps["expertflow"] / tps["lru"] if {"expertflow", "lru"} <= set(tps) else None,
+                    "expertflow/nocache": tps["expertflow"] / tps["nocache"]
+                    if {"expertflow", "nocache"} <= set(tps) else None,
+                    "predictive/lru": tps["predictive"] / tps["lru"] if {"predictive", "lru"} <= set(tps) else None,
+                    "lru/roofline": lru.get("frac_of_roofline") if lru else None})
+    return out
+
+
+def copier_ratios(rows: list[dict]) -> dict:
+    tps = {r["transfers"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    return {f"{m}/inline": v / tps["inline"] for m, v in tps.items() if m != "inline" and "inline" in tps}
+
+
+def models_markdown(rec: dict) -> str:
+    s = rec.get("setup", {})
+    title = {"deepseek": "Full-depth DeepSeek-V2-Lite shapes vs the roofline",
+             "copiers": "Copiers at one budget (lru 50 %, batch 1)", "mixtral": "Mixtral shapes, few layers"}
+    lines = md_header(rec, title[rec["part"]])
+    if s:
+        lines += [f"{s.get('model')}, {s.get('dtype')}; {s.get('bytes_per_expert', 0) / 1e6:.2f} MB per expert, "
+                  f"{s.get('expert_bytes_total', 0) / 1e9:.2f} GB of experts in pinned host memory (built in "
+                  f"{s.get('build_s', 0):.1f} s, pinned in {fmt(s.get('pin_s'), 1)} s); routing: {s.get('routing')}; measured pinned H2D peak "
+                  f"{fmt(s.get('h2d_peak_gb_per_s'))} GB/s; {s.get('how', 'teacher-forced steps per run: ' + str(s.get('steps')))}.",
+                  "", "Roofline tokens/s = B / max(resident step time at batch B, misses per step × expert bytes / "
+                  "peak), misses from the same run; 'moved' uses the bytes really copied (prefetches included).", ""]
+    rows = [[r.get("policy"), f"{int(100 * r.get('budget', 1))}%", r.get("batch"), r.get("routing", "–"),
+             r.get("transfers", "–"), r.get("status") or r.get("tokens_per_s"), r.get("hit_rate"),
+             r.get("roofline_tokens_per_s"), r.get("frac_of_roofline"), r.get("frac_of_roofline_moved"),
+             r.get("stall_ms_per_token"), r.get("dispatches_per_step"), r.get("host_syncs_per_step"),
+             r.get("burn_in_s")] for r in rec.get("rows", [])]
+    lines += table(["policy", "budget", "batch", "routing", "copier", "tokens/s", "hit rate", "roofline tok/s",
+                    "× roofline", "× roofline (moved)", "stall ms/token", "dispatches/step", "syncs/step",
+                    "burn-in s"], rows)
+    if rec.get("ratios"):
+        lines += ["", "Ratios (tokens/s):", ""]
+        if isinstance(rec["ratios"], dict):
+            lines += [f"- {k}: {fmt(v)}" for k, v in rec["ratios"].items()]
+        else:
+            lines += table(["budget", "batch", "routing", "expertflow/lru", "expertflow/nocache", "predictive/lru",
+                            "lru × roofline"],
+                           [[f"{int(100 * r['budget'])}%", r["batch"], r["routing"], r["expertflow/lru"],
+                             r["expertflow/nocache"], r["predictive/lru"], r["lru/roofline"]] for r in rec["ratios"]])
+    return "\n".join(lines) + "\n"
+
+
+# ---- mixtral ----------------------------------------------------------------------------------------------------
+def generate_row(model, prompts, new_tokens, offload) -> dict:
+    """Two prompts through one Forward (one expert cache): the first compiles and warms, the second is timed."""
+    import ef_jax
+    res = ef_jax.generate(model, prompts, max_new_tokens=new_tokens, offload=offload, batch_size=1)
+    s, timed = res.stats, res.stats["per_batch"][-1]
+    row = {"tokens_per_s": timed["tokens_per_s"], "decode_s": timed["decode_s"], "prefill_s": timed["prefill_s"],
+           "warm_decode_s": res.stats["per_batch"][0]["decode_s"], "generated_tokens": timed["generated_tokens"],
+           "dispatches_per_step": s.get("dispatches_per_step"), "host_syncs_per_step": s.get("host_syncs_per_step")}
+    if offload is not None:
+        row.update(hit_rate_both_prompts=s.get("hit_rate"), misses_both_prompts=s.get("misses"),
+                   slots_per_layer=s.get("slots_per_layer"), copier=s.get("copier"))
+    return row
+
+
+def part_mixtral(part, args) -> None:
+    import ef_jax
+    dry = part.dry_run
+    cfg = mixtral_config(dry)
+    dtype = compute_dtype(dry)
+    new_tokens = 4 if dry else args.mixtral_tokens
+    t = time.perf_counter()
+    model = fast_model(cfg, dtype)
+    per = model.param_bytes()["per_expert"]
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, cfg.vocab_size, 16).tolist() for _ in range(2)]
+    part.record["setup"] = {"model": cfg.describe(), "dtype": dtype, "bytes_per_expert": per,
+                            "expert_bytes_total": per * cfg.num_moe_layers * cfg.num_experts,
+                            "build_s": time.perf_counter() - t, "new_tokens": new_tokens, "prompt_tokens": 16,
+                            "routing": "the random model's own router", "num_layers": cfg.num_layers,
+                            "how": f"ef_jax.generate, batch 1, {new_tokens} new tokens: a first prompt warms the "
+                                   "cache and compiles, the second is timed (decode tokens/s)",
+                            "hf_config": hf_mixtral_kwargs(cfg)}
+    part.record["rows"] = []
+    part.save()
+    K, E = cfg.top_k, cfg.num_experts
+    half = max(K, E // 2)
+    cases = [("resident", None, 1.0), ("nocache", ef_jax.OffloadConfig(slots_per_layer=K, policy="nocache"), K / E),
+             ("lru", ef_jax.OffloadConfig(slots_per_layer=half, policy="lru"), half / E),
+             ("expertflow", ef_jax.OffloadConfig(slots_per_layer=half, policy="expertflow"), half / E)]
+    if dry:  # one offloaded row walks the same code as the others
+        cases = [c for c in cases if c[0] in ("resident", "lru")]
+    for name, off, frac in cases:
+        if not part.has_time(5 if dry else 25, f"{name} {frac:.0%}"):
+            continue
+        try:
+            row = generate_row(model, prompts, new_tokens, off)
+        except Exception as e:  # noqa: BLE001
+            part.error(f"{name} {frac:.0%}", e)
+            continue
+        row.update(policy=name, budget=frac, batch=1, slots=None if off is None else off.slots_per_layer)
+        part.record["rows"].append(row)
+        part.save()
+        print(f"[mixtral] {name:10s} {frac:4.0%} {row['tokens_per_s']:8.2f} tok/s", flush=True)
+        if off is None:
+            release(model)
+
+
+def hf_mixtral_kwargs(cfg) -> dict:
+    """transformers MixtralConfig arguments for the same shapes as ef_jax's Mixtral ModelConfig."""
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.moe_intermediate,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.top_k, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope.theta,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "sliding_window": None,
+            "max_position_embeddings": 4096}
