@@ -3,6 +3,10 @@
 Routed experts stay in host memory after loading: a model whose experts exceed the device can be loaded, and
 the offload engine builds its pinned-host store from them. `resident_pools()` puts every expert on the device
 (once, cached) for all-resident decoding.
+
+Quantized experts (`load(..., expert_dtype="int8"|"int4")`): host_experts[i] is then an
+ef_jax.quant.QuantExpertPool of numpy arrays (every expert), and both the resident pools and the offload store are
+built from it, so resident and offloaded decoding run the very same quantized experts.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import numpy as np
 from ef_jax.checkpoint import DTYPES, iter_param_leaves, load_checkpoint
 from ef_jax.config import ModelConfig
 from ef_jax.models.moe import ExpertPool
+from ef_jax.quant.pool import QuantExpertPool, expert_nbytes, quantize_experts
+from ef_jax.quant.quantize import QuantSpec, spec_for
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 
@@ -24,13 +30,15 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 @dataclasses.dataclass(eq=False)
 class Model:
     """A loaded MoE model. `params` live on the device; `host_experts[i]` (numpy, None for dense layers) holds
-    layer i's routed experts {"gate" [E, D, F], "up" [E, D, F], "down" [E, F, D]}."""
+    layer i's routed experts {"gate" [E, D, F], "up" [E, D, F], "down" [E, F, D]}, or, when `expert_quant` is set,
+    a QuantExpertPool of numpy arrays with S = E."""
     config: ModelConfig
     params: Any
     host_experts: tuple
     dtype: str
     tokenizer: Any = None
     path: str | None = None
+    expert_quant: QuantSpec | None = None  # None: experts in `dtype`; else how they were quantized
     _resident: tuple | None = dataclasses.field(default=None, repr=False)
     _store: Any = dataclasses.field(default=None, repr=False)
 
@@ -38,7 +46,9 @@ class Model:
         """Per layer: ExpertPool with all E experts on the device (slot e holds expert e), or None."""
         if self._resident is None:
             self._resident = tuple(
-                None if ex is None else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
+                None if ex is None
+                else jax.tree.map(jnp.asarray, ex) if isinstance(ex, QuantExpertPool)
+                else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
                 for ex in self.host_experts)
         return self._resident
 
@@ -54,9 +64,15 @@ class Model:
         self._resident = None
 
     def param_bytes(self) -> dict[str, int]:
-        """Bytes of routed experts vs everything else, and of one expert, at the loaded dtype."""
+        """Bytes of routed experts vs everything else, and of one expert, at the loaded dtype (quantized bytes:
+        codes + scales + offsets, when the experts are quantized)."""
         other = sum(int(np.prod(a.shape)) * a.dtype.itemsize for _, a in iter_param_leaves(self.params))
-        experts = sum(a.nbytes for ex in self.host_experts if ex is not None for a in ex.values())
+        moe = [ex for ex in self.host_experts if ex is not None]
+        if self.expert_quant is not None:
+            per_expert = expert_nbytes(moe[0]) if moe else 0
+            return {"experts": per_expert * len(moe) * self.config.num_experts, "other": other,
+                    "per_expert": per_expert}
+        experts = sum(a.nbytes for ex in moe for a in ex.values())
         per_expert = self.config.expert_params() * DTYPES[self.dtype].itemsize
         return {"experts": experts, "other": other, "per_expert": per_expert}
 
@@ -79,12 +95,38 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load(path: str | os.PathLike | None = None, *, dtype: str | None = None) -> Model:
-    """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors).
+def _refuse_prequantized(path: str) -> None:
+    """A checkpoint whose config.json declares a quantization_config (fp8, gptq, awq, bitsandbytes, ...) holds
+    weights ef_jax cannot read as floats: refuse it by name instead of loading garbage or crashing in numpy."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return  # load_checkpoint raises the missing-config error
+    import json
+    try:
+        with open(cfg_path) as f:
+            qc = json.load(f).get("quantization_config")
+    except (ValueError, AttributeError):
+        return  # load_checkpoint raises the invalid-JSON error
+    if qc:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        raise NotImplementedError(
+            f"{cfg_path} declares quantization_config with quant_method={method!r}: pre-quantized checkpoints are "
+            "not supported; load the unquantized (bf16/f32) checkpoint and pass expert_dtype='int8' or 'int4' "
+            "(ef_jax quantizes the routed experts itself)")
+
+
+def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, expert_dtype=None,
+         group_size: int | None = None) -> Model:
+    """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors), or a store written by
+    `ef-jax convert` (then the experts are read already quantized and packed).
 
     Args:
-      path: checkpoint directory; None loads the model shipped with ef_jax.
-      dtype: "float32" | "bfloat16"; default bfloat16 on GPU, float32 on CPU.
+      path: checkpoint directory or converted store; None loads the model shipped with ef_jax.
+      dtype: "float32" | "bfloat16" for everything that is not a routed expert (and for float experts);
+        default bfloat16 on GPU, float32 on CPU.
+      expert_dtype: None / "bf16" (experts as `dtype`), "int8" or "int4" (routed experts quantized group-wise
+        at load, see ef_jax.quant), or an ef_jax.quant.QuantSpec. Non-expert weights are never quantized.
+      group_size: rows per quantization group along each expert matrix's input axis (default 64).
     """
     if path is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
@@ -96,8 +138,20 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None) -> 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
     path = os.fspath(path)
+    from ef_jax.quant import store as quant_store
+    if quant_store.is_store(path):
+        return quant_store.load_store(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size)
+    spec = spec_for(expert_dtype, group_size, dtype)
+    _refuse_prequantized(path)
     cfg, params, host_experts = load_checkpoint(path, dtype)
-    tokenizer = _load_tokenizer(path)
+    if spec is not None:
+        host_experts = tuple(None if ex is None else quantize_experts(ex, spec) for ex in host_experts)
+    return from_parts(path, cfg, params, host_experts, dtype, spec, _load_tokenizer(path))
+
+
+def from_parts(path: str, cfg: ModelConfig, params, host_experts: tuple, dtype: str, spec: QuantSpec | None,
+               tokenizer) -> Model:
+    """A Model from host parts: params go to the device, experts stay on the host."""
     device_params = jax.tree.map(jnp.asarray, params)
     return Model(config=cfg, params=device_params, host_experts=host_experts, dtype=dtype,
-                 tokenizer=tokenizer, path=path)
+                 tokenizer=tokenizer, path=path, expert_quant=spec)
