@@ -134,13 +134,13 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
                 f"ef_jax has no shipped default model in {DEFAULT_MODEL_DIR} in this build; "
                 "pass path= a Hugging Face MoE checkpoint directory")
         path = DEFAULT_MODEL_DIR
+    from ef_jax.quant import store as quant_store
+    if quant_store.is_store(os.fspath(path)):  # a converted store keeps the dtype it was written in
+        return quant_store.load_store(os.fspath(path), dtype=dtype, expert_dtype=expert_dtype, group_size=group_size)
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
     path = os.fspath(path)
-    from ef_jax.quant import store as quant_store
-    if quant_store.is_store(path):
-        return quant_store.load_store(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size)
     spec = spec_for(expert_dtype, group_size, dtype)
     _refuse_prequantized(path)
     cfg, params, host_experts = load_checkpoint(path, dtype)
