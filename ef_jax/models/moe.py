@@ -124,8 +124,8 @@ def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool) -> j
     """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]), choosing the formulation by problem size (static).
     pool: ExpertPool, or QuantExpertPool (dequantized inside this computation)."""
     if _expert_kernel != "xla" and isinstance(pool, QuantExpertPool):
-        from kernels_pallas import quant_expert_ffn
-        return quant_expert_ffn(x, slot_ids, weights, pool, interpret=_expert_kernel == "pallas-interpret")
+        from kernels_pallas import quant_pool_expert_ffn
+        return quant_pool_expert_ffn(x, slot_ids, weights, pool, interpret=_expert_kernel == "pallas-interpret")
     if _expert_kernel != "xla":
         from kernels_pallas import expert_ffn as pallas_expert_ffn
         return pallas_expert_ffn(x, slot_ids, weights, pool.gate, pool.up, pool.down,
