@@ -10,6 +10,20 @@ import argparse
 from ef_jax.quant.quantize import BITS, DEFAULT_GROUP_SIZE
 
 
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """--expert-dtype / --group-size for a command that loads a model; pass `load_kwargs(args)` to ef_jax.load."""
+    p.add_argument("--expert-dtype", choices=["bf16", *sorted(BITS)], default=None,
+                   help="routed experts: bf16 (as --dtype), int8 or int4 (quantized at load; default: not quantized)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"rows per quantization group (default {DEFAULT_GROUP_SIZE})")
+
+
+def load_kwargs(args: argparse.Namespace) -> dict:
+    """ef_jax.load keyword arguments from add_load_args' flags ("bf16" means: experts as --dtype)."""
+    dt = getattr(args, "expert_dtype", None)
+    return {"expert_dtype": None if dt == "bf16" else dt, "group_size": getattr(args, "group_size", None)}
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Registers `convert` on an argparse subparsers object; its default `fn` is `run`."""
     p = subparsers.add_parser("convert", help="write a quantized, packed expert store (orbax) from a checkpoint",
