@@ -95,26 +95,6 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _refuse_prequantized(path: str) -> None:
-    """A checkpoint whose config.json declares a quantization_config (fp8, gptq, awq, bitsandbytes, ...) holds
-    weights ef_jax cannot read as floats: refuse it by name instead of loading garbage or crashing in numpy."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        return  # load_checkpoint raises the missing-config error
-    import json
-    try:
-        with open(cfg_path) as f:
-            qc = json.load(f).get("quantization_config")
-    except (ValueError, AttributeError):
-        return  # load_checkpoint raises the invalid-JSON error
-    if qc:
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-        raise NotImplementedError(
-            f"{cfg_path} declares quantization_config with quant_method={method!r}: pre-quantized checkpoints are "
-            "not supported; load the unquantized (bf16/f32) checkpoint and pass expert_dtype='int8' or 'int4' "
-            "(ef_jax quantizes the routed experts itself)")
-
-
 def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, expert_dtype=None,
          group_size: int | None = None) -> Model:
     """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors), or a store written by
@@ -136,13 +116,15 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
         path = DEFAULT_MODEL_DIR
     from ef_jax.quant import store as quant_store
     if quant_store.is_store(os.fspath(path)):  # a converted store keeps the dtype it was written in
-        return quant_store.load_store(os.fspath(path), dtype=dtype, expert_dtype=expert_dtype, group_size=group_size)
+        path = os.path.abspath(os.fspath(path))
+        parts = quant_store.load_store(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size)
+        return from_parts(path, *parts, _load_tokenizer(path))
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
     path = os.fspath(path)
     spec = spec_for(expert_dtype, group_size, dtype)
-    _refuse_prequantized(path)
+    quant_store.refuse_prequantized(path)
     cfg, params, host_experts = load_checkpoint(path, dtype)
     if spec is not None:
         host_experts = tuple(None if ex is None else quantize_experts(ex, spec) for ex in host_experts)

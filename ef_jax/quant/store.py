@@ -63,6 +63,25 @@ def source_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
+def refuse_prequantized(path: str) -> None:
+    """A checkpoint whose config.json declares a quantization_config (fp8, gptq, awq, bitsandbytes, ...) holds
+    weights ef_jax cannot read as floats: refuse it by name instead of loading garbage or crashing in numpy."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return  # the checkpoint reader raises the missing-config error
+    try:
+        with open(cfg_path) as f:
+            qc = json.load(f).get("quantization_config")
+    except (ValueError, AttributeError):
+        return  # the checkpoint reader raises the invalid-JSON error
+    if qc:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        raise NotImplementedError(
+            f"{cfg_path} declares quantization_config with quant_method={method!r}: pre-quantized checkpoints are "
+            "not supported; load the unquantized (bf16/f32) checkpoint and pass expert_dtype='int8' or 'int4' "
+            "(ef_jax quantizes the routed experts itself)")
+
+
 def _packed(pool: QuantExpertPool) -> np.ndarray:
     """u8[E, B]: row e is expert e's pinned-buffer bytes."""
     return np.stack([expert_bytes(pool, e) for e in range(pool.num_slots)])
@@ -100,8 +119,7 @@ def convert(model_path: str, out: str, *, expert_dtype="int4", group_size: int |
         raise ValueError(f"{model_path} is already a converted store: convert from the Hugging Face checkpoint")
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"--out {out} already exists: choose another path or pass --overwrite")
-    from ef_jax.model import _refuse_prequantized
-    _refuse_prequantized(model_path)
+    refuse_prequantized(model_path)
     t0 = time.perf_counter()
     cfg, params, host_experts = load_checkpoint(model_path, dtype)
     experts = {str(i): quantize_experts(ex, spec) for i, ex in enumerate(host_experts) if ex is not None}
@@ -179,10 +197,10 @@ def check_manifest(path: str, m: dict, *, dtype=None, expert_dtype=None, group_s
 
 
 def load_store(path: str, *, dtype=None, expert_dtype=None, group_size=None):
-    """ef_jax.load for a converted store: checks the manifest, restores host numpy, builds the Model."""
+    """ef_jax.load's half for a converted store: checks the manifest, restores host numpy.
+    Returns (cfg, params, host_experts, dtype, spec) for ef_jax.model.from_parts (which adds the tokenizer)."""
     import orbax.checkpoint as ocp
     from ef_jax.config import from_hf_config, load_hf_config
-    from ef_jax.model import _load_tokenizer, from_parts
     path = os.path.abspath(os.fspath(path))
     m = read_manifest(path)
     check_manifest(path, m, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size)
@@ -196,4 +214,4 @@ def load_store(path: str, *, dtype=None, expert_dtype=None, group_size=None):
     host_experts = tuple(_unpacked(np.asarray(tree["experts"][str(i)]), m["layout"], m["bits"])
                          if cfg.moe_layers[i] else None for i in range(cfg.num_layers))
     spec = QuantSpec(bits=m["bits"], group_size=m["group_size"], method=m["method"], symmetric=m["symmetric"])
-    return from_parts(path, cfg, tree["params"], host_experts, m["dtype"], spec, _load_tokenizer(path))
+    return cfg, tree["params"], host_experts, m["dtype"], spec
