@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # the server needs the `serve` extra (fastapi, uvicorn) only when it runs
         pass
     try:
+        from ef_jax.quant import cli as quant_cli
+        quant_cli.add_parser(sub)
+    except ImportError:  # the quantization package is optional at this layer
+        pass
+    try:
         from ef_jax.predict import cli as predict_cli
         predict_cli.add_parser(sub)
     except ImportError:  # the predictor needs flax/optax

@@ -3,6 +3,10 @@
 Routed experts stay in host memory after loading: a model whose experts exceed the device can be loaded. The engine
 (ef_jax/engine) decides where they go: its expert sources either put every expert on the device (resident) or build
 a pinned-host store and stream them into slots (offloaded). A Model is plain data; running it never changes it.
+
+Quantized experts (`load(..., expert_dtype="int8"|"int4")`): host_experts[i] is then an
+ef_jax.quant.QuantExpertPool of numpy arrays (every expert), and both the resident pools and the offload store are
+built from it, so resident and offloaded decoding run the very same quantized experts.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import numpy as np
 from ef_jax.checkpoint import DTYPES, iter_param_leaves, load_checkpoint
 from ef_jax.config import ModelConfig
 from ef_jax.generation_config import GenerationDefaults, read_generation_config
+from ef_jax.quant.pool import QuantExpertPool, expert_nbytes, quantize_experts
+from ef_jax.quant.quantize import QuantSpec, spec_for
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 
@@ -25,7 +31,8 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 @dataclasses.dataclass(eq=False)
 class Model:
     """A loaded MoE model. `params` live on the device; `host_experts[i]` (numpy, None for dense layers) holds
-    layer i's routed experts {"gate" [E, D, F], "up" [E, D, F], "down" [E, F, D]}."""
+    layer i's routed experts {"gate" [E, D, F], "up" [E, D, F], "down" [E, F, D]}, or, when `expert_quant` is set,
+    a QuantExpertPool of numpy arrays with S = E."""
     config: ModelConfig
     params: Any
     host_experts: tuple
@@ -33,11 +40,18 @@ class Model:
     tokenizer: Any = None
     path: str | None = None
     generation: GenerationDefaults = GenerationDefaults()  # the checkpoint's generation_config.json defaults
+    expert_quant: QuantSpec | None = None  # None: experts in `dtype`; else how they were quantized
 
     def param_bytes(self) -> dict[str, int]:
-        """Bytes of routed experts vs everything else, and of one expert, at the loaded dtype."""
+        """Bytes of routed experts vs everything else, and of one expert, at the loaded dtype (quantized bytes:
+        codes + scales + offsets, when the experts are quantized)."""
         other = sum(int(np.prod(a.shape)) * a.dtype.itemsize for _, a in iter_param_leaves(self.params))
-        experts = sum(a.nbytes for ex in self.host_experts if ex is not None for a in ex.values())
+        moe = [ex for ex in self.host_experts if ex is not None]
+        if self.expert_quant is not None:
+            per_expert = expert_nbytes(moe[0]) if moe else 0
+            return {"experts": per_expert * len(moe) * self.config.num_experts, "other": other,
+                    "per_expert": per_expert}
+        experts = sum(a.nbytes for ex in moe for a in ex.values())
         per_expert = self.config.expert_params() * DTYPES[self.dtype].itemsize
         return {"experts": experts, "other": other, "per_expert": per_expert}
 
@@ -84,12 +98,18 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load(path: str | os.PathLike | None = None, *, dtype: str | None = None) -> Model:
-    """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors).
+def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, expert_dtype=None,
+         group_size: int | None = None) -> Model:
+    """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors), or a store written by
+    `ef-jax convert` (then the experts are read already quantized and packed).
 
     Args:
-      path: checkpoint directory; None loads the model shipped with ef_jax.
-      dtype: "float32" | "bfloat16"; default bfloat16 on GPU, float32 on CPU.
+      path: checkpoint directory or converted store; None loads the model shipped with ef_jax.
+      dtype: "float32" | "bfloat16" for everything that is not a routed expert (and for float experts);
+        default bfloat16 on GPU, float32 on CPU.
+      expert_dtype: None / "bf16" (experts as `dtype`), "int8" or "int4" (routed experts quantized group-wise
+        at load, see ef_jax.quant), or an ef_jax.quant.QuantSpec. Non-expert weights are never quantized.
+      group_size: rows per quantization group along each expert matrix's input axis (default 64).
     """
     if path is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
@@ -97,13 +117,27 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None) -> 
                 f"ef_jax has no shipped default model in {DEFAULT_MODEL_DIR} in this build; "
                 "pass path= a Hugging Face MoE checkpoint directory")
         path = DEFAULT_MODEL_DIR
+    from ef_jax.quant import store as quant_store
+    if quant_store.is_store(os.fspath(path)):  # a converted store keeps the dtype it was written in
+        path = os.path.abspath(os.fspath(path))
+        parts = quant_store.load_store(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size)
+        return from_parts(path, *parts, load_tokenizer(path))
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
     path = os.fspath(path)
-    generation = read_generation_config(path) if os.path.isdir(path) else GenerationDefaults()
+    spec = spec_for(expert_dtype, group_size, dtype)
+    quant_store.refuse_prequantized(path)
     cfg, params, host_experts = load_checkpoint(path, dtype)
-    tokenizer = load_tokenizer(path)
+    if spec is not None:
+        host_experts = tuple(None if ex is None else quantize_experts(ex, spec) for ex in host_experts)
+    return from_parts(path, cfg, params, host_experts, dtype, spec, load_tokenizer(path))
+
+
+def from_parts(path: str, cfg: ModelConfig, params, host_experts: tuple, dtype: str, spec: QuantSpec | None,
+               tokenizer) -> Model:
+    """A Model from host parts: params go to the device, experts stay on the host."""
+    generation = read_generation_config(path) if os.path.isdir(path) else GenerationDefaults()
     device_params = jax.tree.map(jnp.asarray, params)
     return Model(config=cfg, params=device_params, host_experts=host_experts, dtype=dtype,
-                 tokenizer=tokenizer, path=path, generation=generation)
+                 tokenizer=tokenizer, path=path, expert_quant=spec, generation=generation)

@@ -17,7 +17,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "ef_jax")
 # Lower layers never import higher ones. A package's own modules may import each other (acyclically).
 LAYERS = [
     {"config", "trace", "generation_config"},
-    {"policies", "checkpoint", "models"},
+    {"policies", "checkpoint", "models", "quant"},
     {"cache", "sched", "model"},
     {"sim", "random_model", "predict"},
     {"engine"},

@@ -39,6 +39,7 @@ from ef_jax.engine.telemetry import HostCounters
 from ef_jax.engine.timeline import Timeline
 from ef_jax.model import Model
 from ef_jax.models.moe import ExpertPool, Routing
+from ef_jax.quant.pool import QuantExpertPool
 from ef_jax.policies.registry import get_policy
 
 _RESIDENT: "weakref.WeakKeyDictionary[Model, tuple]" = weakref.WeakKeyDictionary()
@@ -49,7 +50,9 @@ def resident_pools(model: Model) -> tuple:
     Uploaded once per model and kept while the model lives (offloaded runs never touch it)."""
     pools = _RESIDENT.get(model)
     if pools is None:
-        pools = tuple(None if ex is None else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
+        pools = tuple(None if ex is None
+                      else jax.tree.map(jnp.asarray, ex) if isinstance(ex, QuantExpertPool)  # quantized: as loaded
+                      else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
                       for ex in model.host_experts)
         _RESIDENT[model] = pools
     return pools

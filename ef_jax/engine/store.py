@@ -7,7 +7,12 @@ device: one stacked ExpertPool(gate [L, S, D, F], up [L, S, D, F], down [L, S, F
       lets a layer's program also write later layers' slots (prefetches travelling in an earlier program).
 
 Axes: j MoE layer (0..L_moe-1), E experts, S slots, D model, F expert FFN width.
-The store format (flat, compute dtype) is separate from the compute layout: quantized stores can unpack here.
+The store format (flat, compute dtype) is separate from the compute layout: quantized stores unpack here.
+
+Quantized experts (host_experts[j] an ef_jax.quant.QuantExpertPool): store[j][e] is one flat u8 buffer [B] of the
+expert's codes, scales and offsets (ef_jax.quant.pool.expert_bytes), the pools are QuantExpertPools of S slots,
+`write_slot` unpacks the buffer into every leaf of the slot, and bytes_per_expert is B (the quantized size), so
+budgets and H2D counters count quantized bytes.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from jax.sharding import SingleDeviceSharding
 
 from ef_jax.model import Model
 from ef_jax.models.moe import ExpertPool
+from ef_jax.quant import pool as qpool
 
 _STORES: "weakref.WeakKeyDictionary[Model, ExpertStore]" = weakref.WeakKeyDictionary()
 
@@ -51,9 +57,20 @@ class ExpertStore:
         self.host_sharding = _memory_sharding(device, "pinned_host")
         self.device_sharding = _memory_sharding(device, "device")
         first = host_experts[0]
+        self.buffers: list[list[jax.Array]] = []
+        self.quantized = isinstance(first, qpool.QuantExpertPool)
+        if self.quantized:  # one u8 buffer per expert: codes | scales | offsets
+            self.num_experts, _, self.ffn = first.gate.shape
+            self.hidden = first.down.shape[2]
+            self.dtype = np.dtype(np.uint8)
+            self._like = first
+            for ex in host_experts:
+                self.buffers.append([jax.device_put(qpool.expert_bytes(ex, e), self.host_sharding)
+                                     for e in range(self.num_experts)])
+            self.bytes_per_expert = qpool.expert_nbytes(first)
+            return
         self.num_experts, self.hidden, self.ffn = first["gate"].shape
         self.dtype = first["gate"].dtype
-        self.buffers: list[list[jax.Array]] = []
         for ex in host_experts:
             flat = np.concatenate([ex["gate"].reshape(self.num_experts, -1), ex["up"].reshape(self.num_experts, -1),
                                    ex["down"].reshape(self.num_experts, -1)], axis=1)
@@ -68,18 +85,29 @@ class ExpertStore:
         """Starts the host→device copy of one expert; returns the (future) device buffer [3·D·F]."""
         return jax.device_put(self.buffers[layer][expert], self.device_sharding)
 
-    def empty_pools(self, slots: int) -> ExpertPool:
-        """The stacked slot pool of every MoE layer, zero-filled: ExpertPool of [L, S, ...] leaves."""
+    def empty_pools(self, slots: int):
+        """The stacked slot pool of every MoE layer, zero-filled: an ExpertPool (or, for quantized experts, a
+        QuantExpertPool) of [L, S, ...] leaves."""
         L, D, F = self.num_layers, self.hidden, self.ffn
+        if self.quantized:
+            put = lambda a: jax.device_put(a, self.device_sharding)
+            return jax.tree.map(lambda a: put(np.zeros((L, slots, *a.shape[1:]), a.dtype)), self._like)
         zeros = lambda shape: jax.device_put(np.zeros(shape, self.dtype), self.device_sharding)
         return ExpertPool(gate=zeros((L, slots, D, F)), up=zeros((L, slots, D, F)), down=zeros((L, slots, F, D)))
 
     def verify(self, pool: ExpertPool, expert_of_slot: np.ndarray) -> None:
         """Debug check: every occupied slot holds exactly its expert's bytes (RuntimeError otherwise)."""
-        gate, up, down = np.asarray(pool.gate), np.asarray(pool.up), np.asarray(pool.down)
+        gate, up, down = (None, None, None) if self.quantized else (np.asarray(pool.gate), np.asarray(pool.up),
+                                                                    np.asarray(pool.down))
         for j in range(self.num_layers):
             for s, e in enumerate(expert_of_slot[j].tolist()):
                 if e < 0:
+                    continue
+                if self.quantized:
+                    got = qpool.slot_bytes(jax.tree.map(lambda a: a[j], pool), s)
+                    if not np.array_equal(got, np.asarray(self.buffers[j][e])):
+                        raise RuntimeError(f"slot {s} of MoE layer {j} should hold quantized expert {e} but its "
+                                           "bytes differ")
                     continue
                 got = np.concatenate([gate[j, s].ravel(), up[j, s].ravel(), down[j, s].ravel()])
                 if not np.array_equal(got, np.asarray(self.buffers[j][e])):
@@ -91,8 +119,11 @@ def unpack(flat: jax.Array, D: int, F: int) -> tuple[jax.Array, jax.Array, jax.A
     return flat[:D * F].reshape(D, F), flat[D * F:2 * D * F].reshape(D, F), flat[2 * D * F:].reshape(F, D)
 
 
-def put_expert(pool: ExpertPool, flat: jax.Array, layer: jax.Array, slot: jax.Array) -> ExpertPool:
-    """pool with expert `flat` [3·D·F] written at (layer, slot) — traced indices, so no recompiles per slot."""
+def put_expert(pool, flat: jax.Array, layer: jax.Array, slot: jax.Array):
+    """pool with expert `flat` (float [3·D·F], or u8[B] for a QuantExpertPool) written at (layer, slot) — traced
+    indices, so no recompiles per slot."""
+    if isinstance(pool, qpool.QuantExpertPool):
+        return qpool.write_expert(pool, flat, layer, slot)
     _, _, D, F = pool.gate.shape
     g, u, d = unpack(flat, D, F)
     put = lambda buf, w: jax.lax.dynamic_update_slice(buf, w[None, None].astype(buf.dtype), (layer, slot, 0, 0))

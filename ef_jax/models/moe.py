@@ -5,6 +5,10 @@ slot pool → weighted sum (+ shared expert) → [y]
 
 Axes: N tokens (B·T flattened), D model, E experts, K top-k, S slots, F expert FFN width.
 
+Quantized experts (ef_jax.quant): the pool is then a QuantExpertPool (int8/int4 codes + float16 scales), and the
+expert FFN dequantizes inside its own jitted computation only the weights it reads (the K gathered slots per token
+in decode, the pool in prefill). The float ExpertPool path is unchanged.
+
 The block is a pure function of (block params, routing, slot pool, slot_of_expert), so the same code runs
 all-resident (pool = every expert, slot_of_expert = identity) and offloaded (pool = a few device slots that the
 host scheduler fills). Routing is split from the expert compute so the host can read the chosen experts
@@ -20,6 +24,7 @@ from flax import struct
 
 from ef_jax.config import ModelConfig
 from ef_jax.models.layers import swiglu
+from ef_jax.quant.pool import QuantExpertPool
 
 # Below this many (token, expert) pairs the gather formulation is used (decode: weights dominate the traffic);
 # above it, tokens are grouped by slot and multiplied with ragged_dot (prefill: compute dominates).
@@ -63,26 +68,38 @@ def route(p: dict, cfg: ModelConfig, x: jax.Array) -> Routing:
     return Routing(logits=logits, experts=experts.astype(jnp.int32), weights=weights)
 
 
-def expert_ffn_gather(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool: ExpertPool) -> jax.Array:
-    """Decode regime: gather the K selected slots per token, then SwiGLU. x [N, D], slot_ids i32[N, K] → [N, D]."""
-    g, u, d = pool.gate[slot_ids], pool.up[slot_ids], pool.down[slot_ids]  # [N, K, D, F] / [N, K, F, D]
+def _matrices(pool, slot_ids, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(gate, up, down) of `slot_ids` (None: every slot): [*idx, D, F], [*idx, D, F], [*idx, F, D]. A float pool
+    is indexed as it is; a quantized one is dequantized to `dtype` here, inside the caller's jit."""
+    if isinstance(pool, QuantExpertPool):
+        return tuple(pool.matrix(m, slot_ids, dtype) for m in ("gate", "up", "down"))
+    if slot_ids is None:
+        return pool.gate, pool.up, pool.down
+    return pool.gate[slot_ids], pool.up[slot_ids], pool.down[slot_ids]
+
+
+def expert_ffn_gather(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool) -> jax.Array:
+    """Decode regime: gather the K selected slots per token, then SwiGLU. x [N, D], slot_ids i32[N, K] → [N, D].
+    pool: ExpertPool or QuantExpertPool."""
+    g, u, d = _matrices(pool, slot_ids, x.dtype)  # [N, K, D, F] / [N, K, F, D]
     h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, g)) * jnp.einsum("nd,nkdf->nkf", x, u)
     y = jnp.einsum("nkf,nkfd->nkd", h, d, preferred_element_type=jnp.float32)
     return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32)).astype(x.dtype)
 
 
-def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool: ExpertPool) -> jax.Array:
+def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool) -> jax.Array:
     """Prefill regime: sort the N·K (token, slot) pairs by slot and run grouped matmuls. Same contract."""
     N, K = slot_ids.shape
     S = pool.gate.shape[0]
+    gate, up, down = _matrices(pool, None, x.dtype)                # [S, D, F], [S, D, F], [S, F, D]
     flat = slot_ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token_of_pair = order // K
     xs = x[token_of_pair]                                           # [N·K, D] grouped by slot
     sizes = jnp.bincount(flat, length=S).astype(jnp.int32)
-    h = (jax.nn.silu(jax.lax.ragged_dot(xs, pool.gate, sizes))
-         * jax.lax.ragged_dot(xs, pool.up, sizes))
-    y = jax.lax.ragged_dot(h, pool.down, sizes, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes))
+         * jax.lax.ragged_dot(xs, up, sizes))
+    y = jax.lax.ragged_dot(h, down, sizes, preferred_element_type=jnp.float32)
     y = y * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
     return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token_of_pair].add(y).astype(x.dtype)
 
@@ -103,8 +120,12 @@ def set_expert_kernel(name: str) -> None:
     jax.clear_caches()
 
 
-def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool: ExpertPool) -> jax.Array:
-    """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]), choosing the formulation by problem size (static)."""
+def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool) -> jax.Array:
+    """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]), choosing the formulation by problem size (static).
+    pool: ExpertPool, or QuantExpertPool (dequantized inside this computation)."""
+    if _expert_kernel != "xla" and isinstance(pool, QuantExpertPool):
+        from kernels_pallas import quant_pool_expert_ffn
+        return quant_pool_expert_ffn(x, slot_ids, weights, pool, interpret=_expert_kernel == "pallas-interpret")
     if _expert_kernel != "xla":
         from kernels_pallas import expert_ffn as pallas_expert_ffn
         return pallas_expert_ffn(x, slot_ids, weights, pool.gate, pool.up, pool.down,
