@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from ef_jax.quant.cli import add_load_args, load_kwargs
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -36,7 +37,7 @@ def _cmd_info(args) -> int:
     import ef_jax
     from ef_jax.cli_model import checkpoint_dir, fmt_bytes
     from ef_jax.config import SUPPORTED
-    model = ef_jax.load(checkpoint_dir("DIR", args.model), dtype=args.dtype)
+    model = ef_jax.load(checkpoint_dir("DIR", args.model), dtype=args.dtype, **load_kwargs(args))
     cfg = model.config
     b, c = model.param_bytes(), model.param_counts()
     print(f"model        {model.path}")
@@ -70,7 +71,7 @@ def _cmd_trace(args) -> int:
     if not texts:
         raise UsageError(f"--text {args.text} holds no text")
     out = output_file("--out", args.out, ".npz")  # numpy's savez appends .npz: report the real name
-    model = ef_jax.load(path, dtype=args.dtype)
+    model = ef_jax.load(path, dtype=args.dtype, **load_kwargs(args))
     ids, _ = normalize_prompts(texts, model.tokenizer, model.config.vocab_size)
     chunks = [seq[i:i + args.max_tokens] for seq in ids for i in range(0, len(seq), args.max_tokens)]
     experts = save_routing_trace(model, chunks, out)
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="architecture, parameter counts and bytes of a checkpoint")
     i.add_argument("model", nargs="?", default=None, metavar="DIR", help="checkpoint (default: the shipped model)")
     i.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="dtype the bytes are counted at")
+    add_load_args(i)
     i.set_defaults(fn=_cmd_info)
 
     t = sub.add_parser("trace", help="record per-token routing of a text to an .npz trace")
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to trace (- reads stdin)")
     t.add_argument("--out", required=True, metavar="TRACE.npz", help="output trace (.npz is appended if missing)")
     t.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weights dtype")
+    add_load_args(t)
     t.add_argument("--max-tokens", type=int, default=512, help="tokens per traced sequence")
     t.add_argument("--split-paragraphs", action="store_true", help="one sequence per blank-line-separated block")
     t.set_defaults(fn=_cmd_trace)

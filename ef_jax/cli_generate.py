@@ -17,6 +17,7 @@ from ef_jax.cli_guards import UsageError, input_dir, output_file, plural, positi
 from ef_jax.cli_model import Preflight, fmt_bytes, offload_budget, preflight, prompt_ids
 from ef_jax.cli_stream import Spinner, TextStream
 from ef_jax.generation_config import SamplingRequest
+from ef_jax.quant.cli import add_load_args, load_kwargs
 
 
 def add_parser(sub) -> None:
@@ -31,6 +32,7 @@ def add_parser(sub) -> None:
     g.add_argument("--model", default=None, metavar="DIR", help="HF checkpoint directory (default: the shipped model)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    add_load_args(g)
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"tokens to generate (default: generation_config.json, else {DEFAULT_MAX_NEW_TOKENS})")
     g.add_argument("--temperature", type=float, default=None, metavar="T",
@@ -189,7 +191,7 @@ def run(args) -> int:
 def _generate(args, p: Plan, spinner: Spinner) -> int:
     import ef_jax
     spinner.start(f"loading {p.pf.path}")
-    model = ef_jax.load(p.pf.path, dtype=p.dtype)
+    model = ef_jax.load(p.pf.path, dtype=p.dtype, **load_kwargs(args))
     offload = None
     if p.budget is not None:
         offload = ef_jax.OffloadConfig(**p.budget, policy=_policy_object(p.policy, args, model, p.predictor),

@@ -11,6 +11,7 @@ import math
 from ef_jax.cli_guards import UsageError, input_dir, positive, read_text
 from ef_jax.cli_model import parse_ids, preflight
 from ef_jax.cache.timing import TIMING_PRESETS
+from ef_jax.quant.cli import add_load_args, load_kwargs
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=1024, help="evaluate at most this many tokens of the text")
     p.add_argument("--hybrid", default=None, help="a train-hybrid output directory: expertflow's predictor")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    add_load_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.set_defaults(fn=run)
     return p
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args, pf)
     text = read_text("--text", args.text)
     ids = _text_ids(text, pf)
-    model = ef_jax.load(pf.path, dtype=args.dtype)
+    model = ef_jax.load(pf.path, dtype=args.dtype, **load_kwargs(args))
     res = evaluate_policy(model, ids, build_offload(model, args), batch_size=args.batch_size, seq_len=args.seq_len,
                           max_tokens=args.max_tokens)
     record = {"model": model.path, "text": args.text, "timing": args.timing, "batch_size": args.batch_size,

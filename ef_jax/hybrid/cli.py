@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from ef_jax.quant.cli import add_load_args, load_kwargs
 
 
 def add_parser(subparsers) -> None:
@@ -19,6 +20,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--seq-len", type=int, default=256, help="tokens per recorded chunk")
     r.add_argument("--max-tokens", type=int, default=None, help="record at most this many tokens")
     r.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    add_load_args(r)
     r.add_argument("--point", choices=["moe", "attention"], default="moe",
                    help="hidden states after each MoE layer (moe) or after its attention, the MoE input (attention); "
                         "expertflow with the trained head predicts from the same point")
@@ -50,7 +52,7 @@ def run_record(args: argparse.Namespace) -> int:
                         pf.config.vocab_size)
     out = output_file("--out", args.out, ".npz")  # numpy's savez appends .npz: report the real name
     from ef_jax.hybrid.record import record
-    model = ef_jax.load(pf.path, dtype=args.dtype)
+    model = ef_jax.load(pf.path, dtype=args.dtype, **load_kwargs(args))
     rec = record(model, ids, seq_len=args.seq_len, max_tokens=args.max_tokens, point=args.point)
     rec.save(out)
     N, L, D = rec.hidden.shape

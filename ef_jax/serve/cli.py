@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+from ef_jax.quant.cli import add_load_args, load_kwargs
 
 DEFAULT_CONTEXT = 1024
 
@@ -21,6 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    add_load_args(p)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--expert-memory", default=None, help="device budget for routed experts, e.g. 2GiB")
     budget.add_argument("--slots-per-layer", type=int, default=None, help="device expert slots per MoE layer")
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     import ef_jax
     from ef_jax.cache.config import OffloadConfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = ef_jax.load(args.model, dtype=args.dtype)
+    model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args))
     offload = None
     if args.expert_memory or args.slots_per_layer or args.policy:
         if not (args.expert_memory or args.slots_per_layer):
