@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ef_jax  # noqa: E402
 from benchmarks.results_io import git_commit, write_results  # noqa: E402
 from ef_jax.quant.quantize import QuantSpec, quantized_nbytes  # noqa: E402
+from ef_jax.engine.store import store_for
+from ef_jax.engine.experts import drop_resident
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DOMAINS = ("shakespeare", "kjv", "python")
@@ -111,7 +113,7 @@ def hit_rates(path, ids, tokens: int, budget_fraction: float) -> list[dict]:
     budget = None
     for dt in ("bf16", "int8", "int4"):
         model = ef_jax.load(path, dtype="bfloat16", expert_dtype=None if dt == "bf16" else dt)
-        per = model.expert_store().bytes_per_expert
+        per = store_for(model).bytes_per_expert
         cfg = model.config
         if budget is None:
             budget = int(budget_fraction * per * cfg.num_experts * cfg.num_moe_layers)
@@ -122,7 +124,7 @@ def hit_rates(path, ids, tokens: int, budget_fraction: float) -> list[dict]:
                      "bytes_per_token": r.bytes_per_token, "tokens": r.tokens})
         print(f"{dt}: {per} B/expert, {rows[-1]['slots_per_layer']} slots/layer at {budget / 2**20:.2f} MiB → hit rate "
               f"{r.hit_rate:.3f}, {r.bytes_per_token / 1e3:.1f} kB/token", flush=True)
-        model.release_resident()
+        drop_resident(model)
     return rows
 
 

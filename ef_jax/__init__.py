@@ -1,9 +1,10 @@
 """ef_jax: a JAX/XLA runtime for Mixture-of-Experts LLMs whose experts do not fit in GPU memory.
 
 Public API:
-  load(path=None, *, dtype=None) -> Model
+  load(path=None, *, dtype=None, expert_dtype=None, group_size=None) -> Model
   logits(model, token_ids) -> np.ndarray f32[B, T, V]
-  generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, offload) -> GenerationResult
+  generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, offload,
+           stop_token_ids, layers_per_group, batch_size, schedule, on_token) -> GenerationResult
   trace_routing(model, texts_or_token_ids) -> np.ndarray int[N, L_moe, K]
 
 Names are imported on first use, so host-only parts (ef_jax.cache, ef_jax.policies, ef_jax.sim) load without jax.

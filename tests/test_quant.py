@@ -13,6 +13,7 @@ from ef_jax.quant import (QuantExpertPool, QuantSpec, dequantize, dequantize_ref
                           quantize_experts, unpack_int4)
 from ef_jax.quant.quantize import quantized_nbytes, spec_for
 from tests.hf_models import VARIANTS
+from ef_jax.engine.store import store_for
 
 PROMPTS = [[5, 17, 3, 9], [11, 2]]
 SPECS = [QuantSpec(8, 16, "rtn", True), QuantSpec(8, 16, "rtn", False), QuantSpec(4, 16, "rtn", True),
@@ -93,7 +94,7 @@ def test_bytes_per_expert_against_bf16(tiny_checkpoint, bits, limit):
     q_bytes = 2 * quantized_nbytes(D, F, spec) + quantized_nbytes(F, D, spec)
     assert q_bytes <= limit * 3 * D * F * 2
     model = ef_jax.load(tiny_checkpoint("olmoe"), expert_dtype=f"int{bits}")  # D 32, F 16: one group per column
-    store = model.expert_store()
+    store = store_for(model)
     assert store.bytes_per_expert == model.param_bytes()["per_expert"]
     assert store.bytes_per_expert < 3 * 32 * 16 * 2 * (0.75 if bits == 8 else 0.5)
 
@@ -116,7 +117,7 @@ def test_quantized_offloaded_tokens_equal_quantized_resident(tiny_checkpoint, na
     got = ef_jax.generate(model, PROMPTS, max_new_tokens=4,
                           offload=OffloadConfig(slots_per_layer=model.config.top_k, policy="lru", check=True))
     assert got.tokens == ref, (name, expert_dtype)
-    assert got.stats["misses"] > 0 and got.stats["h2d_bytes"] % model.expert_store().bytes_per_expert == 0
+    assert got.stats["misses"] > 0 and got.stats["h2d_bytes"] % store_for(model).bytes_per_expert == 0
 
 
 def test_quantized_experts_change_little_and_int8_beats_int4(tiny_checkpoint):
@@ -144,7 +145,7 @@ def test_budget_counts_quantized_bytes(tiny_checkpoint):
     path = tiny_checkpoint("olmoe")
     f32, q4 = ef_jax.load(path, dtype="bfloat16"), ef_jax.load(path, dtype="bfloat16", expert_dtype="int4")
     cfg = f32.config
-    budget = f32.expert_store().bytes_per_expert * cfg.num_moe_layers * cfg.top_k
+    budget = store_for(f32).bytes_per_expert * cfg.num_moe_layers * cfg.top_k
     res = {m: ef_jax.generate(model, PROMPTS, max_new_tokens=6, offload=OffloadConfig(expert_memory=budget)).stats
            for m, model in (("bf16", f32), ("int4", q4))}
     assert res["bf16"]["slots_per_layer"] == cfg.top_k

@@ -11,6 +11,7 @@ from ef_jax import OffloadConfig
 from ef_jax.cli import main
 from ef_jax.quant import QuantExpertPool
 from ef_jax.quant.store import MANIFEST, StoreMismatch, convert, is_store
+from ef_jax.engine.store import store_for
 
 PROMPTS = [[5, 17, 3, 9], [11, 2]]
 
@@ -54,7 +55,7 @@ def test_manifest_records_what_it_was_built_from(source, store):
     assert m["source"]["path"] == os.path.abspath(source) and len(m["source"]["fingerprint"]) == 64
     assert (m["expert_dtype"], m["group_size"], m["dtype"], m["ef_jax_version"]) == ("int4", 8, "float32",
                                                                                     ef_jax.__version__)
-    assert m["bytes_per_expert"] == ef_jax.load(store).expert_store().bytes_per_expert
+    assert m["bytes_per_expert"] == store_for(ef_jax.load(store)).bytes_per_expert
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -107,7 +107,8 @@ class OffloadConfig:
         if slots < top_k:
             need = top_k * bytes_per_expert * num_moe_layers
             raise ValueError(
-                f"expert budget too small: {slots} slots per layer, but one token needs its top-{top_k} experts "
+                f"expert budget too small: {slots} slot{'' if slots == 1 else 's'} per layer, but one token needs its "
+                f"top-{top_k} experts "
                 f"resident; the minimum is {top_k} slots per layer = {need:,} bytes ({need / 2**20:.1f} MiB) over "
                 f"{num_moe_layers} MoE layers of {bytes_per_expert:,}-byte experts")
         return min(slots, num_experts)

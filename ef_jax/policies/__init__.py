@@ -1,4 +1,4 @@
-"""Expert eviction / prefetch policies: small strategy objects driven by ef_jax.offload.ExpertCache."""
+"""Expert eviction / prefetch policies: small strategy objects driven by ef_jax.cache.ExpertCache."""
 from ef_jax.policies.base import BasePolicy, Policy, Prefetch
 from ef_jax.policies.belady import Belady
 from ef_jax.policies.classic import LFU, LRU, NoCache
