@@ -38,7 +38,7 @@ def test_context_length_refused_before_any_work(model, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("the forward was built before the context check")
-    monkeypatch.setattr(g, "_make_forward", boom)
+    monkeypatch.setattr(g, "Forward", boom)
     assert model.config.max_position_embeddings == 256
     with pytest.raises(ContextLengthError, match=r"250 tokens \+ max_new_tokens 7 = 257 positions.*"
                                                  r"max_position_embeddings=256.*at most 6"):
@@ -165,7 +165,8 @@ def test_stats_have_one_shape_with_or_without_batch_size(model):
     batched = ef_jax.generate(model, prompts, max_new_tokens=4, offload=off, batch_size=2)
     assert set(plain.stats) == set(batched.stats)
     s = batched.stats
-    assert s["hits"] == sum(b["hits"] for b in s["per_batch"]) and len(s["per_batch"]) == 2
+    # one expert cache serves both batches: its counters are the run's; the decode timings are per batch
+    assert len(s["per_batch"]) == 2 and s["generated_tokens"] == sum(b["generated_tokens"] for b in s["per_batch"])
     assert s["hit_rate"] == pytest.approx(s["hits"] / (s["hits"] + s["misses"]))
     assert s["generated_tokens"] == 12 and s["prompt_tokens"] == 9 and s["batch_size"] == 2
     assert plain.stats["batches"] == [[0, 1, 2]] and s["batches"] == [[0, 1], [2]]
