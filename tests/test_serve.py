@@ -48,7 +48,8 @@ class LiveServer:
         while not self.server.started:
             assert time.time() < deadline and self.thread.is_alive(), "server did not start"
             time.sleep(0.05)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        # a shared, loaded CPU box can take minutes for a burst of requests: time out only on a hang
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=600)
 
     def stop(self):
         self.server.should_exit = True
@@ -348,3 +349,15 @@ def test_route_scheduler_in_the_loop_starves_nobody(tiny_checkpoint):
         assert max(np.diff(at)) - 1 <= 2 + len(prompts) - 1, stepped
     for job, p in zip(jobs, prompts):
         assert job.out == ef_jax.generate(model, [p], max_new_tokens=10, offload=OffloadConfig(slots_per_layer=2)).tokens[0]
+
+
+def test_chat_uses_the_tokenizers_template_when_it_has_one():
+    from transformers import AutoTokenizer
+
+    from ef_jax.model import DEFAULT_MODEL_DIR
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)   # a copy of its own: the template is set only here
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert render_chat(tok, msgs) == "<user>Hi<assistant>"
+    assert render_chat(AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR), msgs) == "user: Hi\nassistant:"

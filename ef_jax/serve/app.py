@@ -46,8 +46,7 @@ def create_app(engine: ServeEngine, ctx: ServeContext) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if not engine._thread.is_alive() and engine.error is None:
-            engine.start()
+        engine.start()
         yield
         engine.shutdown()
 

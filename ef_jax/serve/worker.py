@@ -100,7 +100,9 @@ class ServeEngine:
 
     # ---- any thread --------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        """Starts the engine thread (once; later calls do nothing)."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     @property
     def alive(self) -> bool:
