@@ -190,3 +190,12 @@ def test_with_quantized_experts_on_a_random_model():
     assert got == ref
     with pytest.raises(ValueError, match="already quantized"):
         with_quantized_experts(q, "int4")
+
+
+@pytest.mark.parametrize("extra", [dict(transfers="thread"), dict(timing="h100", policy="pregate")], ids=str)
+def test_quantized_copy_paths_equal_resident(tiny_checkpoint, extra):
+    """The copy-thread queue and the virtual-clock queue move the same u8 buffers into the quantized slots."""
+    model = ef_jax.load(tiny_checkpoint("qwen3moe-norm"), expert_dtype="int4", group_size=8)
+    ref = ef_jax.generate(model, PROMPTS, max_new_tokens=4).tokens
+    offload = OffloadConfig(slots_per_layer=model.config.top_k, check=True, **extra)
+    assert ef_jax.generate(model, PROMPTS, max_new_tokens=4, offload=offload).tokens == ref
