@@ -59,13 +59,14 @@ def compute_dtype(dry: bool) -> str:
 # ---- routing replay ---------------------------------------------------------------------------------------------
 def find_trace(explicit: str | None) -> str | None:
     """A DeepSeek-V2-Lite routing trace: --routing, else the first .npz in shared/data/routing beside or inside the
-    checkout, else None (the model's own routing)."""
+    checkout, or a deepseek-v2-lite*.npz copied into benchmarks/data (an untracked copy travels with a working tree
+    to a lent GPU machine); else None (the model's own routing)."""
     if explicit:
         return explicit
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for d in (os.path.join(root, "..", "shared", "data", "routing"), os.path.join(root, "shared", "data", "routing"),
-              "/work/shared/data/routing"):
-        hits = sorted(glob.glob(os.path.join(d, "deepseek-v2-lite*.npz"))) or sorted(glob.glob(os.path.join(d, "*.npz")))
+              os.path.join(root, "benchmarks", "data")):
+        hits = sorted(glob.glob(os.path.join(d, "deepseek-v2-lite*.npz")))
         if hits:
             return os.path.abspath(hits[0])
     return None
@@ -130,17 +131,12 @@ def pin_store(model):
 
 
 # ---- deepseek + copiers -----------------------------------------------------------------------------------------
-def part_deepseek(parts: dict, args) -> None:
-    """parts: name → Part for "deepseek" and/or "copiers" (one model build serves both)."""
-    import ef_jax
+def deepseek_setup(dry: bool, args):
+    """(model, trace u8[N, L, K] or None, setup dict): the model built and pinned once, the peak measured."""
     from bench_offload import measure_h2d_peak
     from ef_jax.cache.config import TRANSFER_MODES
-    lead = parts.get("deepseek") or parts["copiers"]
-    dry = lead.dry_run
     cfg = deepseek_config(dry)
     dtype = compute_dtype(dry)
-    steps = {1: 3, 8: 2} if dry else {1: args.ds_steps_b1, 8: args.ds_steps_b8}
-    budgets = (0.25, 0.5, 1.0)
     peak = measure_h2d_peak(4 << 20 if dry else 256 << 20)
     t = time.perf_counter()
     model = fast_model(cfg, dtype)
@@ -154,22 +150,33 @@ def part_deepseek(parts: dict, args) -> None:
         if trace.shape[-1] != cfg.top_k or int(trace.max()) >= cfg.num_experts:
             raise ValueError(f"{trace_path}: top-{trace.shape[-1]} of {int(trace.max()) + 1} experts does not fit "
                              f"top-{cfg.top_k} of {cfg.num_experts}")
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 8 * (max(steps.values()) + 1)).tolist()
     setup = {"model": cfg.describe(), "dtype": dtype, "bytes_per_expert": per,
              "expert_bytes_total": per * cfg.num_moe_layers * cfg.num_experts, "build_s": build_s,
-             "h2d_peak_gb_per_s": peak / 1e9, "steps": steps, "budgets": budgets, "policies": POLICIES,
+             "h2d_peak_gb_per_s": peak / 1e9, "h2d_peak": peak, "budgets": (0.25, 0.5, 1.0), "policies": POLICIES,
+             "steps": {1: 3, 8: 2} if dry else {1: args.ds_steps_b1, 8: args.ds_steps_b8},
              "routing": f"replayed from {os.path.basename(trace_path)}" if trace is not None
              else "the random model's own router (no trace found)", "trace": trace_path,
              "transfer_modes": list(TRANSFER_MODES),
              "host_memory_limit_gb": os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB")}
     setup["pin_s"] = pin_store(model)
+    print(f"[deepseek] {cfg.describe()}, {dtype}, {setup['expert_bytes_total'] / 1e9:.1f} GB of experts built in "
+          f"{build_s:.1f} s, pinned in {fmt(setup['pin_s'], 1)} s; H2D peak {peak / 1e9:.1f} GB/s; routing "
+          f"{setup['routing']}", flush=True)
+    return model, trace, setup
+
+
+def part_deepseek(parts: dict, args) -> None:
+    """parts: name → Part for "deepseek" and/or "copiers" (one model build serves both)."""
+    import ef_jax
+    from ef_jax.cache.config import TRANSFER_MODES
+    dry = (parts.get("deepseek") or parts["copiers"]).dry_run
+    model, trace, setup = deepseek_setup(dry, args)
+    cfg, steps, per, peak = model.config, setup["steps"], setup["bytes_per_expert"], setup["h2d_peak"]
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 8 * (max(steps.values()) + 1)).tolist()
     for p in parts.values():
         p.record["setup"] = setup
         p.record["rows"] = []
         p.save()
-    print(f"[deepseek] {cfg.describe()}, {dtype}, {setup['expert_bytes_total'] / 1e9:.1f} GB of experts built in "
-          f"{build_s:.1f} s, pinned in {fmt(setup['pin_s'], 1)} s; H2D peak {peak / 1e9:.1f} GB/s; routing "
-          f"{setup['routing']}", flush=True)
     slots_of = lambda frac: min(cfg.num_experts, max(cfg.top_k, round(frac * cfg.num_experts)))
     resident: dict[int, float] = {}  # batch → resident seconds per step (the roofline's compute)
     warmed: set = set()
@@ -201,6 +208,8 @@ def part_deepseek(parts: dict, args) -> None:
             resident[batch] = row["wall_s"] / row["steps"]
         add_roofline(row, resident.get(batch), per, peak)
         part.record["rows"].append(row)
+        ratios = policy_ratios if part.name == "deepseek" else copier_ratios
+        part.record["ratios"] = ratios(part.record["rows"])  # kept current: a killed part still has them
         part.save()
         print(f"[{part.name}] {label:28s} B={batch} {row['tokens_per_s']:8.2f} tok/s hit {fmt(row['hit_rate'], 3)}"
               f" roofline {fmt(row.get('roofline_tokens_per_s'))} ({fmt(row.get('frac_of_roofline'))}×)"
@@ -271,7 +280,7 @@ def policy_ratios(rows: list[dict]) -> list[dict]:
 
 
 def copier_ratios(rows: list[dict]) -> dict:
-    tps = {r["transfers"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    tps = {r["transfers"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["policy"] == "lru"}
     return {f"{m}/inline": v / tps["inline"] for m, v in tps.items() if m != "inline" and "inline" in tps}
 
 
@@ -286,7 +295,10 @@ def models_markdown(rec: dict) -> str:
                   f"{s.get('build_s', 0):.1f} s, pinned in {fmt(s.get('pin_s'), 1)} s); routing: {s.get('routing')}; measured pinned H2D peak "
                   f"{fmt(s.get('h2d_peak_gb_per_s'))} GB/s; {s.get('how', 'teacher-forced steps per run: ' + str(s.get('steps')))}.",
                   "", "Roofline tokens/s = B / max(resident step time at batch B, misses per step × expert bytes / "
-                  "peak), misses from the same run; 'moved' uses the bytes really copied (prefetches included).", ""]
+                  "peak), misses from the same run; 'moved' uses the bytes really copied (prefetches included). "
+                  "Replayed rows: the engine's route_override fetches the router logits at one more sync point per "
+                  "MoE layer ('logits', to weight the replayed experts), so they carry one sync per layer that a "
+                  "plain run does not; the own-routing rows have none.", ""]
     rows = [[r.get("policy"), f"{int(100 * r.get('budget', 1))}%", r.get("batch"), r.get("routing", "–"),
              r.get("transfers", "–"), r.get("status") or r.get("tokens_per_s"), r.get("hit_rate"),
              r.get("roofline_tokens_per_s"), r.get("frac_of_roofline"), r.get("frac_of_roofline_moved"),
