@@ -214,8 +214,8 @@ def run_parent(args) -> int:
     plan = groups_to_run(args.only)
     status = {}
     for i, (group, names) in enumerate(plan):
-        nominal, minimum = (DRY_SECONDS, 5) if args.dry_run else PARTS[names[0]][1:]
-        later_min = 0 if args.dry_run else sum(PARTS[ns[0]][2] for _, ns in plan[i + 1:])
+        nominal, minimum = (DRY_SECONDS, 5) if args.dry_run else PARTS[group][1:]  # a group's time is its lead's
+        later_min = 0 if args.dry_run else sum(PARTS[g][2] for g, _ in plan[i + 1:])
         left = end - time.time()
         limit = min(nominal, left - later_min) if not args.dry_run else min(nominal, left)
         if limit < minimum:
