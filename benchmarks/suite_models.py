@@ -181,8 +181,10 @@ def part_deepseek(parts: dict, args) -> None:
     resident: dict[int, float] = {}  # batch → resident seconds per step (the roofline's compute)
     warmed: set = set()
 
-    def run(part, label, offload, batch, policy, frac, routing="replay", transfers="inline", burn=True):
-        """One row into part's record (burn-in first for a new (slots, batch, copier) shape)."""
+    def run(part, label, offload, batch, policy, frac, routing="replay", burn=True):
+        """One row into part's record (burn-in first for a new (slots, batch, copier) shape). The grid runs the
+        engine's default copier; the copiers part names one."""
+        transfers = offload.transfers if offload is not None else "-"
         est = 4 if dry else (8 if batch == 1 else 15)
         if not part.has_time(est * (2 if burn else 1), f"{label} batch {batch}"):
             return None
@@ -202,8 +204,8 @@ def part_deepseek(parts: dict, args) -> None:
             part.error(f"{label} batch {batch}", e)
             part.save()
             return None
-        row.update(policy=policy, budget=frac, batch=batch, routing=routing if offload else "model",
-                   transfers=transfers if offload else "-", burn_in_s=burn_s)
+        row.update(policy=policy, budget=frac, batch=batch, routing="replay" if override is not None else "model",
+                   transfers=transfers, burn_in_s=burn_s)
         if offload is None:
             resident[batch] = row["wall_s"] / row["steps"]
         add_roofline(row, resident.get(batch), per, peak)
@@ -230,20 +232,22 @@ def part_deepseek(parts: dict, args) -> None:
         sweep(ds, 1, (0.5,), ("lru", "nocache", "expertflow", "predictive"))
     if cp:
         half = slots_of(0.5)
-        inline = next((r for r in (ds.record["rows"] if ds else []) if r["policy"] == "lru" and r["budget"] == 0.5
-                       and r["batch"] == 1), None)
         for mode in ("inline", "thread", "program"):
             if mode not in TRANSFER_MODES:
                 cp.record["rows"].append({"policy": "lru", "budget": 0.5, "batch": 1, "transfers": mode,
                                           "status": "not available in this build"})
                 cp.skip(f"transfers={mode!r}", "not available in this build (not in TRANSFER_MODES)")
                 continue
-            if mode == "inline" and inline is not None:
-                cp.record["rows"].append(dict(inline))
+            same = next((r for r in (ds.record["rows"] if ds else []) if (r["policy"], r["budget"], r["batch"],
+                         r["transfers"], r["routing"]) == ("lru", 0.5, 1, mode, "replay" if trace is not None
+                                                           else "model")), None)
+            if same is not None:  # the grid's row is this configuration already (the engine's default copier)
+                cp.record["rows"].append(dict(same))
+                cp.record["ratios"] = copier_ratios(cp.record["rows"])
                 cp.save()
                 continue
             off = ef_jax.OffloadConfig(slots_per_layer=half, policy="lru", transfers=mode)
-            run(cp, f"lru 50% {mode}", off, 1, "lru", 0.5, transfers=mode)
+            run(cp, f"lru 50% {mode}", off, 1, "lru", 0.5)
         cp.record["ratios"] = copier_ratios(cp.record["rows"])
         cp.save()
     if not ds:
@@ -252,8 +256,9 @@ def part_deepseek(parts: dict, args) -> None:
     sweep(ds, 1, (0.25,) if dry else (0.25, 1.0), ("lru",) if dry else POLICIES)
     run(ds, "resident", None, 8, "resident", 1.0)
     release(model)
-    sweep(ds, 8, (0.5,) if dry else (0.5, 0.25, 1.0), ("lru", "expertflow") if dry else POLICIES)
+    sweep(ds, 8, (0.5,) if dry else (0.5, 0.25, 1.0), ("lru",) if dry else POLICIES)
     if trace is not None:  # expertflow predicts with the model's routers: show it on the routing it predicts too
+        # (without a trace every row above already runs on the model's own routing)
         for pol in ("lru",) if dry else ("lru", "expertflow"):
             off = ef_jax.OffloadConfig(slots_per_layer=slots_of(0.5), policy=pol)
             run(ds, f"{pol} 50% own routing", off, 1, pol, 0.5, routing="model")
@@ -266,8 +271,7 @@ def policy_ratios(rows: list[dict]) -> list[dict]:
     out = []
     keys = sorted({(r["budget"], r["batch"], r["routing"]) for r in rows if r.get("policy") in POLICIES})
     for b, B, rt in keys:
-        tps = {r["policy"]: r["tokens_per_s"] for r in rows
-               if (r["budget"], r["batch"], r["routing"]) == (b, B, rt) and r.get("transfers", "inline") == "inline"}
+        tps = {r["policy"]: r["tokens_per_s"] for r in rows if (r["budget"], r["batch"], r["routing"]) == (b, B, rt)}
         lru = next((r for r in rows if (r["budget"], r["batch"], r["routing"], r["policy"]) == (b, B, rt, "lru")),
                    None)
         out.append({"budget": b, "batch": B, "routing": rt,

@@ -19,7 +19,7 @@ def dry_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gpu_suite"))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, SUITE, "--dry-run", "--out", out], capture_output=True, text=True,
-                          timeout=1800, env=env, cwd=ROOT)
+                          timeout=3600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
