@@ -85,7 +85,7 @@ def hf_runner(path: str, threads: int | None = None):
 
     def run(ids, new_tokens):  # stops at EOS like ef_jax.generate, so both decode the same tokens
         return hf_decode(hf, torch.tensor([ids]), new_tokens, suppress_eos=False, pad_token_id=pad)
-    return run, f"transformers generate, torch {torch.__version__}, {torch.get_num_threads()} threads, float32"
+    return run, f"transformers generate, torch {torch.__version__}, torch threads {torch.get_num_threads()}, float32"
 
 
 def ratios(best: dict, low: str) -> dict:

@@ -2,15 +2,17 @@
 budget, and a few-layer Mixtral shape (whose tokens/s the transformers + accelerate part compares against).
 
 deepseek: [random model, 26 MoE layers × 64 experts of 17.3 MB bf16, pinned once] → resident per batch (the compute
-  time) → per (budget, batch): a burn-in run (compiles that shape) → nocache / lru / expertflow / predictive, each
-  one teacher-forced run through ef_jax.evalpolicy (one decode step per token and row, routing replayed from a real
+  time) → per (budget, batch, policy ∈ nocache / lru / expertflow / predictive): a burn-in run identical to the
+  timed one (so it compiles every program variant the timed run meets), then the timed teacher-forced run through
+  ef_jax.evalpolicy (one decode step per token and row, routing replayed from a real
   DeepSeek-V2-Lite trace when one is found) → tokens/s beside the roofline
       roofline step time = max(resident step time at that batch, misses per step × expert bytes / pinned H2D peak)
   with misses and hit rate from the same run and the peak measured at the start of the part. Each run starts from
   a cold cache (a fresh Forward), and the roofline counts the same cold misses.
 copiers: lru at 50 %, batch 1, one row per OffloadConfig.transfers mode (inline / thread / program when built).
 mixtral: resident, nocache at top-k slots, lru and expertflow at half the experts, batch 1, through ef_jax.generate
-  with two prompts in one cache: the first warms (and compiles), the second is timed (decode tokens/s).
+  with two prompts in one cache: the first warms the cache, the second is timed (decode tokens/s); the whole call
+  runs once before as a burn-in, so the timed call compiles nothing.
 
 Axes: L MoE layers, E experts, K top-k, B rows, T decode steps.
 """
@@ -59,13 +61,14 @@ def compute_dtype(dry: bool) -> str:
 # ---- routing replay ---------------------------------------------------------------------------------------------
 def find_trace(explicit: str | None) -> str | None:
     """A DeepSeek-V2-Lite routing trace: --routing, else the first .npz in shared/data/routing beside or inside the
-    checkout, else None (the model's own routing)."""
+    checkout, or a deepseek-v2-lite*.npz copied into benchmarks/data (an untracked copy travels with a working tree
+    to a lent GPU machine); else None (the model's own routing)."""
     if explicit:
         return explicit
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for d in (os.path.join(root, "..", "shared", "data", "routing"), os.path.join(root, "shared", "data", "routing"),
-              "/work/shared/data/routing"):
-        hits = sorted(glob.glob(os.path.join(d, "deepseek-v2-lite*.npz"))) or sorted(glob.glob(os.path.join(d, "*.npz")))
+              os.path.join(root, "benchmarks", "data")):
+        hits = sorted(glob.glob(os.path.join(d, "deepseek-v2-lite*.npz")))
         if hits:
             return os.path.abspath(hits[0])
     return None
@@ -98,7 +101,7 @@ def teacher_forced_row(model, ids, offload, batch: int, steps: int, override=Non
         row.update(misses=s.get("misses"), hits=s.get("hits"), h2d_bytes_real=s.get("h2d_bytes_real"),
                    copier=s.get("copier"), slots_per_layer=s.get("slots_per_layer"),
                    device_peak_bytes_in_use=s.get("device_peak_bytes_in_use"),
-                   compile_stats={k: v for k, v in s.items() if "compile" in k})  # whatever the engine counts
+                   compile_stats={k: v for k, v in s.items() if "compile" in k or "variant" in k})  # as counted
     return row
 
 
@@ -130,17 +133,12 @@ def pin_store(model):
 
 
 # ---- deepseek + copiers -----------------------------------------------------------------------------------------
-def part_deepseek(parts: dict, args) -> None:
-    """parts: name → Part for "deepseek" and/or "copiers" (one model build serves both)."""
-    import ef_jax
+def deepseek_setup(dry: bool, args):
+    """(model, trace u8[N, L, K] or None, setup dict): the model built and pinned once, the peak measured."""
     from bench_offload import measure_h2d_peak
     from ef_jax.cache.config import TRANSFER_MODES
-    lead = parts.get("deepseek") or parts["copiers"]
-    dry = lead.dry_run
     cfg = deepseek_config(dry)
     dtype = compute_dtype(dry)
-    steps = {1: 3, 8: 2} if dry else {1: args.ds_steps_b1, 8: args.ds_steps_b8}
-    budgets = (0.25, 0.5, 1.0)
     peak = measure_h2d_peak(4 << 20 if dry else 256 << 20)
     t = time.perf_counter()
     model = fast_model(cfg, dtype)
@@ -154,28 +152,41 @@ def part_deepseek(parts: dict, args) -> None:
         if trace.shape[-1] != cfg.top_k or int(trace.max()) >= cfg.num_experts:
             raise ValueError(f"{trace_path}: top-{trace.shape[-1]} of {int(trace.max()) + 1} experts does not fit "
                              f"top-{cfg.top_k} of {cfg.num_experts}")
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 8 * (max(steps.values()) + 1)).tolist()
     setup = {"model": cfg.describe(), "dtype": dtype, "bytes_per_expert": per,
              "expert_bytes_total": per * cfg.num_moe_layers * cfg.num_experts, "build_s": build_s,
-             "h2d_peak_gb_per_s": peak / 1e9, "steps": steps, "budgets": budgets, "policies": POLICIES,
+             "h2d_peak_gb_per_s": peak / 1e9, "h2d_peak": peak, "budgets": (0.25, 0.5, 1.0), "policies": POLICIES,
+             "steps": {1: 3, 8: 2} if dry else {1: args.ds_steps_b1, 8: args.ds_steps_b8},
              "routing": f"replayed from {os.path.basename(trace_path)}" if trace is not None
              else "the random model's own router (no trace found)", "trace": trace_path,
              "transfer_modes": list(TRANSFER_MODES),
              "host_memory_limit_gb": os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB")}
     setup["pin_s"] = pin_store(model)
+    print(f"[deepseek] {cfg.describe()}, {dtype}, {setup['expert_bytes_total'] / 1e9:.1f} GB of experts built in "
+          f"{build_s:.1f} s, pinned in {fmt(setup['pin_s'], 1)} s; H2D peak {peak / 1e9:.1f} GB/s; routing "
+          f"{setup['routing']}", flush=True)
+    return model, trace, setup
+
+
+def part_deepseek(parts: dict, args) -> None:
+    """parts: name → Part for "deepseek" and/or "copiers" (one model build serves both)."""
+    import ef_jax
+    from ef_jax.cache.config import TRANSFER_MODES
+    dry = (parts.get("deepseek") or parts["copiers"]).dry_run
+    model, trace, setup = deepseek_setup(dry, args)
+    cfg, steps, per, peak = model.config, setup["steps"], setup["bytes_per_expert"], setup["h2d_peak"]
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 8 * (max(steps.values()) + 1)).tolist()
     for p in parts.values():
         p.record["setup"] = setup
         p.record["rows"] = []
         p.save()
-    print(f"[deepseek] {cfg.describe()}, {dtype}, {setup['expert_bytes_total'] / 1e9:.1f} GB of experts built in "
-          f"{build_s:.1f} s, pinned in {fmt(setup['pin_s'], 1)} s; H2D peak {peak / 1e9:.1f} GB/s; routing "
-          f"{setup['routing']}", flush=True)
     slots_of = lambda frac: min(cfg.num_experts, max(cfg.top_k, round(frac * cfg.num_experts)))
     resident: dict[int, float] = {}  # batch → resident seconds per step (the roofline's compute)
     warmed: set = set()
 
-    def run(part, label, offload, batch, policy, frac, routing="replay", transfers="inline", burn=True):
-        """One row into part's record (burn-in first for a new (slots, batch, copier) shape)."""
+    def run(part, label, offload, batch, policy, frac, routing="replay", burn=True):
+        """One row into part's record, after a burn-in run of the same configuration. The grid runs the engine's
+        default copier; the copiers part names one."""
+        transfers = offload.transfers if offload is not None else "-"
         est = 4 if dry else (8 if batch == 1 else 15)
         if not part.has_time(est * (2 if burn else 1), f"{label} batch {batch}"):
             return None
@@ -183,7 +194,10 @@ def part_deepseek(parts: dict, args) -> None:
         if routing == "replay" and trace is not None and offload is not None:
             override = replay_override(trace, batch)
         try:
-            key = (offload.slots_per_layer if offload else "resident", batch, transfers, override is None)
+            # every configuration gets its own burn-in: the program copier compiles one expert-program variant per
+            # load-count bucket, and which buckets a run meets depends on the policy (its prefetches); the burn-in
+            # replays the timed run exactly (same tokens, same routing), so the timed run compiles nothing
+            key = (offload.slots_per_layer if offload else "resident", batch, transfers, override is None, policy)
             burn_s = None
             if burn and key not in warmed:
                 t0 = time.perf_counter()
@@ -195,12 +209,14 @@ def part_deepseek(parts: dict, args) -> None:
             part.error(f"{label} batch {batch}", e)
             part.save()
             return None
-        row.update(policy=policy, budget=frac, batch=batch, routing=routing if offload else "model",
-                   transfers=transfers if offload else "-", burn_in_s=burn_s)
+        row.update(policy=policy, budget=frac, batch=batch, routing="replay" if override is not None else "model",
+                   transfers=transfers, burn_in_s=burn_s)
         if offload is None:
             resident[batch] = row["wall_s"] / row["steps"]
         add_roofline(row, resident.get(batch), per, peak)
         part.record["rows"].append(row)
+        ratios = policy_ratios if part.name == "deepseek" else copier_ratios
+        part.record["ratios"] = ratios(part.record["rows"])  # kept current: a killed part still has them
         part.save()
         print(f"[{part.name}] {label:28s} B={batch} {row['tokens_per_s']:8.2f} tok/s hit {fmt(row['hit_rate'], 3)}"
               f" roofline {fmt(row.get('roofline_tokens_per_s'))} ({fmt(row.get('frac_of_roofline'))}×)"
@@ -221,20 +237,22 @@ def part_deepseek(parts: dict, args) -> None:
         sweep(ds, 1, (0.5,), ("lru", "nocache", "expertflow", "predictive"))
     if cp:
         half = slots_of(0.5)
-        inline = next((r for r in (ds.record["rows"] if ds else []) if r["policy"] == "lru" and r["budget"] == 0.5
-                       and r["batch"] == 1), None)
         for mode in ("inline", "thread", "program"):
             if mode not in TRANSFER_MODES:
                 cp.record["rows"].append({"policy": "lru", "budget": 0.5, "batch": 1, "transfers": mode,
                                           "status": "not available in this build"})
                 cp.skip(f"transfers={mode!r}", "not available in this build (not in TRANSFER_MODES)")
                 continue
-            if mode == "inline" and inline is not None:
-                cp.record["rows"].append(dict(inline))
+            same = next((r for r in (ds.record["rows"] if ds else []) if (r["policy"], r["budget"], r["batch"],
+                         r["transfers"], r["routing"]) == ("lru", 0.5, 1, mode, "replay" if trace is not None
+                                                           else "model")), None)
+            if same is not None:  # the grid's row is this configuration already (the engine's default copier)
+                cp.record["rows"].append(dict(same))
+                cp.record["ratios"] = copier_ratios(cp.record["rows"])
                 cp.save()
                 continue
             off = ef_jax.OffloadConfig(slots_per_layer=half, policy="lru", transfers=mode)
-            run(cp, f"lru 50% {mode}", off, 1, "lru", 0.5, transfers=mode)
+            run(cp, f"lru 50% {mode}", off, 1, "lru", 0.5)
         cp.record["ratios"] = copier_ratios(cp.record["rows"])
         cp.save()
     if not ds:
@@ -243,8 +261,9 @@ def part_deepseek(parts: dict, args) -> None:
     sweep(ds, 1, (0.25,) if dry else (0.25, 1.0), ("lru",) if dry else POLICIES)
     run(ds, "resident", None, 8, "resident", 1.0)
     release(model)
-    sweep(ds, 8, (0.5,) if dry else (0.5, 0.25, 1.0), ("lru", "expertflow") if dry else POLICIES)
+    sweep(ds, 8, (0.5,) if dry else (0.5, 0.25, 1.0), ("lru",) if dry else POLICIES)
     if trace is not None:  # expertflow predicts with the model's routers: show it on the routing it predicts too
+        # (without a trace every row above already runs on the model's own routing)
         for pol in ("lru",) if dry else ("lru", "expertflow"):
             off = ef_jax.OffloadConfig(slots_per_layer=slots_of(0.5), policy=pol)
             run(ds, f"{pol} 50% own routing", off, 1, pol, 0.5, routing="model")
@@ -257,8 +276,7 @@ def policy_ratios(rows: list[dict]) -> list[dict]:
     out = []
     keys = sorted({(r["budget"], r["batch"], r["routing"]) for r in rows if r.get("policy") in POLICIES})
     for b, B, rt in keys:
-        tps = {r["policy"]: r["tokens_per_s"] for r in rows
-               if (r["budget"], r["batch"], r["routing"]) == (b, B, rt) and r.get("transfers", "inline") == "inline"}
+        tps = {r["policy"]: r["tokens_per_s"] for r in rows if (r["budget"], r["batch"], r["routing"]) == (b, B, rt)}
         lru = next((r for r in rows if (r["budget"], r["batch"], r["routing"], r["policy"]) == (b, B, rt, "lru")),
                    None)
         out.append({"budget": b, "batch": B, "routing": rt,
@@ -271,7 +289,7 @@ def policy_ratios(rows: list[dict]) -> list[dict]:
 
 
 def copier_ratios(rows: list[dict]) -> dict:
-    tps = {r["transfers"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    tps = {r["transfers"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["policy"] == "lru"}
     return {f"{m}/inline": v / tps["inline"] for m, v in tps.items() if m != "inline" and "inline" in tps}
 
 
@@ -286,7 +304,10 @@ def models_markdown(rec: dict) -> str:
                   f"{s.get('build_s', 0):.1f} s, pinned in {fmt(s.get('pin_s'), 1)} s); routing: {s.get('routing')}; measured pinned H2D peak "
                   f"{fmt(s.get('h2d_peak_gb_per_s'))} GB/s; {s.get('how', 'teacher-forced steps per run: ' + str(s.get('steps')))}.",
                   "", "Roofline tokens/s = B / max(resident step time at batch B, misses per step × expert bytes / "
-                  "peak), misses from the same run; 'moved' uses the bytes really copied (prefetches included).", ""]
+                  "peak), misses from the same run; 'moved' uses the bytes really copied (prefetches included). "
+                  "Replayed rows: the engine's route_override fetches the router logits at one more sync point per "
+                  "MoE layer ('logits', to weight the replayed experts), so they carry one sync per layer that a "
+                  "plain run does not; the own-routing rows have none.", ""]
     rows = [[r.get("policy"), f"{int(100 * r.get('budget', 1))}%", r.get("batch"), r.get("routing", "–"),
              r.get("transfers", "–"), r.get("status") or r.get("tokens_per_s"), r.get("hit_rate"),
              r.get("roofline_tokens_per_s"), r.get("frac_of_roofline"), r.get("frac_of_roofline_moved"),
@@ -309,12 +330,17 @@ def models_markdown(rec: dict) -> str:
 
 # ---- mixtral ----------------------------------------------------------------------------------------------------
 def generate_row(model, prompts, new_tokens, offload) -> dict:
-    """Two prompts through one Forward (one expert cache): the first compiles and warms, the second is timed."""
+    """Two prompts through one Forward (one expert cache): the first warms the cache, the second is timed; after a
+    burn-in of the identical call (deterministic: it compiles every program variant the timed call meets)."""
     import ef_jax
+    t = time.perf_counter()
+    ef_jax.generate(model, prompts, max_new_tokens=new_tokens, offload=offload, batch_size=1)
+    burn_s = time.perf_counter() - t
     res = ef_jax.generate(model, prompts, max_new_tokens=new_tokens, offload=offload, batch_size=1)
     s, timed = res.stats, res.stats["per_batch"][-1]
     row = {"tokens_per_s": timed["tokens_per_s"], "decode_s": timed["decode_s"], "prefill_s": timed["prefill_s"],
            "warm_decode_s": res.stats["per_batch"][0]["decode_s"], "generated_tokens": timed["generated_tokens"],
+           "burn_in_s": burn_s,
            "dispatches_per_step": s.get("dispatches_per_step"), "host_syncs_per_step": s.get("host_syncs_per_step")}
     if offload is not None:
         row.update(hit_rate_both_prompts=s.get("hit_rate"), misses_both_prompts=s.get("misses"),
@@ -338,7 +364,7 @@ def part_mixtral(part, args) -> None:
                             "build_s": time.perf_counter() - t, "new_tokens": new_tokens, "prompt_tokens": 16,
                             "routing": "the random model's own router", "num_layers": cfg.num_layers,
                             "how": f"ef_jax.generate, batch 1, {new_tokens} new tokens: a first prompt warms the "
-                                   "cache and compiles, the second is timed (decode tokens/s)",
+                                   "cache, the second is timed (decode tokens/s), after a burn-in of the same call",
                             "hf_config": hf_mixtral_kwargs(cfg)}
     part.record["rows"] = []
     part.save()

@@ -19,7 +19,7 @@ def dry_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gpu_suite"))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, SUITE, "--dry-run", "--out", out], capture_output=True, text=True,
-                          timeout=1800, env=env, cwd=ROOT)
+                          timeout=3600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -70,3 +70,24 @@ def test_parts_measured_what_they_name(dry_run):
         assert hf["skipped"]
     else:
         assert "transformers resident" in {r["config"] for r in hf["rows"]}
+
+
+def test_plan_runs_parts_in_suite_order_grouped_by_process():
+    from gpu_suite import groups_to_run
+    assert groups_to_run("copiers,transfer") == [("transfer", ["transfer"]), ("deepseek", ["copiers"])]
+    assert ("deepseek", ["deepseek", "copiers"]) in groups_to_run(None)
+    with pytest.raises(SystemExit):
+        groups_to_run("transfer,nope")
+
+
+def test_roofline_is_the_slower_of_compute_and_miss_copies():
+    from suite_models import add_roofline
+    # batch 2, 4 steps, 80 misses: 20 per step × 1 MB at 1 GB/s = 20 ms per step > 10 ms of compute
+    row = {"tokens": 8, "steps": 4, "misses": 80, "tokens_per_s": 50.0, "h2d_bytes_real": 4 * 30 * 10**6}
+    add_roofline(row, 0.010, 10**6, 1e9)
+    assert row["roofline_step_s"] == pytest.approx(0.020)
+    assert row["roofline_tokens_per_s"] == pytest.approx(100.0) and row["frac_of_roofline"] == pytest.approx(0.5)
+    assert row["roofline_moved_tokens_per_s"] == pytest.approx(2 / 0.030)  # 30 MB really moved per step
+    row = {"tokens": 8, "steps": 4, "misses": 4, "tokens_per_s": 50.0}
+    add_roofline(row, 0.010, 10**6, 1e9)  # 1 ms of copies per step: compute-bound
+    assert row["roofline_tokens_per_s"] == pytest.approx(200.0)
