@@ -19,4 +19,4 @@ def with_quantized_experts(model, expert_dtype="int4", group_size: int | None = 
     if model.expert_quant is not None or any(isinstance(ex, QuantExpertPool) for ex in model.host_experts):
         raise ValueError("this model's experts are already quantized: load the float checkpoint to requantize")
     experts = tuple(None if ex is None else quantize_experts(ex, spec) for ex in model.host_experts)
-    return dataclasses.replace(model, host_experts=experts, expert_quant=spec, _resident=None, _store=None)
+    return dataclasses.replace(model, host_experts=experts, expert_quant=spec)
