@@ -185,7 +185,8 @@ def _reject_quantized(hf: dict):
         method = method or "unknown"
         raise NotImplementedError(
             f"config.json quantization_config (quant_method={method!r}): quantized checkpoints are not implemented; "
-            f"use the unquantized (bf16/float32) checkpoint of this model")
+            f"use the unquantized (bf16/float32) checkpoint of this model (expert_dtype='int8' or 'int4', "
+            f"--expert-dtype on the CLI, quantizes its routed experts at load)")
 
 
 def _req(hf: dict, *keys: str):

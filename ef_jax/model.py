@@ -127,7 +127,6 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
     path = os.fspath(path)
     spec = spec_for(expert_dtype, group_size, dtype)
-    quant_store.refuse_prequantized(path)
     cfg, params, host_experts = load_checkpoint(path, dtype)
     if spec is not None:
         host_experts = tuple(None if ex is None else quantize_experts(ex, spec) for ex in host_experts)

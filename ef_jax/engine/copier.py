@@ -211,6 +211,11 @@ class ProgramCopier(InlineCopier):
 
     def carried(self, out) -> None:
         if self._taken:
+            if self.timeline is not None:  # a copy inside a program is timed by that program (waiting for it)
+                t = time.perf_counter()
+                out.block_until_ready()
+                for layer, expert in self._taken:
+                    self.timeline.add(f"H2D L{layer} e{expert} (in program)", "copy", t)
             self._carried.append((self._taken, out))
             self._taken = []
 
