@@ -34,3 +34,14 @@ def tiny_checkpoint(tmp_path_factory):
             built[name] = d
         return built[name]
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compile_caches():
+    """Each test module starts with empty jit caches: the suite compiles thousands of programs (every copier,
+    policy, family and load bucket), and holding all their executables in one process is what a long CPU run
+    should not depend on."""
+    yield
+    import gc
+    jax.clear_caches()
+    gc.collect()
