@@ -65,13 +65,14 @@ def test_option_errors():
 def test_slot_write_is_in_place():
     from ef_jax.models.moe import ExpertPool
     from ef_jax.engine.store import write_slot
-    pool = ExpertPool(gate=jax.numpy.zeros((4, 8, 6)), up=jax.numpy.zeros((4, 8, 6)), down=jax.numpy.zeros((4, 6, 8)))
+    zeros = jax.numpy.zeros
+    pool = ExpertPool(gate=zeros((2, 4, 8, 6)), up=zeros((2, 4, 8, 6)), down=zeros((2, 4, 6, 8)))  # [L, S, ...]
     ptr = pool.gate.unsafe_buffer_pointer()
     flat = jax.numpy.arange(3 * 8 * 6, dtype=jax.numpy.float32)
-    new = write_slot(pool, flat, jax.numpy.int32(2))
+    new = write_slot(pool, flat, jax.numpy.int32(1), jax.numpy.int32(2))
     assert new.gate.unsafe_buffer_pointer() == ptr          # donated: the pool was updated in place
-    np.testing.assert_array_equal(np.asarray(new.up[2]).ravel(), np.arange(48, 96))
-    assert float(np.abs(np.asarray(new.gate[1])).sum()) == 0
+    np.testing.assert_array_equal(np.asarray(new.up[1, 2]).ravel(), np.arange(48, 96))
+    assert float(np.abs(np.asarray(new.gate[0])).sum()) == 0 and float(np.abs(np.asarray(new.gate[1, 1])).sum()) == 0
 
 
 def test_timeline_written(model, tmp_path):

@@ -52,7 +52,11 @@ def test_victim_is_an_unpredicted_expert_before_lru():
 
 def test_argument_errors():
     with pytest.raises(ValueError, match="exactly one of predictor"):
-        get_policy("predictive")
+        Predictive()
+    with pytest.raises(ValueError, match="exactly one of predictor"):
+        Predictive(predictor=object(), scores=np.zeros((1, 1, 4)))
+    from ef_jax.policies.step_predictor import OnlineLookupPredictor
+    assert isinstance(get_policy("predictive").predictor, OnlineLookupPredictor)   # by name: an online lookup
     with pytest.raises(ValueError, match=r"scores have \[L, E\]"):
         ExpertCache(2, 8, 3, Predictive(scores=np.zeros((4, 3, 8))))
 
