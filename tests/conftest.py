@@ -1,6 +1,36 @@
-"""Shared pytest setup: GPU marker handling, tiny Hugging Face checkpoints built once per session."""
+"""Shared pytest setup: a persistent compilation cache for the run, GPU marker handling, tiny Hugging Face
+checkpoints built once per session."""
+import os
+import tempfile
+
 import jax
 import pytest
+
+
+def pytest_configure(config):
+    """One on-disk XLA compilation cache for the whole run (every xdist worker and every CLI/server subprocess the
+    tests start): the suite compiles the same tiny programs in many modules and processes, and compiling, not
+    running, is most of its time on a CPU. A fresh directory per run unless EF_JAX_TEST_JIT_CACHE names one, so a
+    run never depends on what an earlier one left."""
+    path = os.environ.get("EF_JAX_TEST_JIT_CACHE")
+    if not path:
+        run = getattr(config, "workerinput", {}).get("testrunuid") or f"{os.getpid()}"
+        path = os.path.join(tempfile.gettempdir(), f"ef_jax_test_jit_{run}")
+        os.environ["EF_JAX_TEST_JIT_CACHE"] = path
+        config._ef_jax_owned_cache = path  # this process made it: removed when the run ends
+    os.makedirs(path, exist_ok=True)
+    settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)  # subprocesses (ef-jax generate/serve) read the same cache
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_ef_jax_owned_cache", None)
+    if path:
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _has_gpu() -> bool:

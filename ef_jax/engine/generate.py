@@ -36,7 +36,8 @@ class GenerationResult:
     stats: dict[str, Any]          # compile_s, prefill_s, decode_s, tokens_per_s, ... (+ offload telemetry)
 
 
-def _stop_ids(model: Model, stop_token_ids: Sequence[int] | None) -> set[int]:
+def stop_ids(model: Model, stop_token_ids: Sequence[int] | None) -> set[int]:
+    """The ids that end a row: the config's EOS ids, the tokenizer's, and `stop_token_ids` (checked in range)."""
     ids = set(model.config.eos_token_ids)
     tok = model.tokenizer
     if tok is not None and getattr(tok, "eos_token_id", None) is not None:
@@ -104,7 +105,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int | None = None, temper
     ids, _ = normalize_prompts(prompts, model.tokenizer, model.config.vocab_size)
     check_context(model.config, [len(p) for p in ids], req.max_new_tokens)  # before any device work
     _check_plan(batch_size, schedule)
-    stops = _stop_ids(model, stop_token_ids)
+    stops = stop_ids(model, stop_token_ids)
     with Forward(model, offload, layers_per_group=layers_per_group) as forward:
         batches, schedule_s = _plan(forward, ids, batch_size, schedule)
         tokens: list = [None] * len(ids)

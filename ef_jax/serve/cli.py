@@ -60,7 +60,7 @@ def build(model, offload=None, *, max_batch: int = 8, max_live: int | None = Non
     """(app, engine, forward) for `model`; the app's lifespan starts and stops the engine, the caller closes the
     Forward after the server stopped."""
     from ef_jax.engine.forward import Forward
-    from ef_jax.engine.generate import _stop_ids
+    from ef_jax.engine.generate import stop_ids
     from ef_jax.serve.app import create_app
     from ef_jax.serve.protocol import ServeContext
     from ef_jax.serve.text import GenerationDefaults
@@ -69,7 +69,7 @@ def build(model, offload=None, *, max_batch: int = 8, max_live: int | None = Non
     name = model_name or os.path.basename(os.path.normpath(model.path or "ef-jax"))
     forward = Forward(model, offload)
     try:
-        engine = ServeEngine(forward, model.tokenizer, _stop_ids(model, None), max_batch=max_batch,
+        engine = ServeEngine(forward, model.tokenizer, stop_ids(model, None), max_batch=max_batch,
                              max_live=max_live, context=context, schedule=schedule, max_wait=max_wait)
     except BaseException:
         forward.close()
