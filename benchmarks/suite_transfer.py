@@ -13,20 +13,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import statistics
-import time
 
+from bench_transfer import median_time  # burn-in call (compiles), then the median of `repeats` timed calls
 from suite_common import fmt, md_header, table
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # burn-in: compiles
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def hlo_async_copies(jitted, *args) -> dict:

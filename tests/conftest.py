@@ -41,6 +41,9 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests marked slow (whole modules, so a module's fixtures are still built once per worker) run first: with
+    # `-n 2` a long test started last would leave one worker idle while it finishes.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (none present)")

@@ -16,16 +16,30 @@ def model(request, tiny_checkpoint):
     return ef_jax.load(tiny_checkpoint(request.param))
 
 
+@pytest.fixture(scope="module")
+def inline_runs(model):
+    """The reference runs, shared by every copier: resident tokens, and inline copies per (policy, slots)."""
+    runs = {"resident": ef_jax.generate(model, PROMPTS, max_new_tokens=6).tokens}
+
+    def get(policy, slots):
+        if (policy, slots) not in runs:
+            runs[policy, slots] = ef_jax.generate(
+                model, PROMPTS, max_new_tokens=6,
+                offload=OffloadConfig(slots_per_layer=slots, policy=policy, transfers="inline"))
+        return runs[policy, slots]
+    return runs["resident"], get
+
+
 @pytest.mark.parametrize("transfers", ["thread", "program"])
 @pytest.mark.parametrize("policy", ["lru", "pregate", "expertflow"])
-def test_copiers_keep_tokens_and_decisions(model, policy, transfers):
+def test_copiers_keep_tokens_and_decisions(model, inline_runs, policy, transfers):
     cfg = model.config
-    ref = ef_jax.generate(model, PROMPTS, max_new_tokens=8).tokens
+    ref, inline_run = inline_runs
     for slots in (cfg.top_k, cfg.num_experts // 2 + 1):
-        inline = ef_jax.generate(model, PROMPTS, max_new_tokens=8,
-                                 offload=OffloadConfig(slots_per_layer=slots, policy=policy, transfers="inline"))
+        inline = inline_run(policy, slots)
+        assert inline.tokens == ref, (policy, slots, "inline")
         for check in (True, False):
-            res = ef_jax.generate(model, PROMPTS, max_new_tokens=8,
+            res = ef_jax.generate(model, PROMPTS, max_new_tokens=6,
                                   offload=OffloadConfig(slots_per_layer=slots, policy=policy, transfers=transfers,
                                                         check=check))
             assert res.tokens == ref, (policy, slots, check)
