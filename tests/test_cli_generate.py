@@ -14,6 +14,8 @@ import ef_jax
 from ef_jax import cli
 from ef_jax.cli_stream import TextStream
 
+pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -6,6 +6,8 @@ import pytest
 import ef_jax
 from ef_jax import OffloadConfig
 
+pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
+
 pytest.importorskip("torch")
 
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]

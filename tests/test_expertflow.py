@@ -13,6 +13,8 @@ from ef_jax.policies import get_policy
 from ef_jax.engine.context import policy_context
 from ef_jax.policies.expertflow import ExpertFlow
 
+pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
+
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
 
 

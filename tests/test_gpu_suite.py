@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "benchmarks", "gpu_suite.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

@@ -11,6 +11,8 @@ from ef_jax import OffloadConfig
 from ef_jax.engine.context import policy_context
 from ef_jax.model import DEFAULT_MODEL_DIR
 
+pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
+
 pytest.importorskip("torch")
 
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
