@@ -67,7 +67,7 @@ def build(model, offload=None, *, max_batch: int = 8, max_live: int | None = Non
     from ef_jax.serve.worker import ServeEngine
     context = context or default_context(model)
     name = model_name or os.path.basename(os.path.normpath(model.path or "ef-jax"))
-    forward = Forward(model, offload)
+    forward = Forward(model, offload, kv_shape=(max_live or 2 * max_batch, context))  # ServeEngine's RowPool
     try:
         engine = ServeEngine(forward, model.tokenizer, _stop_ids(model, None), max_batch=max_batch,
                              max_live=max_live, context=context, schedule=schedule, max_wait=max_wait)
