@@ -115,25 +115,31 @@ class AutoBudget:
     def describe(self) -> str:
         """One line: what was chosen and why."""
         r = self.request
-        per = f"{r.expert_dtype} experts of {mib(r.bytes_per_expert)}"
-        chose = (f"expert memory auto: {mib(self.expert_memory)} = {self.slots_per_layer}/{r.num_experts} slots per "
+        per = f"{r.expert_dtype} experts of {fmt_size(r.bytes_per_expert)}"
+        chose = (f"expert memory auto: {fmt_size(self.expert_memory)} = {self.slots_per_layer}/{r.num_experts} slots per "
                  f"MoE layer × {r.num_moe_layers} layers of {per}")
         if self.source == "cpu-default":
             return (f"{chose}; no device memory to read on this backend (memory_stats() is None), so the CPU default: "
                     f"{CPU_DEFAULT_FRACTION:.0%} of the experts' bytes at the model's float dtype"
                     + (f", raised to top-{r.top_k}" if self.slots_per_layer == r.top_k else ""))
         weights = "already on the device" if r.non_expert_on_device else "to load"
-        line = (f"{chose}; from {mib(self.free_bytes)} free on the device − non-expert weights "
-                f"{mib(r.non_expert_bytes)} ({weights}) − KV cache {mib(r.kv_bytes)} ({r.batch} × {r.context} "
-                f"positions) − margin {mib(self.margin_bytes)} ({MARGIN_FRACTION:.0%} + {mib(RESERVE_BYTES)}) = "
-                f"{mib(self.available_bytes)}")
+        line = (f"{chose}; from {fmt_size(self.free_bytes)} free on the device − non-expert weights "
+                f"{fmt_size(r.non_expert_bytes)} ({weights}) − KV cache {fmt_size(r.kv_bytes)} ({r.batch} × {r.context} "
+                f"positions) − margin {fmt_size(self.margin_bytes)} ({MARGIN_FRACTION:.0%} + {fmt_size(RESERVE_BYTES)}) = "
+                f"{fmt_size(self.available_bytes)}")
         if self.slots_per_layer == r.num_experts:
             line += " (every expert fits)"
         return line
 
 
-def mib(n: int | None) -> str:
-    return "?" if n is None else f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+def fmt_size(n: int | None) -> str:
+    """Bytes in the binary unit that reads best ."""
+    if n is None:
+        return "?"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n} B"
 
 
 def free_bytes(stats: dict | None) -> int | None:
@@ -164,9 +170,9 @@ def auto_budget(req: BudgetRequest, stats: dict | None) -> AutoBudget:
         # smallest free f with (f − pending)·(1 − fraction) − reserve ≥ K·L·B_e
         need = req.pending_bytes + math.ceil((req.minimum_bytes + RESERVE_BYTES) / (1 - MARGIN_FRACTION))
         raise BudgetTooSmall(
-            f"expert memory auto: the device has {mib(free)} free, but one token needs its top-{K} experts in each of "
-            f"{L} MoE layers ({mib(req.minimum_bytes)} of {req.expert_dtype} experts) after the non-expert weights "
-            f"{mib(req.non_expert_bytes)}{' (already on the device)' if req.non_expert_on_device else ''}, the KV "
-            f"cache {mib(req.kv_bytes)} ({req.batch} × {req.context} positions) and the margin {mib(m)}: the minimum "
-            f"is {mib(need)} free; quantize the experts (int4), decode fewer rows or positions, or free device memory", need)
+            f"the device has {fmt_size(free)} free, but one token needs its top-{K} experts in each of "
+            f"{L} MoE layers ({fmt_size(req.minimum_bytes)} of {req.expert_dtype} experts) after the non-expert weights "
+            f"{fmt_size(req.non_expert_bytes)}{' (already on the device)' if req.non_expert_on_device else ''}, the KV "
+            f"cache {fmt_size(req.kv_bytes)} ({req.batch} × {req.context} positions) and the margin {fmt_size(m)}: the minimum "
+            f"is {fmt_size(need)} free; quantize the experts (int4), decode fewer rows or positions, or free device memory", need)
     return AutoBudget("device", slots * L * per, slots, req, free, m, available)

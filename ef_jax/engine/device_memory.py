@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from ef_jax.cache.auto_budget import AutoBudget, BudgetRequest, auto_budget, kv_cache_bytes
+from ef_jax.cache.auto_budget import AutoBudget, BudgetRequest, BudgetTooSmall, auto_budget, kv_cache_bytes
 from ef_jax.checkpoint import DTYPES
 from ef_jax.model import Model
 
@@ -49,4 +49,7 @@ def resolve_auto(model: Model, bytes_per_expert: int, kv_shape: tuple[int, int] 
                          "rows and positions it decodes: pass Forward(..., kv_shape=(rows, positions)), or give "
                          "expert_memory as bytes / slots_per_layer")
     batch, context = kv_shape
-    return auto_budget(budget_request(model, bytes_per_expert, batch, context), memory_stats(device))
+    try:
+        return auto_budget(budget_request(model, bytes_per_expert, batch, context), memory_stats(device))
+    except BudgetTooSmall as e:
+        raise BudgetTooSmall(f"expert_memory='auto': {e}", e.minimum_free) from None
