@@ -1,10 +1,10 @@
-"""expert_memory="auto": the expert budget from the device's free memory — the arithmetic only (no jax; the device
-query is ef_jax.engine.device_memory, the CLI's preview is ef_jax.cli_model).
+"""expert_memory="auto": the expert budget from the device's free memory — the arithmetic only (no jax; the
+device query is ef_jax.engine.device_memory, the CLI's is ef_jax.cli_model).
 
 memory_stats → free = bytes_limit − bytes_in_use
    → − pending (non-expert weights not yet on the device, the KV cache for batch × context)
    → − margin (MARGIN_FRACTION of what is left + RESERVE_BYTES)
-   → ⌊… / (L · B_e)⌋ slots per MoE layer, at most E; fewer than K → BudgetTooSmall (with the minimum free memory)
+   → ⌊… / (L · B_e)⌋ slots per MoE layer, at most E; fewer than K → BudgetTooSmall (naming the minimum free)
 no memory stats (CPU) → CPU_DEFAULT_FRACTION of every expert's bytes at the model's float dtype (≥ K slots)
 
 B_e is the bytes of one expert as stored (int8/int4: codes + scales + offsets), so the same free memory holds about
@@ -116,17 +116,17 @@ class AutoBudget:
         """One line: what was chosen and why."""
         r = self.request
         per = f"{r.expert_dtype} experts of {fmt_size(r.bytes_per_expert)}"
-        chose = (f"expert memory auto: {fmt_size(self.expert_memory)} = {self.slots_per_layer}/{r.num_experts} slots per "
-                 f"MoE layer × {r.num_moe_layers} layers of {per}")
+        chose = (f"expert memory auto: {fmt_size(self.expert_memory)} = {self.slots_per_layer}/{r.num_experts} "
+                 f"slots per MoE layer × {r.num_moe_layers} layers of {per}")
         if self.source == "cpu-default":
             return (f"{chose}; no device memory to read on this backend (memory_stats() is None), so the CPU default: "
                     f"{CPU_DEFAULT_FRACTION:.0%} of the experts' bytes at the model's float dtype"
                     + (f", raised to top-{r.top_k}" if self.slots_per_layer == r.top_k else ""))
         weights = "already on the device" if r.non_expert_on_device else "to load"
         line = (f"{chose}; from {fmt_size(self.free_bytes)} free on the device − non-expert weights "
-                f"{fmt_size(r.non_expert_bytes)} ({weights}) − KV cache {fmt_size(r.kv_bytes)} ({r.batch} × {r.context} "
-                f"positions) − margin {fmt_size(self.margin_bytes)} ({MARGIN_FRACTION:.0%} + {fmt_size(RESERVE_BYTES)}) = "
-                f"{fmt_size(self.available_bytes)}")
+                f"{fmt_size(r.non_expert_bytes)} ({weights}) − KV cache {fmt_size(r.kv_bytes)} ({r.batch} × "
+                f"{r.context} positions) − margin {fmt_size(self.margin_bytes)} ({MARGIN_FRACTION:.0%} + "
+                f"{fmt_size(RESERVE_BYTES)}) = {fmt_size(self.available_bytes)}")
         if self.slots_per_layer == r.num_experts:
             line += " (every expert fits)"
         return line
@@ -169,10 +169,11 @@ def auto_budget(req: BudgetRequest, stats: dict | None) -> AutoBudget:
     if slots < K:
         # smallest free f with (f − pending)·(1 − fraction) − reserve ≥ K·L·B_e
         need = req.pending_bytes + math.ceil((req.minimum_bytes + RESERVE_BYTES) / (1 - MARGIN_FRACTION))
+        placed = " (already on the device)" if req.non_expert_on_device else ""
         raise BudgetTooSmall(
-            f"the device has {fmt_size(free)} free, but one token needs its top-{K} experts in each of "
-            f"{L} MoE layers ({fmt_size(req.minimum_bytes)} of {req.expert_dtype} experts) after the non-expert weights "
-            f"{fmt_size(req.non_expert_bytes)}{' (already on the device)' if req.non_expert_on_device else ''}, the KV "
-            f"cache {fmt_size(req.kv_bytes)} ({req.batch} × {req.context} positions) and the margin {fmt_size(m)}: the minimum "
-            f"is {fmt_size(need)} free; quantize the experts (int4), decode fewer rows or positions, or free device memory", need)
+            f"the device has {fmt_size(free)} free, but one token needs its top-{K} experts in each of {L} MoE "
+            f"layers ({fmt_size(req.minimum_bytes)} of {req.expert_dtype} experts) after the non-expert weights "
+            f"{fmt_size(req.non_expert_bytes)}{placed}, the KV cache {fmt_size(req.kv_bytes)} ({req.batch} × "
+            f"{req.context} positions) and the margin {fmt_size(m)}: the minimum is {fmt_size(need)} free; quantize "
+            f"the experts (int4), decode fewer rows or positions, or free device memory", need)
     return AutoBudget("device", slots * L * per, slots, req, free, m, available)

@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
     text = read_text("--text", args.text)
     ids = _text_ids(text, pf)
     model = ef_jax.load(pf.path, dtype=args.dtype, **load_kwargs(args))
-    res = evaluate_policy(model, ids, build_offload(model, args, budget), batch_size=args.batch_size, seq_len=args.seq_len,
-                          max_tokens=args.max_tokens)
+    res = evaluate_policy(model, ids, build_offload(model, args, budget), batch_size=args.batch_size,
+                          seq_len=args.seq_len, max_tokens=args.max_tokens)
     record = {"model": model.path, "text": args.text, "timing": args.timing, "batch_size": args.batch_size,
               "routing": args.routing, "budget_auto": auto, **res.to_dict(),
               # a timing preset counts its own expert size in bytes_per_token; this is what really moved
