@@ -122,12 +122,18 @@ def test_kv_cache_bytes_is_what_init_cache_allocates(family):
 
 @pytest.fixture(scope="module")
 def model():
-    return ef_jax.load()  # the shipped model: 10 MoE layers × 32 experts, top-4, float32 on CPU
+    """Random weights in the shipped model's shape (10 MoE layers × 32 experts, top-4), float32."""
+    from ef_jax.cli_model import preflight
+    from ef_jax.random_model import random_model
+    return random_model(preflight("--model", None, with_tokenizer=False).config)
 
 
-def test_non_expert_bytes_from_the_config_match_the_loaded_model(model):
-    from ef_jax.checkpoint import non_expert_nbytes
-    assert non_expert_nbytes(model.config, model.dtype) == model.param_bytes()["other"]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_non_expert_bytes_from_the_config_match_the_checkpoint(dtype):
+    from ef_jax.checkpoint import iter_param_leaves, load_checkpoint, non_expert_nbytes
+    from ef_jax.model import DEFAULT_MODEL_DIR
+    cfg, params, _ = load_checkpoint(DEFAULT_MODEL_DIR, dtype)  # host numpy: what ef_jax.load puts on the device
+    assert non_expert_nbytes(cfg, dtype) == sum(a.nbytes for _, a in iter_param_leaves(params))
 
 
 def test_engine_real_cpu_path_and_fake_gpu(model, monkeypatch):
@@ -154,6 +160,17 @@ def test_engine_real_cpu_path_and_fake_gpu(model, monkeypatch):
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bare_dir(tmp_path_factory):
+    """The shipped model's config.json alone: all the CLI reads before loading (no tokenizer to import)."""
+    import shutil
+    from ef_jax.model import DEFAULT_MODEL_DIR
+    d = tmp_path_factory.mktemp("bare")
+    for f in ("config.json", "generation_config.json"):
+        shutil.copy(f"{DEFAULT_MODEL_DIR}/{f}", d / f)
+    return str(d)
+
+
 def _no_model_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("model work started before the refusal")
@@ -161,10 +178,10 @@ def _no_model_work(monkeypatch):
     monkeypatch.setattr(ef_jax, "generate", boom)
 
 
-def test_cli_prints_what_auto_chose(monkeypatch, capsys):
+def test_cli_prints_what_auto_chose(bare_dir, monkeypatch, capsys):
     from ef_jax import cli_generate
-    args = cli.build_parser().parse_args(["generate", "--prompt-ids", "3 5 7", "--max-new-tokens", "9",
-                                          "--expert-memory", "auto"])
+    args = cli.build_parser().parse_args(["generate", "--model", bare_dir, "--prompt-ids", "3 5 7",
+                                          "--max-new-tokens", "9", "--expert-memory", "auto"])
     _no_model_work(monkeypatch)
     p = cli_generate.plan(args)  # the CPU: no memory stats
     err = capsys.readouterr().err.strip().splitlines()
@@ -174,13 +191,13 @@ def test_cli_prints_what_auto_chose(monkeypatch, capsys):
     assert p.budget_auto["context"] == 64  # 3 prompt tokens + 9 new, bucketed as the decode loop allocates
 
 
-def test_cli_auto_counts_quantized_bytes(monkeypatch, capsys):
+def test_cli_auto_counts_quantized_bytes(bare_dir, monkeypatch, capsys):
     from ef_jax import cli_generate
     from ef_jax.checkpoint import non_expert_nbytes
     from ef_jax.cli_model import preflight
     from ef_jax.engine import device_memory
     _no_model_work(monkeypatch)
-    cfg = preflight("--model", None, with_tokenizer=False).config
+    cfg = preflight("--model", bare_dir, with_tokenizer=False).config
     # free memory for 8 bf16 experts per MoE layer after the weights still to load and the KV cache (1 × 64)
     experts = 8 * cfg.num_moe_layers * cfg.expert_params() * 2
     free = (int(np.ceil((experts + ab.RESERVE_BYTES) / (1 - ab.MARGIN_FRACTION)))
@@ -188,8 +205,9 @@ def test_cli_auto_counts_quantized_bytes(monkeypatch, capsys):
     monkeypatch.setattr(device_memory, "memory_stats", lambda device=None: fake_stats(free))
     slots = {}
     for dt in ("bf16", "int8", "int4"):
-        args = cli.build_parser().parse_args(["generate", "--prompt-ids", "3 5 7", "--max-new-tokens", "9",
-                                              "--dtype", "bfloat16", "--expert-dtype", dt, "--expert-memory", "auto"])
+        args = cli.build_parser().parse_args(["generate", "--model", bare_dir, "--prompt-ids", "3 5 7",
+                                              "--max-new-tokens", "9", "--dtype", "bfloat16", "--expert-dtype", dt,
+                                              "--expert-memory", "auto"])
         slots[dt] = cli_generate.plan(args).budget_auto["slots_per_layer"]
     assert "free on the device" in capsys.readouterr().err
     assert slots["bf16"] == 8 and slots["int8"] >= 14 and slots["int4"] >= 24, slots
@@ -200,13 +218,52 @@ def test_cli_auto_counts_quantized_bytes(monkeypatch, capsys):
     ["eval-policy", "--text", "TEXT", "--policy", "lru", "--expert-memory", "auto"],
     ["serve", "--expert-memory", "auto"],
 ])
-def test_cli_refuses_a_too_small_auto_budget_before_loading(argv, monkeypatch, capsys, tmp_path):
+def test_cli_refuses_a_too_small_auto_budget_before_loading(argv, bare_dir, monkeypatch, capsys, tmp_path):
     from ef_jax.engine import device_memory
     text = tmp_path / "t.txt"
-    text.write_text("To be, or not to be.")
-    argv = [str(text) if a == "TEXT" else a for a in argv]
+    text.write_text("3 5 7 9")
+    argv = [str(text) if a == "TEXT" else a for a in argv] + ["--model", bare_dir]
     _no_model_work(monkeypatch)
     monkeypatch.setattr(device_memory, "memory_stats", lambda device=None: fake_stats(64 * 2**20))
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--expert-memory auto" in err and "the minimum is" in err, err
+
+
+class _Seen(Exception):
+    pass
+
+
+@pytest.fixture
+def seen_kv_shape(monkeypatch):
+    """Replaces the Forward of every API entry point by one that records its kv_shape and stops the run there."""
+    import ef_jax.engine.api
+    import ef_jax.engine.generate
+    import ef_jax.evalpolicy.harness
+    from ef_jax.engine import forward
+    seen = []
+
+    def fake(model, offload=None, **kw):
+        seen.append(kw.get("kv_shape"))
+        raise _Seen
+    for mod in (ef_jax.engine.generate, ef_jax.engine.api, ef_jax.evalpolicy.harness, forward):
+        monkeypatch.setattr(mod, "Forward", fake)
+    return seen
+
+
+def test_every_entry_point_sizes_its_kv_cache(model, seen_kv_shape):
+    from ef_jax.evalpolicy.harness import evaluate_policy
+    from ef_jax.serve.cli import build
+    auto = OffloadConfig(expert_memory="auto")
+    calls = [  # (call, the KV cache its decode loop allocates)
+        (lambda: ef_jax.generate(model, [[1] * 20, [2] * 5, [3]], max_new_tokens=30, offload=auto), (3, 64)),
+        (lambda: ef_jax.generate(model, [[1] * 20, [2] * 5, [3]], max_new_tokens=60, batch_size=2, offload=auto),
+         (2, 128)),  # 20 prompt tokens bucket to 32, + 60 new = 92 → 128 positions
+        (lambda: ef_jax.logits(model, [[1, 2, 3, 4]] * 2, offload=auto), (2, 4)),
+        (lambda: evaluate_policy(model, list(range(100)), auto, batch_size=2, seq_len=30), (2, 30)),
+        (lambda: build(model, auto, max_batch=3, context=256), (6, 256)),  # --max-live defaults to 2 × max-batch
+    ]
+    for call, want in calls:
+        with pytest.raises(_Seen):
+            call()
+        assert seen_kv_shape[-1] == want
