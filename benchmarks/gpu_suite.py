@@ -343,8 +343,8 @@ def summary_markdown(rec: dict) -> str:
     for v in h.get("quant_vs_float") or []:
         lines.append(f"| DeepSeek lru 25 % batch 1, {v['expert_dtype']} vs float at the same expert_memory: bytes "
                      f"per expert ×, hit rate +, tokens/s × | {fmt(v['bytes_per_expert'])}, {fmt(v['hit_rate_gain'])}"
-                     f", {fmt(v['tokens_per_s'])} | issue 16: bytes ≤ 0.55 (int8) / ≤ 0.30 (int4) of bf16; int4 hit rate "
-                     "higher |")
+                     f", {fmt(v['tokens_per_s'])} | issue 16: bytes ≤ 0.55 (int8) / ≤ 0.30 (int4) of bf16; "
+                     "int4 hit rate higher |")
     for k, v in (h.get("copier_ratios") or {}).items():
         lines.append(f"| copiers {k} (tokens/s) | {fmt(v)} | |")
     for k, v in (h.get("ef_jax_vs_accelerate") or {}).items():

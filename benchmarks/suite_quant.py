@@ -108,7 +108,8 @@ def vs_float(rows: list[dict]) -> list[dict]:
         return []
     return [{"expert_dtype": r["expert_dtype"], "bytes_per_expert": r["bytes_vs_float"],
              "slots": r["slots_per_layer"] / base["slots_per_layer"],
-             "hit_rate_gain": r["hit_rate"] - base["hit_rate"], "tokens_per_s": r["tokens_per_s"] / base["tokens_per_s"]}
+             "hit_rate_gain": r["hit_rate"] - base["hit_rate"],
+             "tokens_per_s": r["tokens_per_s"] / base["tokens_per_s"]}
             for r in rows if r["expert_dtype"] in QUANT_DTYPES]
 
 
