@@ -95,7 +95,9 @@ def test_cpu_default_without_memory_stats():
     assert int4.slots_per_layer > 3 * bf16.slots_per_layer  # the same default memory holds more int4 experts
     assert "memory_stats() is None" in bf16.describe() and "25%" in bf16.describe()
     tiny = dataclasses.replace(ds_request(DS.expert_params() * 2), num_experts=8)  # 25 % of 8 < top-6
-    assert auto_budget(tiny, None).slots_per_layer == DS.top_k
+    raised = auto_budget(tiny, None)
+    assert raised.slots_per_layer == DS.top_k and "raised to top-6" in raised.describe()
+    assert "raised" not in bf16.describe()
 
 
 def test_offload_config_accepts_auto_and_resolve_slots_needs_bytes():

@@ -121,7 +121,8 @@ class AutoBudget:
         if self.source == "cpu-default":
             return (f"{chose}; no device memory to read on this backend (memory_stats() is None), so the CPU default: "
                     f"{CPU_DEFAULT_FRACTION:.0%} of the experts' bytes at the model's float dtype"
-                    + (f", raised to top-{r.top_k}" if self.slots_per_layer == r.top_k else ""))
+                    + (f", raised to top-{r.top_k}" if self.available_bytes // (r.num_moe_layers * r.bytes_per_expert)
+                       < r.top_k else ""))
         weights = "already on the device" if r.non_expert_on_device else "to load"
         line = (f"{chose}; from {fmt_size(self.free_bytes)} free on the device − non-expert weights "
                 f"{fmt_size(r.non_expert_bytes)} ({weights}) − KV cache {fmt_size(r.kv_bytes)} ({r.batch} × "
@@ -133,7 +134,7 @@ class AutoBudget:
 
 
 def fmt_size(n: int | None) -> str:
-    """Bytes in the binary unit that reads best ."""
+    """Bytes in the largest binary unit that keeps the figure ≥ 1."""
     if n is None:
         return "?"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
