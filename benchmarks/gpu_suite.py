@@ -13,6 +13,9 @@ Parts, in the order they run (the issue's GPU figures first):
                  predictive × batch 1/8, tokens/s beside the roofline max(compute, misses × copy time)
   copiers        OffloadConfig(transfers=inline|thread|program) at lru 50 %, batch 1, same model ("program" is
                  recorded as not available when this build lacks it)
+  quant          the same model with bf16 / int8 / int4 experts at one expert_memory (25 % of the bf16 experts),
+                 lru, batch 1: tokens/s, bytes per expert, slots, hit rate against bf16, and what
+                 expert_memory="auto" would choose on the device (runs after copiers, before the rest of the grid)
   mixtral        Mixtral shapes, 4 layers: resident / nocache / lru / expertflow, batch 1
   hf_accelerate  transformers + accelerate (experts offloaded to CPU) on the same Mixtral shapes → ef_jax/accelerate
   policies       the shipped model's cache policies on the wall clock (bench_policies)
@@ -46,8 +49,9 @@ from suite_common import Part, fmt, md_header, run_meta, table  # noqa: E402
 # name: (child group, nominal seconds on a GPU, minimum seconds to be worth starting)
 PARTS = {
     "transfer": ("transfer", 50, 25),
-    "deepseek": ("deepseek", 220, 90),
+    "deepseek": ("deepseek", 280, 90),  # +60 s for the quant rows (estimated: quantize + pin + 3 rows)
     "copiers": ("deepseek", 0, 0),  # runs in the deepseek child (one model build, ~28 GB pinned, serves both)
+    "quant": ("deepseek", 0, 0),    # also there: quantizes that model's experts (+15 GB int8, +8 GB int4 pinned)
     "mixtral": ("mixtral", 60, 30),
     "hf_accelerate": ("hf_accelerate", 60, 35),
     "policies": ("policies", 75, 40),
@@ -109,8 +113,9 @@ def run_group(group: str, parts: dict, args) -> None:
         part_transfer(parts["transfer"], args)
     elif group == "deepseek":
         from suite_models import models_markdown, part_deepseek
+        from suite_quant import quant_markdown
         for p in parts.values():
-            p.markdown_fn = models_markdown
+            p.markdown_fn = quant_markdown if p.name == "quant" else models_markdown
         part_deepseek(parts, args)
     elif group == "mixtral":
         from suite_models import models_markdown, part_mixtral
@@ -295,6 +300,7 @@ def summarize(args, status: dict, wall_s: float) -> dict:
                      deepseek_lru50_b1_frac_of_roofline=r.get("frac_of_roofline"))
     heads["deepseek_ratios"] = ds.get("ratios")
     heads["copier_ratios"] = load(args.out, "copiers").get("ratios")
+    heads["quant_vs_float"] = load(args.out, "quant").get("vs_float")
     heads["ef_jax_vs_accelerate"] = load(args.out, "hf_accelerate").get("ratios")
     targets = {"overlap_in_program": 0.8, "deepseek_lru50_b1_frac_of_roofline": 0.8}
     rec = {"meta": run_meta(), "dry_run": args.dry_run, "budget_s": args.budget_s, "wall_s": wall_s,
@@ -318,7 +324,7 @@ def summary_markdown(rec: dict) -> str:
              f"{rec['budget_s']:.0f} s budget; host {m['host']}.", ""]
     lines += table(["part", "status"], [[k, v] for k, v in rec["status"].items()])
     t = rec["targets"]
-    lines += ["", "| figure | value | issue 13 target |", "|---|---|---|",
+    lines += ["", "| figure | value | target (issue 13 unless named) |", "|---|---|---|",
               f"| pinned H2D peak | {fmt(h.get('h2d_peak_gb_per_s'))} GB/s | |",
               f"| HBM copy | {fmt(h.get('hbm_gb_per_s'), 0)} GB/s | |",
               f"| copy overlap, copies inside the compute's program | {fmt(h.get('overlap_in_program'))} | "
@@ -334,6 +340,11 @@ def summary_markdown(rec: dict) -> str:
         lines.append(f"| DeepSeek {int(100 * r['budget'])}% batch {r['batch']} ({r['routing']} routing): "
                      f"expertflow/lru, expertflow/nocache | {fmt(r['expertflow/lru'])}, "
                      f"{fmt(r['expertflow/nocache'])} | |")
+    for v in h.get("quant_vs_float") or []:
+        lines.append(f"| DeepSeek lru 25 % batch 1, {v['expert_dtype']} vs float at the same expert_memory: bytes "
+                     f"per expert ×, hit rate +, tokens/s × | {fmt(v['bytes_per_expert'])}, {fmt(v['hit_rate_gain'])}"
+                     f", {fmt(v['tokens_per_s'])} | issue 16: bytes ≤ 0.55 (int8) / ≤ 0.30 (int4) of bf16; "
+                     "int4 hit rate higher |")
     for k, v in (h.get("copier_ratios") or {}).items():
         lines.append(f"| copiers {k} (tokens/s) | {fmt(v)} | |")
     for k, v in (h.get("ef_jax_vs_accelerate") or {}).items():

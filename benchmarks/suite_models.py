@@ -10,6 +10,7 @@ deepseek: [random model, 26 MoE layers × 64 experts of 17.3 MB bf16, pinned onc
   with misses and hit rate from the same run and the peak measured at the start of the part. Each run starts from
   a cold cache (a fresh Forward), and the roofline counts the same cold misses.
 copiers: lru at 50 %, batch 1, one row per OffloadConfig.transfers mode (inline / thread / program when built).
+quant: float / int8 / int4 experts at one expert_memory (benchmarks/suite_quant.py), after the copiers.
 mixtral: resident, nocache at top-k slots, lru and expertflow at half the experts, batch 1, through ef_jax.generate
   with two prompts in one cache: the first warms the cache, the second is timed (decode tokens/s); the whole call
   runs once before as a burn-in, so the timed call compiles nothing.
@@ -168,10 +169,10 @@ def deepseek_setup(dry: bool, args):
 
 
 def part_deepseek(parts: dict, args) -> None:
-    """parts: name → Part for "deepseek" and/or "copiers" (one model build serves both)."""
+    """parts: name → Part for "deepseek", "copiers" and/or "quant" (one model build serves them all)."""
     import ef_jax
     from ef_jax.cache.config import TRANSFER_MODES
-    dry = (parts.get("deepseek") or parts["copiers"]).dry_run
+    dry = next(iter(parts.values())).dry_run
     model, trace, setup = deepseek_setup(dry, args)
     cfg, steps, per, peak = model.config, setup["steps"], setup["bytes_per_expert"], setup["h2d_peak"]
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 8 * (max(steps.values()) + 1)).tolist()
@@ -229,8 +230,8 @@ def part_deepseek(parts: dict, args) -> None:
                 off = ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy=pol)
                 run(part, f"{pol} {int(frac * 100)}%", off, batch, pol, frac)
 
-    ds, cp = parts.get("deepseek"), parts.get("copiers")
-    lead_part = ds or cp
+    ds, cp, qt = parts.get("deepseek"), parts.get("copiers"), parts.get("quant")
+    lead_part = ds or cp or qt
     run(lead_part, "resident", None, 1, "resident", 1.0)
     release(model)
     if ds:  # the issue's figures first: lru at 50 %, batch 1, and its ratios
@@ -255,6 +256,9 @@ def part_deepseek(parts: dict, args) -> None:
             run(cp, f"lru 50% {mode}", off, 1, "lru", 0.5)
         cp.record["ratios"] = copier_ratios(cp.record["rows"])
         cp.save()
+    if qt:  # before the rest of the grid: a suite cut short still has the int8/int4 rows
+        from suite_quant import part_quant
+        part_quant(qt, model, ids, trace, setup, resident.get(1))
     if not ds:
         return
     # a dry run walks every kind of row once (each budget, both batches), not the whole grid

@@ -127,6 +127,16 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def non_expert_nbytes(cfg: ModelConfig, dtype: str) -> int:
+    """Bytes of every weight that is not a routed expert, as load_checkpoint returns them (routers kept in float32
+    where the family does): what the device holds besides the experts, known from the config alone."""
+    total = 0
+    for name, shape in expected_shapes(cfg).items():
+        f32 = cfg.router_fp32_weight and name.endswith(".router")
+        total += int(np.prod(shape)) * (4 if f32 else DTYPES[dtype].itemsize)
+    return total
+
+
 def hf_name_map(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
     """Our dotted param name → (HF tensor name, transpose?) for every non-expert tensor."""
     names = {"embed": ("model.embed_tokens.weight", False), "final_norm": ("model.norm.weight", False)}

@@ -1,7 +1,8 @@
 """`ef-jax generate`: every flag checked against the checkpoint before its weights load, then streamed output.
 
 flags → preflight (config, generation_config.json, tokenizer) → prompt ids → sampling defaults → context check
-      → offload budget + policy (+ --predictor / --hybrid) → --timeline path  [all refusals before this line]
+      → offload budget (auto: read the device's free memory, one line on stderr) + policy (+ --predictor /
+        --hybrid) → --timeline path  [all refusals before this line]
       → ef_jax.load → ef_jax.generate(on_token=TextStream) → text on stdout as it settles, stats on stderr
 Ctrl-C: the text generated so far stays printed, the process exits 130 without a traceback.
 """
@@ -48,7 +49,8 @@ def add_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--expert-memory", default=None, metavar="SIZE",
-                        help="device budget for routed experts, e.g. 2GiB (offloads experts)")
+                        help="device budget for routed experts, e.g. 2GiB, or auto: the device's free memory after "
+                             "the other weights, the KV cache and a margin (offloads experts)")
     budget.add_argument("--slots-per-layer", type=int, default=None, metavar="N",
                         help="device expert slots per MoE layer (offloads experts)")
     g.add_argument("--policy", default=None, metavar="NAME",
@@ -151,12 +153,14 @@ class Plan:
     dtype: str
     policy: str                    # "resident" or an online policy name
     budget: dict | None            # OffloadConfig budget kwargs; None = resident
+    budget_auto: dict | None       # --expert-memory auto: what it chose and why (ef_jax.cache.auto_budget)
     predictor: object              # a loaded TrainedPredictor for --predictor, else None
     timeline: str | None
 
 
 def plan(args) -> Plan:
     """Every refusal of `ef-jax generate`, in CLI terms, before any weight is read."""
+    from ef_jax.engine.batch import cache_slots
     from ef_jax.engine.request import ContextLengthError, check_context
     from ef_jax.generation_config import resolve_sampling
     from ef_jax.model import default_dtype
@@ -173,8 +177,10 @@ def plan(args) -> Plan:
         raise UsageError(e.describe("--max-new-tokens")) from None
     dtype = args.dtype or default_dtype()
     name = _policy_name(args)
-    return Plan(pf=pf, ids=ids, sampling=req, dtype=dtype, policy=name,
-                budget=offload_budget(args, pf.config, dtype) if name != "resident" else None,
+    budget, auto = None, None
+    if name != "resident":
+        budget, auto = offload_budget(args, pf, dtype, (1, cache_slots(len(ids), req.max_new_tokens)))
+    return Plan(pf=pf, ids=ids, sampling=req, dtype=dtype, policy=name, budget=budget, budget_auto=auto,
                 predictor=_predictor_ahead(args, pf.config),
                 timeline=output_file("--timeline", args.timeline) if args.timeline else None)
 
@@ -226,7 +232,7 @@ def _record(p: Plan, stream: TextStream, text: str, res) -> dict:
     return {"model": p.pf.path, "prompt": stream.prompt_text if tok is not None else None, "prompt_ids": p.ids,
             "text": text if tok is not None else None, "tokens": list(stream.tokens),
             "stopped_by_string": stream.stopped, "interrupted": res is None,
-            "stats": None if res is None else _finite(res.stats)}
+            "stats": None if res is None else _finite(res.stats), "budget_auto": p.budget_auto}
 
 
 def _finite(x):

@@ -3,13 +3,14 @@ tokenizer, prompt ids and the offload budget, each refused in CLI terms (UsageEr
 
 --model DIR → checkpoint_dir → preflight (config.json, generation_config.json, tokenizer; no tensors read)
             → prompt_ids(text | --prompt-file | --prompt-ids | stdin)
-            → offload_budget(--expert-memory | --slots-per-layer)
+            → offload_budget(--expert-memory SIZE | auto | --slots-per-layer)
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import sys
 
 from ef_jax.cli_guards import UsageError, input_file, plural, read_text
 from ef_jax.config import ModelConfig
@@ -97,20 +98,44 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def offload_budget(args, cfg: ModelConfig, dtype: str) -> dict:
-    """{"expert_memory" or "slots_per_layer": value} from the flags, checked against this model: a budget below
-    one token's top-k experts per MoE layer is refused with the minimum, as flags."""
-    from ef_jax import OffloadConfig
+def expert_nbytes(args, pf: Preflight, dtype: str) -> tuple[int, str]:
+    """(bytes of one routed expert as the run will store it, its dtype name) from --expert-dtype / --group-size, or
+    a converted store's manifest: budgets count these bytes, so int8/int4 fit more experts in the same memory."""
     from ef_jax.checkpoint import DTYPES
+    from ef_jax.quant import store as quant_store
+    from ef_jax.quant.cli import load_kwargs
+    from ef_jax.quant.quantize import quantized_nbytes, spec_for
+    cfg = pf.config
+    if quant_store.is_store(pf.path):
+        m = quant_store.read_manifest(pf.path)
+        return int(m["bytes_per_expert"]), m["expert_dtype"]
+    kw = load_kwargs(args)
+    try:
+        spec = spec_for(kw["expert_dtype"], kw["group_size"], dtype)
+        if spec is None:
+            return cfg.expert_params() * DTYPES[dtype].itemsize, {"bfloat16": "bf16", "float32": "f32"}[dtype]
+        D, F = cfg.hidden_size, cfg.moe_intermediate
+        return 2 * quantized_nbytes(D, F, spec) + quantized_nbytes(F, D, spec), spec.dtype_name
+    except ValueError as e:
+        raise UsageError(f"--expert-dtype {args.expert_dtype} --group-size {args.group_size}: {e}") from None
+
+
+def offload_budget(args, pf: Preflight, dtype: str, kv_shape: tuple[int, int]) -> tuple[dict, dict | None]:
+    """({"expert_memory" or "slots_per_layer": value}, the auto budget's record or None) from the flags, checked
+    against this model: a budget below one token's top-k experts per MoE layer is refused with the minimum, as
+    flags. --expert-memory auto is resolved here, before the weights load (one line on stderr says what it chose
+    and why), and the run gets its bytes; kv_shape = (rows, cache positions per row) of the run."""
+    from ef_jax import OffloadConfig
+    cfg = pf.config
     K, L = cfg.top_k, cfg.num_moe_layers
-    per_expert = cfg.expert_params() * DTYPES[dtype].itemsize
+    per_expert, expert_dtype = expert_nbytes(args, pf, dtype)
     need = K * L * per_expert
     if args.slots_per_layer is not None:
         if args.slots_per_layer < K:
             raise UsageError(f"--slots-per-layer {args.slots_per_layer} is fewer than the {plural(K, 'expert')} one "
                              f"token routes to per layer: give --slots-per-layer {K} or more (at most "
                              f"{cfg.num_experts}), or --policy resident for no offloading")
-        return {"slots_per_layer": args.slots_per_layer}
+        return {"slots_per_layer": args.slots_per_layer}, None
     try:
         budget = OffloadConfig(expert_memory=args.expert_memory)
     except ValueError as e:
@@ -118,14 +143,41 @@ def offload_budget(args, cfg: ModelConfig, dtype: str) -> dict:
             raise UsageError(f"--expert-memory {args.expert_memory} must be more than 0 bytes; for no offloading "
                              "use --policy resident") from None
         raise UsageError(f"--expert-memory {args.expert_memory!r} is not a size: give bytes or e.g. 2GiB, 512MiB, "
-                         "1.5GB") from None
+                         "1.5GB, or auto") from None
+    if budget.auto:
+        auto = _auto_budget(pf, dtype, per_expert, expert_dtype, kv_shape)
+        print(auto.describe(), file=sys.stderr)
+        return {"expert_memory": auto.expert_memory}, auto.as_stats()
     try:
         budget.resolve_slots(L, cfg.num_experts, K, per_expert)
     except ValueError:
         raise UsageError(f"--expert-memory {args.expert_memory} is too small: one token needs its top-{K} experts "
-                         f"in each of {L} MoE layers, {need:,} bytes at {dtype}; give --expert-memory "
+                         f"in each of {L} MoE layers, {need:,} bytes at {expert_dtype}; give --expert-memory "
                          f"{_ceil_size(need)} or more, or --slots-per-layer {K}") from None
-    return {"expert_memory": args.expert_memory}
+    return {"expert_memory": args.expert_memory}, None
+
+
+def _auto_budget(pf: Preflight, dtype: str, per_expert: int, expert_dtype: str, kv_shape: tuple[int, int]):
+    """--expert-memory auto before the model loads: the device's free memory less the non-expert weights still to
+    load, the run's KV cache and the margin (ef_jax.cache.auto_budget)."""
+    from ef_jax.cache.auto_budget import BudgetRequest, BudgetTooSmall, auto_budget, kv_cache_bytes
+    from ef_jax.checkpoint import DTYPES, non_expert_nbytes
+    from ef_jax.engine.device_memory import memory_stats
+    from ef_jax.quant import store as quant_store
+    cfg = pf.config
+    if quant_store.is_store(pf.path):  # a converted store keeps its own dtype for everything but the experts
+        dtype = quant_store.read_manifest(pf.path)["dtype"]
+    itemsize = DTYPES[dtype].itemsize
+    batch, context = kv_shape
+    req = BudgetRequest(num_moe_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                        bytes_per_expert=per_expert, float_bytes_per_expert=cfg.expert_params() * itemsize,
+                        non_expert_bytes=non_expert_nbytes(cfg, dtype), non_expert_on_device=False,
+                        kv_bytes=kv_cache_bytes(cfg, batch, context, itemsize), batch=batch, context=context,
+                        expert_dtype=expert_dtype)
+    try:
+        return auto_budget(req, memory_stats())
+    except BudgetTooSmall as e:
+        raise UsageError(f"--expert-memory auto: {e}; or give --slots-per-layer {cfg.top_k} to try anyway") from None
 
 
 def _ceil_size(n: int) -> str:

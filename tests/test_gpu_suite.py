@@ -62,6 +62,13 @@ def test_parts_measured_what_they_name(dry_run):
     assert lru["roofline_tokens_per_s"] > 0 and lru["misses"] > 0 and 0 <= lru["hit_rate"] <= 1
     copiers = {r["transfers"] for r in load(out, "copiers")["rows"]}
     assert {"inline", "thread", "program"} <= copiers  # "program" measured, or marked not available
+    quant = {r["expert_dtype"]: r for r in load(out, "quant")["rows"] if "expert_dtype" in r}
+    assert set(quant) == {"f32", "int8", "int4"}  # dry runs in float32; a GPU run's float row is bf16
+    assert len({r["expert_memory"] for r in quant.values()}) == 1  # the same budget for every dtype
+    assert quant["int4"]["bytes_per_expert"] < quant["int8"]["bytes_per_expert"] < quant["f32"]["bytes_per_expert"]
+    assert quant["f32"]["slots_per_layer"] < quant["int8"]["slots_per_layer"] <= quant["int4"]["slots_per_layer"]
+    assert quant["int4"]["hit_rate"] >= quant["f32"]["hit_rate"] and quant["int4"]["auto"]["source"] == "cpu-default"
+    assert {v["expert_dtype"] for v in load(out, "quant")["vs_float"]} == {"int8", "int4"}
     assert {r["policy"] for r in load(out, "mixtral")["rows"]} == {"resident", "lru"}  # dry: one offloaded row
     assert load(out, "policies")["rows"] and load(out, "expert_ffn")["rows"]
     hf = load(out, "hf_accelerate")
@@ -77,7 +84,7 @@ def test_parts_measured_what_they_name(dry_run):
 def test_plan_runs_parts_in_suite_order_grouped_by_process():
     from gpu_suite import groups_to_run
     assert groups_to_run("copiers,transfer") == [("transfer", ["transfer"]), ("deepseek", ["copiers"])]
-    assert ("deepseek", ["deepseek", "copiers"]) in groups_to_run(None)
+    assert ("deepseek", ["deepseek", "copiers", "quant"]) in groups_to_run(None)
     with pytest.raises(SystemExit):
         groups_to_run("transfer,nope")
 

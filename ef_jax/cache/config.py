@@ -5,6 +5,8 @@ import dataclasses
 import re
 from typing import Any
 
+from ef_jax.cache.auto_budget import is_auto
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -17,7 +19,8 @@ def parse_bytes(value: int | str) -> int:
         return value
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"expert_memory={value!r} is not a size: use bytes or e.g. '4GiB', '512MiB', '1.5GB'")
+        raise ValueError(f"expert_memory={value!r} is not a size: use bytes or e.g. '4GiB', '512MiB', '1.5GB' "
+                         "(or 'auto' in OffloadConfig: the device's free memory)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -32,8 +35,9 @@ TRANSFER_MODES = ("inline", "thread", "program")
 class OffloadConfig:
     """Experts live in pinned host memory; each MoE layer gets `slots_per_layer` device slots.
 
-    Give the budget as `expert_memory` (bytes or "4GiB", split evenly over MoE layers) or directly as
-    `slots_per_layer` — exactly one of them.
+    Give the budget as `expert_memory` (bytes or "4GiB", split evenly over MoE layers; or "auto": what the device
+    has free after the non-expert weights, the run's KV cache and a margin, see ef_jax.cache.auto_budget — the
+    choice and its reason are in stats["budget_auto"]) or directly as `slots_per_layer` — exactly one of them.
       policy: a policy name ("nocache", "lru", "lfu", ...) or a Policy object.
       layers_per_group: consecutive dense layers run in one jitted call (MoE layers always sync on routing).
       record_timeline: a path: write a Chrome/Perfetto trace JSON of compute, transfers and stalls there.
@@ -68,7 +72,7 @@ class OffloadConfig:
             raise ValueError(f"transfers={self.transfers!r} must be one of {TRANSFER_MODES}")
         if (self.expert_memory is None) == (self.slots_per_layer is None):
             raise ValueError("give exactly one of expert_memory (e.g. '4GiB') or slots_per_layer (e.g. 8)")
-        if self.expert_memory is not None:
+        if self.expert_memory is not None and not self.auto:
             b = parse_bytes(self.expert_memory)
             if b <= 0:
                 raise ValueError(f"expert_memory={self.expert_memory!r} must be positive")
@@ -94,6 +98,11 @@ class OffloadConfig:
                                  f"difference), e.g. {DEFAULT_ROUTING_TOLERANCE}")
 
     @property
+    def auto(self) -> bool:
+        """expert_memory="auto": the engine picks the budget from the device's free memory."""
+        return is_auto(self.expert_memory)
+
+    @property
     def tolerance(self) -> float:
         """δ in effect for cache-aware routing."""
         return DEFAULT_ROUTING_TOLERANCE if self.routing_tolerance is None else float(self.routing_tolerance)
@@ -102,6 +111,9 @@ class OffloadConfig:
         """Slots per layer for a model; raises ValueError when the budget cannot hold one token's top-k."""
         if self.slots_per_layer is not None:
             slots = self.slots_per_layer
+        elif self.auto:
+            raise ValueError("expert_memory='auto' has no size until the engine reads the device's free memory "
+                             "(ef_jax.engine.device_memory.resolve_auto); resolve_slots needs bytes or slots")
         else:
             slots = parse_bytes(self.expert_memory) // (bytes_per_expert * num_moe_layers)
         if slots < top_k:

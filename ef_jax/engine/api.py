@@ -27,7 +27,7 @@ def _as_token_array(model: Model, token_ids) -> np.ndarray:
 def logits(model: Model, token_ids, *, layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, offload=None) -> np.ndarray:
     """Full forward pass. token_ids int [B, T] → float32 logits [B, T, V] (host numpy)."""
     tokens = _as_token_array(model, token_ids)
-    with Forward(model, offload, layers_per_group=layers_per_group) as fwd:
+    with Forward(model, offload, layers_per_group=layers_per_group, kv_shape=tokens.shape) as fwd:
         out, _ = full(fwd, tokens)
         return np.asarray(out)
 
@@ -41,7 +41,8 @@ def trace_routing(model: Model, texts_or_token_ids, *, layers_per_group: int = D
     if not model.config.moe_layer_ids:
         raise ValueError("this model has no MoE layers: there is no routing to trace")
     rows = []
-    with Forward(model, offload, layers_per_group=layers_per_group) as fwd:
+    kv_shape = (1, min(max_tokens_per_sequence, max(map(len, ids))))  # one chunk at a time
+    with Forward(model, offload, layers_per_group=layers_per_group, kv_shape=kv_shape) as fwd:
         for seq in ids:
             for start in range(0, len(seq), max_tokens_per_sequence):
                 chunk = np.asarray([seq[start:start + max_tokens_per_sequence]], np.int32)

@@ -60,13 +60,18 @@ def normalize_prompts(prompts: Any, tokenizer, vocab_size: int) -> tuple[list[li
     return ids, text
 
 
+def cache_slots(prompt_len: int, max_new_tokens: int, bucket: bool = True) -> int:
+    """S of a batch whose longest prompt has prompt_len tokens (the bucketed sizes make_batch uses)."""
+    if not bucket:
+        return prompt_len + max_new_tokens
+    return _round_up(_round_up(prompt_len, PROMPT_BUCKET) + max_new_tokens, CACHE_BUCKET)
+
+
 def make_batch(ids: Sequence[Sequence[int]], max_new_tokens: int, bucket: bool = True) -> PromptBatch:
     B = len(ids)
     lengths = np.array([len(p) for p in ids], np.int32)
-    P = int(lengths.max())
-    if bucket:
-        P = _round_up(P, PROMPT_BUCKET)
-    S = _round_up(P + max_new_tokens, CACHE_BUCKET) if bucket else P + max_new_tokens
+    P = _round_up(int(lengths.max()), PROMPT_BUCKET) if bucket else int(lengths.max())
+    S = cache_slots(int(lengths.max()), max_new_tokens, bucket)
     tokens = np.zeros((B, P), np.int32)
     valid = np.zeros((B, P), bool)
     positions = np.zeros((B, P), np.int32)

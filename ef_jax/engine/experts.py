@@ -33,6 +33,7 @@ from ef_jax.engine.clock import VirtualClock, WallClock
 from ef_jax.engine.context import policy_context
 from ef_jax.engine.copier import COPIERS
 from ef_jax.engine.copier import bucket
+from ef_jax.engine.device_memory import resolve_auto
 from ef_jax.engine.programs import expert_pass, offloaded_expert_pass
 from ef_jax.engine.store import store_for
 from ef_jax.engine.telemetry import HostCounters
@@ -101,7 +102,8 @@ class OffloadedExperts:
     routing)."""
     fused = False
 
-    def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters):
+    def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
+                 kv_shape: tuple[int, int] | None = None):
         if not isinstance(offload, OffloadConfig):
             raise TypeError(f"offload must be an ef_jax.OffloadConfig or None, got {type(offload).__name__}")
         cfg = model.config
@@ -110,7 +112,12 @@ class OffloadedExperts:
         self.cfg, self.config, self.counters = cfg, offload, counters
         self.store = store_for(model)
         L, E = len(cfg.moe_layer_ids), cfg.num_experts
-        self.slots = offload.resolve_slots(L, E, cfg.top_k, self.store.bytes_per_expert)
+        self.budget_auto = None  # expert_memory="auto": what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
+        if offload.auto:
+            self.budget_auto = resolve_auto(model, self.store.bytes_per_expert, kv_shape, self.store.device)
+            self.slots = self.budget_auto.slots_per_layer
+        else:
+            self.slots = offload.resolve_slots(L, E, cfg.top_k, self.store.bytes_per_expert)
         self.timing = get_timing(offload.timing)  # a virtual clock stands for its preset's expert size too
         policy = get_policy(offload.policy, policy_context(model))
         self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check,
@@ -272,6 +279,8 @@ class OffloadedExperts:
         if horizon is not None:
             out["mean_horizon"] = float(horizon)
         out.update({f"cache_{k}": v for k, v in c.items() if k not in out})
+        if self.budget_auto is not None:
+            out["budget_auto"] = self.budget_auto.as_stats()
         mem = self.store.device.memory_stats()  # None on CPU; on GPU the allocator's own numbers
         if mem:
             out["device_bytes_in_use"] = mem.get("bytes_in_use")

@@ -62,11 +62,14 @@ class Forward:
     Args:
       offload: None (every expert resident) or an OffloadConfig (experts streamed into slots).
       layers_per_group: layers per jitted group (default: the OffloadConfig's, else DEFAULT_LAYERS_PER_GROUP).
+      kv_shape: (rows, cache positions per row), the largest KV cache the caller will decode with; needed by
+        OffloadConfig(expert_memory="auto"), which leaves room for it.
     tap(j, point, h): called with MoE layer j's hidden state h [B, T, D] at "attention" (its MoE input) and "moe"
       (its output); a tapped step runs the split segments, so the fused resident path sees nothing between layers.
     """
 
-    def __init__(self, model: Model, offload: OffloadConfig | None = None, *, layers_per_group: int | None = None):
+    def __init__(self, model: Model, offload: OffloadConfig | None = None, *, layers_per_group: int | None = None,
+                 kv_shape: tuple[int, int] | None = None):
         cfg = model.config
         if layers_per_group is None:
             layers_per_group = offload.layers_per_group if offload is not None else DEFAULT_LAYERS_PER_GROUP
@@ -74,7 +77,7 @@ class Forward:
         self.kinds = layer_kinds(cfg)
         self.counters = HostCounters()
         self.source = (ResidentExperts(model, self.counters) if offload is None
-                       else OffloadedExperts(model, offload, self.counters))
+                       else OffloadedExperts(model, offload, self.counters, kv_shape))
         self.groups = layer_groups(cfg.num_layers, layers_per_group)
         self.segments = split_segments(cfg.moe_layers, layers_per_group)
         self.moe_index = {i: j for j, i in enumerate(cfg.moe_layer_ids)}

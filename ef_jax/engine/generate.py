@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ef_jax.engine.batch import make_batch, normalize_prompts
+from ef_jax.engine.batch import cache_slots, make_batch, normalize_prompts
 from ef_jax.engine.decode import full, sample_rows
 from ef_jax.engine.forward import Forward
 from ef_jax.engine.request import check_context
@@ -106,7 +106,9 @@ def generate(model: Model, prompts, *, max_new_tokens: int | None = None, temper
     check_context(model.config, [len(p) for p in ids], req.max_new_tokens)  # before any device work
     _check_plan(batch_size, schedule)
     stops = stop_ids(model, stop_token_ids)
-    with Forward(model, offload, layers_per_group=layers_per_group) as forward:
+    # the largest KV cache of any batch: what expert_memory="auto" leaves room for
+    kv_shape = (min(batch_size or len(ids), len(ids)), cache_slots(max(map(len, ids)), req.max_new_tokens))
+    with Forward(model, offload, layers_per_group=layers_per_group, kv_shape=kv_shape) as forward:
         batches, schedule_s = _plan(forward, ids, batch_size, schedule)
         tokens: list = [None] * len(ids)
         per_batch = []

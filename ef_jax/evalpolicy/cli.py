@@ -21,7 +21,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped model)")
     p.add_argument("--text", required=True, help="text file (token ids separated by spaces for tokenizer-less models)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--expert-memory", default=None, help="device budget for routed experts, e.g. 2GiB")
+    budget.add_argument("--expert-memory", default=None,
+                        help="device budget for routed experts, e.g. 2GiB, or auto (the device's free memory after "
+                             "the other weights, the KV cache and a margin)")
     budget.add_argument("--slots-per-layer", type=int, default=None, help="expert slots per MoE layer")
     p.add_argument("--policy", default="expertflow", metavar="NAME",
                    help="cache policy name (expertflow, pregate, lru, nocache, ...) or 'resident' (no offloading)")
@@ -41,8 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def build_offload(model, args):
-    """OffloadConfig from the CLI arguments (None for --policy resident)."""
+def build_offload(model, args, budget: dict | None = None):
+    """OffloadConfig from the CLI arguments (None for --policy resident); `budget`: the checked budget kwargs
+    (--expert-memory auto resolved to bytes), else the flags as given."""
     from ef_jax import OffloadConfig
     if args.policy == "resident":
         return None
@@ -55,13 +58,15 @@ def build_offload(model, args):
         from ef_jax.hybrid.predictor import HybridPredictor
         from ef_jax.policies.registry import PolicySpec
         policy = PolicySpec("expertflow", predictor=HybridPredictor.load(args.hybrid, model))
-    return OffloadConfig(expert_memory=args.expert_memory, slots_per_layer=args.slots_per_layer, policy=policy,
+    budget = budget or {"expert_memory": args.expert_memory, "slots_per_layer": args.slots_per_layer}
+    return OffloadConfig(**budget, policy=policy,
                          routing=args.routing, routing_tolerance=args.routing_tolerance,
                          timing=None if args.timing == "none" else args.timing)
 
 
-def _check_args(args, pf) -> None:
-    """Every refusal that needs no weights, before the model loads."""
+def _check_args(args, pf) -> tuple[dict | None, dict | None]:
+    """Every refusal that needs no weights, before the model loads. Returns offload_budget's (budget kwargs, auto
+    record), (None, None) for --policy resident."""
     from ef_jax.cli_model import offload_budget
     from ef_jax.model import default_dtype
     from ef_jax.policies.registry import policy_names
@@ -75,8 +80,6 @@ def _check_args(args, pf) -> None:
                              "--slots-per-layer / --hybrid")
     elif args.expert_memory is None and args.slots_per_layer is None:
         raise UsageError("give --expert-memory (e.g. 2GiB) or --slots-per-layer N (or --policy resident)")
-    else:
-        offload_budget(args, pf.config, args.dtype or default_dtype())
     if args.routing_tolerance is not None and args.routing != "cache-aware":
         raise UsageError("--routing-tolerance applies to cache-aware routing: add --routing cache-aware")
     if args.hybrid:
@@ -84,20 +87,24 @@ def _check_args(args, pf) -> None:
         if args.policy != "expertflow":
             raise UsageError(f"--hybrid feeds expertflow's predictor; got --policy {args.policy}: add --policy "
                              "expertflow")
+    if args.policy == "resident":
+        return None, None
+    # rows × seq_len positions: the largest KV cache the run decodes with (rows are never longer)
+    return offload_budget(args, pf, args.dtype or default_dtype(), (args.batch_size, args.seq_len))
 
 
 def run(args: argparse.Namespace) -> int:
     import ef_jax
     from ef_jax.evalpolicy.harness import evaluate_policy
     pf = preflight("--model", args.model)
-    _check_args(args, pf)
+    budget, auto = _check_args(args, pf)
     text = read_text("--text", args.text)
     ids = _text_ids(text, pf)
     model = ef_jax.load(pf.path, dtype=args.dtype, **load_kwargs(args))
-    res = evaluate_policy(model, ids, build_offload(model, args), batch_size=args.batch_size, seq_len=args.seq_len,
-                          max_tokens=args.max_tokens)
+    res = evaluate_policy(model, ids, build_offload(model, args, budget), batch_size=args.batch_size,
+                          seq_len=args.seq_len, max_tokens=args.max_tokens)
     record = {"model": model.path, "text": args.text, "timing": args.timing, "batch_size": args.batch_size,
-              "routing": args.routing, **res.to_dict(),
+              "routing": args.routing, "budget_auto": auto, **res.to_dict(),
               # a timing preset counts its own expert size in bytes_per_token; this is what really moved
               "real_bytes_per_token": res.stats.get("cache_loads", 0) * model.param_bytes()["per_expert"] / res.tokens}
     if args.json:

@@ -72,7 +72,7 @@ def evaluate_policy(model: Model, token_ids: list[int], offload=None, *, batch_s
     groups = split_sequences(token_ids, seq_len, batch_size, max_tokens)
     if route_override is not None and offload is None:
         raise ValueError("route_override needs an offloaded run (offload=OffloadConfig(...))")
-    with Forward(model, offload) as fwd:
+    with Forward(model, offload, kv_shape=groups[0].shape) as fwd:  # every group has the same [B, T]
         if route_override is not None:
             fwd.source.route_override = route_override
         t0 = time.perf_counter()

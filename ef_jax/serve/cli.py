@@ -24,7 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     add_load_args(p)
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--expert-memory", default=None, help="device budget for routed experts, e.g. 2GiB")
+    budget.add_argument("--expert-memory", default=None,
+                        help="device budget for routed experts, e.g. 2GiB, or auto (the device's free memory after "
+                             "the other weights, the KV cache of --max-live × --max-context and a margin)")
     budget.add_argument("--slots-per-layer", type=int, default=None, help="device expert slots per MoE layer")
     p.add_argument("--policy", default=None, help="offload cache policy (default lru when offloaded)")
     p.add_argument("--host", default="127.0.0.1")
@@ -67,7 +69,7 @@ def build(model, offload=None, *, max_batch: int = 8, max_live: int | None = Non
     from ef_jax.serve.worker import ServeEngine
     context = context or default_context(model)
     name = model_name or os.path.basename(os.path.normpath(model.path or "ef-jax"))
-    forward = Forward(model, offload)
+    forward = Forward(model, offload, kv_shape=(max_live or 2 * max_batch, context))  # ServeEngine's RowPool
     try:
         engine = ServeEngine(forward, model.tokenizer, stop_ids(model, None), max_batch=max_batch,
                              max_live=max_live, context=context, schedule=schedule, max_wait=max_wait)
@@ -79,6 +81,23 @@ def build(model, offload=None, *, max_batch: int = 8, max_live: int | None = Non
     return create_app(engine, ctx), engine, forward
 
 
+def _check_budget(args: argparse.Namespace) -> dict | None:
+    """The offload budget's kwargs (None: every expert resident), checked against the checkpoint before it loads;
+    --expert-memory auto leaves room for the KV cache of --max-live rows × --max-context positions."""
+    from ef_jax.cli_guards import UsageError
+    from ef_jax.cli_model import offload_budget, preflight
+    from ef_jax.model import default_dtype
+    if not (args.expert_memory or args.slots_per_layer):
+        if args.policy:
+            raise UsageError("--policy needs a budget: give --expert-memory or --slots-per-layer")
+        return None
+    pf = preflight("--model", args.model, with_tokenizer=False)
+    mpe = pf.config.max_position_embeddings
+    context = args.max_context or (min(mpe, DEFAULT_CONTEXT) if mpe else DEFAULT_CONTEXT)
+    budget, _ = offload_budget(args, pf, args.dtype or default_dtype(), (args.max_live or 2 * args.max_batch, context))
+    return budget
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `ef-jax serve`; returns 0 after a graceful shutdown (2 on bad input, via ef_jax.cli)."""
     import uvicorn
@@ -86,13 +105,9 @@ def run(args: argparse.Namespace) -> int:
     import ef_jax
     from ef_jax.cache.config import OffloadConfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    budget = _check_budget(args)  # before the weights load
     model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args))
-    offload = None
-    if args.expert_memory or args.slots_per_layer or args.policy:
-        if not (args.expert_memory or args.slots_per_layer):
-            raise ValueError("--policy needs a budget: give --expert-memory or --slots-per-layer")
-        offload = OffloadConfig(expert_memory=args.expert_memory, slots_per_layer=args.slots_per_layer,
-                                policy=args.policy or "lru")
+    offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru")
     app, engine, forward = build(model, offload, max_batch=args.max_batch, max_live=args.max_live,
                                  context=args.max_context, schedule=args.schedule, max_wait=args.max_wait,
                                  model_name=args.served_model_name)
