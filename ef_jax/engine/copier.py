@@ -100,7 +100,8 @@ class ThreadCopier(InlineCopier):
     Measured end to end on the same H100 (benchmarks/results/offload_transfers_*_NVIDIA_H100_80GB_HBM3.md), with
     demand-loading policies (nocache, lru) this mode is slower than inline copies (DeepSeek-V2-Lite shapes, lru,
     50 %: 48.6 vs 60.0 tokens/s): a demand load cannot overlap anything, and the hand-off to the thread adds
-    latency. So "inline" stays the default. `close()` stops the thread.
+    latency. The default is "program" (ProgramCopier), which issues nothing from the host at all. `close()` stops
+    the thread.
     """
     name = "thread"
 
