@@ -1,6 +1,7 @@
 """Offloaded decoding against all-resident decoding, token for token, plus the engine's budget and telemetry."""
 import json
 import os
+import weakref
 
 import jax
 import numpy as np
@@ -24,13 +25,25 @@ def model(request, tiny_checkpoint):
     return ef_jax.load(tiny_checkpoint(request.param))
 
 
+_RESIDENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def resident_tokens(model, prompts, n: int):
+    """All-resident greedy tokens, computed once per (model, prompts, n) and shared by the policies' tests."""
+    runs = _RESIDENT.setdefault(model, {})
+    key = (repr(prompts), n)
+    if key not in runs:
+        runs[key] = ef_jax.generate(model, prompts, max_new_tokens=n).tokens
+    return runs[key]
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "nocache"])
 def test_offloaded_tokens_equal_resident(model, policy):
     cfg = model.config
     for prompts in (PROMPTS[:1], PROMPTS):
-        ref = ef_jax.generate(model, prompts, max_new_tokens=8).tokens
+        ref = resident_tokens(model, prompts, 6)
         for slots in (cfg.top_k, max(cfg.top_k, cfg.num_experts // 2)):
-            res = ef_jax.generate(model, prompts, max_new_tokens=8,
+            res = ef_jax.generate(model, prompts, max_new_tokens=6,
                                   offload=OffloadConfig(slots_per_layer=slots, policy=policy, check=True))
             assert res.tokens == ref, (policy, slots, len(prompts))
             s = res.stats
@@ -211,14 +224,19 @@ def test_pregate_policy_keeps_tokens_and_prefetches(model):
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")),
                     reason="the default model is not shipped in this build")
+@pytest.fixture(scope="module")
+def default_model():
+    return ef_jax.load()
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "nocache"])
-def test_default_model_offloaded_tokens_equal_resident(policy):
-    model = ef_jax.load()
+def test_default_model_offloaded_tokens_equal_resident(default_model, policy):
+    model = default_model
     cfg = model.config
     prompts = ["To be, or not", "def main(", "In the beginning"]
     for batch in (prompts[:1], prompts):
-        ref = ef_jax.generate(model, batch, max_new_tokens=8).tokens
+        ref = resident_tokens(model, batch, 6)
         for slots in (cfg.top_k, cfg.num_experts // 2):
-            res = ef_jax.generate(model, batch, max_new_tokens=8, offload=OffloadConfig(slots_per_layer=slots,
+            res = ef_jax.generate(model, batch, max_new_tokens=6, offload=OffloadConfig(slots_per_layer=slots,
                                                                                           policy=policy))
             assert res.tokens == ref, (policy, slots, len(batch))
