@@ -66,6 +66,7 @@ def drop_resident(model: Model) -> None:
 class ResidentExperts:
     """Every routed expert resident in its own slot: no host sync, no copies."""
     fused = True  # routing and experts may run in the same program
+    whole_step = False  # True only for the device-resident step's source (ef_jax.engine.device_experts)
 
     def __init__(self, model: Model, counters: HostCounters):
         cfg = model.config
@@ -100,6 +101,7 @@ class OffloadedExperts:
     the router's choice (e.g. replayed from a real trace, so a random-weight model of a real shape sees real
     routing)."""
     fused = False
+    whole_step = False
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters):
         if not isinstance(offload, OffloadConfig):

@@ -6,8 +6,9 @@ tokens → embed → per segment:
    split: each MoE layer = attend_route program (the dense layers before it, its attention, its router) →
        [tap "attention"] → source.experts (the offloaded source syncs routing to the host here, the named point
        "route") → [tap "moe"]; dense layers after the last MoE layer in groups (run_group)
+   device step (OffloadConfig(step="device"), untapped): every layer and the expert cache in one program
+       (ef_jax.engine.device_step)
 → hidden [B, T, D]   (the decode loop, ef_jax.engine.decode, applies the head)
-
 `Forward(model, offload=None)` builds the resident source, `Forward(model, OffloadConfig(...))` the offloaded one:
 resident decoding is the offloaded loop with every expert in its slot. Axes: B rows, T new tokens, D model.
 """
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ef_jax.cache.config import OffloadConfig
+from ef_jax.engine.device_experts import DeviceStepExperts
 from ef_jax.engine.experts import OffloadedExperts, ResidentExperts
 from ef_jax.engine.programs import attend_route
 from ef_jax.engine.telemetry import HostCounters
@@ -74,6 +76,7 @@ class Forward:
         self.kinds = layer_kinds(cfg)
         self.counters = HostCounters()
         self.source = (ResidentExperts(model, self.counters) if offload is None
+                       else DeviceStepExperts(model, offload, self.counters) if isinstance(offload, OffloadConfig) and offload.step == "device"
                        else OffloadedExperts(model, offload, self.counters))
         self.groups = layer_groups(cfg.num_layers, layers_per_group)
         self.segments = split_segments(cfg.moe_layers, layers_per_group)
@@ -96,7 +99,10 @@ class Forward:
         self.counters.steps += 1
         self.counters.dispatches += 1
         self.source.begin_step(tokens[:, -1], real)
-        if self.source.fused and tap is None:
+        if self.source.whole_step and tap is None:  # step="device": every layer in one program
+            x, new, routings = self.source.step(self.kinds, params, x, caches, pos, widx, vld)
+            caches, routings = list(new), list(routings)
+        elif self.source.fused and tap is None:
             for g in self.groups:
                 x = self._group(g, x, caches, routings, pos, widx, vld, self.source.pools, self.source.slot_maps)
         else:
