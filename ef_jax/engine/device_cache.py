@@ -91,7 +91,9 @@ def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.
                   max_loads: int):
     """Makes the experts `want` bool[E] of layer j resident (at most S of them). Victims: the oldest slots (free
     first) whose expert is not wanted and not pinned. touch bool[E]: experts whose LRU clock is set, ascending id
-    order, after the loads. Returns (state, pool, hit bool[E] (wanted and already resident), n loaded)."""
+    order, after the loads. Returns (state, pool, hit bool[E] (wanted and already resident), n loaded).
+    Written with compares and reductions over [M, E] / [M, S] rather than scatters: they fuse into a few kernels
+    (cheaper to compile and to run on CPU)."""
     soe, eos, last = state.slot_of_expert[j], state.expert_of_slot[j], state.last_use[j]
     E, S = soe.shape[0], eos.shape[0]
     hit = want & (soe >= 0)
@@ -100,18 +102,20 @@ def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.
     keep = state.pinned[j] | ((eos >= 0) & want[jnp.maximum(eos, 0)])   # bool[S]: never a victim here
     score = jnp.where(keep, _NEVER, jnp.where(eos < 0, -1, last))
     _, victims = jax.lax.top_k(-score, max_loads)                       # i32[M]: oldest first
-    experts = jnp.nonzero(miss, size=max_loads, fill_value=E)[0].astype(jnp.int32)  # i32[M]: ascending
-    ok = jnp.arange(max_loads) < n
-    evicted = eos[victims]
-    soe = soe.at[jnp.where(ok & (evicted >= 0), evicted, E)].set(-1, mode="drop")
-    soe = soe.at[jnp.where(ok, experts, E)].set(victims, mode="drop")
-    eos = eos.at[jnp.where(ok, victims, S)].set(experts, mode="drop")
-    rank = jnp.cumsum(touch, dtype=jnp.int32) - 1
-    clock = state.clock[j]
-    last = last.at[jnp.where(touch, soe, S)].set(clock + rank, mode="drop")
+    ids = jnp.arange(E, dtype=jnp.int32)
+    _, experts = jax.lax.top_k(jnp.where(miss, E - ids, 0), max_loads)  # i32[M]: the misses, ascending id
+    ok = (jnp.arange(max_loads) < n)[:, None]                            # bool[M, 1]
+    to_slot = ok & (victims[:, None] == jnp.arange(S))                   # bool[M, S]: load i goes to slot s
+    is_new = ok & (experts[:, None] == ids)                              # bool[M, E]: load i brings expert e
+    gone = ok & (eos[victims][:, None] == ids)                           # bool[M, E]: load i evicts expert e
+    new_eos = jnp.where(to_slot.any(0), (to_slot * experts[:, None]).sum(0), eos)
+    soe = jnp.where(is_new.any(0), (is_new * victims[:, None]).sum(0), jnp.where(gone.any(0), -1, soe))
+    rank = jnp.cumsum(touch, dtype=jnp.int32) - 1                        # i32[E]: touch order
+    e_of = jnp.maximum(new_eos, 0)
+    last = jnp.where((new_eos >= 0) & touch[e_of], state.clock[j] + rank[e_of], last)
     pool = copy_rows(pool, stack, j, experts, victims, n)
     state = state.replace(slot_of_expert=state.slot_of_expert.at[j].set(soe),
-                          expert_of_slot=state.expert_of_slot.at[j].set(eos),
+                          expert_of_slot=state.expert_of_slot.at[j].set(new_eos),
                           last_use=state.last_use.at[j].set(last),
                           clock=state.clock.at[j].add(touch.sum(dtype=jnp.int32)))
     return state, pool, hit, n
