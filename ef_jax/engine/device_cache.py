@@ -39,17 +39,19 @@ class DeviceCache:
     last_use: jax.Array        # i32[L, S]: LRU clock of the slot's last touch (-1 = free)
     clock: jax.Array           # i32[L]: the next clock value of each layer (touches so far)
     pinned: jax.Array          # bool[L, S]: slots the step in flight holds at that layer (never evicted there)
+    fresh: jax.Array           # bool[L, S]: loaded by a hint and not needed since (a prefetch not yet used)
     hits: jax.Array            # i32[L]: needed experts found resident (cumulative)
     misses: jax.Array          # i32[L]: needed experts copied on demand
     prefetches: jax.Array      # i32[L]: experts copied because of a hint
+    prefetch_used: jax.Array   # i32[L]: hinted experts needed before they were evicted
     passes: jax.Array          # i32[L]: extra passes (a batch's union of needed experts larger than S)
 
     def counters(self) -> jax.Array:
-        """i32[4, L]: hits, misses, prefetches, extra passes — what the host reads once per step."""
-        return jnp.stack([self.hits, self.misses, self.prefetches, self.passes])
+        """i32[5, L]: COUNTERS in order — what the host reads once per step."""
+        return jnp.stack([self.hits, self.misses, self.prefetches, self.prefetch_used, self.passes])
 
 
-COUNTERS = ("hits", "misses", "prefetches", "passes")
+COUNTERS = ("hits", "misses", "prefetches", "prefetch_used", "passes")
 
 
 def init_cache(num_layers: int, num_experts: int, slots: int, sharding) -> DeviceCache:
@@ -60,8 +62,8 @@ def init_cache(num_layers: int, num_experts: int, slots: int, sharding) -> Devic
     return DeviceCache(slot_of_expert=put(np.full((L, E), -1, np.int32)),
                        expert_of_slot=put(np.full((L, S), -1, np.int32)),
                        last_use=put(np.full((L, S), -1, np.int32)), clock=zeros(),
-                       pinned=put(np.zeros((L, S), bool)), hits=zeros(), misses=zeros(), prefetches=zeros(),
-                       passes=zeros())
+                       pinned=put(np.zeros((L, S), bool)), fresh=put(np.zeros((L, S), bool)), hits=zeros(),
+                       misses=zeros(), prefetches=zeros(), prefetch_used=zeros(), passes=zeros())
 
 
 def begin_step(state: DeviceCache, flush: bool) -> DeviceCache:
@@ -70,7 +72,7 @@ def begin_step(state: DeviceCache, flush: bool) -> DeviceCache:
     if flush:
         state = state.replace(slot_of_expert=jnp.full_like(state.slot_of_expert, -1),
                               expert_of_slot=jnp.full_like(state.expert_of_slot, -1),
-                              last_use=jnp.full_like(state.last_use, -1))
+                              last_use=jnp.full_like(state.last_use, -1), fresh=jnp.zeros_like(state.fresh))
     return state
 
 
@@ -91,7 +93,8 @@ def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.
                   max_loads: int):
     """Makes the experts `want` bool[E] of layer j resident (at most S of them). Victims: the oldest slots (free
     first) whose expert is not wanted and not pinned. touch bool[E]: experts whose LRU clock is set, ascending id
-    order, after the loads. Returns (state, pool, hit bool[E] (wanted and already resident), n loaded).
+    order, after the loads. Returns (state, pool, hit bool[E] (wanted and already resident), n loaded, the slots
+    loaded bool[S]).
     Written with compares and reductions over [M, E] / [M, S] rather than scatters: they fuse into a few kernels
     (cheaper to compile and to run on CPU)."""
     soe, eos, last = state.slot_of_expert[j], state.expert_of_slot[j], state.last_use[j]
@@ -114,11 +117,12 @@ def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.
     e_of = jnp.maximum(new_eos, 0)
     last = jnp.where((new_eos >= 0) & touch[e_of], state.clock[j] + rank[e_of], last)
     pool = copy_rows(pool, stack, j, experts, victims, n)
+    loaded = to_slot.any(0)
     state = state.replace(slot_of_expert=state.slot_of_expert.at[j].set(soe),
                           expert_of_slot=state.expert_of_slot.at[j].set(new_eos),
                           last_use=state.last_use.at[j].set(last),
                           clock=state.clock.at[j].add(touch.sum(dtype=jnp.int32)))
-    return state, pool, hit, n
+    return state, pool, hit, n, loaded
 
 
 def apply_hints(state: DeviceCache, pool, stack: jax.Array, j: int, hints: jax.Array):
@@ -128,21 +132,24 @@ def apply_hints(state: DeviceCache, pool, stack: jax.Array, j: int, hints: jax.A
     E = state.slot_of_expert.shape[1]
     want = jnp.any(jax.nn.one_hot(hints, E, dtype=bool), axis=0)        # bool[E] (-1 rows are all false)
     miss = want & (state.slot_of_expert[j] < 0)
-    state, pool, _, n = make_resident(state, pool, stack, j, want, miss, min(hints.shape[0], E))
+    state, pool, _, n, loaded = make_resident(state, pool, stack, j, want, miss, min(hints.shape[0], E))
     eos = state.expert_of_slot[j]
     held = (eos >= 0) & want[jnp.maximum(eos, 0)]
-    return state.replace(pinned=state.pinned.at[j].set(held), prefetches=state.prefetches.at[j].add(n)), pool
+    return state.replace(pinned=state.pinned.at[j].set(held), prefetches=state.prefetches.at[j].add(n),
+                         fresh=state.fresh.at[j].set(state.fresh[j] | loaded)), pool
 
 
 def demand(state: DeviceCache, pool, stack: jax.Array, j: int, needed: jax.Array, max_loads: int):
     """One pass of layer j: make `needed` bool[E] (≤ S experts) resident, count hits and misses, touch them all,
     pin them for this pass (a previous pass's pins are released first)."""
     state = state.replace(pinned=state.pinned.at[j].set(False))
-    state, pool, hit, n = make_resident(state, pool, stack, j, needed, needed, max_loads)
+    state, pool, hit, n, loaded = make_resident(state, pool, stack, j, needed, needed, max_loads)
     eos = state.expert_of_slot[j]
     held = (eos >= 0) & needed[jnp.maximum(eos, 0)]
+    fresh = state.fresh[j] & ~loaded                                     # a demand load is no prefetch
     return state.replace(pinned=state.pinned.at[j].set(held), hits=state.hits.at[j].add(hit.sum(dtype=jnp.int32)),
-                         misses=state.misses.at[j].add(n)), pool
+                         misses=state.misses.at[j].add(n), fresh=state.fresh.at[j].set(fresh & ~held),
+                         prefetch_used=state.prefetch_used.at[j].add((fresh & held).sum(dtype=jnp.int32))), pool
 
 
 def needed_experts(experts: jax.Array, real: jax.Array, num_experts: int) -> jax.Array:

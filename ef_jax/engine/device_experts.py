@@ -209,12 +209,13 @@ class DeviceStepExperts:
 
     def stats(self) -> dict:
         self._collect()
-        hits, misses, prefetches, passes = (self.counts[i] for i in range(len(dc.COUNTERS)))
+        hits, misses, prefetches, used, passes = (self.counts[i] for i in range(len(dc.COUNTERS)))
         h, m, loads = int(hits.sum()), int(misses.sum()), int(misses.sum() + prefetches.sum())
         bpe = self.stacks.bytes_per_expert
         out = {"step": "device", "hits": h, "misses": m, "hit_rate": h / (h + m) if h + m else float("nan"),
-               "cache_loads": loads, "h2d_bytes": loads * bpe, "h2d_bytes_real": loads * bpe,
-               "bytes_per_expert": bpe, "bytes_per_expert_real": bpe, "prefetch_loads": int(prefetches.sum()),
+               "cache_loads": loads, "cache_demand_loads": m, "cache_prefetch_issued": int(prefetches.sum()),
+               "cache_prefetch_used": int(used.sum()), "h2d_bytes": loads * bpe, "h2d_bytes_real": loads * bpe,
+               "bytes_per_expert": bpe, "bytes_per_expert_real": bpe,
                "extra_passes": int(passes.sum()), "layer_hits": hits.tolist(), "layer_misses": misses.tolist(),
                "slots_per_layer": self.slots, "policy": self.policy_name, "copier": "in-step", "clock": "device",
                "stall_s": 0.0, "h2d_s": 0.0, "routing": self.config.routing,
