@@ -299,7 +299,26 @@ def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
         run(part, f"lru {int(frac * 100)}% device step", off, 1, "lru", frac, routing="model")
     drop_stacks(model)
     part.record["device_step_ratios"] = device_ratios(part.record["rows"])
+    part.record["device_step_hlo"] = device_step_hlo(part.out_dir)
     part.save()
+
+
+def device_step_hlo(out: str) -> dict:
+    """What XLA made of the device step's in-program copies, counted in its optimized HLO (dumped by the child
+    through XLA_FLAGS): host-memory operands (S(5)), dynamic slices, async copies, loops, conditionals."""
+    from gpu_suite import device_step_hlo_dir
+    files = sorted(glob.glob(os.path.join(device_step_hlo_dir(out), "*device_step*after_optimizations.txt")))
+    if not files:
+        return {"status": "no HLO dumped"}
+    text = open(files[-1]).read()
+    lines = text.splitlines()
+    count = lambda pred: sum(1 for ln in lines if pred(ln))
+    return {"file": os.path.basename(files[-1]), "modules": len(files),
+            "host_memory_operands": count(lambda ln: "S(5)" in ln),
+            "dynamic_slice": count(lambda ln: " dynamic-slice(" in ln),
+            "dynamic_slice_on_host_memory": count(lambda ln: " dynamic-slice(" in ln and "S(5)" in ln),
+            "copy_start": count(lambda ln: " copy-start(" in ln), "while": count(lambda ln: " while(" in ln),
+            "conditional": count(lambda ln: " conditional(" in ln), "fusion": count(lambda ln: " fusion(" in ln)}
 
 
 def device_ratios(rows: list[dict]) -> list[dict]:
@@ -382,6 +401,9 @@ def models_markdown(rec: dict) -> str:
                        [[r["policy"], f"{int(100 * r['budget'])}%", r["batch"], r["device_tokens_per_s"],
                          r["layer_tokens_per_s"], r["device/layer"], r["device_host_syncs_per_step"],
                          r["layer_host_syncs_per_step"]] for r in rec["device_step_ratios"]])
+    if rec.get("device_step_hlo"):
+        lines += ["", "Device step HLO (optimized, last compiled module): "
+                  + ", ".join(f"{k} {v}" for k, v in rec["device_step_hlo"].items()), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,7 @@ def test_tokens_equal_resident(runs, family):
     assert s["step"] == "device" and s["hits"] + s["misses"] > 0
     assert s["h2d_bytes"] == s["cache_loads"] * runs.model(family).param_bytes()["per_expert"]
     assert (s["hints_sent"] > 0) == (policy != "lru"), s["hints_sent"]  # the hint policies did send some
+    assert s["cache_prefetch_used"] <= s["cache_prefetch_issued"] <= s["hints_sent"]
 
 
 @pytest.mark.parametrize("family", ["olmoe", "deepseek-qlora-grouped-yarn"])
