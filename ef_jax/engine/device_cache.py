@@ -95,29 +95,38 @@ def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.
     first) whose expert is not wanted and not pinned. touch bool[E]: experts whose LRU clock is set, ascending id
     order, after the loads. Returns (state, pool, hit bool[E] (wanted and already resident), n loaded, the slots
     loaded bool[S]).
-    Written with compares and reductions over [M, E] / [M, S] rather than scatters: they fuse into a few kernels
-    (cheaper to compile and to run on CPU)."""
+    Written with compares and reductions over [M, E] / [M, S] rather than scatters (they fuse into a few kernels);
+    the victim choice runs under a `cond` on "anything missing", so an all-hit layer only counts and touches. On a
+    GPU that cond, like the copy loop's trip count, is a device-valued predicate (see the module docstring)."""
     soe, eos, last = state.slot_of_expert[j], state.expert_of_slot[j], state.last_use[j]
     E, S = soe.shape[0], eos.shape[0]
     hit = want & (soe >= 0)
     miss = want & (soe < 0)
     n = miss.sum(dtype=jnp.int32)
     keep = state.pinned[j] | ((eos >= 0) & want[jnp.maximum(eos, 0)])   # bool[S]: never a victim here
-    score = jnp.where(keep, _NEVER, jnp.where(eos < 0, -1, last))
-    _, victims = jax.lax.top_k(-score, max_loads)                       # i32[M]: oldest first
-    ids = jnp.arange(E, dtype=jnp.int32)
-    _, experts = jax.lax.top_k(jnp.where(miss, E - ids, 0), max_loads)  # i32[M]: the misses, ascending id
-    ok = (jnp.arange(max_loads) < n)[:, None]                            # bool[M, 1]
-    to_slot = ok & (victims[:, None] == jnp.arange(S))                   # bool[M, S]: load i goes to slot s
-    is_new = ok & (experts[:, None] == ids)                              # bool[M, E]: load i brings expert e
-    gone = ok & (eos[victims][:, None] == ids)                           # bool[M, E]: load i evicts expert e
-    new_eos = jnp.where(to_slot.any(0), (to_slot * experts[:, None]).sum(0), eos)
-    soe = jnp.where(is_new.any(0), (is_new * victims[:, None]).sum(0), jnp.where(gone.any(0), -1, soe))
+
+    def place(_):  # victims and table updates; only when something misses (an all-hit layer skips them)
+        score = jnp.where(keep, _NEVER, jnp.where(eos < 0, -1, last))
+        _, victims = jax.lax.top_k(-score, max_loads)                   # i32[M]: oldest first
+        ids = jnp.arange(E, dtype=jnp.int32)
+        _, experts = jax.lax.top_k(jnp.where(miss, E - ids, 0), max_loads)  # i32[M]: the misses, ascending id
+        ok = (jnp.arange(max_loads) < n)[:, None]                        # bool[M, 1]
+        to_slot = ok & (victims[:, None] == jnp.arange(S))               # bool[M, S]: load i goes to slot s
+        is_new = ok & (experts[:, None] == ids)                          # bool[M, E]: load i brings expert e
+        gone = ok & (eos[victims][:, None] == ids)                       # bool[M, E]: load i evicts expert e
+        new_eos = jnp.where(to_slot.any(0), (to_slot * experts[:, None]).sum(0), eos)
+        new_soe = jnp.where(is_new.any(0), (is_new * victims[:, None]).sum(0), jnp.where(gone.any(0), -1, soe))
+        return new_soe, new_eos, victims.astype(jnp.int32), experts.astype(jnp.int32), to_slot.any(0)
+
+    def keep_all(_):
+        none = jnp.zeros(max_loads, jnp.int32)
+        return soe, eos, none, none, jnp.zeros(S, bool)
+
+    soe, new_eos, victims, experts, loaded = jax.lax.cond(n > 0, place, keep_all, None)
     rank = jnp.cumsum(touch, dtype=jnp.int32) - 1                        # i32[E]: touch order
     e_of = jnp.maximum(new_eos, 0)
     last = jnp.where((new_eos >= 0) & touch[e_of], state.clock[j] + rank[e_of], last)
     pool = copy_rows(pool, stack, j, experts, victims, n)
-    loaded = to_slot.any(0)
     state = state.replace(slot_of_expert=state.slot_of_expert.at[j].set(soe),
                           expert_of_slot=state.expert_of_slot.at[j].set(new_eos),
                           last_use=state.last_use.at[j].set(last),
