@@ -84,9 +84,6 @@ def parse(argv):
 # ---- child ------------------------------------------------------------------------------------------------------
 def run_child(args) -> int:
     os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", HOST_MEMORY_LIMIT_GB)  # before jax is imported
-    if args.part == "deepseek":  # the HLO of the device-resident step, as evidence of what XLA made of its copies
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={device_step_hlo_dir(args.out)}"
-                                   " --xla_dump_hlo_module_re=.*device_step.*").strip()
     names = args.only.split(",")
     parts = {n: Part(n, args.out, args.dry_run, args.deadline, args.budget_s) for n in names}
     try:
@@ -105,10 +102,6 @@ def run_child(args) -> int:
     for p in parts.values():
         p.finish()
     return 0
-
-
-def device_step_hlo_dir(out: str) -> str:
-    return os.path.join(os.path.abspath(out), "hlo_device_step")
 
 
 def run_group(group: str, parts: dict, args) -> None:

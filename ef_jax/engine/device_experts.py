@@ -83,6 +83,7 @@ class DeviceStepExperts:
         self._real = None       # bool[N] host mask of the step in flight
         self._real_dev: dict[bytes, jax.Array] = {}
         self._layer_out: list = []  # tapped steps: per MoE layer (routed, hidden)
+        self._shapes: dict = {}     # StepPlan → (kinds, argument shapes) of the programs run so far
         self._queued: list[tuple[int, int]] = []  # (layer, expert) prefetches for the next step's hints
 
     # ---- the step --------------------------------------------------------------------------------------------
@@ -96,8 +97,12 @@ class DeviceStepExperts:
     def step(self, kinds, params, x, caches, positions, write_idx, valid):
         """Every layer of the step in one program. Returns (x, caches, routings per layer)."""
         plan = self._plan()
-        out = device_step(self.cfg, kinds, plan, tuple(params["layers"]), x, tuple(caches), positions, write_idx,
-                          valid, self._real_device(), self.pool, self.state, self.stacks.arrays, self._hints)
+        args = (tuple(params["layers"]), x, tuple(caches), positions, write_idx, valid, self._real_device(),
+                self.pool, self.state, self.stacks.arrays, self._hints)
+        if plan not in self._shapes:  # for step_hlo(): shapes, dtypes and memory kinds of each plan's arguments
+            self._shapes[plan] = (kinds, jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), args))
+        out = device_step(self.cfg, kinds, plan, *args)
         x, caches, routings, routed, hidden, self.pool, self.state, counters = out
         self.counters.dispatches += 1
         self._hold(routed, hidden, counters)
@@ -124,8 +129,11 @@ class DeviceStepExperts:
             self.verify()
 
     def _plan(self) -> StepPlan:
-        return StepPlan.for_tokens(self._real.size, self.cfg.num_experts, self.cfg.top_k, self.slots,
-                                   self.hint_width, self.flush, self.hidden_point)
+        return self._plan_for(self._real.size)
+
+    def _plan_for(self, tokens: int) -> StepPlan:
+        return StepPlan.for_tokens(tokens, self.cfg.num_experts, self.cfg.top_k, self.slots, self.hint_width,
+                                   self.flush, self.hidden_point)
 
     def _real_device(self) -> jax.Array:
         key = self._real.tobytes()
@@ -201,6 +209,15 @@ class DeviceStepExperts:
         return jax.device_put(hints, self.stacks.device_sharding)
 
     # ---- telemetry -------------------------------------------------------------------------------------------
+    def step_hlo(self, tokens: int = 1) -> str:
+        """The optimized HLO text of the step program that ran with `tokens` tokens (B·T; 1 = batch-1 decode):
+        the evidence of what XLA made of the in-program host slices (compiles it again)."""
+        plan = next((p for p in self._shapes if p == self._plan_for(tokens)), None)
+        if plan is None:
+            raise ValueError(f"no step of {tokens} tokens has run; ran: {sorted({p for p in self._shapes}, key=str)}")
+        kinds, shapes = self._shapes[plan]
+        return device_step.lower(self.cfg, kinds, plan, *shapes).compile().as_text()
+
     def verify(self) -> None:
         """Debug check (syncs): the device tables are consistent and every occupied slot holds its expert's bytes."""
         state = jax.device_get(self.state)
