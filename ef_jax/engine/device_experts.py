@@ -139,6 +139,8 @@ class DeviceStepExperts:
         key = self._real.tobytes()
         arr = self._real_dev.get(key)
         if arr is None:  # a handful of masks per run (all real, and the prompts' padding): uploaded once each
+            if len(self._real_dev) >= 64:  # a server sees many paddings: keep the cache bounded
+                self._real_dev.clear()
             arr = self._real_dev[key] = jax.device_put(self._real, self.stacks.device_sharding)
             self.counters.dispatches += 1
         return arr
@@ -212,9 +214,9 @@ class DeviceStepExperts:
     def step_hlo(self, tokens: int = 1) -> str:
         """The optimized HLO text of the step program that ran with `tokens` tokens (B·T; 1 = batch-1 decode):
         the evidence of what XLA made of the in-program host slices (compiles it again)."""
-        plan = next((p for p in self._shapes if p == self._plan_for(tokens)), None)
-        if plan is None:
-            raise ValueError(f"no step of {tokens} tokens has run; ran: {sorted({p for p in self._shapes}, key=str)}")
+        plan = self._plan_for(tokens)
+        if plan not in self._shapes:
+            raise ValueError(f"no step of {tokens} tokens has run (ran {len(self._shapes)} other step shapes)")
         kinds, shapes = self._shapes[plan]
         return device_step.lower(self.cfg, kinds, plan, *shapes).compile().as_text()
 
