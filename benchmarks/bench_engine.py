@@ -143,7 +143,8 @@ def markdown(rec: dict) -> str:
                      f"{fmt(r.get('host_syncs_per_step'))} | {sp} | {fmt(r.get('hit_rate'), 3)} |")
     lines += ["", "Ratios of the best rounds, and the median over rounds of each round's own ratio (less moved by one "
               "fast round on a shared machine).", "",
-              "| ratio | best / best | met | median of rounds | met | target | issue |", "|---|---|---|---|---|---|---|"]
+              "| ratio | best / best | met | median of rounds | met | target | issue |",
+              "|---|---|---|---|---|---|---|"]
     med = rec.get("median_round_ratios", {})
     for name, v in rec["ratios"].items():
         t, _, issue = TARGETS[name.split(" (")[0]]

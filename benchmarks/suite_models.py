@@ -386,7 +386,8 @@ def models_markdown(rec: dict) -> str:
                   "MoE layer ('logits', to weight the replayed experts), so they carry one sync per layer that a "
                   "plain run does not; the own-routing rows have none.", ""]
     rows = [[r.get("policy"), f"{int(100 * r.get('budget', 1))}%", r.get("batch"), r.get("routing", "–"),
-             r.get("step", "layer"), r.get("transfers", "–"), r.get("status") or r.get("tokens_per_s"), r.get("hit_rate"),
+             r.get("step", "layer"), r.get("transfers", "–"), r.get("status") or r.get("tokens_per_s"),
+             r.get("hit_rate"),
              r.get("roofline_tokens_per_s"), r.get("frac_of_roofline"), r.get("frac_of_roofline_moved"),
              r.get("stall_ms_per_token"), r.get("dispatches_per_step"), r.get("host_syncs_per_step"),
              r.get("burn_in_s")] for r in rec.get("rows", [])]

@@ -82,8 +82,8 @@ class ExpertStacks:
         if self.quantized:
             return jax.tree.map(lambda a: put(np.zeros((L, slots, *a.shape[1:]), a.dtype)), self._like)
         D, F = self.hidden, self.ffn
-        return ExpertPool(gate=put(np.zeros((L, slots, D, F), self.dtype)), up=put(np.zeros((L, slots, D, F), self.dtype)),
-                          down=put(np.zeros((L, slots, F, D), self.dtype)))
+        zeros = lambda shape: put(np.zeros(shape, self.dtype))
+        return ExpertPool(gate=zeros((L, slots, D, F)), up=zeros((L, slots, D, F)), down=zeros((L, slots, F, D)))
 
     def verify(self, pool, expert_of_slot: np.ndarray) -> None:
         """Debug check: every occupied slot holds exactly its expert's row of the stack (RuntimeError otherwise)."""

@@ -9,6 +9,7 @@ tokens → embed → per segment:
    device step (OffloadConfig(step="device"), untapped): every layer and the expert cache in one program
        (ef_jax.engine.device_step)
 → hidden [B, T, D]   (the decode loop, ef_jax.engine.decode, applies the head)
+
 `Forward(model, offload=None)` builds the resident source, `Forward(model, OffloadConfig(...))` the offloaded one:
 resident decoding is the offloaded loop with every expert in its slot. Axes: B rows, T new tokens, D model.
 """
@@ -75,8 +76,9 @@ class Forward:
         self.model, self.cfg, self.layers_per_group = model, cfg, layers_per_group
         self.kinds = layer_kinds(cfg)
         self.counters = HostCounters()
+        device_step = isinstance(offload, OffloadConfig) and offload.step == "device"
         self.source = (ResidentExperts(model, self.counters) if offload is None
-                       else DeviceStepExperts(model, offload, self.counters) if isinstance(offload, OffloadConfig) and offload.step == "device"
+                       else DeviceStepExperts(model, offload, self.counters) if device_step
                        else OffloadedExperts(model, offload, self.counters))
         self.groups = layer_groups(cfg.num_layers, layers_per_group)
         self.segments = split_segments(cfg.moe_layers, layers_per_group)
