@@ -75,10 +75,10 @@ class DeviceStepExperts:
         self.hidden_point = policy.hidden_point if self.shadow is not None and policy.wants_hidden else None
         self.pool = self.stacks.empty_pool(self.slots)
         self.state = dc.init_cache(L, E, self.slots, self.stacks.device_sharding)
-        self.routing_log: list[np.ndarray] = []  # per step: experts i32[N_real, L, K] (for replay)
+        self._routing_log: list[np.ndarray] = []  # per step: experts i32[N_real, L, K] (see routing_log)
         self.counts = np.zeros((len(dc.COUNTERS), L), np.int64)  # the latest counters read back
         self.readbacks = self.readback_waits = self.hints_sent = 0
-        self._pending = None    # (routed, hidden, counters, real) of the last step, not yet read
+        self._pending: list = []  # (routed, hidden, counters, real) of steps not yet read
         self._hints = None      # i32[L, H] device array for the step in flight
         self._real = None       # bool[N] host mask of the step in flight
         self._real_dev: dict[bytes, jax.Array] = {}
@@ -89,7 +89,8 @@ class DeviceStepExperts:
     # ---- the step --------------------------------------------------------------------------------------------
     def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
         """real bool[N]: which of the step's tokens are not padding."""
-        self._collect()
+        if self.shadow is not None or len(self._pending) >= 256:  # (bounded: every held step is ready by now)
+            self._collect()
         self._real = np.asarray(real, bool)
         if self.shadow is not None:
             self._hints = self._next_hints(last_tokens)
@@ -147,27 +148,34 @@ class DeviceStepExperts:
 
     # ---- what comes back once per step -------------------------------------------------------------------------
     def _hold(self, routed, hidden, counters) -> None:
-        """Starts moving the step's small outputs to the host; they are read at the next step (or stats)."""
-        for a in (routed, hidden, counters):
-            if a is not None:
-                a.copy_to_host_async()
-        self._pending = (routed, hidden, counters, self._real)
+        """Holds the step's small outputs for the host: a hint policy reads them at the next step (their copies
+        start now), other policies when stats or the routing log are asked for."""
+        if self.shadow is not None:  # read at the next step: start the copies now
+            for a in (routed, hidden, counters):
+                if a is not None:
+                    a.copy_to_host_async()
+        self._pending.append((routed, hidden, counters, self._real))
 
     def _collect(self) -> None:
-        """Reads the last step's outputs. The decode loop has synced that step's sampled token, so they are ready:
-        no wait (readback_waits counts any read that found them not ready)."""
-        if self._pending is None:
-            return
-        routed, hidden, counters, real = self._pending
-        self._pending = None
-        self.readbacks += 1
-        if not all(a.is_ready() for a in (routed, hidden, counters) if a is not None):
-            self.readback_waits += 1
-        experts = np.asarray(routed)                     # i32[L, N, K]
-        self.counts = np.asarray(counters).astype(np.int64)
-        self.routing_log.append(np.transpose(experts[:, real], (1, 0, 2)))
-        if self.shadow is not None:
-            self._replay(experts, None if hidden is None else np.asarray(hidden), real)
+        """Reads the held steps' outputs. The decode loop synced each step's sampled token, so they are ready when
+        read: no wait (readback_waits counts any read that found them not ready). A hint policy reads every step
+        (its replay makes the next hints); otherwise reads wait for stats() or routing_log, off the decode path."""
+        pending, self._pending = self._pending, []
+        for routed, hidden, counters, real in pending:
+            self.readbacks += 1
+            if not all(a.is_ready() for a in (routed, hidden, counters) if a is not None):
+                self.readback_waits += 1
+            experts = np.asarray(routed)                     # i32[L, N, K]
+            self.counts = np.asarray(counters).astype(np.int64)
+            self._routing_log.append(np.transpose(experts[:, real], (1, 0, 2)))
+            if self.shadow is not None:
+                self._replay(experts, None if hidden is None else np.asarray(hidden), real)
+
+    @property
+    def routing_log(self) -> list[np.ndarray]:
+        """Per step: experts i32[N_real, L, K] of the real tokens (for replay)."""
+        self._collect()
+        return self._routing_log
 
     # ---- hints: the host policy, one token behind --------------------------------------------------------------
     def _replay(self, experts: np.ndarray, hidden: np.ndarray | None, real: np.ndarray) -> None:
@@ -246,4 +254,4 @@ class DeviceStepExperts:
         return out
 
     def close(self) -> None:
-        self._pending = None
+        self._collect()
