@@ -10,7 +10,9 @@ Parts, in the order they run (the issue's GPU figures first):
                  written into a donated pool while the same program computes); copy-start counted in its HLO
   deepseek       full-depth DeepSeek-V2-Lite shapes (26 MoE layers × 64 experts of 17.3 MB, ~28 GB pinned), routing
                  replayed from shared/data/routing when found; 25/50/100 % budgets × nocache/lru/expertflow/
-                 predictive × batch 1/8, tokens/s beside the roofline max(compute, misses × copy time)
+                 predictive × batch 1/8, tokens/s beside the roofline max(compute, misses × copy time); and
+                 OffloadConfig(step="device") (issue 14: the whole step in one program) at lru 25/50 %, batch 1,
+                 beside the layer mode on the model's own routing
   copiers        OffloadConfig(transfers=inline|thread|program) at lru 50 %, batch 1, same model ("program" is
                  recorded as not available when this build lacks it)
   quant          the same model with bf16 / int8 / int4 experts at one expert_memory (25 % of the bf16 experts),
@@ -49,7 +51,7 @@ from suite_common import Part, fmt, md_header, run_meta, table  # noqa: E402
 # name: (child group, nominal seconds on a GPU, minimum seconds to be worth starting)
 PARTS = {
     "transfer": ("transfer", 50, 25),
-    "deepseek": ("deepseek", 280, 90),  # +60 s for the quant rows (estimated: quantize + pin + 3 rows)
+    "deepseek": ("deepseek", 330, 90),  # +60 s quant rows, +50 s device-step rows (estimates, not measured)
     "copiers": ("deepseek", 0, 0),  # runs in the deepseek child (one model build, ~28 GB pinned, serves both)
     "quant": ("deepseek", 0, 0),    # also there: quantizes that model's experts (+15 GB int8, +8 GB int4 pinned)
     "mixtral": ("mixtral", 60, 30),

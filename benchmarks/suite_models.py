@@ -9,6 +9,11 @@ deepseek: [random model, 26 MoE layers × 64 experts of 17.3 MB bf16, pinned onc
       roofline step time = max(resident step time at that batch, misses per step × expert bytes / pinned H2D peak)
   with misses and hit rate from the same run and the peak measured at the start of the part. Each run starts from
   a cold cache (a fresh Forward), and the roofline counts the same cold misses.
+device (issue 14, in the deepseek part, right after the first batch-1 sweep): OffloadConfig(step="device") — the
+  whole token step in one program, the cache on the device — at lru 25 / 50 %, batch 1, beside the layer mode on the
+  same routing: the model's own router (a device step routes on the device, so a trace cannot be replayed into it;
+  with a trace, layer-mode "own routing" rows are added for the comparison). The layer store is dropped while the
+  device rows pin their per-layer stacks (one ~28 GB pinned copy at a time), and re-pinned after them.
 copiers: lru at 50 %, batch 1, one row per OffloadConfig.transfers mode (inline / thread / program when built).
 quant: float / int8 / int4 experts at one expert_memory (benchmarks/suite_quant.py), after the copiers.
 mixtral: resident, nocache at top-k slots, lru and expertflow at half the experts, batch 1, through ef_jax.generate
@@ -198,7 +203,8 @@ def part_deepseek(parts: dict, args) -> None:
             # every configuration gets its own burn-in: the program copier compiles one expert-program variant per
             # load-count bucket, and which buckets a run meets depends on the policy (its prefetches); the burn-in
             # replays the timed run exactly (same tokens, same routing), so the timed run compiles nothing
-            key = (offload.slots_per_layer if offload else "resident", batch, transfers, override is None, policy)
+            step = getattr(offload, "step", "layer")
+            key = (offload.slots_per_layer if offload else "resident", batch, transfers, override is None, policy, step)
             burn_s = None
             if burn and key not in warmed:
                 t0 = time.perf_counter()
@@ -211,7 +217,7 @@ def part_deepseek(parts: dict, args) -> None:
             part.save()
             return None
         row.update(policy=policy, budget=frac, batch=batch, routing="replay" if override is not None else "model",
-                   transfers=transfers, burn_in_s=burn_s)
+                   transfers=transfers, burn_in_s=burn_s, step=getattr(offload, "step", "layer"))
         if offload is None:
             resident[batch] = row["wall_s"] / row["steps"]
         add_roofline(row, resident.get(batch), per, peak)
@@ -236,6 +242,7 @@ def part_deepseek(parts: dict, args) -> None:
     release(model)
     if ds:  # the issue's figures first: lru at 50 %, batch 1, and its ratios
         sweep(ds, 1, (0.5,), ("lru", "nocache", "expertflow", "predictive"))
+        device_rows(ds, run, slots_of, model, trace is not None, dry)
     if cp:
         half = slots_of(0.5)
         for mode in ("inline", "thread", "program"):
@@ -272,12 +279,82 @@ def part_deepseek(parts: dict, args) -> None:
             off = ef_jax.OffloadConfig(slots_per_layer=slots_of(0.5), policy=pol)
             run(ds, f"{pol} 50% own routing", off, 1, pol, 0.5, routing="model")
     ds.record["ratios"] = policy_ratios(ds.record["rows"])
+    ds.record["device_step_ratios"] = device_ratios(ds.record["rows"])
     ds.save()
 
 
-def policy_ratios(rows: list[dict]) -> list[dict]:
-    """expertflow/lru, expertflow/nocache, lru/roofline per (budget, batch, routing), tokens/s."""
+def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
+    """Issue 14: step="device" vs the layer mode, lru at 25 / 50 %, batch 1, the model's own routing."""
+    import ef_jax
+    from ef_jax.engine import store as layer_store
+    try:
+        from ef_jax.engine.expert_stacks import drop_stacks
+    except ImportError as e:
+        part.skip("step='device'", f"not available in this build ({e})")
+        return
+    fracs = (0.25, 0.5)
+    if traced:  # the grid replays the trace: the layer mode on the model's own routing, for the comparison
+        for frac in fracs:
+            run(part, f"lru {int(frac * 100)}% own routing", ef_jax.OffloadConfig(slots_per_layer=slots_of(frac)),
+                1, "lru", frac, routing="model")
+    layer_store._STORES.pop(model, None)  # one pinned copy of the experts at a time (re-pinned by the next row)
+    for frac in fracs:
+        off = ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy="lru", step="device")
+        run(part, f"lru {int(frac * 100)}% device step", off, 1, "lru", frac, routing="model")
+    if part.has_time(30 if not dry else 5, "device step HLO"):
+        try:
+            hlo = device_step_hlo(model, ef_jax.OffloadConfig(slots_per_layer=slots_of(0.25), step="device"))
+            with open(os.path.join(part.out_dir, "device_step_hlo.txt"), "w") as f:
+                f.write(hlo.pop("text"))
+            part.record["device_step_hlo"] = hlo
+        except Exception as e:  # noqa: BLE001 — evidence missing must not end the part
+            part.error("device step HLO", e)
+    drop_stacks(model)
+    part.record["device_step_ratios"] = device_ratios(part.record["rows"])
+    part.save()
+
+
+def device_step_hlo(model, offload) -> dict:
+    """What XLA made of the device step's in-program copies: its batch-1 decode program (one teacher-forced step
+    compiles it), optimized HLO counted — host-memory (S(5)) operands, dynamic slices, async copies, loops,
+    conditionals — with the host-memory lines kept as evidence; the text goes to <out>/device_step_hlo.txt."""
+    import jax
+    from ef_jax.engine.decode import teacher_forced
+    from ef_jax.engine.forward import Forward
+    with Forward(model, offload) as fwd:
+        teacher_forced(fwd, np.zeros((1, 2), np.int32))
+        text = fwd.source.step_hlo(1)
+    lines = text.splitlines()
+    count = lambda pred: sum(1 for ln in lines if pred(ln))
+    return {"text": text, "backend": jax.default_backend(), "lines": len(lines),
+            "host_memory_operands": count(lambda ln: "S(5)" in ln),
+            "dynamic_slice": count(lambda ln: " dynamic-slice(" in ln),
+            "copy_start": count(lambda ln: " copy-start(" in ln), "while": count(lambda ln: " while(" in ln),
+            "conditional": count(lambda ln: " conditional(" in ln), "fusion": count(lambda ln: " fusion(" in ln),
+            "host_memory_lines": [ln.strip()[:400] for ln in lines if "S(5)" in ln][:24]}
+
+
+def device_ratios(rows: list[dict]) -> list[dict]:
+    """device step / layer mode tokens/s per (budget, batch, policy) on the model's own routing."""
     out = []
+    for r in rows:
+        if r.get("step") != "device":
+            continue
+        key = (r["budget"], r["batch"], r["policy"])
+        layer = next((x for x in rows if x.get("step", "layer") == "layer" and x.get("routing") == "model"
+                      and (x["budget"], x["batch"], x["policy"]) == key), None)
+        out.append({"budget": key[0], "batch": key[1], "policy": key[2], "device_tokens_per_s": r["tokens_per_s"],
+                    "layer_tokens_per_s": layer and layer["tokens_per_s"],
+                    "device/layer": layer and r["tokens_per_s"] / layer["tokens_per_s"],
+                    "device_host_syncs_per_step": r.get("host_syncs_per_step"),
+                    "layer_host_syncs_per_step": layer and layer.get("host_syncs_per_step")})
+    return out
+
+
+def policy_ratios(rows: list[dict]) -> list[dict]:
+    """expertflow/lru, expertflow/nocache, lru/roofline per (budget, batch, routing), tokens/s (layer mode)."""
+    out = []
+    rows = [r for r in rows if r.get("step", "layer") == "layer"]
     keys = sorted({(r["budget"], r["batch"], r["routing"]) for r in rows if r.get("policy") in POLICIES})
     for b, B, rt in keys:
         tps = {r["policy"]: r["tokens_per_s"] for r in rows if (r["budget"], r["batch"], r["routing"]) == (b, B, rt)}
@@ -313,11 +390,12 @@ def models_markdown(rec: dict) -> str:
                   "MoE layer ('logits', to weight the replayed experts), so they carry one sync per layer that a "
                   "plain run does not; the own-routing rows have none.", ""]
     rows = [[r.get("policy"), f"{int(100 * r.get('budget', 1))}%", r.get("batch"), r.get("routing", "–"),
-             r.get("transfers", "–"), r.get("status") or r.get("tokens_per_s"), r.get("hit_rate"),
+             r.get("step", "layer"), r.get("transfers", "–"), r.get("status") or r.get("tokens_per_s"),
+             r.get("hit_rate"),
              r.get("roofline_tokens_per_s"), r.get("frac_of_roofline"), r.get("frac_of_roofline_moved"),
              r.get("stall_ms_per_token"), r.get("dispatches_per_step"), r.get("host_syncs_per_step"),
              r.get("burn_in_s")] for r in rec.get("rows", [])]
-    lines += table(["policy", "budget", "batch", "routing", "copier", "tokens/s", "hit rate", "roofline tok/s",
+    lines += table(["policy", "budget", "batch", "routing", "step", "copier", "tokens/s", "hit rate", "roofline tok/s",
                     "× roofline", "× roofline (moved)", "stall ms/token", "dispatches/step", "syncs/step",
                     "burn-in s"], rows)
     if rec.get("ratios"):
@@ -329,6 +407,19 @@ def models_markdown(rec: dict) -> str:
                             "lru × roofline"],
                            [[f"{int(100 * r['budget'])}%", r["batch"], r["routing"], r["expertflow/lru"],
                              r["expertflow/nocache"], r["predictive/lru"], r["lru/roofline"]] for r in rec["ratios"]])
+    if rec.get("device_step_ratios"):
+        lines += ["", "Device-resident step (OffloadConfig(step='device')) vs the layer mode, the model's own routing:",
+                  ""]
+        lines += table(["policy", "budget", "batch", "device tok/s", "layer tok/s", "device/layer", "device syncs/step",
+                        "layer syncs/step"],
+                       [[r["policy"], f"{int(100 * r['budget'])}%", r["batch"], r["device_tokens_per_s"],
+                         r["layer_tokens_per_s"], r["device/layer"], r["device_host_syncs_per_step"],
+                         r["layer_host_syncs_per_step"]] for r in rec["device_step_ratios"]])
+    if rec.get("device_step_hlo"):
+        h = rec["device_step_hlo"]
+        lines += ["", "Device step HLO (batch-1 decode, optimized; full text in device_step_hlo.txt): "
+                  + ", ".join(f"{k} {v}" for k, v in h.items() if k != "host_memory_lines"), ""]
+        lines += ["```"] + h.get("host_memory_lines", []) + ["```"]
     return "\n".join(lines) + "\n"
 
 

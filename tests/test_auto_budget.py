@@ -141,10 +141,11 @@ def test_non_expert_bytes_from_the_config_match_the_checkpoint(dtype):
 def test_engine_real_cpu_path_and_fake_gpu(model, monkeypatch):
     from ef_jax.engine import device_memory
     from ef_jax.engine.forward import Forward
-    with Forward(model, OffloadConfig(expert_memory="auto"), kv_shape=(2, 64)) as fwd:  # this machine's CPU
-        s = fwd.stats()
     cfg, per = model.config, model.param_bytes()["per_expert"]
-    assert s["budget_auto"]["source"] == "cpu-default" and s["slots_per_layer"] == cfg.num_experts // 4
+    for step in ("device", "layer"):  # both expert sources resolve auto the same way
+        with Forward(model, OffloadConfig(expert_memory="auto", step=step), kv_shape=(2, 64)) as fwd:  # this CPU
+            s = fwd.stats()
+        assert s["budget_auto"]["source"] == "cpu-default" and s["slots_per_layer"] == cfg.num_experts // 4, step
     assert s["budget_auto"]["kv_bytes"] == kv_cache_bytes(cfg, 2, 64, 4)
     with pytest.raises(ValueError, match="kv_shape"):
         Forward(model, OffloadConfig(expert_memory="auto"))

@@ -29,6 +29,7 @@ ROUTING_MODES = ("exact", "cache-aware")
 # sweep in docs/expertflow.md (perplexity cost ≤ 1 % on held-out text).
 DEFAULT_ROUTING_TOLERANCE = 0.02
 TRANSFER_MODES = ("inline", "thread", "program")
+STEP_MODES = ("layer", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,10 @@ class OffloadConfig:
         programs), "inline" (device_put + a slot-write program per copy, from the thread that dispatches
         compute) or "thread" (a background copy thread; see ef_jax.engine.copier.ThreadCopier for the H100
         measurement behind it). Either clock.
+      step: "layer" (default: the host routes each MoE layer, one sync per layer) or "device" (the whole token
+        step, every layer, in one jitted program with the expert cache on the device; see
+        ef_jax.engine.device_step: LRU eviction on the device, policies send prefetch hints one token behind;
+        `transfers`, `timing`, `record_timeline` and cache-aware routing belong to the layer mode).
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None
@@ -66,8 +71,11 @@ class OffloadConfig:
     routing: str = "exact"
     routing_tolerance: float | None = None
     transfers: str = "program"
+    step: str = "layer"
 
     def __post_init__(self):
+        if self.step not in STEP_MODES:
+            raise ValueError(f"step={self.step!r} must be one of {STEP_MODES}")
         if self.transfers not in TRANSFER_MODES:
             raise ValueError(f"transfers={self.transfers!r} must be one of {TRANSFER_MODES}")
         if (self.expert_memory is None) == (self.slots_per_layer is None):

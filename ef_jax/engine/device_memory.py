@@ -53,3 +53,13 @@ def resolve_auto(model: Model, bytes_per_expert: int, kv_shape: tuple[int, int] 
         return auto_budget(budget_request(model, bytes_per_expert, batch, context), memory_stats(device))
     except BudgetTooSmall as e:
         raise BudgetTooSmall(f"expert_memory='auto': {e}", e.minimum_free) from None
+
+
+def resolve_budget(model: Model, offload, bytes_per_expert: int, kv_shape: tuple[int, int] | None, device=None):
+    """(slots per MoE layer, AutoBudget or None) of an OffloadConfig for `model`: "auto" reads the device, any
+    other budget is bytes or slots (ValueError below one token's top-k)."""
+    cfg = model.config
+    if offload.auto:
+        auto = resolve_auto(model, bytes_per_expert, kv_shape, device)
+        return auto.slots_per_layer, auto
+    return offload.resolve_slots(cfg.num_moe_layers, cfg.num_experts, cfg.top_k, bytes_per_expert), None

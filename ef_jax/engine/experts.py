@@ -33,7 +33,7 @@ from ef_jax.engine.clock import VirtualClock, WallClock
 from ef_jax.engine.context import policy_context
 from ef_jax.engine.copier import COPIERS
 from ef_jax.engine.copier import bucket
-from ef_jax.engine.device_memory import resolve_auto
+from ef_jax.engine.device_memory import resolve_budget
 from ef_jax.engine.programs import expert_pass, offloaded_expert_pass
 from ef_jax.engine.store import store_for
 from ef_jax.engine.telemetry import HostCounters
@@ -67,6 +67,7 @@ def drop_resident(model: Model) -> None:
 class ResidentExperts:
     """Every routed expert resident in its own slot: no host sync, no copies."""
     fused = True  # routing and experts may run in the same program
+    whole_step = False  # True only for the device-resident step's source (ef_jax.engine.device_experts)
 
     def __init__(self, model: Model, counters: HostCounters):
         cfg = model.config
@@ -101,6 +102,7 @@ class OffloadedExperts:
     the router's choice (e.g. replayed from a real trace, so a random-weight model of a real shape sees real
     routing)."""
     fused = False
+    whole_step = False
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):
@@ -112,12 +114,9 @@ class OffloadedExperts:
         self.cfg, self.config, self.counters = cfg, offload, counters
         self.store = store_for(model)
         L, E = len(cfg.moe_layer_ids), cfg.num_experts
-        self.budget_auto = None  # expert_memory="auto": what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
-        if offload.auto:
-            self.budget_auto = resolve_auto(model, self.store.bytes_per_expert, kv_shape, self.store.device)
-            self.slots = self.budget_auto.slots_per_layer
-        else:
-            self.slots = offload.resolve_slots(L, E, cfg.top_k, self.store.bytes_per_expert)
+        # budget_auto: with expert_memory="auto", what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
+        self.slots, self.budget_auto = resolve_budget(model, offload, self.store.bytes_per_expert, kv_shape,
+                                                      self.store.device)
         self.timing = get_timing(offload.timing)  # a virtual clock stands for its preset's expert size too
         policy = get_policy(offload.policy, policy_context(model))
         self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check,

@@ -6,6 +6,8 @@ tokens → embed → per segment:
    split: each MoE layer = attend_route program (the dense layers before it, its attention, its router) →
        [tap "attention"] → source.experts (the offloaded source syncs routing to the host here, the named point
        "route") → [tap "moe"]; dense layers after the last MoE layer in groups (run_group)
+   device step (OffloadConfig(step="device"), untapped): every layer and the expert cache in one program
+       (ef_jax.engine.device_step)
 → hidden [B, T, D]   (the decode loop, ef_jax.engine.decode, applies the head)
 
 `Forward(model, offload=None)` builds the resident source, `Forward(model, OffloadConfig(...))` the offloaded one:
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ef_jax.cache.config import OffloadConfig
+from ef_jax.engine.device_experts import DeviceStepExperts
 from ef_jax.engine.experts import OffloadedExperts, ResidentExperts
 from ef_jax.engine.programs import attend_route
 from ef_jax.engine.telemetry import HostCounters
@@ -76,7 +79,9 @@ class Forward:
         self.model, self.cfg, self.layers_per_group = model, cfg, layers_per_group
         self.kinds = layer_kinds(cfg)
         self.counters = HostCounters()
+        device_step = isinstance(offload, OffloadConfig) and offload.step == "device"
         self.source = (ResidentExperts(model, self.counters) if offload is None
+                       else DeviceStepExperts(model, offload, self.counters, kv_shape) if device_step
                        else OffloadedExperts(model, offload, self.counters, kv_shape))
         self.groups = layer_groups(cfg.num_layers, layers_per_group)
         self.segments = split_segments(cfg.moe_layers, layers_per_group)
@@ -99,7 +104,10 @@ class Forward:
         self.counters.steps += 1
         self.counters.dispatches += 1
         self.source.begin_step(tokens[:, -1], real)
-        if self.source.fused and tap is None:
+        if self.source.whole_step and tap is None:  # step="device": every layer in one program
+            x, new, routings = self.source.step(self.kinds, params, x, caches, pos, widx, vld)
+            caches, routings = list(new), list(routings)
+        elif self.source.fused and tap is None:
             for g in self.groups:
                 x = self._group(g, x, caches, routings, pos, widx, vld, self.source.pools, self.source.slot_maps)
         else:
