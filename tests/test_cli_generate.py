@@ -182,11 +182,14 @@ _HIDE_TORCH = ("import importlib.util, sys; _f = importlib.util.find_spec; "
 
 
 def test_no_pytorch_advice_when_torch_is_absent():
+    # the children's environment says nothing about transformers' advice either way (the parent's may, e.g. while
+    # another thread of this process is inside ef_jax.model._import_transformers_quietly)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
     control = subprocess.run([sys.executable, "-c", _HIDE_TORCH + "import transformers"], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-    assert "PyTorch was not found" in control.stderr       # the hiding works: transformers alone warns
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert "PyTorch was not found" in control.stderr, control.stderr  # the hiding works: transformers alone warns
     r = subprocess.run([sys.executable, "-c", _HIDE_TORCH + "from ef_jax import cli; sys.exit(cli.main(['info']))"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and "tokenizer    yes" in r.stdout
     assert "PyTorch was not found" not in r.stderr, r.stderr
 
