@@ -222,13 +222,13 @@ def test_pregate_policy_keeps_tokens_and_prefetches(model):
         assert res.stats["cache_prefetch_issued"] > 0
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")),
-                    reason="the default model is not shipped in this build")
 @pytest.fixture(scope="module")
 def default_model():
     return ef_jax.load()
 
 
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")),
+                    reason="the default model is not shipped in this build")
 @pytest.mark.parametrize("policy", ["lru", "lfu", "nocache"])
 def test_default_model_offloaded_tokens_equal_resident(default_model, policy):
     model = default_model
