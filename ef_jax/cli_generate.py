@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
                    help="a train-predictor --out directory: the predictor of --policy predictive")
     g.add_argument("--hybrid", default=None, metavar="DIR",
                    help="a train-hybrid --out directory: the predictor of --policy expertflow")
+    g.add_argument("--step", choices=["layer", "device"], default="layer",
+                   help="offloaded decoding: layer (the host routes each MoE layer) or device (the whole token step "
+                        "and the expert cache in one compiled program; lru, nocache and hint policies)")
     g.add_argument("--timeline", default=None, metavar="FILE",
                    help="write a Chrome/Perfetto trace JSON of the offload engine here")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, stats) at the end")
@@ -106,6 +109,17 @@ def _policy_name(args) -> str:
         raise UsageError("--predictor DIR is the predictor of --policy predictive: add --policy predictive")
     if args.hybrid and name != "expertflow":
         raise UsageError("--hybrid DIR is the predictor of --policy expertflow: add --policy expertflow")
+    if args.step == "device":
+        if name == "resident":
+            raise UsageError("--step device runs the expert cache inside the step: give --expert-memory or "
+                             "--slots-per-layer too (without them every expert is resident anyway)")
+        from ef_jax.engine.device_experts import DEVICE_POLICIES
+        if name not in DEVICE_POLICIES:
+            raise UsageError(f"--step device evicts by LRU on the device, so --policy {name} (host-side eviction) "
+                             f"runs only with --step layer; with --step device use one of {', '.join(DEVICE_POLICIES)}")
+        if args.timeline:
+            raise UsageError("--timeline records per-layer host events, which --step device does not have: use "
+                             "--step layer")
     return name
 
 
@@ -201,7 +215,7 @@ def _generate(args, p: Plan, spinner: Spinner) -> int:
     offload = None
     if p.budget is not None:
         offload = ef_jax.OffloadConfig(**p.budget, policy=_policy_object(p.policy, args, model, p.predictor),
-                                       record_timeline=p.timeline)
+                                       record_timeline=p.timeline, step=args.step)
     stream = TextStream(model.tokenizer, p.ids, stops=tuple(args.stop or ()), enabled=not args.json)
     spinner.start(f"compiling and prefilling {plural(len(p.ids), 'prompt token')}")
 

@@ -128,6 +128,13 @@ def test_policy_resident_and_labelled_offload_stats(capsys):
     assert "1 slots" not in err and "1 misses" not in err
 
 
+def test_step_device_prints_the_resident_text(capsys):
+    assert cli.main(["generate", "To be", "--slots-per-layer", "8", "--step", "device", "--max-new-tokens", "4"]) == 0
+    got = capsys.readouterr()
+    assert cli.main(["generate", "To be", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == got.out and "hit rate" in got.err   # the cache in the step changes no token
+
+
 def test_predictive_policy_takes_a_trained_predictor(tmp_path, capsys):
     pytest.importorskip("optax")
     trace = os.path.join(REPO, "benchmarks", "data", "default_model_kjv.npz")

@@ -60,6 +60,9 @@ def files(tmp_path):
 CASES = [
     (["generate", "x", "--slots-per-layer", "0"], ["--slots-per-layer 0", "--slots-per-layer 4"]),
     (["generate", "x", "--slots-per-layer", "2"], ["--slots-per-layer 2", "--policy resident"]),
+    (["generate", "x", "--step", "device"], ["--step device", "--slots-per-layer"]),
+    (["generate", "x", "--slots-per-layer", "8", "--policy", "lfu", "--step", "device"],
+     ["--policy lfu", "--step layer"]),
     (["generate", "x", "--max-new-tokens", "2000"], ["--max-new-tokens 2000", "max_position_embeddings=1024",
                                                      "at most"]),
     (["generate", "x", "--max-new-tokens", "100000000"], ["--max-new-tokens", "max_position_embeddings"]),
