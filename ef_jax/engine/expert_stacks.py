@@ -16,8 +16,8 @@ import weakref
 
 import jax
 import numpy as np
-from jax.sharding import SingleDeviceSharding
 
+from ef_jax.engine.store import memory_sharding
 from ef_jax.model import Model
 from ef_jax.models.moe import ExpertPool
 from ef_jax.quant import pool as qpool
@@ -39,22 +39,14 @@ def drop_stacks(model: Model) -> None:
     _STACKS.pop(model, None)
 
 
-def _sharding(device, kind: str) -> SingleDeviceSharding:
-    kinds = {m.kind for m in device.addressable_memories()}
-    if kind not in kinds:
-        raise RuntimeError(f"device {device} has no '{kind}' memory (has {sorted(kinds)}); the device-resident "
-                           "step needs a jax/jaxlib build with pinned host memory support")
-    return SingleDeviceSharding(device, memory_kind=kind)
-
-
 class ExpertStacks:
     """Per MoE layer, one pinned-host array of all its experts (flat rows)."""
 
     def __init__(self, host_experts: list, device=None):
         device = device or jax.devices()[0]
         self.device = device
-        self.device_sharding = _sharding(device, "device")
-        host = _sharding(device, "pinned_host")
+        self.device_sharding = memory_sharding(device, "device")
+        host = memory_sharding(device, "pinned_host")
         first = host_experts[0]
         self.quantized = isinstance(first, qpool.QuantExpertPool)
         if self.quantized:

@@ -40,7 +40,8 @@ def store_for(model: Model) -> "ExpertStore":
     return store
 
 
-def _memory_sharding(device, kind: str) -> SingleDeviceSharding:
+def memory_sharding(device, kind: str) -> SingleDeviceSharding:
+    """`device`'s memory of `kind` ("device" | "pinned_host"); RuntimeError when this jax build lacks it."""
     kinds = {m.kind for m in device.addressable_memories()}
     if kind not in kinds:
         raise RuntimeError(f"device {device} has no '{kind}' memory (has {sorted(kinds)}); expert offloading "
@@ -54,8 +55,8 @@ class ExpertStore:
     def __init__(self, host_experts: list[dict[str, np.ndarray]], device=None):
         device = device or jax.devices()[0]
         self.device = device
-        self.host_sharding = _memory_sharding(device, "pinned_host")
-        self.device_sharding = _memory_sharding(device, "device")
+        self.host_sharding = memory_sharding(device, "pinned_host")
+        self.device_sharding = memory_sharding(device, "device")
         first = host_experts[0]
         self.buffers: list[list[jax.Array]] = []
         self.quantized = isinstance(first, qpool.QuantExpertPool)
