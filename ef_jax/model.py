@@ -41,6 +41,15 @@ class Model:
     path: str | None = None
     generation: GenerationDefaults = GenerationDefaults()  # the checkpoint's generation_config.json defaults
     expert_quant: QuantSpec | None = None  # None: experts in `dtype`; else how they were quantized
+    mesh: Any = None  # a jax Mesh with an `expert` axis (ef_jax.mesh): params replicated, experts split over it
+
+    def place(self, tree):
+        """A device pytree the engine creates (a KV cache) placed where the params are: replicated over the mesh, or
+        left as it is on one device."""
+        if self.mesh is None:
+            return tree
+        from ef_jax.mesh import replicated
+        return jax.device_put(tree, replicated(self.mesh))
 
     def param_bytes(self) -> dict[str, int]:
         """Bytes of routed experts vs everything else, and of one expert, at the loaded dtype (quantized bytes:
@@ -99,7 +108,7 @@ def load_tokenizer(path: str):
 
 
 def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, expert_dtype=None,
-         group_size: int | None = None) -> Model:
+         group_size: int | None = None, mesh=None) -> Model:
     """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors), or a store written by
     `ef-jax convert` (then the experts are read already quantized and packed).
 
@@ -110,7 +119,13 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
       expert_dtype: None / "bf16" (experts as `dtype`), "int8" or "int4" (routed experts quantized group-wise
         at load, see ef_jax.quant), or an ef_jax.quant.QuantSpec. Non-expert weights are never quantized.
       group_size: rows per quantization group along each expert matrix's input axis (default 64).
+      mesh: a jax Mesh with one axis named "expert" (ef_jax.mesh.expert_mesh(n), or jax.make_mesh((n,), ("expert",)))
+        to run on several devices: non-expert weights replicated, every MoE layer's routed experts split over the
+        devices (ef_jax.mesh); None: one device.
     """
+    if mesh is not None:
+        from ef_jax.mesh import on_mesh
+        return on_mesh(load(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size), mesh)
     if path is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
             raise FileNotFoundError(

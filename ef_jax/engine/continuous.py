@@ -81,8 +81,7 @@ def resident_experts(forward: Forward) -> np.ndarray | None:
     """f32[L·E]: 1 where the offloaded expert cache holds the expert now (None when every expert is resident)."""
     if not forward.offloaded:
         return None
-    table = forward.source.cache.table
-    rows = [np.asarray(table.slot_row(j)) >= 0 for j in range(len(forward.cfg.moe_layer_ids))]
+    rows = [forward.source.resident_row(j) for j in range(len(forward.cfg.moe_layer_ids))]
     return np.concatenate(rows).astype(np.float32)
 
 

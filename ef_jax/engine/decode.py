@@ -37,7 +37,7 @@ class Rows:
     def __init__(self, forward: Forward, batch: int, slots: int):
         cfg, params = forward.cfg, forward.model.params
         self.forward, self.cfg, self.params = forward, cfg, params
-        self.cache = init_cache(cfg, batch, slots, params["embed"].dtype)
+        self.cache = forward.model.place(init_cache(cfg, batch, slots, params["embed"].dtype))
         self.valid = np.zeros((batch, slots), bool)  # bool[B, S]: which cache slots hold real tokens
         self.next_slot = 0
 

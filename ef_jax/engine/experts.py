@@ -217,6 +217,10 @@ class OffloadedExperts:
         self.counters.dispatches += 1
         return h
 
+    def resident_row(self, j: int) -> np.ndarray:
+        """bool[E]: experts of MoE layer j resident (arrived or in flight)."""
+        return np.asarray(self.cache.table.slot_row(j)) >= 0
+
     def _verify(self) -> None:
         """check=True: the cache's invariants, every slot's bytes, and the device slot table equal the host's."""
         self.copier.settle()

@@ -11,7 +11,8 @@ tokens → embed → per segment:
 → hidden [B, T, D]   (the decode loop, ef_jax.engine.decode, applies the head)
 
 `Forward(model, offload=None)` builds the resident source, `Forward(model, OffloadConfig(...))` the offloaded one:
-resident decoding is the offloaded loop with every expert in its slot. Axes: B rows, T new tokens, D model.
+resident decoding is the offloaded loop with every expert in its slot. A model on a mesh (ef_jax.mesh) gets the mesh
+sources (ef_jax.engine.mesh_experts): the same segments, each device computing the experts it owns. Axes: B rows, T new tokens, D model.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 from ef_jax.cache.config import OffloadConfig
 from ef_jax.engine.device_experts import DeviceStepExperts
 from ef_jax.engine.experts import OffloadedExperts, ResidentExperts
+from ef_jax.engine.mesh_experts import MeshOffloadedExperts, MeshResidentExperts
 from ef_jax.engine.programs import attend_route
 from ef_jax.engine.telemetry import HostCounters
 from ef_jax.model import Model
@@ -80,16 +82,20 @@ class Forward:
         self.kinds = layer_kinds(cfg)
         self.counters = HostCounters()
         device_step = isinstance(offload, OffloadConfig) and offload.step == "device"
-        self.source = (ResidentExperts(model, self.counters) if offload is None
-                       else DeviceStepExperts(model, offload, self.counters, kv_shape) if device_step
-                       else OffloadedExperts(model, offload, self.counters, kv_shape))
+        if model.mesh is not None:  # several devices: each holds its share of the experts (ef_jax.mesh)
+            self.source = (MeshResidentExperts(model, self.counters) if offload is None
+                           else MeshOffloadedExperts(model, offload, self.counters, kv_shape))
+        else:
+            self.source = (ResidentExperts(model, self.counters) if offload is None
+                           else DeviceStepExperts(model, offload, self.counters, kv_shape) if device_step
+                           else OffloadedExperts(model, offload, self.counters, kv_shape))
         self.groups = layer_groups(cfg.num_layers, layers_per_group)
         self.segments = split_segments(cfg.moe_layers, layers_per_group)
         self.moe_index = {i: j for j, i in enumerate(cfg.moe_layer_ids)}
 
     @property
     def offloaded(self) -> bool:
-        return isinstance(self.source, OffloadedExperts)
+        return isinstance(self.source, (OffloadedExperts, MeshOffloadedExperts))
 
     def __call__(self, tokens, positions, write_idx, valid, cache: KVCache, tap=None):
         """tokens, positions i32[B, T]; write_idx: first cache slot to write; valid bool[B, S] (host numpy, new

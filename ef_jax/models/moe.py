@@ -78,16 +78,16 @@ def _matrices(pool, slot_ids, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     return pool.gate[slot_ids], pool.up[slot_ids], pool.down[slot_ids]
 
 
-def expert_ffn_gather(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool) -> jax.Array:
-    """Decode regime: gather the K selected slots per token, then SwiGLU. x [N, D], slot_ids i32[N, K] → [N, D].
-    pool: ExpertPool or QuantExpertPool."""
+def expert_ffn_gather(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_dtype=None) -> jax.Array:
+    """Decode regime: gather the K selected slots per token, then SwiGLU. x [N, D], slot_ids i32[N, K] → [N, D]
+    (out_dtype, default x's). pool: ExpertPool or QuantExpertPool."""
     g, u, d = _matrices(pool, slot_ids, x.dtype)  # [N, K, D, F] / [N, K, F, D]
     h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, g)) * jnp.einsum("nd,nkdf->nkf", x, u)
     y = jnp.einsum("nkf,nkfd->nkd", h, d, preferred_element_type=jnp.float32)
-    return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32)).astype(x.dtype)
+    return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32)).astype(out_dtype or x.dtype)
 
 
-def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool) -> jax.Array:
+def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_dtype=None) -> jax.Array:
     """Prefill regime: sort the N·K (token, slot) pairs by slot and run grouped matmuls. Same contract."""
     N, K = slot_ids.shape
     S = pool.gate.shape[0]
@@ -101,7 +101,7 @@ def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, po
          * jax.lax.ragged_dot(xs, up, sizes))
     y = jax.lax.ragged_dot(h, down, sizes, preferred_element_type=jnp.float32)
     y = y * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
-    return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token_of_pair].add(y).astype(x.dtype)
+    return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token_of_pair].add(y).astype(out_dtype or x.dtype)
 
 
 EXPERT_KERNELS = ("xla", "pallas", "pallas-interpret")
@@ -120,28 +120,36 @@ def set_expert_kernel(name: str) -> None:
     jax.clear_caches()
 
 
-def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool) -> jax.Array:
+def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_dtype=None) -> jax.Array:
     """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]), choosing the formulation by problem size (static).
-    pool: ExpertPool, or QuantExpertPool (dequantized inside this computation)."""
+    pool: ExpertPool, or QuantExpertPool (dequantized inside this computation). out_dtype: of the sum (default
+    x's; an expert-parallel caller asks for float32 partial sums, so adding them across devices rounds once)."""
     if _expert_kernel != "xla" and isinstance(pool, QuantExpertPool):
         from kernels_pallas import quant_pool_expert_ffn
-        return quant_pool_expert_ffn(x, slot_ids, weights, pool, interpret=_expert_kernel == "pallas-interpret")
+        y = quant_pool_expert_ffn(x, slot_ids, weights, pool, interpret=_expert_kernel == "pallas-interpret")
+        return y.astype(out_dtype or x.dtype)
     if _expert_kernel != "xla":
         from kernels_pallas import expert_ffn as pallas_expert_ffn
-        return pallas_expert_ffn(x, slot_ids, weights, pool.gate, pool.up, pool.down,
-                                 interpret=_expert_kernel == "pallas-interpret")
+        y = pallas_expert_ffn(x, slot_ids, weights, pool.gate, pool.up, pool.down,
+                              interpret=_expert_kernel == "pallas-interpret")
+        return y.astype(out_dtype or x.dtype)
     if slot_ids.size <= GATHER_MAX_PAIRS:
-        return expert_ffn_gather(x, slot_ids, weights, pool)
-    return expert_ffn_grouped(x, slot_ids, weights, pool)
+        return expert_ffn_gather(x, slot_ids, weights, pool, out_dtype)
+    return expert_ffn_grouped(x, slot_ids, weights, pool, out_dtype)
 
 
 def moe_combine(p: dict, cfg: ModelConfig, x: jax.Array, routing: Routing, pool: ExpertPool,
                 slot_of_expert: jax.Array, include_shared: bool = True) -> jax.Array:
     """The block's output for normalised input x [N, D] given its routing; slot_of_expert i32[E] maps each
-    chosen expert to the pool slot holding it (the caller guarantees every chosen expert with a non-zero weight
+    chosen expert to the pool slot holding it (pool: an ExpertPool, a QuantExpertPool, or a MeshPool whose slots are
+    split over devices, ef_jax.models.expert_parallel: then the slot within the owning device's block) (the caller guarantees every chosen expert with a non-zero weight
     is resident). include_shared=False leaves out the shared expert (for the 2nd+ pass of a split layer)."""
     slots = slot_of_expert[routing.experts]
-    y = expert_ffn(x, slots, routing.weights, pool)
+    if not isinstance(pool, (ExpertPool, QuantExpertPool)):  # a MeshPool: the experts are split over devices
+        from ef_jax.models.expert_parallel import expert_parallel_ffn
+        y = expert_parallel_ffn(x, routing.experts, slots, routing.weights, pool)
+    else:
+        y = expert_ffn(x, slots, routing.weights, pool)
     if cfg.shared_intermediate and include_shared:
         s = p["shared"]
         shared = swiglu(x, s["gate"], s["up"], s["down"])
