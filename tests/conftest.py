@@ -1,9 +1,14 @@
-"""Shared pytest setup: a persistent compilation cache for the run, GPU marker handling, tiny Hugging Face
-checkpoints built once per session."""
+"""Shared pytest setup: four host devices, a persistent compilation cache for the run, GPU marker handling, tiny
+Hugging Face checkpoints built once per session."""
 import os
 import tempfile
 
-import jax
+# Four CPU devices for the expert-parallel tests (tests/test_mesh.py); set before jax starts, here and (through the
+# environment) in every subprocess. Single-device code runs on the first of them, as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import jax  # noqa: E402
 import pytest
 
 
