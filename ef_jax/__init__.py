@@ -1,7 +1,8 @@
 """ef_jax: a JAX/XLA runtime for Mixture-of-Experts LLMs whose experts do not fit in GPU memory.
 
 Public API:
-  load(path=None, *, dtype=None, expert_dtype=None, group_size=None) -> Model
+  load(path=None, *, dtype=None, expert_dtype=None, group_size=None, mesh=None) -> Model
+  expert_mesh(num_devices=None) -> jax.sharding.Mesh   (one axis "expert": experts split over devices, ef_jax.mesh)
   logits(model, token_ids) -> np.ndarray f32[B, T, V]
   generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, offload,
            stop_token_ids, layers_per_group, batch_size, schedule, on_token) -> GenerationResult
@@ -20,6 +21,7 @@ _EXPORTS = {
     "generate": "ef_jax.engine.generate",
     "Model": "ef_jax.model",
     "load": "ef_jax.model",
+    "expert_mesh": "ef_jax.mesh",
     "OffloadConfig": "ef_jax.cache.config",
     "PolicySpec": "ef_jax.policies.registry",
 }

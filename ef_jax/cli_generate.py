@@ -18,6 +18,7 @@ from ef_jax.cli_guards import UsageError, input_dir, output_file, plural, positi
 from ef_jax.cli_model import Preflight, fmt_bytes, offload_budget, preflight, prompt_ids
 from ef_jax.cli_stream import Spinner, TextStream
 from ef_jax.generation_config import SamplingRequest
+from ef_jax.cli_devices import add_devices_arg, check_devices, load_mesh
 from ef_jax.quant.cli import add_load_args, load_kwargs
 
 
@@ -34,6 +35,7 @@ def add_parser(sub) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     add_load_args(g)
+    add_devices_arg(g)
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"tokens to generate (default: generation_config.json, else {DEFAULT_MAX_NEW_TOKENS})")
     g.add_argument("--temperature", type=float, default=None, metavar="T",
@@ -191,6 +193,7 @@ def plan(args) -> Plan:
         raise UsageError(e.describe("--max-new-tokens")) from None
     dtype = args.dtype or default_dtype()
     name = _policy_name(args)
+    check_devices(args, pf.config.num_experts, None if name == "resident" else name)
     budget, auto = None, None
     if name != "resident":
         budget, auto = offload_budget(args, pf, dtype, (1, cache_slots(len(ids), req.max_new_tokens)))
@@ -211,7 +214,7 @@ def run(args) -> int:
 def _generate(args, p: Plan, spinner: Spinner) -> int:
     import ef_jax
     spinner.start(f"loading {p.pf.path}")
-    model = ef_jax.load(p.pf.path, dtype=p.dtype, **load_kwargs(args))
+    model = ef_jax.load(p.pf.path, dtype=p.dtype, **load_kwargs(args), **load_mesh(args))
     offload = None
     if p.budget is not None:
         offload = ef_jax.OffloadConfig(**p.budget, policy=_policy_object(p.policy, args, model, p.predictor),
@@ -277,4 +280,9 @@ def stats_line(s: dict) -> str:
         line += (f" | experts: hit rate {s['hit_rate']:.3f}, {s['misses']} miss{'' if s['misses'] == 1 else 'es'}"
                  f", {h2d}, stall {s['stall_s'] * 1e3:.1f} ms total ({s['stall_s'] * 1e3 / max(n, 1):.2f} ms/token)"
                  f", resident {fmt_bytes(s['expert_bytes_resident'])}")
+        if "per_device" in s:  # --devices N: the budget and the resident bytes are each device's
+            line += " per device | " + ", ".join(
+                f"{d['device']}: hit rate {d['hit_rate']:.3f}, H2D {fmt_bytes(d['h2d_bytes'])}" for d in s["per_device"])
+    elif "devices" in s:
+        line += f" | experts split over {s['devices']} devices"
     return line + "]"

@@ -11,6 +11,10 @@ MeshOffloadedExperts: device d has its own pinned-host ExpertStore of its expert
    as one MeshPool (stacked layout [L, n·S, ...], no copy) → one expert program over the mesh
    A device whose share exceeds S runs extra passes; the program runs max over devices of their pass counts.
 
+Several processes (jax.distributed, one mesh over every host's devices): each process pins, copies and verifies the
+experts of its own devices only, and runs every device's cache (the same routing everywhere, so the same decisions:
+the slot table each program reads is identical in every process); another process's copies count as landed.
+
 The budget (expert_memory or slots_per_layer) applies to each device. Telemetry is per device and in total
 (stats()["per_device"]). The simulator replays the same split with ef_jax.sim.mesh.replay_mesh.
 
@@ -84,13 +88,15 @@ def mesh_resident_pools(model: Model) -> tuple:
     return pools
 
 
-def mesh_stores(model: Model) -> list[ExpertStore]:
-    """Per device of the mesh: the pinned-host ExpertStore of its own experts of every MoE layer (built once)."""
+def mesh_stores(model: Model) -> list[ExpertStore | None]:
+    """Per device of the mesh: the pinned-host ExpertStore of its own experts of every MoE layer (built once), or
+    None for a device of another process (several hosts: each process pins the experts of its own devices)."""
     stores = _STORES.get(model)
     if stores is None:
         part = check_mesh(model.mesh, model.config.num_experts)
         moe = [model.host_experts[i] for i in model.config.moe_layer_ids]
         stores = [ExpertStore([_block(ex, part.starts[d], part.starts[d] + part.sizes[d]) for ex in moe], device=dev)
+                  if dev.process_index == jax.process_index() else None
                   for d, dev in enumerate(mesh_devices(model.mesh))]
         _STORES[model] = stores
     return stores
@@ -164,13 +170,17 @@ class MeshOffloadedExperts:
         self.cfg, self.config, self.counters, self.mesh = cfg, offload, counters, model.mesh
         self.partition = part = check_mesh(model.mesh, cfg.num_experts)
         self.stores = mesh_stores(model)
+        self.devices = mesh_devices(model.mesh)
         L = len(cfg.moe_layer_ids)
-        bpe = self.stores[0].bytes_per_expert
+        bpe = next(st for st in self.stores if st is not None).bytes_per_expert
+        self.bytes_per_expert, self.num_moe_layers = bpe, L
         self.slots = mesh_slots(offload, L, cfg.top_k, part, bpe)
         self.budget_auto = None
         self.caches = [ExpertCache(L, part.sizes[d], min(self.slots, part.sizes[d]), get_policy(offload.policy),
                                    check=offload.check, bytes_per_expert=bpe) for d in range(part.num_devices)]
-        self.copiers = [InlineCopier(store, self.slots, counters) for store in self.stores]
+        # a device of another process: its cache runs here too (same routing, same decisions: the slot table every
+        # program reads), while its owner copies the bytes
+        self.copiers = [None if st is None else InlineCopier(st, self.slots, counters) for st in self.stores]
         self.clocks = [WallClock(cache) for cache in self.caches]
         self.owner = tuple(int(o) for o in part.owner)
         self._pool_sharding = NamedSharding(model.mesh, PartitionSpec(None, EXPERT_AXIS))
@@ -184,13 +194,22 @@ class MeshOffloadedExperts:
         return self.partition.num_devices
 
     def _issue(self, d: int, loads) -> None:
-        if loads:
-            self.copiers[d].issue(loads)
-            self.clocks[d].issued(loads)
+        if not loads:
+            return
+        if self.copiers[d] is None:  # another process's device: mirror its cache (demand copies land before use)
+            for ld in loads:
+                self.caches[d].arrive(ld.layer, ld.expert)
+            return
+        self.copiers[d].issue(loads)
+        self.clocks[d].issued(loads)
+
+    def _local(self) -> list[int]:
+        return [d for d, c in enumerate(self.copiers) if c is not None]
 
     def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
-        for d in range(self.num_devices):
+        for d in self._local():
             self.clocks[d].poll(self.copiers[d])
+        for d in range(self.num_devices):
             self._issue(d, self.caches[d].begin_step(last_tokens))
         self._keep_real = jnp.asarray(np.repeat(real.astype(np.float32)[:, None], self.cfg.top_k, axis=1))
         self.counters.dispatches += 1
@@ -216,10 +235,12 @@ class MeshOffloadedExperts:
         for n in range(passes):
             active = [d for d in range(self.num_devices) if n < len(chunks[d])]
             for d in active:  # each device's cache routes its share; its loads go to its own pool
-                cache, chunk = self.caches[d], chunks[d][n]
-                self.clocks[d].poll(self.copiers[d])
+                cache, chunk, copier = self.caches[d], chunks[d][n], self.copiers[d]
+                if copier is not None:
+                    self.clocks[d].poll(copier)
                 self._issue(d, cache.route(j, chunk) if n == 0 else cache.require(j, chunk))
-                self.clocks[d].wait(j, chunk, self.copiers[d])
+                if copier is not None:
+                    self.clocks[d].wait(j, chunk, copier)
             if passes == 1:
                 keep = self._keep_real
             else:
@@ -242,8 +263,9 @@ class MeshOffloadedExperts:
         return h, routing
 
     def _pool(self, j: int) -> MeshPool:
-        """The device pools seen as one array split over the mesh (no copy: each device's block is its pool)."""
-        pools = [c.pool for c in self.copiers]
+        """The device pools seen as one array split over the mesh (no copy: each device's block is its pool; this
+        process supplies the blocks of its own devices)."""
+        pools = [c.pool for c in self.copiers if c is not None]
         L, S = jax.tree.leaves(pools[0])[0].shape[:2]
 
         def assemble(*leaves):
@@ -260,22 +282,24 @@ class MeshOffloadedExperts:
         """check=True: every device's cache invariants and slot bytes."""
         for cache, store, copier in zip(self.caches, self.stores, self.copiers):
             cache.verify()
-            store.verify(copier.pool, cache.table.expert_of_slot)
+            if copier is not None:
+                store.verify(copier.pool, cache.table.expert_of_slot)
 
     def _device_stats(self, d: int) -> dict:
-        c, copier, store = self.caches[d], self.copiers[d], self.stores[d]
+        c = self.caches[d]
         accesses = c.hits + c.misses
-        return {"device": str(store.device), "experts": self.partition.sizes[d],
+        return {"device": str(self.devices[d]), "experts": self.partition.sizes[d],
                 "slots_per_layer": c.table.slots_per_layer, "hits": c.hits, "misses": c.misses,
-                "hit_rate": c.hits / accesses if accesses else float("nan"), "h2d_bytes": copier.bytes,
-                "stall_s": self.clocks[d].stall_s,
+                "hit_rate": c.hits / accesses if accesses else float("nan"),
+                "h2d_bytes": c.loads * self.bytes_per_expert,  # counted by the cache: every device, any process
+                "stall_s": self.clocks[d].stall_s,  # 0 for another process's device (its owner measures it)
                 # the pool every device allocates: S slots per MoE layer (its budget), whatever it uses
-                "expert_bytes_resident": self.slots * store.num_layers * store.bytes_per_expert}
+                "expert_bytes_resident": self.slots * self.num_moe_layers * self.bytes_per_expert}
 
     def stats(self) -> dict:
         per = [self._device_stats(d) for d in range(self.num_devices)]
         hits, misses = sum(p["hits"] for p in per), sum(p["misses"] for p in per)
-        bpe = self.stores[0].bytes_per_expert
+        bpe = self.bytes_per_expert
         return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else float("nan"),
                 "h2d_bytes": sum(p["h2d_bytes"] for p in per), "bytes_per_expert": bpe,
                 "h2d_bytes_real": sum(p["h2d_bytes"] for p in per), "bytes_per_expert_real": bpe,
@@ -287,4 +311,5 @@ class MeshOffloadedExperts:
 
     def close(self) -> None:
         for copier in self.copiers:
-            copier.close()
+            if copier is not None:
+                copier.close()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+from ef_jax.cli_devices import add_devices_arg, load_mesh
 from ef_jax.quant.cli import add_load_args, load_kwargs
 
 DEFAULT_CONTEXT = 1024
@@ -23,6 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     add_load_args(p)
+    add_devices_arg(p)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--expert-memory", default=None,
                         help="device budget for routed experts, e.g. 2GiB, or auto (the device's free memory after "
@@ -84,14 +86,18 @@ def build(model, offload=None, *, max_batch: int = 8, max_live: int | None = Non
 def _check_budget(args: argparse.Namespace) -> dict | None:
     """The offload budget's kwargs (None: every expert resident), checked against the checkpoint before it loads;
     --expert-memory auto leaves room for the KV cache of --max-live rows × --max-context positions."""
+    from ef_jax.cli_devices import check_devices
     from ef_jax.cli_guards import UsageError
     from ef_jax.cli_model import offload_budget, preflight
     from ef_jax.model import default_dtype
     if not (args.expert_memory or args.slots_per_layer):
         if args.policy:
             raise UsageError("--policy needs a budget: give --expert-memory or --slots-per-layer")
+        if args.devices != 1:
+            check_devices(args, preflight("--model", args.model, with_tokenizer=False).config.num_experts, None)
         return None
     pf = preflight("--model", args.model, with_tokenizer=False)
+    check_devices(args, pf.config.num_experts, args.policy or "lru")
     mpe = pf.config.max_position_embeddings
     context = args.max_context or (min(mpe, DEFAULT_CONTEXT) if mpe else DEFAULT_CONTEXT)
     budget, _ = offload_budget(args, pf, args.dtype or default_dtype(), (args.max_live or 2 * args.max_batch, context))
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from ef_jax.cache.config import OffloadConfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     budget = _check_budget(args)  # before the weights load
-    model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args))
+    model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args), **load_mesh(args))
     offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru")
     app, engine, forward = build(model, offload, max_batch=args.max_batch, max_live=args.max_live,
                                  context=args.max_context, schedule=args.schedule, max_wait=args.max_wait,

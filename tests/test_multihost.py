@@ -1,0 +1,50 @@
+"""Several hosts: two processes on 127.0.0.1 joined by jax.distributed (CPU collectives: gloo), one CPU device each,
+decode the shipped model on a mesh that spans them, and produce one device's tokens, resident and offloaded."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import ef_jax
+from ef_jax.model import DEFAULT_MODEL_DIR
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_decode_one_devices_tokens(tmp_path):
+    try:
+        jax.config.jax_cpu_collectives_implementation  # noqa: B018 — absent in jax builds without CPU collectives
+    except AttributeError:
+        pytest.skip("this jax has no CPU collectives (jax_cpu_collectives_implementation)")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    port = _free_port()
+    outs = [str(tmp_path / f"p{i}.json") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), str(port), outs[i]],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    ref = ef_jax.generate(ef_jax.load(DEFAULT_MODEL_DIR), ["To be, or not", "In the beginning"],
+                          max_new_tokens=5).tokens
+    got = [json.load(open(o)) for o in outs]
+    for g in got:
+        assert g["resident"] == ref and g["offloaded"] == ref
+    # both processes ran both devices' caches on the same routing: the same counts in each (stall is measured by
+    # the device's own process only)
+    counts = [[(d["hits"], d["misses"], d["h2d_bytes"]) for d in g["per_device"]] for g in got]
+    assert counts[0] == counts[1] and len(counts[0]) == 2 and all(h + m > 0 for h, m, _ in counts[0])
