@@ -34,15 +34,20 @@ def expert_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices[:n]), (EXPERT_AXIS,))
 
 
-def check_mesh(mesh, num_experts: int) -> ExpertPartition:
-    """The expert partition of a mesh for a model with `num_experts` experts per MoE layer (ValueError when the mesh
-    is not a 1-D mesh with an `expert` axis, or has more devices than experts)."""
+def check_axes(mesh) -> None:
+    """TypeError / ValueError unless `mesh` is a 1-D jax Mesh whose axis is named `expert`."""
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((n,), ('{EXPERT_AXIS}',))), "
                         f"got {type(mesh).__name__}")
     if mesh.axis_names != (EXPERT_AXIS,):
         raise ValueError(f"mesh axes {mesh.axis_names} are not supported: ef_jax splits experts over one axis named "
                          f"'{EXPERT_AXIS}', e.g. jax.make_mesh((n,), ('{EXPERT_AXIS}',))")
+
+
+def check_mesh(mesh, num_experts: int) -> ExpertPartition:
+    """The expert partition of a mesh for a model with `num_experts` experts per MoE layer (ValueError when the mesh
+    is not a 1-D mesh with an `expert` axis, or has more devices than experts)."""
+    check_axes(mesh)
     return ExpertPartition(num_experts, int(mesh.devices.size))
 
 

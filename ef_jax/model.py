@@ -124,7 +124,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
         devices (ef_jax.mesh); None: one device.
     """
     if mesh is not None:
-        from ef_jax.mesh import on_mesh
+        from ef_jax.mesh import check_axes, on_mesh
+        check_axes(mesh)  # before reading any weight
         return on_mesh(load(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size), mesh)
     if path is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):

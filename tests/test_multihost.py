@@ -21,6 +21,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+pytestmark = pytest.mark.slow  # one of the longest modules: scheduled first (tests/conftest.py)
+
+
 def test_two_processes_decode_one_devices_tokens(tmp_path):
     try:
         jax.config.jax_cpu_collectives_implementation  # noqa: B018 — absent in jax builds without CPU collectives

@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 
+import jax
 import numpy as np
 import pytest
 
@@ -114,6 +115,21 @@ def test_concurrent_completions_equal_generate_alone(srv, model):
     snap = srv.engine.snapshot
     assert snap["contended_steps_total"] > before.get("contended_steps_total", 0)  # the scheduler picked
     assert snap["live_rows"] == 0 and snap["misses"] > 0
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (tests/conftest.py sets XLA_FLAGS for 4)")
+def test_server_on_two_devices_answers_what_one_device_generates(model):
+    """`ef-jax serve --devices 2`'s engine: experts split over a mesh, offloaded per device, the same completions."""
+    from ef_jax.mesh import expert_mesh, on_mesh
+    s = LiveServer(on_mesh(model, expert_mesh(2)), OFFLOAD, max_batch=2, max_live=2, schedule="route", context=128)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            got = list(ex.map(lambda p: _complete(s.client, p, 6, False)[0], PROMPTS[:2]))
+        assert s.forward.stats()["devices"] == 2
+    finally:
+        s.stop()
+    for prompt, text in zip(PROMPTS[:2], got):
+        assert text == ef_jax.generate(model, [prompt], max_new_tokens=6).texts[0], prompt
 
 
 def test_chat_uses_the_fallback_template_and_streams_the_same_text(srv, model):
