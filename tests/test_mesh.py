@@ -150,11 +150,14 @@ def test_mesh_refusals(tiny_checkpoint):
 
 
 def test_load_with_mesh_replicates_the_weights(tiny_checkpoint):
+    """load(mesh=) with a mesh from jax.make_mesh (explicit axis types in this jax), as README shows."""
     mesh = jax.make_mesh((2,), (EXPERT_AXIS,))
     model = ef_jax.load(tiny_checkpoint("olmoe"), mesh=mesh)
     assert model.mesh is mesh
     leaf = jax.tree.leaves(model.params)[0]
     assert leaf.sharding.is_fully_replicated and len(leaf.devices()) == 2
+    one = ef_jax.generate(ef_jax.load(tiny_checkpoint("olmoe")), PROMPTS[:1], max_new_tokens=NEW).tokens
+    assert ef_jax.generate(model, PROMPTS[:1], max_new_tokens=NEW).tokens == one
 
 
 def test_quantized_experts_on_a_mesh(tiny_checkpoint):
