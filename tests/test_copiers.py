@@ -37,7 +37,10 @@ def inline_runs(model):
 def test_copiers_keep_tokens_and_decisions(model, inline_runs, policy, transfers):
     cfg = model.config
     ref, inline_run = inline_runs
-    for slots in (cfg.top_k, cfg.num_experts // 2 + 1):
+    # expertflow (its own hidden-state programs, each shape seconds to compile on a CI CPU) at the minimum budget
+    # only, where it prefetches most; lru and pregate at both budgets
+    budgets = (cfg.top_k,) if policy == "expertflow" else (cfg.top_k, cfg.num_experts // 2 + 1)
+    for slots in budgets:
         inline = inline_run(policy, slots)
         assert inline.tokens == ref, (policy, slots, "inline")
         for check in (True, False):

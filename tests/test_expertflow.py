@@ -24,17 +24,20 @@ def model(request, tiny_checkpoint):
 
 
 def test_expertflow_tokens_equal_resident(model):
+    """Pairwise over (batch, clock, budget): every compiled (batch, slots) shape costs seconds on a CI CPU, so batch 1
+    runs the wall clock at the minimum budget and batch 3 the virtual clock at half the experts (test_copiers runs
+    expertflow at batch 3 and the minimum budget, inline and through both copiers)."""
     cfg = model.config
-    for prompts, timing in ((PROMPTS[:1], None), (PROMPTS, "h100")):  # wall clock at batch 1, virtual at batch 3
+    for prompts, timing, slots in ((PROMPTS[:1], None, cfg.top_k),
+                                   (PROMPTS, "h100", max(cfg.top_k, cfg.num_experts // 2))):
         ref = ef_jax.generate(model, prompts, max_new_tokens=6).tokens
-        for slots in (cfg.top_k, max(cfg.top_k, cfg.num_experts // 2)):
-            res = ef_jax.generate(model, prompts, max_new_tokens=6, offload=OffloadConfig(
-                slots_per_layer=slots, policy="expertflow", check=True, timing=timing))
-            assert res.tokens == ref, (slots, len(prompts), timing)
-            s = res.stats
-            assert s["policy"] == "expertflow" and s["mean_horizon"] >= 1
-            if cfg.num_moe_layers > 1:
-                assert s["cache_prefetch_issued"] > 0
+        res = ef_jax.generate(model, prompts, max_new_tokens=6, offload=OffloadConfig(
+            slots_per_layer=slots, policy="expertflow", check=True, timing=timing))
+        assert res.tokens == ref, (slots, len(prompts), timing)
+        s = res.stats
+        assert s["policy"] == "expertflow" and s["mean_horizon"] >= 1
+        if cfg.num_moe_layers > 1:
+            assert s["cache_prefetch_issued"] > 0
 
 
 def _policy(L=6, E=8, K=2, D=4, **kw):
@@ -233,17 +236,17 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(ef_jax.__file__), "default_model", 
 
 @pytest.mark.skipif(not os.path.isfile(DEFAULT_MODEL), reason="the default model is not shipped in this build")
 def test_default_model_exact_tokens_and_less_stall_than_lru():
-    """The shipped model: expertflow keeps greedy tokens at 25 % and 50 % budgets (batch 3), and on the h100 virtual
+    """The shipped model: expertflow keeps greedy tokens at a 25 % budget (batch 3), and on the h100 virtual
     clock stalls less than lru on held-out text (its learned routing is what prediction needs)."""
     from ef_jax.evalpolicy import evaluate_policy, text_to_ids
     model = ef_jax.load()
     cfg = model.config
     prompts = ["To be, or not", "def main(", "In the beginning"]
     ref = ef_jax.generate(model, prompts, max_new_tokens=6).tokens
-    for slots in (cfg.num_experts // 4, cfg.num_experts // 2):
-        res = ef_jax.generate(model, prompts, max_new_tokens=6, offload=OffloadConfig(
-            slots_per_layer=slots, policy="expertflow", timing="h100"))
-        assert res.tokens == ref, slots
+    # exact at the 25 % budget (the tiny families cover expertflow's exactness at half the experts too)
+    res = ef_jax.generate(model, prompts, max_new_tokens=6, offload=OffloadConfig(
+        slots_per_layer=cfg.num_experts // 4, policy="expertflow", timing="h100"))
+    assert res.tokens == ref
     text = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "policies_heldout.txt")
     ids = text_to_ids(model, open(text, encoding="utf-8").read())
     stall = {p: evaluate_policy(model, ids, OffloadConfig(slots_per_layer=cfg.num_experts // 4, policy=p,
