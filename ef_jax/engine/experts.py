@@ -34,7 +34,7 @@ from ef_jax.engine.context import policy_context
 from ef_jax.engine.copier import COPIERS
 from ef_jax.engine.copier import bucket
 from ef_jax.engine.device_memory import resolve_budget
-from ef_jax.engine.programs import expert_pass, offloaded_expert_pass
+from ef_jax.engine.programs import Then, expert_pass, offloaded_expert_pass, offloaded_expert_pass_then_attend
 from ef_jax.engine.store import store_for
 from ef_jax.engine.telemetry import HostCounters
 from ef_jax.engine.timeline import Timeline
@@ -68,6 +68,7 @@ class ResidentExperts:
     """Every routed expert resident in its own slot: no host sync, no copies."""
     fused = True  # routing and experts may run in the same program
     whole_step = False  # True only for the device-resident step's source (ef_jax.engine.device_experts)
+    chains_attention = False  # True: experts_then_attend runs the next MoE layer's attend_route (Forward)
 
     def __init__(self, model: Model, counters: HostCounters):
         cfg = model.config
@@ -103,6 +104,7 @@ class OffloadedExperts:
     routing)."""
     fused = False
     whole_step = False
+    chains_attention = True
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):
@@ -164,21 +166,34 @@ class OffloadedExperts:
     def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray):
         """Layer i (MoE layer j): h [B, T, D] + its MoE output, after making its experts resident.
         real bool[N]: not padding. Returns (h, the routing actually used)."""
+        x, routing, _ = self.experts_then_attend(i, j, p, h, normed, routing, real, None)
+        return x, routing
+
+    def experts_then_attend(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray,
+                            then: Then | None):
+        """experts(), with the next MoE layer's attend_route (`then`, see ef_jax.engine.programs.Then) run at the
+        end of this layer's last expert program. Returns (h, the routing used, the next layer's attend_route
+        outputs (h, normed, Routing, dense caches, cache), or None when `then` is None)."""
+        policy = self.cache.policy
+        tap = policy.hidden_point if policy.wants_hidden else None
         t = time.perf_counter()
-        experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer
+        if tap == "attention":  # the MoE input comes back with the routing: one sync for both (same program)
+            experts, hidden = self.counters.to_host("route", routing.experts, h)  # [N, K], [B, T, D]
+        else:
+            experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer
         self.compute_s += time.perf_counter() - t
         self.clock.routed(j)
         routing, experts = self._rewrite_routing(j, routing, experts, real)
         needed = np.unique(experts[real])
         K = experts.shape[1]
         passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
-        policy = self.cache.policy
-        tap = policy.hidden_point if policy.wants_hidden else None
+        nxt = None
         for n, chunk in enumerate(passes):
+            last = n + 1 == len(passes)
             self.clock.poll(self.copier)
             self._issue(self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk))
             if n == 0 and tap == "attention":  # behind this layer's demand loads, ahead of its expert compute
-                self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
+                self._issue(self.cache.hidden(j, hidden))
             self.clock.wait(j, chunk, self.copier)
             if len(passes) == 1:
                 keep = self._keep_real  # every needed expert is resident: only padding is masked
@@ -186,36 +201,46 @@ class OffloadedExperts:
                 keep = jnp.asarray((np.isin(experts, chunk) & real[:, None]).astype(np.float32).reshape(-1, K))
                 self.counters.dispatches += 1
             t = time.perf_counter()
-            h = self._program(j, n == 0, p, h, normed, routing, keep)
+            h, nxt = self._program(j, n == 0, p, h, normed, routing, keep, then if last else None)
             self._timed(f"experts L{i}" + (f" pass {n}" if n else ""), t, h)
             if self.config.check:
                 self._verify()
             self.clock.computed(j, len(passes))
-            if n + 1 < len(passes):
+            if not last:
                 jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
                 self.cache.release(j)
         if tap == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
             self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
         self.cache.release(j)
         self._step_routes.append(experts[real])
-        return h, routing
+        return h, routing, nxt
 
-    def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep):
-        """Dispatches layer j's expert program with the loads and slot-table changes queued so far."""
+    def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep,
+                 then: Then | None):
+        """Dispatches layer j's expert program with the loads and slot-table changes queued so far (and, given
+        `then`, the next MoE layer's attend_route at its end). Returns (h, that attend_route's outputs or None)."""
         bufs, dst = self.copier.take()
         upd = self._updates
         self._updates = []
         if upd:
             upd = upd + [upd[-1]] * (bucket(len(upd)) - len(upd))  # repeating the last row changes nothing
         updates = np.asarray(upd, np.int32).reshape(-1, 4)
-        self.variants.add((len(bufs), len(updates), include_shared, keep.shape))
-        h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(
-            self.cfg, include_shared, p["mlp"], h, normed, routing, keep, self.copier.pool, self.slot_of_expert,
-            j, bufs, dst, updates, self._reset)
+        self.variants.add((len(bufs), len(updates), include_shared, keep.shape, then is None))
+        args = (self.cfg, include_shared, p["mlp"], h, normed, routing, keep, self.copier.pool, self.slot_of_expert,
+                j, bufs, dst, updates, self._reset)
+        if then is None:
+            h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(*args)
+            nxt = None
+        else:
+            h, self.copier.pool, self.slot_of_expert, nxt = offloaded_expert_pass_then_attend(
+                *args, then.dense_kinds, then.kind, then.attend, then.dense_caches, then.cache)
+            policy = self.cache.policy
+            if policy.wants_hidden and policy.hidden_point == "attention":
+                nxt[0].copy_to_host_async()  # read with the next layer's routing
         self._reset = False
         self.copier.carried(h)
         self.counters.dispatches += 1
-        return h
+        return h, nxt
 
     def _verify(self) -> None:
         """check=True: the cache's invariants, every slot's bytes, and the device slot table equal the host's."""
