@@ -138,6 +138,13 @@ class OffloadedExperts:
         self._updates: list[tuple[int, int, int, int]] = []  # (layer, expert, slot, evicted) not yet on the device
         self._reset = False      # the cache flushed: the device table starts over
         self._keep_real = None   # f32[N, K] on the device: 1 for real tokens (a single-pass layer's keep mask)
+        self._real = None        # bool[N]: the padding mask _keep_real was made from (uploaded again on change)
+        # the expert program's small arguments as device arrays made once: a host scalar or numpy argument
+        # costs a host→device transfer on every call
+        put = lambda a: jax.device_put(a, self.store.device_sharding)
+        self._layer_index = [put(np.int32(j)) for j in range(L)]  # i32[] per MoE layer
+        self._flag = {False: put(np.bool_(False)), True: put(np.bool_(True))}
+        self._no_updates, self._no_dst = put(np.zeros((0, 4), np.int32)), put(np.zeros((0, 2), np.int32))
         self.variants: set = set()  # distinct (loads, updates, keep) shapes of the expert program: its compiles
 
     # ---- the copy seam ---------------------------------------------------------------------------------------
@@ -153,8 +160,10 @@ class OffloadedExperts:
         if self.cache.policy.flush_each_step:  # begin_step flushes the table before its loads
             self._reset, self._updates = True, []
         self._issue(self.cache.begin_step(last_tokens))  # rows are left-padded: the last column is real
-        self._keep_real = jnp.asarray(np.repeat(real.astype(np.float32)[:, None], self.cfg.top_k, axis=1))
-        self.counters.dispatches += 1
+        if self._real is None or not np.array_equal(real, self._real):
+            self._real = real.copy()
+            self._keep_real = jnp.asarray(np.repeat(real.astype(np.float32)[:, None], self.cfg.top_k, axis=1))
+            self.counters.dispatches += 1
         self._step += 1
         self._step_routes = []
 
@@ -224,10 +233,14 @@ class OffloadedExperts:
         self._updates = []
         if upd:
             upd = upd + [upd[-1]] * (bucket(len(upd)) - len(upd))  # repeating the last row changes nothing
-        updates = np.asarray(upd, np.int32).reshape(-1, 4)
+            updates = np.asarray(upd, np.int32)
+        else:
+            updates = self._no_updates
+        if not len(dst):
+            dst = self._no_dst
         self.variants.add((len(bufs), len(updates), include_shared, keep.shape, then is None))
         args = (self.cfg, include_shared, p["mlp"], h, normed, routing, keep, self.copier.pool, self.slot_of_expert,
-                j, bufs, dst, updates, self._reset)
+                self._layer_index[j], bufs, dst, updates, self._flag[self._reset])
         if then is None:
             h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(*args)
             nxt = None
