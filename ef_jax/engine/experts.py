@@ -3,10 +3,13 @@
 ResidentExperts:  every expert in its own device slot (identity slot map); routing and experts run in one
                   program, no host sync (the fused fast path of the layer groups).
 OffloadedExperts: experts in pinned host memory, S device slots per MoE layer managed by an ExpertCache:
-   per MoE layer j (model layer i), after the Forward's attend_route program:
-   routing → host (the named sync point "route") → [trace override | cache-aware routing]
+   per MoE layer j (model layer i), after its attend_route (the Forward's program for the first MoE layer, else
+   the end of layer j−1's expert program):
+   routing (+ the MoE input h for a policy tapping the attention point: same program, same sync) → host (the
+   named sync point "route") → [trace override | cache-aware routing]
    → cache.route(j, needed) → Loads → copier (bytes into slots) ; clock (arrivals, stall)
-   → [policy hidden tap at the attention point] → wait for demand/late copies → expert_pass program
+   → [policy hidden tap at the attention point] → wait for demand/late copies → expert program (its copies and
+   slot-table updates inside; then the next MoE layer's attend_route: one dispatch per MoE layer)
    → [policy hidden tap at the layer output] → cache.release(j)
 
 Batch > 1: a layer needs the union of its real tokens' experts (pad tokens are masked out). When that union is
