@@ -57,6 +57,7 @@ class DeviceStepExperts:
     """Expert cache, slot pool and copies inside the step program (see the module docstring)."""
     fused = True        # routing and experts in one program: the split path is only for taps
     whole_step = True   # the Forward hands it the whole step (ef_jax.engine.forward)
+    chains_attention = False  # a tapped step dispatches each attend_route itself
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):

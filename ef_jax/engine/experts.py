@@ -3,10 +3,13 @@
 ResidentExperts:  every expert in its own device slot (identity slot map); routing and experts run in one
                   program, no host sync (the fused fast path of the layer groups).
 OffloadedExperts: experts in pinned host memory, S device slots per MoE layer managed by an ExpertCache:
-   per MoE layer j (model layer i), after the Forward's attend_route program:
-   routing → host (the named sync point "route") → [trace override | cache-aware routing]
+   per MoE layer j (model layer i), after its attend_route (the Forward's program for the first MoE layer, else
+   the end of layer j−1's expert program):
+   routing (+ the MoE input h for a policy tapping the attention point: same program, same sync) → host (the
+   named sync point "route") → [trace override | cache-aware routing]
    → cache.route(j, needed) → Loads → copier (bytes into slots) ; clock (arrivals, stall)
-   → [policy hidden tap at the attention point] → wait for demand/late copies → expert_pass program
+   → [policy hidden tap at the attention point] → wait for demand/late copies → expert program (its copies and
+   slot-table updates inside; then the next MoE layer's attend_route: one dispatch per MoE layer)
    → [policy hidden tap at the layer output] → cache.release(j)
 
 Batch > 1: a layer needs the union of its real tokens' experts (pad tokens are masked out). When that union is
@@ -34,7 +37,7 @@ from ef_jax.engine.context import policy_context
 from ef_jax.engine.copier import COPIERS
 from ef_jax.engine.copier import bucket
 from ef_jax.engine.device_memory import resolve_budget
-from ef_jax.engine.programs import expert_pass, offloaded_expert_pass
+from ef_jax.engine.programs import Then, expert_pass, offloaded_expert_pass, offloaded_expert_pass_then_attend
 from ef_jax.engine.store import store_for
 from ef_jax.engine.telemetry import HostCounters
 from ef_jax.engine.timeline import Timeline
@@ -68,6 +71,7 @@ class ResidentExperts:
     """Every routed expert resident in its own slot: no host sync, no copies."""
     fused = True  # routing and experts may run in the same program
     whole_step = False  # True only for the device-resident step's source (ef_jax.engine.device_experts)
+    chains_attention = False  # True: experts_then_attend runs the next MoE layer's attend_route (Forward)
 
     def __init__(self, model: Model, counters: HostCounters):
         cfg = model.config
@@ -103,6 +107,7 @@ class OffloadedExperts:
     routing)."""
     fused = False
     whole_step = False
+    chains_attention = True
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):
@@ -136,6 +141,13 @@ class OffloadedExperts:
         self._updates: list[tuple[int, int, int, int]] = []  # (layer, expert, slot, evicted) not yet on the device
         self._reset = False      # the cache flushed: the device table starts over
         self._keep_real = None   # f32[N, K] on the device: 1 for real tokens (a single-pass layer's keep mask)
+        self._real = None        # bool[N]: the padding mask _keep_real was made from (uploaded again on change)
+        # the expert program's small arguments as device arrays made once: a host scalar or numpy argument
+        # costs a host→device transfer on every call
+        put = lambda a: jax.device_put(a, self.store.device_sharding)
+        self._layer_index = [put(np.int32(j)) for j in range(L)]  # i32[] per MoE layer
+        self._flag = {False: put(np.bool_(False)), True: put(np.bool_(True))}
+        self._no_updates, self._no_dst = put(np.zeros((0, 4), np.int32)), put(np.zeros((0, 2), np.int32))
         self.variants: set = set()  # distinct (loads, updates, keep) shapes of the expert program: its compiles
 
     # ---- the copy seam ---------------------------------------------------------------------------------------
@@ -151,8 +163,10 @@ class OffloadedExperts:
         if self.cache.policy.flush_each_step:  # begin_step flushes the table before its loads
             self._reset, self._updates = True, []
         self._issue(self.cache.begin_step(last_tokens))  # rows are left-padded: the last column is real
-        self._keep_real = jnp.asarray(np.repeat(real.astype(np.float32)[:, None], self.cfg.top_k, axis=1))
-        self.counters.dispatches += 1
+        if self._real is None or not np.array_equal(real, self._real):
+            self._real = real.copy()
+            self._keep_real = jnp.asarray(np.repeat(real.astype(np.float32)[:, None], self.cfg.top_k, axis=1))
+            self.counters.dispatches += 1
         self._step += 1
         self._step_routes = []
 
@@ -164,21 +178,34 @@ class OffloadedExperts:
     def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray):
         """Layer i (MoE layer j): h [B, T, D] + its MoE output, after making its experts resident.
         real bool[N]: not padding. Returns (h, the routing actually used)."""
+        x, routing, _ = self.experts_then_attend(i, j, p, h, normed, routing, real, None)
+        return x, routing
+
+    def experts_then_attend(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray,
+                            then: Then | None):
+        """experts(), with the next MoE layer's attend_route (`then`, see ef_jax.engine.programs.Then) run at the
+        end of this layer's last expert program. Returns (h, the routing used, the next layer's attend_route
+        outputs (h, normed, Routing, dense caches, cache), or None when `then` is None)."""
+        policy = self.cache.policy
+        tap = policy.hidden_point if policy.wants_hidden else None
         t = time.perf_counter()
-        experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer
+        if tap == "attention":  # the MoE input comes back with the routing: one sync for both (same program)
+            experts, hidden = self.counters.to_host("route", routing.experts, h)  # [N, K], [B, T, D]
+        else:
+            experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer
         self.compute_s += time.perf_counter() - t
         self.clock.routed(j)
         routing, experts = self._rewrite_routing(j, routing, experts, real)
         needed = np.unique(experts[real])
         K = experts.shape[1]
         passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
-        policy = self.cache.policy
-        tap = policy.hidden_point if policy.wants_hidden else None
+        nxt = None
         for n, chunk in enumerate(passes):
+            last = n + 1 == len(passes)
             self.clock.poll(self.copier)
             self._issue(self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk))
             if n == 0 and tap == "attention":  # behind this layer's demand loads, ahead of its expert compute
-                self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
+                self._issue(self.cache.hidden(j, hidden))
             self.clock.wait(j, chunk, self.copier)
             if len(passes) == 1:
                 keep = self._keep_real  # every needed expert is resident: only padding is masked
@@ -186,36 +213,50 @@ class OffloadedExperts:
                 keep = jnp.asarray((np.isin(experts, chunk) & real[:, None]).astype(np.float32).reshape(-1, K))
                 self.counters.dispatches += 1
             t = time.perf_counter()
-            h = self._program(j, n == 0, p, h, normed, routing, keep)
+            h, nxt = self._program(j, n == 0, p, h, normed, routing, keep, then if last else None)
             self._timed(f"experts L{i}" + (f" pass {n}" if n else ""), t, h)
             if self.config.check:
                 self._verify()
             self.clock.computed(j, len(passes))
-            if n + 1 < len(passes):
+            if not last:
                 jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
                 self.cache.release(j)
         if tap == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
             self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
         self.cache.release(j)
         self._step_routes.append(experts[real])
-        return h, routing
+        return h, routing, nxt
 
-    def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep):
-        """Dispatches layer j's expert program with the loads and slot-table changes queued so far."""
+    def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep,
+                 then: Then | None):
+        """Dispatches layer j's expert program with the loads and slot-table changes queued so far (and, given
+        `then`, the next MoE layer's attend_route at its end). Returns (h, that attend_route's outputs or None)."""
         bufs, dst = self.copier.take()
         upd = self._updates
         self._updates = []
         if upd:
             upd = upd + [upd[-1]] * (bucket(len(upd)) - len(upd))  # repeating the last row changes nothing
-        updates = np.asarray(upd, np.int32).reshape(-1, 4)
-        self.variants.add((len(bufs), len(updates), include_shared, keep.shape))
-        h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(
-            self.cfg, include_shared, p["mlp"], h, normed, routing, keep, self.copier.pool, self.slot_of_expert,
-            j, bufs, dst, updates, self._reset)
+            updates = np.asarray(upd, np.int32)
+        else:
+            updates = self._no_updates
+        if not len(dst):
+            dst = self._no_dst
+        self.variants.add((len(bufs), len(updates), include_shared, keep.shape, then is None))
+        args = (self.cfg, include_shared, p["mlp"], h, normed, routing, keep, self.copier.pool, self.slot_of_expert,
+                self._layer_index[j], bufs, dst, updates, self._flag[self._reset])
+        if then is None:
+            h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(*args)
+            nxt = None
+        else:
+            h, self.copier.pool, self.slot_of_expert, nxt = offloaded_expert_pass_then_attend(
+                *args, then.dense_kinds, then.kind, then.attend, then.dense_caches, then.cache)
+            policy = self.cache.policy
+            if policy.wants_hidden and policy.hidden_point == "attention":
+                nxt[0].copy_to_host_async()  # read with the next layer's routing
         self._reset = False
         self.copier.carried(h)
         self.counters.dispatches += 1
-        return h
+        return h, nxt
 
     def resident_row(self, j: int) -> np.ndarray:
         """bool[E]: experts of MoE layer j resident (arrived or in flight)."""

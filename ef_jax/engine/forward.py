@@ -5,7 +5,9 @@ tokens → embed → per segment:
        in one program (models.run_group), experts read from the source's pools
    split: each MoE layer = attend_route program (the dense layers before it, its attention, its router) →
        [tap "attention"] → source.experts (the offloaded source syncs routing to the host here, the named point
-       "route") → [tap "moe"]; dense layers after the last MoE layer in groups (run_group)
+       "route") → [tap "moe"]; dense layers after the last MoE layer in groups (run_group). A source that
+       chains_attention runs the next MoE layer's attend_route at the end of this layer's expert program
+       (experts_then_attend): one dispatch per MoE layer, not two
    device step (OffloadConfig(step="device"), untapped): every layer and the expert cache in one program
        (ef_jax.engine.device_step)
 → hidden [B, T, D]   (the decode loop, ef_jax.engine.decode, applies the head)
@@ -23,7 +25,7 @@ from ef_jax.cache.config import OffloadConfig
 from ef_jax.engine.device_experts import DeviceStepExperts
 from ef_jax.engine.experts import OffloadedExperts, ResidentExperts
 from ef_jax.engine.mesh_experts import MeshOffloadedExperts, MeshResidentExperts
-from ef_jax.engine.programs import attend_route
+from ef_jax.engine.programs import Attend, Then, attend_route
 from ef_jax.engine.telemetry import HostCounters
 from ef_jax.model import Model
 from ef_jax.models.transformer import KVCache, embed, layer_kinds, run_group
@@ -117,28 +119,62 @@ class Forward:
             for g in self.groups:
                 x = self._group(g, x, caches, routings, pos, widx, vld, self.source.pools, self.source.slot_maps)
         else:
-            for kind, layers in self.segments:
+            chains = self.source.chains_attention
+            attended = None  # the next MoE layer's (h, normed, routing), when the previous expert program ran it
+            for s, (kind, layers) in enumerate(self.segments):
                 if kind == "dense":
                     x = self._group(layers, x, caches, routings, pos, widx, vld, None, None)
                     continue
                 *dense, i = layers
                 j = self.moe_index[i]
                 p = params["layers"][i]
-                h, normed, routing, new, caches[i] = attend_route(
-                    cfg, tuple(self.kinds[d] for d in dense), self.kinds[i], tuple(params["layers"][d] for d in dense),
-                    p, x, tuple(caches[d] for d in dense), caches[i], pos, widx, vld)
-                for d, c in zip(dense, new):
-                    caches[d] = c
-                self.counters.dispatches += 1
+                if attended is None:
+                    h, normed, routing = self._attend(layers, x, caches, pos, widx, vld)
+                else:
+                    h, normed, routing = attended
                 if not self.source.fused:  # start moving the routing to the host now; the sync point reads it
                     routing.experts.copy_to_host_async()
                 if tap is not None:
                     tap(j, "attention", h)
-                x, routings[i] = self.source.experts(i, j, p, h, normed, routing, real)
+                then = self._then(s, caches, pos, widx, vld) if chains else None
+                if then is None:
+                    x, routings[i] = self.source.experts(i, j, p, h, normed, routing, real)
+                    attended = None
+                else:  # this layer's last expert program runs the next MoE layer's attention and router too
+                    x, routings[i], (nh, nn, nr, new, c) = self.source.experts_then_attend(
+                        i, j, p, h, normed, routing, real, then)
+                    *nd, ni = self.segments[s + 1][1]
+                    for d, cd in zip(nd, new):
+                        caches[d] = cd
+                    caches[ni], attended = c, (nh, nn, nr)
                 if tap is not None:
                     tap(j, "moe", x)
         self.source.end_step()
         return x, KVCache(layers=tuple(caches), valid=vld), routings
+
+    def _attend(self, layers, x, caches, pos, widx, vld):
+        """Dispatches MoE layer layers[-1]'s attend_route (the dense layers before it included): (h, normed,
+        routing); the KV caches are replaced by the program's."""
+        *dense, i = layers
+        params = self.model.params["layers"]
+        h, normed, routing, new, caches[i] = attend_route(
+            self.cfg, tuple(self.kinds[d] for d in dense), self.kinds[i], tuple(params[d] for d in dense),
+            params[i], x, tuple(caches[d] for d in dense), caches[i], pos, widx, vld)
+        for d, c in zip(dense, new):
+            caches[d] = c
+        self.counters.dispatches += 1
+        return h, normed, routing
+
+    def _then(self, s: int, caches, pos, widx, vld):
+        """When segment s + 1 is a MoE layer: its attend_route's arguments as a program.Then (for the expert
+        program of segment s to run at its end), else None."""
+        if s + 1 >= len(self.segments) or self.segments[s + 1][0] != "moe":
+            return None
+        *dense, i = self.segments[s + 1][1]
+        params = self.model.params["layers"]
+        return Then(dense_kinds=tuple(self.kinds[d] for d in dense), kind=self.kinds[i],
+                    attend=Attend(tuple(params[d] for d in dense), params[i], pos, widx, vld),
+                    dense_caches=tuple(caches[d] for d in dense), cache=caches[i])
 
     def _group(self, g, x, caches, routings, pos, widx, vld, pools, slot_maps):
         params = self.model.params["layers"]

@@ -160,6 +160,7 @@ class MeshOffloadedExperts:
     """Each device streams its own experts into its own slots (see the module docstring)."""
     fused = False
     whole_step = False
+    chains_attention = False  # each MoE layer's attend_route is its own program (Forward)
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):

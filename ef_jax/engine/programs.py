@@ -4,12 +4,15 @@ attend_route(layer i): [the dense layers before it] → attention (+ KV cache, d
 expert_pass(layer i): h + this pass's share of the MoE output, experts read through a slot pool and slot map
 offloaded_expert_pass(layer i): the same over the stacked offload pool, with the layer's copies and slot-table
   updates inside the program (so copies overlap its compute, and no separate dispatch moves bytes or maps)
+offloaded_expert_pass_then_attend(layer i): offloaded_expert_pass, then attend_route of the next MoE layer on its
+  output (the dense layers between them included): one dispatch per MoE layer
 
 Axes: B rows, T new tokens, N = B·T tokens, D model, K top-k, E experts, S slots.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +22,7 @@ from ef_jax.models.moe import GATHER_MAX_PAIRS, ExpertPool, Routing, moe_combine
 from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dense_kinds", "kind"),
-                   donate_argnames=("dense_caches", "cache"))
-def attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid):
-    """The dense layers before a MoE layer (whole), then its attention and router, in one program (dense work
-    joins the next routing program instead of costing a dispatch of its own). x [B, T, D] →
-    (h [B, T, D], normed FFN input [N, D], Routing, dense caches, cache)."""
+def _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid):
     ctx = make_context(cfg, positions, write_idx, valid)
     new = []
     for dp, dk, dc in zip(dense_params, dense_kinds, dense_caches):
@@ -33,6 +31,34 @@ def attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache
         new.append(dc)
     h, normed, routing, cache = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
     return h, normed, routing, tuple(new), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dense_kinds", "kind"),
+                   donate_argnames=("dense_caches", "cache"))
+def attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid):
+    """The dense layers before a MoE layer (whole), then its attention and router, in one program (dense work
+    joins the next routing program instead of costing a dispatch of its own). x [B, T, D] →
+    (h [B, T, D], normed FFN input [N, D], Routing, dense caches, cache)."""
+    return _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid)
+
+
+class Attend(NamedTuple):
+    """The traced, not donated arguments of the next MoE layer's attend_route (its static kinds and its donated
+    KV caches travel beside it), for an expert program that runs that layer's attention and router at its end."""
+    dense_params: tuple   # the dense layers before it
+    params: dict          # the MoE layer's own
+    positions: jax.Array  # i32[B, T]
+    write_idx: jax.Array  # i32[]
+    valid: jax.Array      # bool[B, S]
+
+
+class Then(NamedTuple):
+    """The next MoE layer's attend_route, handed to the expert program of the layer before it."""
+    dense_kinds: tuple    # static: the kinds of the dense layers before it
+    kind: object          # static: its LayerKind
+    attend: Attend
+    dense_caches: tuple   # donated
+    cache: dict           # donated
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "include_shared"))
@@ -61,19 +87,8 @@ def _apply_table_updates(slot_of_expert, updates, reset):
     return jax.lax.fori_loop(0, updates.shape[0], body, soe)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "include_shared"), donate_argnames=("pool", "slot_of_expert"))
-def offloaded_expert_pass(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool,
-                          slot_of_expert, j, bufs, dst, updates, reset):
-    """One MoE layer's expert program in the offloaded engine, with its copies inside it.
-
-    h [B, T, D], normed [N, D], routing of layer j; keep f32[N, K] (0 for padding and for experts left to another
-    pass); pool: the stacked slot pool ExpertPool [L, S, ...] (donated, written in place); slot_of_expert
-    i32[L, E] (donated): the device copy of the slot table, -1 = not resident; j: this MoE layer (traced: one
-    program for every layer); bufs: pinned-host expert buffers [3·D·F] moved to the device here, so XLA
-    overlaps the copies with this program's compute; dst i32[n, 2]: (layer, slot) of each buffer (any layer: a
-    prefetch for a later layer travels in this program); updates i32[m, 4]: (layer, expert, slot, evicted) rows
-    of slot-table changes since the last program; reset: bool, clear the table first (a flushing policy).
-    Returns (h + this pass's MoE output, pool, slot_of_expert)."""
+def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs, dst,
+                           updates, reset):
     for i, b in enumerate(bufs):
         pool = put_expert(pool, jax.device_put(b, jax.memory.Space.Device), dst[i, 0], dst[i, 1])
     soe = _apply_table_updates(slot_of_expert, updates, reset)
@@ -88,3 +103,37 @@ def offloaded_expert_pass(cfg, include_shared, p, h, normed, routing: Routing, k
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
     y = moe_combine(p, cfg, normed, masked, view, smap, include_shared)
     return h + y.reshape(h.shape), pool, soe
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "include_shared"), donate_argnames=("pool", "slot_of_expert"))
+def offloaded_expert_pass(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool,
+                          slot_of_expert, j, bufs, dst, updates, reset):
+    """One MoE layer's expert program in the offloaded engine, with its copies inside it.
+
+    h [B, T, D], normed [N, D], routing of layer j; keep f32[N, K] (0 for padding and for experts left to another
+    pass); pool: the stacked slot pool ExpertPool [L, S, ...] (donated, written in place); slot_of_expert
+    i32[L, E] (donated): the device copy of the slot table, -1 = not resident; j: this MoE layer (traced: one
+    program for every layer); bufs: pinned-host expert buffers [3·D·F] moved to the device here, so XLA
+    overlaps the copies with this program's compute; dst i32[n, 2]: (layer, slot) of each buffer (any layer: a
+    prefetch for a later layer travels in this program); updates i32[m, 4]: (layer, expert, slot, evicted) rows
+    of slot-table changes since the last program; reset: bool, clear the table first (a flushing policy).
+    Returns (h + this pass's MoE output, pool, slot_of_expert)."""
+    return _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs,
+                                  dst, updates, reset)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "include_shared", "dense_kinds", "kind"),
+                   donate_argnames=("pool", "slot_of_expert", "dense_caches", "cache"))
+def offloaded_expert_pass_then_attend(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool,
+                                      slot_of_expert, j, bufs, dst, updates, reset, dense_kinds, kind, then: Attend,
+                                      dense_caches, cache):
+    """offloaded_expert_pass of MoE layer j, then attend_route of the next MoE layer (`then`; the KV caches of it
+    and of the dense layers before it donated) on its output, in one program: one dispatch per MoE layer instead
+    of two. Returns (x: layer j's output [B, T, D], pool, slot_of_expert, the next layer's attend_route outputs
+    (h, normed, Routing, dense caches, cache))."""
+    x, pool, soe = _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j,
+                                          bufs, dst, updates, reset)
+    nxt = _attend_route(cfg, dense_kinds, kind, then.dense_params, then.params, x, dense_caches, cache,
+                        then.positions, then.write_idx, then.valid)
+    return x, pool, soe, nxt
+

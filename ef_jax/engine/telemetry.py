@@ -16,9 +16,12 @@ class HostCounters:
         self.dispatches = 0                                        # jitted programs and transfers dispatched
         self.steps = 0                                             # forward steps (prefill or decode)
 
-    def to_host(self, point: str, x) -> np.ndarray:
-        """The named sync point: block until `x` is computed and copy it to the host."""
+    def to_host(self, point: str, x, *more):
+        """The named sync point: block until `x` is computed and copy it to the host. Given more arrays (outputs
+        of the same program, so ready together), one sync returns them all as a tuple of numpy arrays."""
         self.syncs[point] += 1
+        if more:
+            return tuple(np.asarray(a) for a in (x, *more))
         return np.asarray(x)
 
     def stats(self) -> dict:
