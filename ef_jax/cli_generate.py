@@ -12,7 +12,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 
 from ef_jax.cli_guards import UsageError, input_dir, output_file, plural, positive
 from ef_jax.cli_model import Preflight, fmt_bytes, offload_budget, preflight, prompt_ids
@@ -222,16 +224,33 @@ def _generate(args, p: Plan, spinner: Spinner) -> int:
     stream = TextStream(model.tokenizer, p.ids, stops=tuple(args.stop or ()), enabled=not args.json)
     spinner.start(f"compiling and prefilling {plural(len(p.ids), 'prompt token')}")
 
+    # Once tokens stream, Ctrl-C only sets a flag that the next token reads: a KeyboardInterrupt raised wherever
+    # Python happens to be can land in a callback that swallows it (jax's gc callback does), and decoding would
+    # then run on to the end. Before the first token (loading, compiling) it interrupts at once, as usual.
+    interrupted = threading.Event()
+
+    def on_sigint(signum, frame):
+        if not stream.tokens:
+            raise KeyboardInterrupt
+        interrupted.set()
+
     def on_token(row: int, token: int) -> bool:
         spinner.stop()
-        return stream.on_token(row, token)
+        return stream.on_token(row, token) or interrupted.is_set()
 
     res = None
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         res = ef_jax.generate(model, [p.ids], seed=args.seed, offload=offload, on_token=on_token,
                               **p.sampling.kwargs())
     except KeyboardInterrupt:
         pass  # the text so far is printed (below); exit 130
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        res = None
     spinner.stop()
     text = stream.finish()
     if args.json:
