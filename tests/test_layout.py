@@ -18,7 +18,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "ef_jax")
 LAYERS = [
     {"config", "trace", "generation_config"},
     {"policies", "checkpoint", "models", "quant"},
-    {"cache", "sched", "model"},
+    {"cache", "sched", "model", "mesh"},
     {"sim", "random_model", "predict"},
     {"engine"},
     {"hybrid", "evalpolicy", "serve"},

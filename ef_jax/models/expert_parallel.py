@@ -35,6 +35,10 @@ class MeshPool:
     axis: str = struct.field(pytree_node=False)
     owner: tuple = struct.field(pytree_node=False)  # owner[e]: the device index on `axis` that owns expert e
 
+    def expert_ffn(self, x, experts, slots, weights):
+        """moe_combine's routed FFN for this pool (see expert_parallel_ffn)."""
+        return expert_parallel_ffn(x, experts, slots, weights, self)
+
 
 def _local_view(pool, layer, pairs: int):
     """A device's block → (pool to read, slot offset): per-layer blocks are read as they are; a stacked [L, S, ...]

@@ -146,8 +146,7 @@ def moe_combine(p: dict, cfg: ModelConfig, x: jax.Array, routing: Routing, pool:
     is resident). include_shared=False leaves out the shared expert (for the 2nd+ pass of a split layer)."""
     slots = slot_of_expert[routing.experts]
     if not isinstance(pool, (ExpertPool, QuantExpertPool)):  # a MeshPool: the experts are split over devices
-        from ef_jax.models.expert_parallel import expert_parallel_ffn
-        y = expert_parallel_ffn(x, routing.experts, slots, routing.weights, pool)
+        y = pool.expert_ffn(x, routing.experts, slots, routing.weights)  # (ef_jax.models.expert_parallel)
     else:
         y = expert_ffn(x, slots, routing.weights, pool)
     if cfg.shared_intermediate and include_shared:
