@@ -135,6 +135,30 @@ def test_simulator_replay_agrees_with_engine(model, policy):
         sim = replay(trace, slots_per_layer=slots, policy=policy, batch_size=len(prompts),
                      num_experts=cfg.num_experts)
         assert (sim.hits, sim.misses) == (fwd.source.cache.hits, fwd.source.cache.misses)
+        # layers whose experts had all landed ran before the cache's accounting: as many as a textbook LRU finds
+        all_hit = fwd.source.stats()["layers_all_hit"]
+        if policy == "lru":
+            assert all_hit == _lru_all_hit_layers(trace, len(prompts), slots)
+        elif policy == "nocache":  # flushed every step: nothing is ever resident at routing time
+            assert all_hit == 0
+
+
+def _lru_all_hit_layers(trace: np.ndarray, batch: int, slots: int) -> int:
+    """(step, layer) pairs whose needed experts (the union of the step's rows) were all resident, under a textbook
+    LRU of `slots` experts per layer. trace i32[steps · batch, L, K]."""
+    count = 0
+    for layer in range(trace.shape[1]):
+        recent: list[int] = []  # resident experts, least recent first
+        for step in range(0, len(trace), batch):
+            needed = sorted(set(trace[step:step + batch, layer].ravel().tolist()))
+            count += all(e in recent for e in needed)
+            for e in needed:
+                if e in recent:
+                    recent.remove(e)
+                elif len(recent) >= slots:
+                    recent.remove(next(r for r in recent if r not in needed))
+                recent.append(e)
+    return count
 
 
 def test_bfloat16_offloaded_tokens_equal_resident(tiny_checkpoint):

@@ -282,6 +282,10 @@ class ExpertCache:
     def loads(self) -> int:
         return self.demand_loads + self.prefetch_issued
 
+    def arrived_row(self, layer: int) -> list[bool]:
+        """The live arrived flags of `layer` (bool[E], meaningful where the expert is resident). Read, never write."""
+        return self._arrived[layer]
+
     def snapshot(self) -> SlotSnapshot:
         """Residency as two numpy arrays."""
         return self.table.snapshot()

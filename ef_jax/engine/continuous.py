@@ -27,7 +27,7 @@ import numpy as np
 from ef_jax.engine.batch import make_batch
 from ef_jax.engine.decode import Rows, prefill
 from ef_jax.engine.forward import Forward
-from ef_jax.engine.sampling import SamplingParams, sample
+from ef_jax.engine.sampling import SamplingParams, sample, step_key
 from ef_jax.models.transformer import KVCache
 
 
@@ -187,7 +187,7 @@ class RowPool:
             out[greedy] = top[[rows[i] for i in greedy]]
         for i, sp in enumerate(params):
             if not sp.greedy:
-                key = jax.random.fold_in(jax.random.key(seeds[i]), steps[i])
+                key = step_key(jax.random.key(seeds[i]), steps[i])
                 r = rows[i]
                 out[i] = self.forward.counters.to_host("sample", sample(logits[r:r + 1], key, sp))[0]
         return out

@@ -27,7 +27,7 @@ from ef_jax.engine.batch import PromptBatch
 from ef_jax.engine.compile_time import CompileTimer
 from ef_jax.engine.forward import Forward
 from ef_jax.engine.penalty import SeenTokens, apply_repetition_penalty
-from ef_jax.engine.sampling import SamplingParams, sample
+from ef_jax.engine.sampling import SamplingParams, sample, step_key
 from ef_jax.models.transformer import head, init_cache
 
 
@@ -81,7 +81,8 @@ def sample_rows(forward: Forward, batch: PromptBatch, sp: SamplingParams, seed: 
     def next_token(logits, step: int) -> np.ndarray:
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen.mask, np.float32(repetition_penalty))
-        return forward.counters.to_host("sample", sample(logits, jax.random.fold_in(key, step), sp))
+        step_k = key if sp.greedy else step_key(key, step)  # greedy draws nothing: no key to make
+        return forward.counters.to_host("sample", sample(logits, step_k, sp))
 
     def emit(tok: np.ndarray):
         for b in range(B):

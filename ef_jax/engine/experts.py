@@ -149,6 +149,10 @@ class OffloadedExperts:
         self._flag = {False: put(np.bool_(False)), True: put(np.bool_(True))}
         self._no_updates, self._no_dst = put(np.zeros((0, 4), np.int32)), put(np.zeros((0, 2), np.int32))
         self.variants: set = set()  # distinct (loads, updates, keep) shapes of the expert program: its compiles
+        policy = self.cache.policy
+        self._tap = policy.hidden_point if policy.wants_hidden else None  # where the policy reads hidden states
+        self._cache_aware = offload.routing == "cache-aware"
+        self.layers_all_hit = 0  # layers dispatched before the cache's accounting: every needed expert had landed
 
     # ---- the copy seam ---------------------------------------------------------------------------------------
     def _issue(self, loads) -> None:
@@ -186,8 +190,7 @@ class OffloadedExperts:
         """experts(), with the next MoE layer's attend_route (`then`, see ef_jax.engine.programs.Then) run at the
         end of this layer's last expert program. Returns (h, the routing used, the next layer's attend_route
         outputs (h, normed, Routing, dense caches, cache), or None when `then` is None)."""
-        policy = self.cache.policy
-        tap = policy.hidden_point if policy.wants_hidden else None
+        tap = self._tap
         t = time.perf_counter()
         if tap == "attention":  # the MoE input comes back with the routing: one sync for both (same program)
             experts, hidden = self.counters.to_host("route", routing.experts, h)  # [N, K], [B, T, D]
@@ -195,16 +198,54 @@ class OffloadedExperts:
             experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer
         self.compute_s += time.perf_counter() - t
         self.clock.routed(j)
-        routing, experts = self._rewrite_routing(j, routing, experts, real)
-        needed = np.unique(experts[real])
+        if self._cache_aware or self.route_override is not None:
+            routing, experts = self._rewrite_routing(j, routing, experts, real)
+        used = experts[real]
+        needed = np.unique(used)
+        self.clock.poll(self.copier)
+        if len(needed) <= self.slots and self._all_landed(j, needed):
+            # Every expert this layer needs is in its slot with its copy landed: nothing to decide before the
+            # compute, so dispatch it first and do the cache's accounting and the policy's prefetches while the
+            # device computes (its loads ride in the next program; under a virtual clock the event order, and so
+            # every figure, is unchanged).
+            t = time.perf_counter()
+            h, nxt = self._program(j, True, p, h, normed, routing, self._keep_real, then)
+            self._timed(i, 0, t, h)
+            self.layers_all_hit += 1
+            if self.config.check:  # before the accounting's loads, which the next program carries
+                self._verify()
+            self._issue(self.cache.route(j, needed))
+            if tap == "attention":
+                self._issue(self.cache.hidden(j, hidden))
+            self.clock.wait(j, needed, self.copier)
+            self.clock.computed(j, 1)
+        else:
+            h, nxt = self._passes(i, j, p, h, normed, routing, experts, real, needed, then,
+                                  hidden if tap == "attention" else None)
+        if tap == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
+            self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
+        self.cache.release(j)
+        self._step_routes.append(used)
+        return h, routing, nxt
+
+    def _all_landed(self, j: int, needed: np.ndarray) -> bool:
+        soe, arrived = self.cache.table.slot_row(j), self.cache.arrived_row(j)
+        return all(soe[e] >= 0 and arrived[e] for e in needed.tolist())
+
+    def _passes(self, i: int, j: int, p: dict, h, normed, routing: Routing, experts: np.ndarray, real: np.ndarray,
+                needed: np.ndarray, then: Then | None, hidden):
+        """Layer j when some needed expert must be loaded (or waited for): decide the loads, then dispatch, in
+        passes of at most S experts when the layer needs more. hidden: the MoE input for a policy tapping the
+        attention point, else None. Returns (h, the next layer's attend_route outputs or None)."""
         K = experts.shape[1]
         passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
         nxt = None
         for n, chunk in enumerate(passes):
             last = n + 1 == len(passes)
-            self.clock.poll(self.copier)
+            if n:
+                self.clock.poll(self.copier)
             self._issue(self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk))
-            if n == 0 and tap == "attention":  # behind this layer's demand loads, ahead of its expert compute
+            if n == 0 and hidden is not None:  # behind this layer's demand loads, ahead of its expert compute
                 self._issue(self.cache.hidden(j, hidden))
             self.clock.wait(j, chunk, self.copier)
             if len(passes) == 1:
@@ -214,18 +255,14 @@ class OffloadedExperts:
                 self.counters.dispatches += 1
             t = time.perf_counter()
             h, nxt = self._program(j, n == 0, p, h, normed, routing, keep, then if last else None)
-            self._timed(f"experts L{i}" + (f" pass {n}" if n else ""), t, h)
+            self._timed(i, n, t, h)
             if self.config.check:
                 self._verify()
             self.clock.computed(j, len(passes))
             if not last:
                 jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
                 self.cache.release(j)
-        if tap == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
-            self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
-        self.cache.release(j)
-        self._step_routes.append(experts[real])
-        return h, routing, nxt
+        return h, nxt
 
     def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep,
                  then: Then | None):
@@ -295,10 +332,11 @@ class OffloadedExperts:
         return Routing(logits=routing.logits, experts=jnp.asarray(new), weights=jnp.asarray(w)), new
 
     # ---- telemetry -------------------------------------------------------------------------------------------
-    def _timed(self, name: str, t: float, out) -> None:
+    def _timed(self, i: int, n: int, t: float, out) -> None:
+        """Layer i's expert program (pass n) was dispatched at t: its time (to completion, with a timeline)."""
         if self.timeline is not None:
             jax.block_until_ready(out)
-            self.timeline.add(name, "compute", t)
+            self.timeline.add(f"experts L{i}" + (f" pass {n}" if n else ""), "compute", t)
         self.compute_s += time.perf_counter() - t
 
     def stats(self) -> dict:
@@ -314,7 +352,7 @@ class OffloadedExperts:
                "h2d_bytes_real": self.copier.bytes, "bytes_per_expert_real": self.store.bytes_per_expert,
                "h2d_s": self.copier.issue_s, "stall_s": self.clock.stall_s, "copier": self.copier.name,
                "compute_s": self.compute_s, "slots_per_layer": self.slots,
-               "expert_program_variants": len(self.variants),
+               "expert_program_variants": len(self.variants), "layers_all_hit": self.layers_all_hit,
                "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
                "policy": self.cache.policy.name, "routing": self.config.routing,
                "routing_substitutions": self.substitutions}

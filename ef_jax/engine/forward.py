@@ -94,6 +94,7 @@ class Forward:
         self.groups = layer_groups(cfg.num_layers, layers_per_group)
         self.segments = split_segments(cfg.moe_layers, layers_per_group)
         self.moe_index = {i: j for j, i in enumerate(cfg.moe_layer_ids)}
+        self._then_fixed = [self._then_static(s) for s in range(len(self.segments))]
 
     @property
     def offloaded(self) -> bool:
@@ -168,13 +169,21 @@ class Forward:
     def _then(self, s: int, caches, pos, widx, vld):
         """When segment s + 1 is a MoE layer: its attend_route's arguments as a program.Then (for the expert
         program of segment s to run at its end), else None."""
+        fixed = self._then_fixed[s]
+        if fixed is None:
+            return None
+        dense_kinds, kind, dense, i, dense_params, p = fixed
+        return Then(dense_kinds=dense_kinds, kind=kind, attend=Attend(dense_params, p, pos, widx, vld),
+                    dense_caches=tuple(caches[d] for d in dense), cache=caches[i])
+
+    def _then_static(self, s: int):
+        """What _then(s) hands over that no step changes (built once: it runs on every MoE layer of every step)."""
         if s + 1 >= len(self.segments) or self.segments[s + 1][0] != "moe":
             return None
         *dense, i = self.segments[s + 1][1]
         params = self.model.params["layers"]
-        return Then(dense_kinds=tuple(self.kinds[d] for d in dense), kind=self.kinds[i],
-                    attend=Attend(tuple(params[d] for d in dense), params[i], pos, widx, vld),
-                    dense_caches=tuple(caches[d] for d in dense), cache=caches[i])
+        return (tuple(self.kinds[d] for d in dense), self.kinds[i], tuple(dense), i,
+                tuple(params[d] for d in dense), params[i])
 
     def _group(self, g, x, caches, routings, pos, widx, vld, pools, slot_maps):
         params = self.model.params["layers"]

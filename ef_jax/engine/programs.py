@@ -87,19 +87,23 @@ def _apply_table_updates(slot_of_expert, updates, reset):
     return jax.lax.fori_loop(0, updates.shape[0], body, soe)
 
 
+def _layer_view(pool, slot_of_expert, j, pairs: int):
+    """MoE layer j of the stacked pool [L, S, ...] as (pool view, slot map i32[E]) for moe_combine. pairs: the
+    (token, expert) pairs routed (static). Decode gathers straight from the pool seen as [L·S, ...] (no copy of
+    layer j's slots: the map points into layer j's block); prefill runs grouped matmuls over layer j's S slots."""
+    L, S = pool.gate.shape[:2]
+    smap = jnp.maximum(jax.lax.dynamic_index_in_dim(slot_of_expert, j, keepdims=False), 0)  # i32[E]
+    if pairs <= GATHER_MAX_PAIRS:
+        return jax.tree.map(lambda a: a.reshape((L * S,) + a.shape[2:]), pool), smap + j * S
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False), pool), smap
+
+
 def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs, dst,
                            updates, reset):
     for i, b in enumerate(bufs):
         pool = put_expert(pool, jax.device_put(b, jax.memory.Space.Device), dst[i, 0], dst[i, 1])
     soe = _apply_table_updates(slot_of_expert, updates, reset)
-    L, S = pool.gate.shape[:2]
-    smap = jnp.maximum(jax.lax.dynamic_index_in_dim(soe, j, keepdims=False), 0)  # i32[E]
-    N, K = routing.experts.shape
-    if N * K <= GATHER_MAX_PAIRS:  # decode: gather straight from the stacked pool (no copy of layer j's slots)
-        view = jax.tree.map(lambda a: a.reshape((L * S,) + a.shape[2:]), pool)
-        smap = smap + j * S
-    else:  # prefill: grouped matmuls over layer j's S slots
-        view = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False), pool)
+    view, smap = _layer_view(pool, soe, j, routing.experts.size)
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
     y = moe_combine(p, cfg, normed, masked, view, smap, include_shared)
     return h + y.reshape(h.shape), pool, soe
@@ -136,4 +140,5 @@ def offloaded_expert_pass_then_attend(cfg, include_shared, p, h, normed, routing
     nxt = _attend_route(cfg, dense_kinds, kind, then.dense_params, then.params, x, dense_caches, cache,
                         then.positions, then.write_idx, then.valid)
     return x, pool, soe, nxt
+
 

@@ -31,6 +31,12 @@ class SamplingParams:
         return self.temperature == 0
 
 
+@jax.jit
+def step_key(key: jax.Array, step) -> jax.Array:
+    """fold_in(key, step) as one compiled program: op by op it costs several dispatches on every decode step."""
+    return jax.random.fold_in(key, step)
+
+
 @functools.partial(jax.jit, static_argnames=("params",))
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
     """logits f32[B, V] → token ids i32[B]. Each row draws from its own fold of `key`."""
