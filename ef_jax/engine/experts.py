@@ -11,6 +11,8 @@ OffloadedExperts: experts in pinned host memory, S device slots per MoE layer ma
    → [policy hidden tap at the attention point] → wait for demand/late copies → expert program (its copies and
    slot-table updates inside; then the next MoE layer's attend_route: one dispatch per MoE layer)
    → [policy hidden tap at the layer output] → cache.release(j)
+   A layer whose needed experts have all landed, under a policy that only evicts (layer_prefetches False), is
+   dispatched right after its routing is read, and cache.route's accounting runs while it computes.
 
 Batch > 1: a layer needs the union of its real tokens' experts (pad tokens are masked out). When that union is
 larger than the layer's slots, the layer runs in passes of at most S experts, each pass adding its share.
@@ -152,6 +154,9 @@ class OffloadedExperts:
         policy = self.cache.policy
         self._tap = policy.hidden_point if policy.wants_hidden else None  # where the policy reads hidden states
         self._cache_aware = offload.routing == "cache-aware"
+        # a layer whose experts have all landed may be dispatched before the accounting: only when the policy sends
+        # no prefetch from its layer hooks (one for the next layer must ride in this layer's program)
+        self._dispatch_first = not getattr(policy, "layer_prefetches", True) and not policy.wants_hidden
         self.layers_all_hit = 0  # layers dispatched before the cache's accounting: every needed expert had landed
 
     # ---- the copy seam ---------------------------------------------------------------------------------------
@@ -203,20 +208,17 @@ class OffloadedExperts:
         used = experts[real]
         needed = np.unique(used)
         self.clock.poll(self.copier)
-        if len(needed) <= self.slots and self._all_landed(j, needed):
-            # Every expert this layer needs is in its slot with its copy landed: nothing to decide before the
-            # compute, so dispatch it first and do the cache's accounting and the policy's prefetches while the
-            # device computes (its loads ride in the next program; under a virtual clock the event order, and so
-            # every figure, is unchanged).
+        if self._dispatch_first and len(needed) <= self.slots and self._all_landed(j, needed):
+            # Every expert this layer needs is in its slot with its copy landed, and the policy only evicts:
+            # nothing to decide before the compute, so dispatch it first and account while the device computes
+            # (under a virtual clock the event order, and so every figure, is unchanged).
             t = time.perf_counter()
             h, nxt = self._program(j, True, p, h, normed, routing, self._keep_real, then)
             self._timed(i, 0, t, h)
             self.layers_all_hit += 1
-            if self.config.check:  # before the accounting's loads, which the next program carries
+            if self.config.check:
                 self._verify()
-            self._issue(self.cache.route(j, needed))
-            if tap == "attention":
-                self._issue(self.cache.hidden(j, hidden))
+            self._issue(self.cache.route(j, needed))  # all hits, and the policy only evicts: no loads
             self.clock.wait(j, needed, self.copier)
             self.clock.computed(j, 1)
         else:

@@ -78,6 +78,10 @@ class BasePolicy:
     # "moe": after the layer's experts (its output); "attention": the residual after its attention, the MoE's
     # input, seen right after the layer's demand loads are issued and before its experts compute
     hidden_point = "moe"
+    # True: on_route / on_hidden may return prefetches. A prefetch for the next layer must ride in the current
+    # layer's program, so the engine then makes every decision of a layer before dispatching it; False (policies
+    # that only evict) lets it dispatch a layer whose experts have all landed first, and account while it computes
+    layer_prefetches = True
 
     @classmethod
     def from_context(cls, context: PolicyContext | None, **kw) -> "BasePolicy":

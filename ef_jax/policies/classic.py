@@ -15,6 +15,7 @@ class NoCache(BasePolicy):
     """Baseline: every slot is invalidated at step start, so every needed expert is copied every step."""
     name = "nocache"
     flush_each_step = True
+    layer_prefetches = False
 
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
         return candidates[0]  # only reachable within one step; nothing survives a step anyway
@@ -23,6 +24,7 @@ class NoCache(BasePolicy):
 class LRU(BasePolicy):
     """Evict the resident expert whose last access (or prefetch load) is oldest."""
     name = "lru"
+    layer_prefetches = False
 
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         super().reset(num_layers, num_experts, slots_per_layer)
@@ -43,6 +45,7 @@ class LFU(BasePolicy):
     """Evict the resident expert with the fewest accesses since the start (all-time, not just while resident:
     expert popularity is a long-run property), ties broken by LRU."""
     name = "lfu"
+    layer_prefetches = False
 
     def reset(self, num_layers: int, num_experts: int, slots_per_layer: int) -> None:
         super().reset(num_layers, num_experts, slots_per_layer)
