@@ -14,7 +14,11 @@ pytest.importorskip("torch")
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
 
 
-@pytest.fixture(scope="module", params=["deepseek-qlora-grouped-yarn"])
+# One family: what a copier does (when and how expert bytes reach their slot) does not depend on the attention or
+# routing rule. Qwen3-MoE's two MoE layers (a next layer to prefetch for, a layer chained into the one before it),
+# with the prompts, length and budgets of tests/test_offload_engine.py, whose inline programs the run's compile cache
+# then holds; every family runs inline copies there.
+@pytest.fixture(scope="module", params=["qwen3moe-norm"])
 def model(request, tiny_checkpoint):
     return ef_jax.load(tiny_checkpoint(request.param))
 

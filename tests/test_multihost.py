@@ -1,5 +1,8 @@
 """Several hosts: two processes on 127.0.0.1 joined by jax.distributed (CPU collectives: gloo), one CPU device each,
-decode the shipped model on a mesh that spans them, and produce one device's tokens, resident and offloaded."""
+decode a tiny checkpoint on a mesh that spans them, and produce one device's tokens, resident and offloaded. A tiny
+Qwen3-MoE checkpoint (3 MoE layers, 8 experts: 4 per process), not the shipped model: each of the three processes
+compiles its own programs, and the shipped model's (10 layers × 32 experts) cost minutes on a 2-core CI machine;
+the shipped model on a one-process mesh is tests/test_mesh.py's."""
 import json
 import os
 import socket
@@ -10,7 +13,9 @@ import jax
 import pytest
 
 import ef_jax
-from ef_jax.model import DEFAULT_MODEL_DIR
+from tests.multihost_worker import NEW, PROMPTS
+
+CHECKPOINT = "qwen3moe-norm"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,17 +29,19 @@ def _free_port() -> int:
 pytestmark = pytest.mark.slow  # one of the longest modules: scheduled first (tests/conftest.py)
 
 
-def test_two_processes_decode_one_devices_tokens(tmp_path):
+def test_two_processes_decode_one_devices_tokens(tmp_path, tiny_checkpoint):
     try:
         jax.config.jax_cpu_collectives_implementation  # noqa: B018 — absent in jax builds without CPU collectives
     except AttributeError:
         pytest.skip("this jax has no CPU collectives (jax_cpu_collectives_implementation)")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    ckpt = tiny_checkpoint(CHECKPOINT)
     port = _free_port()
     outs = [str(tmp_path / f"p{i}.json") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), str(port), outs[i]],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    worker = os.path.join(HERE, "multihost_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), outs[i], ckpt], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         logs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
@@ -42,8 +49,7 @@ def test_two_processes_decode_one_devices_tokens(tmp_path):
             p.kill()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
-    ref = ef_jax.generate(ef_jax.load(DEFAULT_MODEL_DIR), ["To be, or not", "In the beginning"],
-                          max_new_tokens=5).tokens
+    ref = ef_jax.generate(ef_jax.load(ckpt), PROMPTS, max_new_tokens=NEW).tokens
     got = [json.load(open(o)) for o in outs]
     for g in got:
         assert g["resident"] == ref and g["offloaded"] == ref
