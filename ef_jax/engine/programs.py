@@ -140,5 +140,3 @@ def offloaded_expert_pass_then_attend(cfg, include_shared, p, h, normed, routing
     nxt = _attend_route(cfg, dense_kinds, kind, then.dense_params, then.params, x, dense_caches, cache,
                         then.positions, then.write_idx, then.valid)
     return x, pool, soe, nxt
-
-
