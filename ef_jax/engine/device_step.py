@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from ef_jax.engine import device_cache as dc
-from ef_jax.models.moe import GATHER_MAX_PAIRS, Routing, moe_combine
+from ef_jax.engine.programs import layer_view
+from ef_jax.models.moe import Routing, moe_combine
 from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
 
 
@@ -45,14 +46,7 @@ class StepPlan:
 
 def _expert_share(cfg, j: int, p: dict, normed, routing: Routing, keep, pool, state: dc.DeviceCache, include_shared):
     """Layer j's MoE output for the (token, expert) pairs with keep f32[N, K] = 1, read through its slot map."""
-    L, S = pool.gate.shape[:2]
-    smap = jnp.maximum(state.slot_of_expert[j], 0)                     # i32[E] (absent experts have keep 0)
-    N, K = routing.experts.shape
-    if N * K <= GATHER_MAX_PAIRS:  # decode: gather straight from the stacked pool
-        view = jax.tree.map(lambda a: a.reshape((L * S,) + a.shape[2:]), pool)
-        smap = smap + j * S
-    else:                          # prefill: grouped matmuls over layer j's S slots
-        view = jax.tree.map(lambda a: a[j], pool)
+    view, smap = layer_view(pool, state.slot_of_expert, j, routing.experts.size)  # absent experts have keep 0
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
     return moe_combine(p, cfg, normed, masked, view, smap, include_shared)
 

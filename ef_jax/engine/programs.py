@@ -87,7 +87,7 @@ def _apply_table_updates(slot_of_expert, updates, reset):
     return jax.lax.fori_loop(0, updates.shape[0], body, soe)
 
 
-def _layer_view(pool, slot_of_expert, j, pairs: int):
+def layer_view(pool, slot_of_expert, j, pairs: int):
     """MoE layer j of the stacked pool [L, S, ...] as (pool view, slot map i32[E]) for moe_combine. pairs: the
     (token, expert) pairs routed (static). Decode gathers straight from the pool seen as [L·S, ...] (no copy of
     layer j's slots: the map points into layer j's block); prefill runs grouped matmuls over layer j's S slots."""
@@ -103,7 +103,7 @@ def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, poo
     for i, b in enumerate(bufs):
         pool = put_expert(pool, jax.device_put(b, jax.memory.Space.Device), dst[i, 0], dst[i, 1])
     soe = _apply_table_updates(slot_of_expert, updates, reset)
-    view, smap = _layer_view(pool, soe, j, routing.experts.size)
+    view, smap = layer_view(pool, soe, j, routing.experts.size)
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
     y = moe_combine(p, cfg, normed, masked, view, smap, include_shared)
     return h + y.reshape(h.shape), pool, soe
