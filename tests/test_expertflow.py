@@ -75,7 +75,9 @@ def test_horizon_follows_bandwidth_and_compute(point, lag):
 
 
 class _Recorder(ExpertFlow):
-    """expertflow that also keeps every hidden state it is shown."""
+    """expertflow that also keeps every hidden state it is shown (the host scores it: no device scorer)."""
+    device_scorer = None
+
     def reset(self, *a):
         super().reset(*a)
         self.seen = []
@@ -85,22 +87,46 @@ class _Recorder(ExpertFlow):
         return super().on_hidden(layer, hidden, view)
 
 
+class _ScoreRecorder(ExpertFlow):
+    """expertflow (pre-gate scores computed on the device) that keeps every score array it is shown."""
+    def reset(self, *a):
+        super().reset(*a)
+        self.seen = []
+
+    def on_scores(self, layer, scores, view):
+        self.seen.append((view.step, layer, np.array(scores), view.routed(view.step, layer)))
+        return super().on_scores(layer, scores, view)
+
+
+def _routers_pick(cfg, z, routed, where):
+    probs = router_probs(cfg, z)[0]  # the family's rule (DeepSeek: group limit)
+    assert set(np.argsort(-probs)[:cfg.top_k].tolist()) == set(routed.tolist()), where
+
+
 def test_attention_point_shows_the_routers_input(model):
     """At the attention point the engine shows layer j's experts' input: layer j's own router on it (distance 0
-    of pre-gating) picks exactly the experts layer j routed. The default point is the attention point."""
+    of pre-gating) picks exactly the experts layer j routed. The default point is the attention point. Checked
+    for both scorers: the host's on the hidden state, and the device's (every layer's scores computed inside the
+    program that made the hidden state), which must also equal the host's scores of that state."""
     cfg = model.config
     assert ExpertFlow.from_context(policy_context(model)).hidden_point == "attention"
-    pol = _Recorder.from_context(policy_context(model))
-    ef_jax.generate(model, PROMPTS[:1], max_new_tokens=3,
-                    offload=OffloadConfig(slots_per_layer=cfg.num_experts, policy=pol))
-    decode = [x for x in pol.seen if not (x[2].ndim == 3 and x[2].shape[1] > 1)]
+    host, device = (R.from_context(policy_context(model)) for R in (_Recorder, _ScoreRecorder))
+    for pol in (host, device):
+        res = ef_jax.generate(model, PROMPTS[:1], max_new_tokens=3,
+                              offload=OffloadConfig(slots_per_layer=cfg.num_experts, policy=pol))
+        assert res.stats["pregate_on_device"] == (pol is device)
+    decode = [x for x in host.seen if not (x[2].ndim == 3 and x[2].shape[1] > 1)]
     assert len(decode) >= 2 * cfg.num_moe_layers
-    for step, j, h, routed in pol.seen:
+    assert len(device.seen) == len(host.seen)
+    for (step, j, h, routed), (dstep, dj, scores, drouted) in zip(host.seen, device.seen):
+        assert (step, j) == (dstep, dj) and scores.shape == (cfg.num_moe_layers, 1, cfg.num_experts)
+        z = pol.predictor.scores(j, h[:, -1] if h.ndim == 3 else h, range(cfg.num_moe_layers), {})
+        np.testing.assert_allclose(scores, np.stack([z[t] for t in range(cfg.num_moe_layers)]), rtol=1e-4,
+                                   atol=1e-4)
         if h.ndim == 3 and h.shape[1] > 1:
             continue  # the prefill step's routed set is the union over positions: check decode steps
-        z = pol.predictor.scores(j, h.reshape(1, -1), [j], {})[j]
-        probs = router_probs(cfg, z)[0]  # the family's rule (DeepSeek: group limit)
-        assert set(np.argsort(-probs)[:cfg.top_k].tolist()) == set(routed.tolist()), (step, j)
+        _routers_pick(cfg, z[j], routed, ("host", step, j))
+        _routers_pick(cfg, scores[j], drouted, ("device", step, j))
 
 
 def test_point_must_match_a_trained_predictor():

@@ -103,7 +103,8 @@ class ExpertCache:
             loads = cache.route(layer, experts)    # unique ids (batch: the union); demand Loads, then prefetches
             ... copy each Load into its slot; cache.arrive(layer, expert) when a copy lands; the layer waits
             ... for its demand Loads (and late prefetches), reading slots via cache.table.slot_row(layer)
-            loads = cache.hidden(layer, h)         # engine only, when cache.policy.wants_hidden
+            loads = cache.hidden(layer, h)         # engine only, when cache.policy.wants_hidden (or, with a
+                                                   # device_scorer, cache.scores(layer, logits of every layer))
             cache.measure(layer_compute_s=..., copy_s=...)   # whenever measured (optional policy hook)
             cache.release(layer)                   # after the layer's expert compute is enqueued
         loads = cache.end_step()                   # policy.on_step_end → prefetches for the next step
@@ -154,6 +155,11 @@ class ExpertCache:
     def hidden(self, layer: int, hidden: np.ndarray) -> list[Load]:
         """Engine only: hidden states of `layer` (host numpy) for hidden-state predictors. Returns prefetches."""
         return self._issue(self.policy.on_hidden(layer, hidden, self.view))
+
+    def scores(self, layer: int, scores: np.ndarray) -> list[Load]:
+        """Engine only: the policy's pre-gate logits of every layer f32[L, B, E], computed on the device from
+        `layer`'s hidden state (policy.device_scorer). Returns prefetches."""
+        return self._issue(self.policy.on_scores(layer, scores, self.view))
 
     def release(self, layer: int) -> None:
         """`layer` has consumed its experts (its compute is enqueued): they may now be evicted by prefetches."""

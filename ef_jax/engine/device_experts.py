@@ -58,6 +58,7 @@ class DeviceStepExperts:
     fused = True        # routing and experts in one program: the split path is only for taps
     whole_step = True   # the Forward hands it the whole step (ef_jax.engine.forward)
     chains_attention = False  # a tapped step dispatches each attend_route itself
+    scorer = None             # its policy reads the step's hidden states (no pre-gate scores from attend_route)
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):
@@ -114,7 +115,7 @@ class DeviceStepExperts:
         self._hold(routed, hidden, counters)
         return x, caches, routings
 
-    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray):
+    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
         """A tapped step's MoE layer j (model layer i), on the device: no host sync. Returns (x, routing)."""
         plan = self._plan()
         hints = None if self._hints is None else self._hints[j]

@@ -74,6 +74,7 @@ class ResidentExperts:
     fused = True  # routing and experts may run in the same program
     whole_step = False  # True only for the device-resident step's source (ef_jax.engine.device_experts)
     chains_attention = False  # True: experts_then_attend runs the next MoE layer's attend_route (Forward)
+    scorer = None  # device arrays: attend_route also returns these pre-gate scores (see OffloadedExperts)
 
     def __init__(self, model: Model, counters: HostCounters):
         cfg = model.config
@@ -85,7 +86,7 @@ class ResidentExperts:
     def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
         pass
 
-    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray):
+    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
         """The split path (a hidden-state tap asked to see between routing and experts): one expert pass."""
         keep = jnp.ones(routing.experts.shape, jnp.float32)
         self.counters.dispatches += 1
@@ -153,6 +154,10 @@ class OffloadedExperts:
         self.variants: set = set()  # distinct (loads, updates, keep) shapes of the expert program: its compiles
         policy = self.cache.policy
         self._tap = policy.hidden_point if policy.wants_hidden else None  # where the policy reads hidden states
+        # a pre-gating policy at the attention point: the program computing layer j's MoE input also applies every
+        # layer's router to it (programs.pregate_scores), and the host reads f32[L, B, E] instead of h [B, T, D]
+        scorer = policy.device_scorer if self._tap == "attention" else None
+        self.scorer = None if scorer is None else jax.device_put(scorer.stacked(), self.store.device_sharding)
         self._cache_aware = offload.routing == "cache-aware"
         # a layer whose experts have all landed may be dispatched before the accounting: only when the policy sends
         # no prefetch from its layer hooks (one for the next layer must ride in this layer's program)
@@ -184,20 +189,23 @@ class OffloadedExperts:
         self.routing_log.append(np.stack(self._step_routes, axis=1))
 
     # ---- one MoE layer ---------------------------------------------------------------------------------------
-    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray):
+    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
         """Layer i (MoE layer j): h [B, T, D] + its MoE output, after making its experts resident.
         real bool[N]: not padding. Returns (h, the routing actually used)."""
-        x, routing, _ = self.experts_then_attend(i, j, p, h, normed, routing, real, None)
+        x, routing, _ = self.experts_then_attend(i, j, p, h, normed, routing, real, None, scores)
         return x, routing
 
     def experts_then_attend(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray,
-                            then: Then | None):
+                            then: Then | None, scores=None):
         """experts(), with the next MoE layer's attend_route (`then`, see ef_jax.engine.programs.Then) run at the
-        end of this layer's last expert program. Returns (h, the routing used, the next layer's attend_route
-        outputs (h, normed, Routing, dense caches, cache), or None when `then` is None)."""
+        end of this layer's last expert program. scores: this layer's pre-gate scores f32[L, B, E] when
+        self.scorer is set (from the program that computed h). Returns (h, the routing used, the next layer's
+        attend_route outputs (h, normed, Routing, dense caches, cache, scores), or None when `then` is None)."""
         tap = self._tap
         t = time.perf_counter()
-        if tap == "attention":  # the MoE input comes back with the routing: one sync for both (same program)
+        if scores is not None:  # the policy's scores come back with the routing: one sync for both (same program)
+            experts, hidden = self.counters.to_host("route", routing.experts, scores)  # [N, K], [L, B, E]
+        elif tap == "attention":  # the MoE input comes back with the routing: one sync for both (same program)
             experts, hidden = self.counters.to_host("route", routing.experts, h)  # [N, K], [B, T, D]
         else:
             experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer
@@ -223,7 +231,7 @@ class OffloadedExperts:
             self.clock.computed(j, 1)
         else:
             h, nxt = self._passes(i, j, p, h, normed, routing, experts, real, needed, then,
-                                  hidden if tap == "attention" else None)
+                                  hidden if tap == "attention" else None, scores is not None)
         if tap == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
             self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
         self.cache.release(j)
@@ -235,10 +243,11 @@ class OffloadedExperts:
         return all(soe[e] >= 0 and arrived[e] for e in needed.tolist())
 
     def _passes(self, i: int, j: int, p: dict, h, normed, routing: Routing, experts: np.ndarray, real: np.ndarray,
-                needed: np.ndarray, then: Then | None, hidden):
+                needed: np.ndarray, then: Then | None, hidden, scored: bool):
         """Layer j when some needed expert must be loaded (or waited for): decide the loads, then dispatch, in
         passes of at most S experts when the layer needs more. hidden: the MoE input for a policy tapping the
-        attention point, else None. Returns (h, the next layer's attend_route outputs or None)."""
+        attention point (host numpy; its pre-gate scores f32[L, B, E] when `scored`), else None. Returns (h, the
+        next layer's attend_route outputs or None)."""
         K = experts.shape[1]
         passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
         nxt = None
@@ -248,7 +257,7 @@ class OffloadedExperts:
                 self.clock.poll(self.copier)
             self._issue(self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk))
             if n == 0 and hidden is not None:  # behind this layer's demand loads, ahead of its expert compute
-                self._issue(self.cache.hidden(j, hidden))
+                self._issue(self.cache.scores(j, hidden) if scored else self.cache.hidden(j, hidden))
             self.clock.wait(j, chunk, self.copier)
             if len(passes) == 1:
                 keep = self._keep_real  # every needed expert is resident: only padding is masked
@@ -289,9 +298,10 @@ class OffloadedExperts:
         else:
             h, self.copier.pool, self.slot_of_expert, nxt = offloaded_expert_pass_then_attend(
                 *args, then.dense_kinds, then.kind, then.attend, then.dense_caches, then.cache)
-            policy = self.cache.policy
-            if policy.wants_hidden and policy.hidden_point == "attention":
-                nxt[0].copy_to_host_async()  # read with the next layer's routing
+            if self.scorer is not None:
+                nxt[5].copy_to_host_async()  # read with the next layer's routing
+            elif self._tap == "attention":
+                nxt[0].copy_to_host_async()
         self._reset = False
         self.copier.carried(h)
         self.counters.dispatches += 1
@@ -354,6 +364,7 @@ class OffloadedExperts:
                "h2d_bytes_real": self.copier.bytes, "bytes_per_expert_real": self.store.bytes_per_expert,
                "h2d_s": self.copier.issue_s, "stall_s": self.clock.stall_s, "copier": self.copier.name,
                "compute_s": self.compute_s, "slots_per_layer": self.slots,
+               "pregate_on_device": self.scorer is not None,
                "expert_program_variants": len(self.variants), "layers_all_hit": self.layers_all_hit,
                "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
                "policy": self.cache.policy.name, "routing": self.config.routing,

@@ -18,7 +18,7 @@ sources (ef_jax.engine.mesh_experts): the same segments, each device computing t
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from ef_jax.cache.config import OffloadConfig
@@ -107,8 +107,10 @@ class Forward:
         tokens = np.asarray(tokens, np.int32)
         B, T = tokens.shape
         real = np.asarray(valid)[:, write_idx:write_idx + T].reshape(-1)  # bool[N]: not padding
-        x = embed(cfg, params["embed"], jnp.asarray(tokens))
-        pos, widx, vld = jnp.asarray(positions, jnp.int32), jnp.asarray(write_idx, jnp.int32), jnp.asarray(valid)
+        # one transfer for the step's small inputs (each separate host→device put costs ~40-150 µs on a CPU)
+        toks, pos, widx, vld = jax.device_put((tokens, np.asarray(positions, np.int32), np.int32(write_idx),
+                                               np.asarray(valid)))
+        x = embed(cfg, params["embed"], toks)
         caches, routings = list(cache.layers), [None] * cfg.num_layers
         self.counters.steps += 1
         self.counters.dispatches += 1
@@ -121,7 +123,7 @@ class Forward:
                 x = self._group(g, x, caches, routings, pos, widx, vld, self.source.pools, self.source.slot_maps)
         else:
             chains = self.source.chains_attention
-            attended = None  # the next MoE layer's (h, normed, routing), when the previous expert program ran it
+            attended = None  # the next MoE layer's (h, normed, routing, scores), when the previous expert program ran it
             for s, (kind, layers) in enumerate(self.segments):
                 if kind == "dense":
                     x = self._group(layers, x, caches, routings, pos, widx, vld, None, None)
@@ -130,24 +132,26 @@ class Forward:
                 j = self.moe_index[i]
                 p = params["layers"][i]
                 if attended is None:
-                    h, normed, routing = self._attend(layers, x, caches, pos, widx, vld)
+                    h, normed, routing, scores = self._attend(layers, x, caches, pos, widx, vld)
                 else:
-                    h, normed, routing = attended
+                    h, normed, routing, scores = attended
                 if not self.source.fused:  # start moving the routing to the host now; the sync point reads it
                     routing.experts.copy_to_host_async()
+                    if scores is not None:
+                        scores.copy_to_host_async()
                 if tap is not None:
                     tap(j, "attention", h)
                 then = self._then(s, caches, pos, widx, vld) if chains else None
                 if then is None:
-                    x, routings[i] = self.source.experts(i, j, p, h, normed, routing, real)
+                    x, routings[i] = self.source.experts(i, j, p, h, normed, routing, real, scores)
                     attended = None
                 else:  # this layer's last expert program runs the next MoE layer's attention and router too
-                    x, routings[i], (nh, nn, nr, new, c) = self.source.experts_then_attend(
-                        i, j, p, h, normed, routing, real, then)
+                    x, routings[i], (nh, nn, nr, new, c, ns) = self.source.experts_then_attend(
+                        i, j, p, h, normed, routing, real, then, scores)
                     *nd, ni = self.segments[s + 1][1]
                     for d, cd in zip(nd, new):
                         caches[d] = cd
-                    caches[ni], attended = c, (nh, nn, nr)
+                    caches[ni], attended = c, (nh, nn, nr, ns)
                 if tap is not None:
                     tap(j, "moe", x)
         self.source.end_step()
@@ -155,16 +159,16 @@ class Forward:
 
     def _attend(self, layers, x, caches, pos, widx, vld):
         """Dispatches MoE layer layers[-1]'s attend_route (the dense layers before it included): (h, normed,
-        routing); the KV caches are replaced by the program's."""
+        routing, the source's pre-gate scores or None); the KV caches are replaced by the program's."""
         *dense, i = layers
         params = self.model.params["layers"]
-        h, normed, routing, new, caches[i] = attend_route(
+        h, normed, routing, new, caches[i], scores = attend_route(
             self.cfg, tuple(self.kinds[d] for d in dense), self.kinds[i], tuple(params[d] for d in dense),
-            params[i], x, tuple(caches[d] for d in dense), caches[i], pos, widx, vld)
+            params[i], x, tuple(caches[d] for d in dense), caches[i], pos, widx, vld, self.source.scorer)
         for d, c in zip(dense, new):
             caches[d] = c
         self.counters.dispatches += 1
-        return h, normed, routing
+        return h, normed, routing, scores
 
     def _then(self, s: int, caches, pos, widx, vld):
         """When segment s + 1 is a MoE layer: its attend_route's arguments as a program.Then (for the expert
@@ -173,7 +177,8 @@ class Forward:
         if fixed is None:
             return None
         dense_kinds, kind, dense, i, dense_params, p = fixed
-        return Then(dense_kinds=dense_kinds, kind=kind, attend=Attend(dense_params, p, pos, widx, vld),
+        return Then(dense_kinds=dense_kinds, kind=kind,
+                    attend=Attend(dense_params, p, pos, widx, vld, self.source.scorer),
                     dense_caches=tuple(caches[d] for d in dense), cache=caches[i])
 
     def _then_static(self, s: int):

@@ -161,6 +161,7 @@ class MeshOffloadedExperts:
     fused = False
     whole_step = False
     chains_attention = False  # each MoE layer's attend_route is its own program (Forward)
+    scorer = None             # no pre-gate scores from attend_route
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):
@@ -221,7 +222,7 @@ class MeshOffloadedExperts:
             self._issue(d, self.caches[d].end_step())
         self.routing_log.append(np.stack(self._step_routes, axis=1))
 
-    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray):
+    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
         """Layer i (MoE layer j): h [B, T, D] + its MoE output, every device's share resident first."""
         t = time.perf_counter()
         experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer

@@ -1,6 +1,7 @@
 """The compiled programs of a step that the host runs between sync points (dense groups use models.run_group).
 
-attend_route(layer i): [the dense layers before it] → attention (+ KV cache, donated) → router
+attend_route(layer i): [the dense layers before it] → attention (+ KV cache, donated) → router [→ the pre-gate
+  scores of every MoE layer, for a policy that predicts from this hidden state (pregate_scores)]
 expert_pass(layer i): h + this pass's share of the MoE output, experts read through a slot pool and slot map
 offloaded_expert_pass(layer i): the same over the stacked offload pool, with the layer's copies and slot-table
   updates inside the program (so copies overlap its compute, and no separate dispatch moves bytes or maps)
@@ -22,7 +23,17 @@ from ef_jax.models.moe import GATHER_MAX_PAIRS, ExpertPool, Routing, moe_combine
 from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
 
 
-def _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid):
+def pregate_scores(scorer, h):
+    """Every MoE layer's router on h's newest position, as ef_jax.policies.pregate.PregateScorer.scores computes
+    them on the host: scorer (norms f32[L, D], routers f32[L, D, E], eps f32[]), h [B, T, D] → f32[L, B, E]."""
+    norms, routers, eps = scorer
+    x = h[:, -1].astype(jnp.float32)
+    x = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)  # [B, D]
+    return jnp.einsum("lbd,lde->lbe", x[None] * norms[:, None], routers, precision=jax.lax.Precision.HIGHEST)
+
+
+def _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid,
+                  scorer):
     ctx = make_context(cfg, positions, write_idx, valid)
     new = []
     for dp, dk, dc in zip(dense_params, dense_kinds, dense_caches):
@@ -30,16 +41,20 @@ def _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cach
         x = layer_finish(dp, cfg, dk, hd, nd, None, None, None)
         new.append(dc)
     h, normed, routing, cache = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
-    return h, normed, routing, tuple(new), cache
+    scores = None if scorer is None else pregate_scores(scorer, h)
+    return h, normed, routing, tuple(new), cache, scores
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dense_kinds", "kind"),
                    donate_argnames=("dense_caches", "cache"))
-def attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid):
+def attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid,
+                 scorer=None):
     """The dense layers before a MoE layer (whole), then its attention and router, in one program (dense work
     joins the next routing program instead of costing a dispatch of its own). x [B, T, D] →
-    (h [B, T, D], normed FFN input [N, D], Routing, dense caches, cache)."""
-    return _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid)
+    (h [B, T, D], normed FFN input [N, D], Routing, dense caches, cache, pre-gate scores f32[L, B, E] of h when
+    `scorer` is given (see pregate_scores), else None)."""
+    return _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid,
+                         scorer)
 
 
 class Attend(NamedTuple):
@@ -50,6 +65,7 @@ class Attend(NamedTuple):
     positions: jax.Array  # i32[B, T]
     write_idx: jax.Array  # i32[]
     valid: jax.Array      # bool[B, S]
+    scorer: tuple | None  # a policy's pre-gate routers on the device (see pregate_scores), or None
 
 
 class Then(NamedTuple):
@@ -134,9 +150,9 @@ def offloaded_expert_pass_then_attend(cfg, include_shared, p, h, normed, routing
     """offloaded_expert_pass of MoE layer j, then attend_route of the next MoE layer (`then`; the KV caches of it
     and of the dense layers before it donated) on its output, in one program: one dispatch per MoE layer instead
     of two. Returns (x: layer j's output [B, T, D], pool, slot_of_expert, the next layer's attend_route outputs
-    (h, normed, Routing, dense caches, cache))."""
+    (h, normed, Routing, dense caches, cache, pre-gate scores or None))."""
     x, pool, soe = _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j,
                                           bufs, dst, updates, reset)
     nxt = _attend_route(cfg, dense_kinds, kind, then.dense_params, then.params, x, dense_caches, cache,
-                        then.positions, then.write_idx, then.valid)
+                        then.positions, then.write_idx, then.valid, then.scorer)
     return x, pool, soe, nxt

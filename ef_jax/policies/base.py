@@ -56,6 +56,7 @@ class Policy(Protocol):
     def on_step_start(self, step: int, token_ids: np.ndarray | None, view) -> list[Prefetch]: ...
     def on_route(self, layer: int, experts: Sequence[int], view) -> list[Prefetch]: ...
     def on_hidden(self, layer: int, hidden: np.ndarray, view) -> list[Prefetch]: ...
+    def on_scores(self, layer: int, scores: np.ndarray, view) -> list[Prefetch]: ...
     def on_step_end(self, step: int, view) -> list[Prefetch]: ...
     def on_access(self, layer: int, expert: int, hit: bool) -> None: ...
     def on_load(self, layer: int, expert: int, kind: str) -> None: ...
@@ -82,6 +83,9 @@ class BasePolicy:
     # layer's program, so the engine then makes every decision of a layer before dispatching it; False (policies
     # that only evict) lets it dispatch a layer whose experts have all landed first, and account while it computes
     layer_prefetches = True
+    # a PregateScorer whose routers the engine may apply on the device, inside the program that computes the hidden
+    # state: it then calls on_scores with every MoE layer's pre-gate logits instead of on_hidden (attention point)
+    device_scorer = None
 
     @classmethod
     def from_context(cls, context: PolicyContext | None, **kw) -> "BasePolicy":
@@ -98,6 +102,11 @@ class BasePolicy:
         return []
 
     def on_hidden(self, layer: int, hidden: np.ndarray, view) -> list[Prefetch]:
+        return []
+
+    def on_scores(self, layer: int, scores: np.ndarray, view) -> list[Prefetch]:
+        """Engine only, for a policy with a device_scorer: scores f32[L, B, E], every MoE layer's pre-gate logits
+        for the newest position of each row at `layer`'s attention point (what on_hidden would have computed)."""
         return []
 
     def on_step_end(self, step: int, view) -> list[Prefetch]:

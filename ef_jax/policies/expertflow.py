@@ -177,7 +177,8 @@ class ExpertFlow(BasePolicy):
         if self.embed is None or self.token_ids is None:
             return []
         x0 = np.asarray(self.embed[self.token_ids.reshape(-1)], np.float32)  # [B, D]: rows of the host table
-        return self._issue_or_defer(self._predict(-1, x0, view), -1)
+        score = lambda targets, context: self.predictor.scores(-1, x0, targets, context)
+        return self._issue_or_defer(self._predict(-1, score, view), -1)
 
     def on_load(self, layer: int, expert: int, kind: str) -> None:
         if kind == "prefetch":  # a prefetched expert enters as most recent
@@ -233,9 +234,20 @@ class ExpertFlow(BasePolicy):
         return []
 
     # ---- prediction and prefetch -------------------------------------------------------------------------------
+    @property
+    def device_scorer(self) -> PregateScorer | None:
+        """Plain pre-gating runs on the device in the engine (a hybrid head stays on the host)."""
+        return self.predictor if type(self.predictor) is PregateScorer else None
+
     def on_hidden(self, layer: int, hidden: np.ndarray, view) -> list[tuple[int, int]]:
         last = hidden[:, -1] if hidden.ndim == 3 else hidden  # [B, D]: the newest position of every row
-        return self._issue_or_defer(self._predict(layer, last, view), layer)
+        score = lambda targets, context: self.predictor.scores(layer, last, targets, context)
+        return self._issue_or_defer(self._predict(layer, score, view), layer)
+
+    def on_scores(self, layer: int, scores: np.ndarray, view) -> list[tuple[int, int]]:
+        """on_hidden with the pre-gate logits already computed on the device: scores f32[L, B, E]."""
+        return self._issue_or_defer(self._predict(layer, lambda targets, context: {t: scores[t] for t in targets},
+                                                  view), layer)
 
     def _issue_or_defer(self, requests: list[tuple[int, int]], layer: int) -> list[tuple[int, int]]:
         """The copy stream is FIFO: a prefetch issued now would queue in front of the next layer's demand loads,
@@ -271,8 +283,9 @@ class ExpertFlow(BasePolicy):
             return self.num_experts
         return max(1, math.ceil(self.layer_s / self.copy_s - 1e-9))
 
-    def _predict(self, layer: int, last: np.ndarray, view) -> list[tuple[int, int]]:
-        """Predictions from the hidden state `last` [B, D] after MoE layer `layer` (−1: the embeddings)."""
+    def _predict(self, layer: int, score, view) -> list[tuple[int, int]]:
+        """Predictions from MoE layer `layer`'s hidden state (−1: the embeddings). score(targets, context) →
+        {target layer: logits f32[B, E]}: the predictor on that state, or the device's precomputed scores."""
         S = self.horizon
         self.horizons.append(S)
         step = view.step
@@ -283,7 +296,7 @@ class ExpertFlow(BasePolicy):
         if not targets:
             return []
         context = {"step": step, "token_ids": self.token_ids, "view": view}
-        scores = self.predictor.scores(layer, last, targets, context)
+        scores = score(targets, context)
         floor, K = self.precision_floor, self.top_k
         cand = []  # (precision, target, expert) of every prediction that clears the floor
         for t in targets:

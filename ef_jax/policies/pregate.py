@@ -41,6 +41,11 @@ class PregateScorer:
         x = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.eps)
         return {t: (x * self.norms[t]) @ self.routers[t] for t in targets}
 
+    def stacked(self) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        """(norms f32[L, D], routers f32[L, D, E], eps): what ef_jax.engine.programs.pregate_scores applies on the
+        device to compute every layer's scores at once."""
+        return np.stack(self.norms), np.stack(self.routers), np.float32(self.eps)
+
 
 class Pregate(BasePolicy):
     """Prefetch the experts that layers j+1..j+distance's routers pick for layer j's output hidden state."""
