@@ -5,10 +5,11 @@ ResidentExperts:  every expert in its own device slot (identity slot map); routi
 OffloadedExperts: experts in pinned host memory, S device slots per MoE layer managed by an ExpertCache:
    per MoE layer j (model layer i), after its attend_route (the Forward's program for the first MoE layer, else
    the end of layer j−1's expert program):
-   routing (+ the MoE input h for a policy tapping the attention point: same program, same sync) → host (the
-   named sync point "route") → [trace override | cache-aware routing]
+   routing (+ the MoE input h for a policy tapping the attention point, or, for a pre-gating one, every layer's
+   router applied to h on the device: same program, same sync) → host (the named sync point "route")
+   → [trace override | cache-aware routing]
    → cache.route(j, needed) → Loads → copier (bytes into slots) ; clock (arrivals, stall)
-   → [policy hidden tap at the attention point] → wait for demand/late copies → expert program (its copies and
+   → [policy hidden tap (or its scores) at the attention point] → wait for demand/late copies → expert program (its copies and
    slot-table updates inside; then the next MoE layer's attend_route: one dispatch per MoE layer)
    → [policy hidden tap at the layer output] → cache.release(j)
    A layer whose needed experts have all landed, under a policy that only evicts (layer_prefetches False), is

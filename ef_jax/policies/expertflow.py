@@ -8,6 +8,7 @@ measured bandwidth and compute, corrected online from prefetch feedback; evictio
                     is prefetched when the predictor's measured precision at its (distance, rank) reaches the
                     break-even precision u/(1+u) of the copy stream (u = copies per layer of compute); the rest
                     are recorded to keep measuring precision. Nearer layers refine farther predictions.
+[on_scores(j, s)] → the same from pre-gate scores the engine computed on the device (plain pre-gating only)
 [on_step_start]   → the new tokens' embeddings stand in for the hidden state of layer −1: layers 0..S−1
 [victim(layer)]   → an expert not predicted for that layer (lowest decayed use count, then LRU) before a predicted one
 [on_step_end]     → g ← g · exp(η (late − λ unused) / prefetches)   (late → look further ahead, unused → nearer)
