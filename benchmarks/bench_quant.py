@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ef_jax  # noqa: E402
 from benchmarks.results_io import git_commit, write_results  # noqa: E402
-from ef_jax.quant.quantize import QuantSpec, quantized_nbytes  # noqa: E402
+from ef_jax.quant.codes import QuantSpec, quantized_nbytes  # noqa: E402
 from ef_jax.engine.store import store_for
 from ef_jax.engine.experts import drop_resident
 
@@ -92,7 +92,7 @@ def quality(path, ids, groups, window) -> list[dict]:
 
 def bytes_table(groups) -> list[dict]:
     """Bytes per expert / bf16 bytes for the default spec of each dtype, default model and DeepSeek-V2-Lite."""
-    from ef_jax.quant.quantize import spec_for
+    from ef_jax.quant.codes import spec_for
     rows = []
     for name, D, F in (("default model", 192, 64), ("DeepSeek-V2-Lite", 2048, 1408)):
         for dt in ("int8", "int4"):

@@ -29,7 +29,7 @@ def quantized(model, expert_dtype: str):
     """`model` with its routed experts quantized; layers that share a host expert bank (the suite's fast random
     model draws one bank for every layer) share its quantization too, so it runs once per bank."""
     from ef_jax.quant.pool import quantize_experts
-    from ef_jax.quant.quantize import spec_for
+    from ef_jax.quant.codes import spec_for
     spec = spec_for(expert_dtype, None, model.dtype)
     done: dict[int, object] = {}
     experts = []

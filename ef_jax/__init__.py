@@ -10,7 +10,7 @@ Public API:
 
 Names are imported on first use, so host-only parts (ef_jax.cache, ef_jax.policies, ef_jax.sim) load without jax.
 """
-import importlib
+from ef_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "CheckpointError": "ef_jax.checkpoint",
@@ -30,13 +30,7 @@ __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ef_jax' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 def __dir__():

@@ -104,7 +104,7 @@ def expert_nbytes(args, pf: Preflight, dtype: str) -> tuple[int, str]:
     from ef_jax.checkpoint import DTYPES
     from ef_jax.quant import store as quant_store
     from ef_jax.quant.cli import load_kwargs
-    from ef_jax.quant.quantize import quantized_nbytes, spec_for
+    from ef_jax.quant.codes import quantized_nbytes, spec_for
     cfg = pf.config
     if quant_store.is_store(pf.path):
         m = quant_store.read_manifest(pf.path)

@@ -23,7 +23,7 @@ from ef_jax.checkpoint import DTYPES, iter_param_leaves, load_checkpoint
 from ef_jax.config import ModelConfig
 from ef_jax.generation_config import GenerationDefaults, read_generation_config
 from ef_jax.quant.pool import QuantExpertPool, expert_nbytes, quantize_experts
-from ef_jax.quant.quantize import QuantSpec, spec_for
+from ef_jax.quant.codes import QuantSpec, spec_for
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 

@@ -30,7 +30,7 @@ def ds_request(bytes_per_expert: int, dtype: str = "bf16", batch: int = 1, conte
 
 
 def quant_bytes(cfg, dtype: str) -> int:
-    from ef_jax.quant.quantize import quantized_nbytes, spec_for
+    from ef_jax.quant.codes import quantized_nbytes, spec_for
     spec = spec_for(dtype, None, "bfloat16")
     D, F = cfg.hidden_size, cfg.moe_intermediate
     return 2 * quantized_nbytes(D, F, spec) + quantized_nbytes(F, D, spec)

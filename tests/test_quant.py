@@ -11,7 +11,7 @@ import ef_jax
 from ef_jax import OffloadConfig
 from ef_jax.quant import (QuantExpertPool, QuantSpec, dequantize, dequantize_reference, pack_int4, quantize,
                           quantize_experts, unpack_int4)
-from ef_jax.quant.quantize import quantized_nbytes, spec_for
+from ef_jax.quant.codes import quantized_nbytes, spec_for
 from ef_jax.engine.store import store_for
 
 PROMPTS = [[5, 17, 3, 9], [11, 2]]

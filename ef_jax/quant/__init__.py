@@ -6,11 +6,16 @@ store and its command.
   QuantExpertPool, dequantize                      the device pool and the dequantization fused into the expert FFN
   with_quantized_experts(model, "int4")            quantize an already-built Model (e.g. a random-weight benchmark)
 """
-from ef_jax.quant.apply import with_quantized_experts
-from ef_jax.quant.pool import QuantExpertPool, dequantize, quantize_experts
-from ef_jax.quant.quantize import (BITS, DEFAULT_GROUP_SIZE, METHODS, QTensor, QuantSpec, dequantize_reference,
-                                   pack_int4, quantize, unpack_int4)
+from ef_jax.lazy import lazy_exports
 
-__all__ = ["BITS", "DEFAULT_GROUP_SIZE", "METHODS", "QTensor", "QuantExpertPool", "QuantSpec", "dequantize",
-           "dequantize_reference", "pack_int4", "quantize", "quantize_experts", "unpack_int4",
-           "with_quantized_experts"]
+_EXPORTS = {
+    "with_quantized_experts": "ef_jax.quant.apply",
+    **{n: "ef_jax.quant.pool" for n in ("QuantExpertPool", "dequantize", "quantize_experts")},
+    **{n: "ef_jax.quant.formats" for n in ("BITS", "DEFAULT_GROUP_SIZE", "METHODS")},
+    **{n: "ef_jax.quant.codes" for n in ("QTensor", "QuantSpec", "dequantize_reference", "pack_int4", "quantize",
+                                           "unpack_int4")},
+}
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)  # the command line reads the formats without jax

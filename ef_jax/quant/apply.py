@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from ef_jax.quant.pool import QuantExpertPool, quantize_experts
-from ef_jax.quant.quantize import QuantSpec, spec_for
+from ef_jax.quant.codes import QuantSpec, spec_for
 
 
 def with_quantized_experts(model, expert_dtype="int4", group_size: int | None = None):

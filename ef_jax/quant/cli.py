@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ef_jax.quant.quantize import BITS, DEFAULT_GROUP_SIZE
+from ef_jax.quant.formats import BITS, DEFAULT_GROUP_SIZE
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ef_jax.quant.quantize import QTensor, QuantSpec, quantize
+from ef_jax.quant.codes import QTensor, QuantSpec, quantize
 
 MATRICES = ("gate", "up", "down")
 

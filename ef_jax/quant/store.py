@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from ef_jax.quant.pool import QuantExpertPool, expert_bytes, quantize_experts
-from ef_jax.quant.quantize import QuantSpec, spec_for
+from ef_jax.quant.codes import QuantSpec, spec_for
 
 MANIFEST = "ef_jax_store.json"
 FORMAT = "ef_jax-expert-store"

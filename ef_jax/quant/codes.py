@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BITS = {"int8": 8, "int4": 4}
-METHODS = ("rtn", "hqq")
-DEFAULT_GROUP_SIZE = 64
+from ef_jax.quant.formats import BITS, DEFAULT_GROUP_SIZE, METHODS  # noqa: F401 (re-exported)
+
 PARAM_DTYPE = np.dtype(np.float16)  # dtype of the stored scales and offsets
 
 
