@@ -151,7 +151,7 @@ class OffloadedExperts:
         put = lambda a: jax.device_put(a, self.store.device_sharding)
         self._layer_index = [put(np.int32(j)) for j in range(L)]  # i32[] per MoE layer
         self._flag = {False: put(np.bool_(False)), True: put(np.bool_(True))}
-        self._no_updates, self._no_dst = put(np.zeros((0, 4), np.int32)), put(np.zeros((0, 2), np.int32))
+        self._no_moves = put(np.zeros((0, 4), np.int32))
         self.variants: set = set()  # distinct (loads, updates, keep) shapes of the expert program: its compiles
         policy = self.cache.policy
         self._tap = policy.hidden_point if policy.wants_hidden else None  # where the policy reads hidden states
@@ -285,14 +285,15 @@ class OffloadedExperts:
         self._updates = []
         if upd:
             upd = upd + [upd[-1]] * (bucket(len(upd)) - len(upd))  # repeating the last row changes nothing
-            updates = np.asarray(upd, np.int32)
+        if len(dst) or upd:  # the buffers' places, then the table's changes: one small host→device transfer
+            moves = np.zeros((len(dst) + len(upd), 4), np.int32)
+            moves[:len(dst), :2] = dst
+            moves[len(dst):] = upd
         else:
-            updates = self._no_updates
-        if not len(dst):
-            dst = self._no_dst
-        self.variants.add((len(bufs), len(updates), include_shared, keep.shape, then is None))
+            moves = self._no_moves
+        self.variants.add((len(bufs), len(upd), include_shared, keep.shape, then is None))
         args = (self.cfg, include_shared, p["mlp"], h, normed, routing, keep, self.copier.pool, self.slot_of_expert,
-                self._layer_index[j], bufs, dst, updates, self._flag[self._reset])
+                self._layer_index[j], bufs, moves, self._flag[self._reset])
         if then is None:
             h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(*args)
             nxt = None

@@ -114,11 +114,12 @@ def layer_view(pool, slot_of_expert, j, pairs: int):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False), pool), smap
 
 
-def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs, dst,
-                           updates, reset):
+def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs, moves,
+                           reset):
+    n = len(bufs)  # moves' first n rows place the buffers, the rest update the table (one host→device transfer)
     for i, b in enumerate(bufs):
-        pool = put_expert(pool, jax.device_put(b, jax.memory.Space.Device), dst[i, 0], dst[i, 1])
-    soe = _apply_table_updates(slot_of_expert, updates, reset)
+        pool = put_expert(pool, jax.device_put(b, jax.memory.Space.Device), moves[i, 0], moves[i, 1])
+    soe = _apply_table_updates(slot_of_expert, moves[n:], reset)
     view, smap = layer_view(pool, soe, j, routing.experts.size)
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
     y = moe_combine(p, cfg, normed, masked, view, smap, include_shared)
@@ -127,32 +128,32 @@ def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, poo
 
 @functools.partial(jax.jit, static_argnames=("cfg", "include_shared"), donate_argnames=("pool", "slot_of_expert"))
 def offloaded_expert_pass(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool,
-                          slot_of_expert, j, bufs, dst, updates, reset):
+                          slot_of_expert, j, bufs, moves, reset):
     """One MoE layer's expert program in the offloaded engine, with its copies inside it.
 
     h [B, T, D], normed [N, D], routing of layer j; keep f32[N, K] (0 for padding and for experts left to another
     pass); pool: the stacked slot pool ExpertPool [L, S, ...] (donated, written in place); slot_of_expert
     i32[L, E] (donated): the device copy of the slot table, -1 = not resident; j: this MoE layer (traced: one
     program for every layer); bufs: pinned-host expert buffers [3·D·F] moved to the device here, so XLA
-    overlaps the copies with this program's compute; dst i32[n, 2]: (layer, slot) of each buffer (any layer: a
-    prefetch for a later layer travels in this program); updates i32[m, 4]: (layer, expert, slot, evicted) rows
-    of slot-table changes since the last program; reset: bool, clear the table first (a flushing policy).
+    overlaps the copies with this program's compute; moves i32[n + m, 4]: rows 0..n−1 (layer, slot, ·, ·) of each
+    buffer (any layer: a prefetch for a later layer travels in this program), then m rows (layer, expert, slot,
+    evicted) of slot-table changes since the last program; reset: bool, clear the table first (a flushing policy).
     Returns (h + this pass's MoE output, pool, slot_of_expert)."""
     return _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs,
-                                  dst, updates, reset)
+                                  moves, reset)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "include_shared", "dense_kinds", "kind"),
                    donate_argnames=("pool", "slot_of_expert", "dense_caches", "cache"))
 def offloaded_expert_pass_then_attend(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool,
-                                      slot_of_expert, j, bufs, dst, updates, reset, dense_kinds, kind, then: Attend,
+                                      slot_of_expert, j, bufs, moves, reset, dense_kinds, kind, then: Attend,
                                       dense_caches, cache):
     """offloaded_expert_pass of MoE layer j, then attend_route of the next MoE layer (`then`; the KV caches of it
     and of the dense layers before it donated) on its output, in one program: one dispatch per MoE layer instead
     of two. Returns (x: layer j's output [B, T, D], pool, slot_of_expert, the next layer's attend_route outputs
     (h, normed, Routing, dense caches, cache, pre-gate scores or None))."""
     x, pool, soe = _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j,
-                                          bufs, dst, updates, reset)
+                                          bufs, moves, reset)
     nxt = _attend_route(cfg, dense_kinds, kind, then.dense_params, then.params, x, dense_caches, cache,
                         then.positions, then.write_idx, then.valid, then.scorer)
     return x, pool, soe, nxt
