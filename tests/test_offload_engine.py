@@ -111,9 +111,11 @@ def test_timeline_written(model, tmp_path):
 def test_bench_offload_tiny_mode_runs(tmp_path):
     from tests.bench_loader import load_benchmark
     bench = load_benchmark("bench_offload")
-    assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
+    # two batches (the loop, and drop_resident between them), one budget: every kind of row, half the tiny default's
+    # compiled (batch, slots) shapes (1, 8 × 25, 50 %)
+    assert bench.main(["--tiny", "--out", str(tmp_path), "--batches", "1,2", "--budgets", "0.5"]) == 0
     rows = json.load(open(tmp_path / "offload_tiny.json"))["rows"]
-    assert {r["policy"] for r in rows} == {"resident", "nocache", "lru"}
+    assert {r["policy"] for r in rows} == {"resident", "nocache", "lru"} and {r["batch"] for r in rows} == {1, 2}
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
 

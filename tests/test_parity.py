@@ -5,6 +5,8 @@ import pytest
 import ef_jax
 from tests.hf_models import V, VARIANTS, save_tiny
 
+pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
+
 torch = pytest.importorskip("torch")
 
 PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12]]

@@ -14,6 +14,8 @@ from ef_jax.quant import (QuantExpertPool, QuantSpec, dequantize, dequantize_ref
 from ef_jax.quant.codes import quantized_nbytes, spec_for
 from ef_jax.engine.store import store_for
 
+pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
+
 PROMPTS = [[5, 17, 3, 9], [11, 2]]
 SPECS = [QuantSpec(8, 16, "rtn", True), QuantSpec(8, 16, "rtn", False), QuantSpec(4, 16, "rtn", True),
          QuantSpec(4, 16, "rtn", False), QuantSpec(4, 16, "hqq", False), QuantSpec(4, 8, "hqq", False)]

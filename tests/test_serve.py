@@ -27,6 +27,8 @@ from ef_jax.serve.cli import build  # noqa: E402
 from ef_jax.serve.metrics import render_metrics  # noqa: E402
 from ef_jax.serve.text import GenerationDefaults, TextStream, render_chat  # noqa: E402
 
+pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The river", "Once upon a time there was", "A small cat", "In the morning the", "The old man said",
            "Birds fly"]
