@@ -13,11 +13,27 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # the programs run slower, which tiny shapes hardly notice. What the engine does is the same, and every comparison
 # (offloaded vs resident tokens) is between runs made under the same flags. EF_JAX_TEST_XLA_DEFAULTS=1 keeps XLA's
 # own settings (the release compiler); flags already in XLA_FLAGS win. Subprocesses inherit them.
+# XLA aborts a process on a flag it does not know, so a jaxlib that dropped one of these would stop every test:
+# the first process tries them in a child interpreter and keeps them only if it starts (the result travels to
+# xdist workers and subprocesses in EF_JAX_TEST_QUICK_FLAGS).
 QUICK_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def _quick_flags_work(flags: str) -> bool:
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    probe = "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(2)).block_until_ready()"
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=300).returncode == 0
+
+
 if os.environ.get("EF_JAX_TEST_XLA_DEFAULTS", "") in ("", "0"):
-    for _flag in QUICK_COMPILE_FLAGS:
-        if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-            os.environ["XLA_FLAGS"] += " " + _flag
+    _new = [f for f in QUICK_COMPILE_FLAGS if f.split("=")[0] not in os.environ["XLA_FLAGS"]]
+    if _new and "EF_JAX_TEST_QUICK_FLAGS" not in os.environ:
+        _quick = " ".join([os.environ["XLA_FLAGS"], *_new])
+        os.environ["EF_JAX_TEST_QUICK_FLAGS"] = "1" if _quick_flags_work(_quick) else "0"
+    if _new and os.environ["EF_JAX_TEST_QUICK_FLAGS"] == "1":
+        os.environ["XLA_FLAGS"] = " ".join([os.environ["XLA_FLAGS"], *_new])
 
 import jax  # noqa: E402
 import pytest
