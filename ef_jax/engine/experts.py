@@ -9,8 +9,8 @@ OffloadedExperts: experts in pinned host memory, S device slots per MoE layer ma
    router applied to h on the device: same program, same sync) → host (the named sync point "route")
    → [trace override | cache-aware routing]
    → cache.route(j, needed) → Loads → copier (bytes into slots) ; clock (arrivals, stall)
-   → [policy hidden tap (or its scores) at the attention point] → wait for demand/late copies → expert program (its copies and
-   slot-table updates inside; then the next MoE layer's attend_route: one dispatch per MoE layer)
+   → [policy hidden tap (or its scores) at the attention point] → wait for demand/late copies → expert program
+   (its copies and slot-table updates inside; then the next MoE layer's attend_route: one dispatch per MoE layer)
    → [policy hidden tap at the layer output] → cache.release(j)
    A layer whose needed experts have all landed, under a policy that only evicts (layer_prefetches False), is
    dispatched right after its routing is read, and cache.route's accounting runs while it computes.

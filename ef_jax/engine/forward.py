@@ -123,7 +123,7 @@ class Forward:
                 x = self._group(g, x, caches, routings, pos, widx, vld, self.source.pools, self.source.slot_maps)
         else:
             chains = self.source.chains_attention
-            attended = None  # the next MoE layer's (h, normed, routing, scores), when the previous expert program ran it
+            attended = None  # the next MoE layer's (h, normed, routing, scores), when the last expert program ran it
             for s, (kind, layers) in enumerate(self.segments):
                 if kind == "dense":
                     x = self._group(layers, x, caches, routings, pos, widx, vld, None, None)
