@@ -1,6 +1,7 @@
 """Clocks: decide when a copy counts as arrived, how long compute waited for it (stall), and what a layer cost.
 
 wall:    arrivals are the copier's finished copies; stall = real time blocked in wait(); layer compute measured
+         (an interval in which JAX compiled something is not reported: compile time is not compute or copy time)
 virtual: the simulator's timing model (ef_jax.cache.timing): one FIFO copy stream ⟂ a compute clock that charges
          `layer_compute_s` per MoE layer; the copier still moves the real bytes, so tokens are unchanged
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ef_jax.cache.expert_cache import ExpertCache, Load
 from ef_jax.cache.timing import CopyStream, Timing
+from ef_jax.engine.compile_time import compile_seconds
 from ef_jax.engine.timeline import Timeline
 
 
@@ -23,13 +25,26 @@ class WallClock:
 
     def __init__(self, cache: ExpertCache, timeline: Timeline | None = None):
         self.cache, self.timeline = cache, timeline
-        self._issued_at: dict[tuple[int, int], float] = {}  # (layer, expert) → perf_counter at issue
-        self._last_arrival = 0.0  # when the previous copy was seen finished (FIFO copy-time estimate)
-        self._ready_at: float | None = None  # when the last layer's experts were all in (compute-time estimate)
+        # (layer, expert) → (perf_counter, compile_seconds()) at issue
+        self._issued_at: dict[tuple[int, int], tuple[float, float]] = {}
+        self._last_arrival = (0.0, 0.0)  # the same when the previous copy was seen finished (FIFO estimate)
+        self._ready_at: tuple[float, float] | None = None  # the same when the last layer's experts were all in
         self.stall_s = 0.0  # time the compute waited for copies
+        self.unmeasured = 0  # intervals not reported to the policy because JAX compiled something in them
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), compile_seconds()
+
+    def _report(self, name: str, start: tuple[float, float], end: tuple[float, float]) -> None:
+        """cache.measure(name=end − start), unless a compile ran in between (first calls of new shapes)."""
+        if end[1] > start[1]:
+            self.unmeasured += 1
+            return
+        self.cache.measure(**{name: end[0] - start[0]})
 
     def issued(self, loads: list[Load]) -> None:
-        now = time.perf_counter()
+        now = self._now()
         for ld in loads:
             self._issued_at[(ld.layer, ld.expert)] = now
 
@@ -37,11 +52,11 @@ class WallClock:
         # A copy is seen finished only at a poll or wait, so its duration is estimated as FIFO service time:
         # from max(its issue, the previous arrival) to now. Late detection inflates it; adaptive policies correct
         # for the bias through their own feedback.
-        now = time.perf_counter()
+        now = self._now()
         start = max(self._issued_at.pop(key, now), self._last_arrival)
         self._last_arrival = now
         self.cache.arrive(*key)
-        self.cache.measure(copy_s=now - start)
+        self._report("copy_s", start, now)
 
     def poll(self, copier) -> None:
         for key in copier.poll():
@@ -57,19 +72,19 @@ class WallClock:
             self.stall_s += time.perf_counter() - t
             if self.timeline is not None:
                 self.timeline.add(f"stall L{layer}", "compute", t)
-        self._ready_at = time.perf_counter()
+        self._ready_at = self._now()
 
     def routed(self, layer: int) -> None:
         """The routing of `layer` reached the host: the time since the previous layer's experts were ready is
         one layer of compute on the critical path (its experts, this layer's attention and router)."""
         if self._ready_at is not None:
-            self.cache.measure(layer_compute_s=time.perf_counter() - self._ready_at)
+            self._report("layer_compute_s", self._ready_at, self._now())
 
     def computed(self, layer: int, passes: int) -> None:
         """`layer`'s expert compute is dispatched (the wall clock needs no bookkeeping here)."""
 
     def stats(self) -> dict:
-        return {"clock": self.name}
+        return {"clock": self.name, "timings_skipped_for_compiles": self.unmeasured}
 
 
 class VirtualClock:
