@@ -162,7 +162,7 @@ class OffloadedExperts:
         self._cache_aware = offload.routing == "cache-aware"
         # a layer whose experts have all landed may be dispatched before the accounting: only when the policy sends
         # no prefetch from its layer hooks (one for the next layer must ride in this layer's program)
-        self._dispatch_first = not getattr(policy, "layer_prefetches", True) and not policy.wants_hidden
+        self._dispatch_first = not policy.layer_prefetches and not policy.wants_hidden
         self.layers_all_hit = 0  # layers dispatched before the cache's accounting: every needed expert had landed
 
     # ---- the copy seam ---------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class OffloadedExperts:
             self.clock.computed(j, 1)
         else:
             h, nxt = self._passes(i, j, p, h, normed, routing, experts, real, needed, then,
-                                  hidden if tap == "attention" else None, scores is not None)
+                                  hidden if tap == "attention" else None)
         if tap == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
             self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
         self.cache.release(j)
@@ -244,11 +244,11 @@ class OffloadedExperts:
         return all(soe[e] >= 0 and arrived[e] for e in needed.tolist())
 
     def _passes(self, i: int, j: int, p: dict, h, normed, routing: Routing, experts: np.ndarray, real: np.ndarray,
-                needed: np.ndarray, then: Then | None, hidden, scored: bool):
+                needed: np.ndarray, then: Then | None, hidden):
         """Layer j when some needed expert must be loaded (or waited for): decide the loads, then dispatch, in
         passes of at most S experts when the layer needs more. hidden: the MoE input for a policy tapping the
-        attention point (host numpy; its pre-gate scores f32[L, B, E] when `scored`), else None. Returns (h, the
-        next layer's attend_route outputs or None)."""
+        attention point (host numpy; its pre-gate scores f32[L, B, E] when self.scorer is set), else None.
+        Returns (h, the next layer's attend_route outputs or None)."""
         K = experts.shape[1]
         passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
         nxt = None
@@ -258,7 +258,7 @@ class OffloadedExperts:
                 self.clock.poll(self.copier)
             self._issue(self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk))
             if n == 0 and hidden is not None:  # behind this layer's demand loads, ahead of its expert compute
-                self._issue(self.cache.scores(j, hidden) if scored else self.cache.hidden(j, hidden))
+                self._issue(self.cache.scores(j, hidden) if self.scorer is not None else self.cache.hidden(j, hidden))
             self.clock.wait(j, chunk, self.copier)
             if len(passes) == 1:
                 keep = self._keep_real  # every needed expert is resident: only padding is masked

@@ -49,6 +49,8 @@ class Policy(Protocol):
     flush_each_step: bool  # True: the cache invalidates every slot at step start (the "nocache" baseline)
     wants_hidden: bool     # True: the engine copies hidden states to the host and calls cache.hidden()
     hidden_point: str      # where on_hidden sees them: "moe" (a layer's output) or "attention" (its MoE input)
+    layer_prefetches: bool  # False: on_route / on_hidden never prefetch (an all-hit layer may be dispatched first)
+    device_scorer: object   # a PregateScorer the engine may apply on the device (then on_scores), or None
 
     @classmethod
     def from_context(cls, context: PolicyContext | None, **kw) -> "Policy": ...
