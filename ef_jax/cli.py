@@ -89,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     cli_generate.add_parser(sub)
 
     i = sub.add_parser("info", help="architecture, parameter counts and bytes of a checkpoint")
-    i.add_argument("model", nargs="?", default=None, metavar="DIR", help="checkpoint (default: the shipped model)")
+    i.add_argument("model", nargs="?", default=None, metavar="DIR", help="checkpoint directory or Hub id org/name[@rev] (default: the shipped model)")
     i.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="dtype the bytes are counted at")
     add_load_args(i)
     i.set_defaults(fn=_cmd_info)
 
     t = sub.add_parser("trace", help="record per-token routing of a text to an .npz trace")
-    t.add_argument("--model", default=None, metavar="DIR", help="HF checkpoint directory (default: the shipped model)")
+    t.add_argument("--model", default=None, metavar="DIR", help="HF checkpoint directory or Hub id org/name[@rev] (default: the shipped model)")
     t.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to trace (- reads stdin)")
     t.add_argument("--out", required=True, metavar="TRACE.npz", help="output trace (.npz is appended if missing)")
     t.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weights dtype")

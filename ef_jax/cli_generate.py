@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     g.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt text from FILE")
     g.add_argument("--prompt-ids", default=None, metavar="IDS",
                    help="the prompt as token ids, e.g. \"1 2 3\" (for checkpoints without a tokenizer)")
-    g.add_argument("--model", default=None, metavar="DIR", help="HF checkpoint directory (default: the shipped model)")
+    g.add_argument("--model", default=None, metavar="DIR", help="HF checkpoint directory or Hub id org/name[@rev] (default: the shipped model)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     add_load_args(g)

@@ -25,8 +25,14 @@ class Preflight:
 
 
 def checkpoint_dir(flag: str, path: str | None) -> str:
-    """The checkpoint directory (None: the shipped default model), checked to hold config.json."""
+    """The checkpoint directory (None: the shipped default model; org/name[@rev]: its Hugging Face snapshot),
+    checked to hold config.json."""
+    from ef_jax import hub
     from ef_jax.model import DEFAULT_MODEL_DIR
+    try:
+        path = hub.resolve(path)
+    except hub.HubError as e:
+        raise UsageError(f"{flag} {e}") from None
     if path is None:
         path = DEFAULT_MODEL_DIR
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -34,7 +40,7 @@ def checkpoint_dir(flag: str, path: str | None) -> str:
         return path
     if not os.path.isdir(path):
         raise UsageError(f"{flag} {path} is not a directory: give a Hugging Face checkpoint directory "
-                         "(config.json + model.safetensors)")
+                         "(config.json + model.safetensors) or a Hub id org/name[@revision]")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UsageError(f"{flag} {path} holds no config.json: give a Hugging Face checkpoint directory")
     return path

@@ -113,7 +113,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
     `ef-jax convert` (then the experts are read already quantized and packed).
 
     Args:
-      path: checkpoint directory or converted store; None loads the model shipped with ef_jax.
+      path: checkpoint directory or converted store, or a Hugging Face Hub id "org/name[@revision]" (fetched into
+        the HF cache, ef_jax.hub); None loads the model shipped with ef_jax.
       dtype: "float32" | "bfloat16" for everything that is not a routed expert (and for float experts);
         default bfloat16 on GPU, float32 on CPU.
       expert_dtype: None / "bf16" (experts as `dtype`), "int8" or "int4" (routed experts quantized group-wise
@@ -123,6 +124,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
         to run on several devices: non-expert weights replicated, every MoE layer's routed experts split over the
         devices (ef_jax.mesh); None: one device.
     """
+    from ef_jax import hub
+    path = hub.resolve(path)  # a Hub id → its snapshot directory, before any other work
     if mesh is not None:
         from ef_jax.mesh import check_axes, on_mesh
         check_axes(mesh)  # before reading any weight

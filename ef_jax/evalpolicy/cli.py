@@ -18,7 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval-policy` on an argparse subparsers object; its default `fn` is `run`."""
     p = subparsers.add_parser("eval-policy", help="teacher-forced decoding of a text under an offload policy",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped model)")
+    p.add_argument("--model", default=None, help="HF checkpoint directory or Hub id org/name[@rev] (default: the shipped model)")
     p.add_argument("--text", required=True, help="text file (token ids separated by spaces for tokenizer-less models)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--expert-memory", default=None,

@@ -14,7 +14,7 @@ from ef_jax.quant.cli import add_load_args, load_kwargs
 def add_parser(subparsers) -> None:
     """Register `record` and `train-hybrid` on an argparse subparsers object."""
     r = subparsers.add_parser("record", help="record hidden states, token ids and routes of a text (for train-hybrid)")
-    r.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped model)")
+    r.add_argument("--model", default=None, help="HF checkpoint directory or Hub id org/name[@rev] (default: the shipped model)")
     r.add_argument("--text", required=True, help="text file (token ids separated by spaces for tokenizer-less models)")
     r.add_argument("--out", required=True, help="output .npz (.npz is appended if missing)")
     r.add_argument("--seq-len", type=int, default=256, help="tokens per recorded chunk")

@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Registers `convert` on an argparse subparsers object; its default `fn` is `run`."""
     p = subparsers.add_parser("convert", help="write a quantized, packed expert store (orbax) from a checkpoint",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped model)")
+    p.add_argument("--model", default=None, help="HF checkpoint directory or Hub id org/name[@rev] (default: the shipped model)")
     p.add_argument("--out", required=True, help="store directory to create (written atomically)")
     p.add_argument("--expert-dtype", choices=sorted(BITS), default="int4", help="routed-expert dtype (default int4)")
     p.add_argument("--group-size", type=int, default=None,
@@ -41,9 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ef_jax.model import DEFAULT_MODEL_DIR
+    from ef_jax.cli_model import checkpoint_dir
     from ef_jax.quant.store import convert
-    m = convert(args.model or DEFAULT_MODEL_DIR, args.out, expert_dtype=args.expert_dtype,
+    m = convert(checkpoint_dir("--model", args.model), args.out, expert_dtype=args.expert_dtype,
                 group_size=args.group_size, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(m['moe_layers'])} MoE layers of {m['expert_dtype']} experts (group {m['group_size']}, "
           f"{m['method']}{', symmetric' if m['symmetric'] else ''}), {m['bytes_per_expert']:,} bytes per expert; "

@@ -21,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `serve` on an argparse subparsers object; its defaults `func` and `fn` are `run`."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped model)")
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint directory or Hub id org/name[@revision] (default: the shipped model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     add_load_args(p)
     add_devices_arg(p)
@@ -110,7 +111,12 @@ def run(args: argparse.Namespace) -> int:
 
     import ef_jax
     from ef_jax.cache.config import OffloadConfig
+    from ef_jax.cli_model import checkpoint_dir
+    from ef_jax.hub import is_hub_id
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model is not None and is_hub_id(args.model):  # clients send the Hub id as the model name
+        args.served_model_name = args.served_model_name or args.model.split("@")[0]
+    args.model = checkpoint_dir("--model", args.model)  # a Hub id resolved once, before any work
     budget = _check_budget(args)  # before the weights load
     model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args), **load_mesh(args))
     offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru")
