@@ -286,11 +286,18 @@ def _jsonable(x):
     return float(x) if hasattr(x, "__float__") else str(x)
 
 
+def decode_speed(s: dict) -> str:
+    """Tokens/s over the decode steps that compiled nothing; "n/a" when every step compiled (a speed that timed
+    compiles would mislead by orders of magnitude)."""
+    v = s.get("tokens_per_s", float("nan"))
+    return f"{v:.1f} tokens/s" if v == v and s.get("decoded_tokens", 1) else "n/a (every decode step compiled)"
+
+
 def stats_line(s: dict) -> str:
     """One stderr line: totals labelled as totals, per-token figures as per token, compile time on its own."""
     n = s["generated_tokens"]
     line = (f"[{plural(n, 'token')} | compile {s['compile_s']:.2f} s | prefill {s['prefill_s'] * 1e3:.1f} ms for "
-            f"{plural(s['prompt_tokens'], 'prompt token')} | decode {s['tokens_per_s']:.1f} tokens/s")
+            f"{plural(s['prompt_tokens'], 'prompt token')} | decode {decode_speed(s)}")
     if "hit_rate" in s:
         real = s.get("h2d_bytes_real", s["h2d_bytes"])
         h2d = f"H2D {fmt_bytes(real)} total"

@@ -102,7 +102,7 @@ def sample_rows(forward: Forward, batch: PromptBatch, sp: SamplingParams, seed: 
         prefill_s = time.perf_counter() - t0
         prefill_compile_s = compiling.seconds
         emit(tok)  # untimed: a streaming callback's printing is not compute
-        steps, decode_s, warm_steps, warmup_s, all_s = 0, 0.0, 0, 0.0, 0.0
+        steps, decode_s, warm_steps, warmup_s = 0, 0.0, 0, 0.0
         for step in range(1, max_new):
             if done.all():
                 break
@@ -111,15 +111,14 @@ def sample_rows(forward: Forward, batch: PromptBatch, sp: SamplingParams, seed: 
             logits, _ = rows.advance(tok[:, None], positions)
             tok = next_token(logits, step)
             dt, dc = time.perf_counter() - t1, compiling.seconds - c0
-            all_s += dt
             if dc > 0:
                 warm_steps, warmup_s = warm_steps + 1, warmup_s + dt - dc
             else:
                 steps, decode_s = steps + 1, decode_s + dt
             emit(tok)
         compile_s = compiling.seconds
-    if steps == 0:  # every decode step compiled: report their whole time (compiles included) rather than nothing
-        steps, decode_s, warm_steps, warmup_s = warm_steps, all_s, 0, 0.0
+    # every decode step compiled (a short run): no steady-state step, so no speed (tokens_per_s NaN, "n/a" in the
+    # CLI) rather than one that times compiles (4 tokens read as 0.6 tokens/s for a 943 tokens/s model)
     decoded = steps * B
     stats = {"compile_s": compile_s, "prefill_s": prefill_s - prefill_compile_s, "decode_s": decode_s,
              "warmup_s": warmup_s, "tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
