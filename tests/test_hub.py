@@ -2,6 +2,7 @@
 generate, info and serve resolve them offline; each failure (not cached, .bin only, gated, no network) is one line,
 exit 2, before any weight is read."""
 import os
+import time
 
 import pytest
 
@@ -63,7 +64,14 @@ def test_serve_takes_a_hub_id(hf_cache, monkeypatch):
     _cache(hf_cache)
     uvicorn = pytest.importorskip("uvicorn")
     seen = {}
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.update(app=self.config.app))
+
+    def run(self):  # instead of listening: wait until the loader thread made the app (LoadingApp.ready)
+        deadline = time.time() + 120
+        while self.config.app.app is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        seen.update(app=self.config.app.app)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     assert cli.main(["serve", "--model", "org/tiny", "--port", "1"]) == 0
     assert any(getattr(r, "path", "") == "/v1/models" for r in seen["app"].routes)
 

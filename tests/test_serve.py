@@ -52,7 +52,8 @@ class LiveServer:
             assert time.time() < deadline and self.thread.is_alive(), "server did not start"
             time.sleep(0.05)
         # a shared, loaded CPU box can take minutes for a burst of requests: time out only on a hang
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=600)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=kw.get("api_key") or "none", max_retries=0,
+                                    timeout=600)
 
     def stop(self):
         self.server.should_exit = True
@@ -60,8 +61,12 @@ class LiveServer:
         self.forward.close()
 
 
-def _post(url, raw: bytes):
-    req = urllib.request.Request(url, data=raw, headers={"Content-Type": "application/json"}, method="POST")
+KEY = "test-key"  # the module's server requires it (ef-jax serve --api-key)
+
+
+def _post(url, raw: bytes, key: str | None = KEY):
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=raw, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -77,7 +82,7 @@ def model():
 @pytest.fixture(scope="module")
 def srv(model):
     """The default model offloaded at 25 %, 2 tokens per step over 4 KV rows: the token scheduler chooses."""
-    s = LiveServer(model, OFFLOAD, max_batch=2, max_live=4, schedule="route", context=256)
+    s = LiveServer(model, OFFLOAD, max_batch=2, max_live=4, schedule="route", context=256, api_key=KEY)
     yield s
     s.stop()
 
@@ -184,6 +189,7 @@ BAD = [
     (json.dumps({"model": "default_model", "prompt": [1, 99999]}).encode(), "invalid_value", "prompt"),
     (json.dumps({"model": "default_model", "prompt": "hi", "logprobs": 3}).encode(), "unsupported_parameter",
      "logprobs"),
+    (json.dumps({"model": "default_model", "prompt": "hi", "max_token": 3}).encode(), "unknown_field", "max_token"),
 ]
 
 
@@ -221,6 +227,84 @@ def test_models_health_metrics(srv):
         assert name in samples, name
         float(samples[name])
     assert float(samples["ef_jax_generated_tokens_total"]) > 0 and float(samples["ef_jax_h2d_bytes_total"]) > 0
+
+
+def test_api_key_401_in_openai_shape_without_it_and_200_with_it(srv):
+    status, body = _post(srv.url + "/v1/completions", json.dumps({"model": "default_model", "prompt": "hi"}).encode(),
+                         key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key" and set(body["error"]) == {
+        "message", "type", "param", "code"}
+    wrong = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    keyed = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=600)
+    assert keyed.completions.create(model="default_model", prompt="hi", max_tokens=1).choices[0].finish_reason
+    with urllib.request.urlopen(srv.url + "/version", timeout=10) as r:   # probes need no key
+        assert json.loads(r.read())["version"] == ef_jax.__version__
+
+
+def test_warns_when_listening_beyond_loopback_without_a_key(capsys):
+    from ef_jax.serve.auth import api_key, warn_if_exposed
+    assert not warn_if_exposed("127.0.0.1", None) and not warn_if_exposed("0.0.0.0", "k")
+    assert warn_if_exposed("0.0.0.0", None) and "--api-key" in capsys.readouterr().err
+    os.environ["EF_JAX_API_KEY"] = "from-env"
+    try:
+        assert api_key(None) == "from-env" and api_key("flag") == "flag"
+    finally:
+        del os.environ["EF_JAX_API_KEY"]
+
+
+def test_health_answers_503_while_loading_then_200(srv):
+    from ef_jax.serve.loading import LoadingApp
+    loading = LoadingApp()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(loading, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/health", timeout=10)
+        assert e.value.code == 503 and json.loads(e.value.read())["status"] == "loading"
+        assert _post(url + "/v1/completions", b"{}")[0] == 503
+        loading.ready(srv.app)
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_tokenize_detokenize_round_trip(srv, model):
+    text = "The river runs"
+    status, body = _post(srv.url + "/tokenize", json.dumps({"prompt": text, "add_special_tokens": False}).encode())
+    assert status == 200 and body["tokens"] == model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert body["count"] == len(body["tokens"])
+    status, back = _post(srv.url + "/detokenize", json.dumps({"tokens": body["tokens"]}).encode())
+    assert status == 200 and back["prompt"] == text
+    status, err = _post(srv.url + "/tokenize", json.dumps({"prompt": text, "text": 1}).encode())
+    assert status == 400 and err["error"]["param"] == "text"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_list_of_prompts_gets_one_indexed_choice_each(srv, model, stream):
+    prompts, n = PROMPTS[:3], 5
+    alone = [ef_jax.generate(model, [p], max_new_tokens=n, offload=OFFLOAD) for p in prompts]
+    want = [a.texts[0] for a in alone]
+    got = [""] * len(prompts)
+    if stream:
+        for c in srv.client.completions.create(model="default_model", prompt=prompts, max_tokens=n, stream=True):
+            for ch in c.choices:
+                got[ch.index] += ch.text
+    else:
+        r = srv.client.completions.create(model="default_model", prompt=prompts, max_tokens=n)
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        got = [c.text for c in r.choices]
+        assert r.usage.completion_tokens == sum(len(a.tokens[0]) for a in alone)
+    assert got == want
 
 
 def test_metrics_render_nan_and_integers():

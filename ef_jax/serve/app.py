@@ -2,7 +2,8 @@
 
 POST /v1/completions, /v1/chat/completions → protocol.parse_* → engine.submit(spec, emit) → events on an
 asyncio.Queue (emit hops threads with call_soon_threadsafe) → JSON body | SSE chunks, then `data: [DONE]`
-GET /v1/models, /health, /metrics (Prometheus text)
+POST /tokenize, /detokenize (vLLM's shapes); GET /v1/models, /health, /version, /metrics (Prometheus text)
+A list of prompts in /v1/completions: one job per prompt, one indexed choice each (as if each were sent alone).
 
 A streamed request whose client leaves is cancelled when the next chunk cannot be sent; a non-streamed one is
 polled for a disconnect twice a second while it waits. Either way the engine frees its row at the next step.
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ef_jax.serve import protocol
+from ef_jax.serve.auth import require_key
 from ef_jax.serve.metrics import render_metrics
 from ef_jax.serve.protocol import APIError, ServeContext
 from ef_jax.serve.worker import ServeEngine
@@ -41,8 +43,9 @@ class _Stream(StreamingResponse):
             self._on_close()
 
 
-def create_app(engine: ServeEngine, ctx: ServeContext) -> FastAPI:
-    """The app; its lifespan starts the engine thread and shuts it down after the last response."""
+def create_app(engine: ServeEngine, ctx: ServeContext, api_key: str | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine thread and shuts it down after the last response. With `api_key`,
+    requests must carry it (ef_jax.serve.auth)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -51,6 +54,7 @@ def create_app(engine: ServeEngine, ctx: ServeContext) -> FastAPI:
         engine.shutdown()
 
     app = FastAPI(title="ef-jax serve", lifespan=lifespan)
+    require_key(app, api_key)
     created = int(time.time())
 
     @app.exception_handler(StarletteHTTPException)
@@ -63,50 +67,64 @@ def create_app(engine: ServeEngine, ctx: ServeContext) -> FastAPI:
         return _error(exc)
 
     async def serve(request: Request, parse):
-        spec = parse(protocol.parse_json(await request.body()), ctx)
+        specs = parse(protocol.parse_json(await request.body()), ctx)  # one per prompt
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = engine.submit(spec, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        if spec.stream:
-            return _Stream(_sse(job, spec, events), lambda: engine.cancel(job), media_type="text/event-stream",
-                           headers={"Cache-Control": "no-cache"})
-        parts = []
+        events: asyncio.Queue = asyncio.Queue()  # (choice index, event)
+        jobs = []
         try:
-            while True:
+            for i, spec in enumerate(specs):
+                jobs.append(engine.submit(spec, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
+        except BaseException:
+            cancel(jobs)
+            raise
+        if specs[0].stream:
+            return _Stream(_sse(jobs, specs[0], events), lambda: cancel(jobs), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache"})
+        parts, done = [[] for _ in jobs], [None] * len(jobs)
+        try:
+            while not all(done):
                 try:
-                    ev = await asyncio.wait_for(events.get(), 0.5)
+                    i, ev = await asyncio.wait_for(events.get(), 0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        engine.cancel(job)
+                        cancel(jobs)
                         return Response(status_code=499)
                     continue
                 if ev[0] == "delta":
-                    parts.append(ev[1])
+                    parts[i].append(ev[1])
                 elif ev[0] == "error":
                     raise APIError(ev[1], type="server_error", code="engine_error", status=500)
                 else:
-                    return JSONResponse(protocol.response(spec, job.id, ctx.model_name, "".join(parts), ev[1],
-                                                          ev[2]))
+                    done[i] = ev
+            choices = [("".join(p), ev[1]) for p, ev in zip(parts, done)]
+            use = protocol.total_usage([ev[2] for ev in done])
+            return JSONResponse(protocol.response(specs[0], jobs[0].id, ctx.model_name, choices, use))
         finally:
-            engine.cancel(job)  # a no-op once finished; frees the row if this handler was cancelled
+            cancel(jobs)  # a no-op once finished; frees the rows if this handler was cancelled
 
-    async def _sse(job, spec, events):
+    def cancel(jobs):
+        for job in jobs:
+            engine.cancel(job)
+
+    async def _sse(jobs, spec, events):
+        rid, uses = jobs[0].id, {}
         if spec.kind == "chat":
-            yield protocol.sse(protocol.chunk(spec, job.id, ctx.model_name, "", first=True))
-        while True:
-            ev = await events.get()
+            yield protocol.sse(protocol.chunk(spec, rid, ctx.model_name, "", first=True))
+        while len(uses) < len(jobs):
+            i, ev = await events.get()
             if ev[0] == "delta":
-                yield protocol.sse(protocol.chunk(spec, job.id, ctx.model_name, ev[1]))
+                yield protocol.sse(protocol.chunk(spec, rid, ctx.model_name, ev[1], index=i))
                 continue
             if ev[0] == "error":
                 yield protocol.sse(APIError(ev[1], type="server_error", code="engine_error", status=500).body())
-            else:
-                _, finish, use = ev
-                yield protocol.sse(protocol.chunk(spec, job.id, ctx.model_name, None, finish))
-                if spec.include_usage:
-                    yield protocol.sse(protocol.chunk(spec, job.id, ctx.model_name, None, use=use))
-            yield protocol.sse("[DONE]")
-            return
+                break
+            _, finish, uses[i] = ev
+            yield protocol.sse(protocol.chunk(spec, rid, ctx.model_name, None, finish, index=i))
+        else:
+            if spec.include_usage:
+                yield protocol.sse(protocol.chunk(spec, rid, ctx.model_name, None,
+                                                  use=protocol.total_usage(list(uses.values()))))
+        yield protocol.sse("[DONE]")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -126,6 +144,19 @@ def create_app(engine: ServeEngine, ctx: ServeContext) -> FastAPI:
         ok = engine.alive
         return JSONResponse({"status": "ok" if ok else "unavailable", "live_rows": engine.snapshot.get("live_rows"),
                              "queue_depth": engine.snapshot.get("queue_depth")}, status_code=200 if ok else 503)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return protocol.parse_tokenize(protocol.parse_json(await request.body()), ctx)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return protocol.parse_detokenize(protocol.parse_json(await request.body()), ctx)
+
+    @app.get("/version")
+    async def version():
+        import ef_jax
+        return {"version": ef_jax.__version__}
 
     @app.get("/metrics")
     async def metrics():

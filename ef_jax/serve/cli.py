@@ -1,8 +1,8 @@
 """`ef-jax serve`: load a checkpoint, build one Forward (one expert cache), the engine thread and the app, and run
 them under uvicorn until SIGTERM/SIGINT (then: stop accepting, finish the requests in flight, exit 0).
 
-[--model DIR] → ef_jax.load → Forward(model, OffloadConfig | None) → ServeEngine(RowPool, TokenScheduler)
-→ create_app → uvicorn on --host:--port
+[--model DIR | org/name] → checks → uvicorn on --host:--port (LoadingApp: /health 503) ∥ loader thread:
+ef_jax.load → Forward(model, OffloadConfig | None) → ServeEngine(RowPool, TokenScheduler) → create_app → ready
 """
 from __future__ import annotations
 
@@ -32,7 +32,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "the other weights, the KV cache of --max-live × --max-context and a margin)")
     budget.add_argument("--slots-per-layer", type=int, default=None, help="device expert slots per MoE layer")
     p.add_argument("--policy", default=None, help="offload cache policy (default lru when offloaded)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; other than loopback, set --api-key (a warning says so otherwise)")
+    p.add_argument("--api-key", default=None,
+                   help="clients must send 'Authorization: Bearer KEY' (default: $EF_JAX_API_KEY, else no key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="tokens decoded per step (default 8)")
     p.add_argument("--max-live", type=int, default=None,
@@ -61,7 +64,7 @@ def default_context(model) -> int:
 
 
 def build(model, offload=None, *, max_batch: int = 8, max_live: int | None = None, context: int | None = None,
-          schedule: str = "route", max_wait: int = 4, model_name: str | None = None):
+          schedule: str = "route", max_wait: int = 4, model_name: str | None = None, api_key: str | None = None):
     """(app, engine, forward) for `model`; the app's lifespan starts and stops the engine, the caller closes the
     Forward after the server stopped."""
     from ef_jax.engine.forward import Forward
@@ -81,7 +84,7 @@ def build(model, offload=None, *, max_batch: int = 8, max_live: int | None = Non
         raise
     ctx = ServeContext(model_name=name, tokenizer=model.tokenizer, vocab_size=model.config.vocab_size,
                        context=context, defaults=GenerationDefaults.from_checkpoint(model.path))
-    return create_app(engine, ctx), engine, forward
+    return create_app(engine, ctx, api_key), engine, forward
 
 
 def _check_budget(args: argparse.Namespace) -> dict | None:
@@ -106,32 +109,66 @@ def _check_budget(args: argparse.Namespace) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `ef-jax serve`; returns 0 after a graceful shutdown (2 on bad input, via ef_jax.cli)."""
+    """Run `ef-jax serve`; returns 0 after a graceful shutdown (2 on bad input, via ef_jax.cli). The server listens
+    while the model loads (GET /health: 503, then 200)."""
+    import threading
+
     import uvicorn
 
-    import ef_jax
-    from ef_jax.cache.config import OffloadConfig
     from ef_jax.cli_model import checkpoint_dir
     from ef_jax.hub import is_hub_id
+    from ef_jax.serve.auth import api_key, warn_if_exposed
+    from ef_jax.serve.loading import LoadingApp
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model is not None and is_hub_id(args.model):  # clients send the Hub id as the model name
         args.served_model_name = args.served_model_name or args.model.split("@")[0]
     args.model = checkpoint_dir("--model", args.model)  # a Hub id resolved once, before any work
     budget = _check_budget(args)  # before the weights load
-    model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args), **load_mesh(args))
-    offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru")
-    app, engine, forward = build(model, offload, max_batch=args.max_batch, max_live=args.max_live,
-                                 context=args.max_context, schedule=args.schedule, max_wait=args.max_wait,
-                                 model_name=args.served_model_name)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+    key = api_key(args.api_key)
+    warn_if_exposed(args.host, key)
+    loading = LoadingApp()
+    config = uvicorn.Config(loading, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.graceful_timeout)
+    server = uvicorn.Server(config)
+    parts: dict = {}
+    loader = threading.Thread(target=_load, args=(args, budget, key, loading, server, parts), daemon=True,
+                              name="ef-jax-load")
     # uvicorn handles SIGTERM/SIGINT while it runs (stop accepting, drain, lifespan shutdown), then restores this
     # handler and re-raises the signal: a no-op here, so a signalled shutdown returns 0 instead of dying by it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    loader.start()
     try:
-        uvicorn.Server(config).run()
+        server.run()
     finally:
-        engine.shutdown()
-        forward.close()
-    return 0 if engine.error is None else 1
+        if loader.is_alive():  # stopped while loading: nothing to drain, and a load cannot be cancelled
+            logging.getLogger("ef_jax.serve").info("stopped while the model was loading")
+            logging.shutdown()
+            os._exit(0)
+        if "engine" in parts:
+            parts["engine"].shutdown()
+            parts["forward"].close()
+    if "error" in parts:
+        return 1
+    return 0 if parts["engine"].error is None else 1
+
+
+def _load(args, budget, key, loading, server, parts: dict) -> None:
+    """The loader thread: weights → Forward → engine thread → the app takes requests (or the server stops)."""
+    import ef_jax
+    from ef_jax.cache.config import OffloadConfig
+    log = logging.getLogger("ef_jax.serve")
+    try:
+        model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args), **load_mesh(args))
+        offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru")
+        app, engine, forward = build(model, offload, max_batch=args.max_batch, max_live=args.max_live,
+                                     context=args.max_context, schedule=args.schedule, max_wait=args.max_wait,
+                                     model_name=args.served_model_name, api_key=key)
+        parts.update(engine=engine, forward=forward)
+        engine.start()
+        loading.ready(app)
+        log.info("model loaded: serving %s", args.model)
+    except BaseException as e:  # noqa: BLE001 — the server must stop, whatever the load raised
+        parts["error"] = e
+        log.error("loading %s failed: %s: %s", args.model, type(e).__name__, e)
+        server.should_exit = True

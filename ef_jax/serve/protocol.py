@@ -18,6 +18,7 @@ from ef_jax.engine.sampling import SamplingParams
 from ef_jax.serve.text import GenerationDefaults, render_chat
 
 MAX_STOPS = 4
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (each takes a row, as a request would)
 # Known OpenAI fields this server does not implement, with the value that means "off": any other value is a 400.
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
@@ -66,6 +67,20 @@ def parse_json(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
+
+
+# Every field a request may carry: anything else is a 400 naming it (a typo such as "max_token" must not be ignored).
+_SHARED = {"model", "max_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p", "top_k",
+           "user", *UNSUPPORTED}
+FIELDS = {"completion": _SHARED | {"prompt"}, "chat": _SHARED | {"messages", "max_completion_tokens"}}
+
+
+def _known_fields(body: dict, kind: str) -> None:
+    unknown = sorted(set(body) - FIELDS[kind])
+    if unknown:
+        raise APIError(f"unknown field '{unknown[0]}'{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}: "
+                       f"this endpoint reads {', '.join(sorted(FIELDS[kind] - set(UNSUPPORTED)))}; leave it out",
+                       param=unknown[0], code="unknown_field")
 
 
 def _typed(body: dict, name: str, types, what: str, default=None):
@@ -141,11 +156,20 @@ def _tokenize(ctx: ServeContext, text: str, special: bool) -> list[int]:
     return list(ctx.tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def parse_completion(body: dict, ctx: ServeContext) -> RequestSpec:
-    """POST /v1/completions. prompt: a string, a list of token ids, or a one-element list of either."""
+def parse_completion(body: dict, ctx: ServeContext) -> list[RequestSpec]:
+    """POST /v1/completions. prompt: a string, a list of token ids, or a list of either (one choice per prompt,
+    each as if sent alone)."""
+    _known_fields(body, "completion")
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+    many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+    prompts = prompt if many else [prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(f"'prompt' holds {len(prompts)} prompts; send at most {MAX_PROMPTS} per request",
+                       param="prompt", code="invalid_value")
+    return [RequestSpec(kind="completion", **_common(body, ctx, _prompt_ids(p, ctx), "max_tokens")) for p in prompts]
+
+
+def _prompt_ids(prompt, ctx: ServeContext) -> list[int]:
     if isinstance(prompt, str):
         if ctx.tokenizer is None:
             raise APIError("this model has no tokenizer: send 'prompt' as a list of token ids", param="prompt",
@@ -158,15 +182,16 @@ def parse_completion(body: dict, ctx: ServeContext) -> RequestSpec:
             raise APIError(f"'prompt' has token ids {bad[:5]} outside the vocabulary [0, {ctx.vocab_size})",
                            param="prompt", code="invalid_value")
     else:
-        raise APIError("'prompt' is required: a non-empty string or list of token ids (one prompt per request)",
+        raise APIError("'prompt' is required: a non-empty string, list of token ids, or list of those",
                        param="prompt", code="invalid_type" if prompt is not None else "missing_field")
     if not ids:
         raise APIError("'prompt' tokenizes to no tokens: send at least one", param="prompt", code="invalid_value")
-    return RequestSpec(kind="completion", **_common(body, ctx, ids, "max_tokens"))
+    return ids
 
 
-def parse_chat(body: dict, ctx: ServeContext) -> RequestSpec:
+def parse_chat(body: dict, ctx: ServeContext) -> list[RequestSpec]:
     """POST /v1/chat/completions. messages: [{"role", "content": str | [{"type": "text", "text"}]}]."""
+    _known_fields(body, "chat")
     if ctx.tokenizer is None:
         raise APIError("this model has no tokenizer, so it cannot read chat messages: use /v1/completions with "
                        "token ids", param="messages", code="unsupported_model")
@@ -186,7 +211,7 @@ def parse_chat(body: dict, ctx: ServeContext) -> RequestSpec:
         clean.append({"role": m["role"], "content": content})
     text = render_chat(ctx.tokenizer, clean)
     ids = _tokenize(ctx, text, not getattr(ctx.tokenizer, "chat_template", None))  # a template writes its own BOS
-    return RequestSpec(kind="chat", **_common(body, ctx, ids, "max_completion_tokens"))
+    return [RequestSpec(kind="chat", **_common(body, ctx, ids, "max_completion_tokens"))]
 
 
 # ---- responses ---------------------------------------------------------------------------------------------------
@@ -194,29 +219,34 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def response(spec: RequestSpec, rid: str, model: str, text: str, finish: str, use: dict) -> dict:
-    """The non-streamed body."""
+def total_usage(uses: list[dict]) -> dict:
+    return {k: sum(u[k] for u in uses) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+def response(spec: RequestSpec, rid: str, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
+    """The non-streamed body; choices[i] = (text, finish_reason) of prompt i."""
     if spec.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
+        out = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish} for i, (text, finish) in enumerate(choices)]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [choice], "usage": use}
+                "choices": out, "usage": use}
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": use}
+            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                        for i, (text, finish) in enumerate(choices)], "usage": use}
 
 
 def chunk(spec: RequestSpec, rid: str, model: str, text: str | None, finish: str | None = None,
-          use: dict | None = None, first: bool = False) -> dict:
-    """One streamed event; text None with `use` is the final usage-only chunk (choices: [])."""
+          use: dict | None = None, first: bool = False, index: int = 0) -> dict:
+    """One streamed event of choice `index`; text None with `use` is the final usage-only chunk (choices: [])."""
     if spec.kind == "chat":
         obj = "chat.completion.chunk"
         delta = {} if text is None and not first else {"content": text or ""}
         if first:
             delta["role"] = "assistant"
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
         obj = "text_completion"
-        choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+        choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]
     out = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
     if use is not None and text is None and finish is None:
         out["choices"] = []
@@ -227,3 +257,36 @@ def chunk(spec: RequestSpec, rid: str, model: str, text: str | None, finish: str
 
 def sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+
+# ---- tokenizer endpoints (vLLM's shapes) -------------------------------------------------------------------------
+def parse_tokenize(body: dict, ctx: ServeContext) -> dict:
+    """POST /tokenize {"prompt": str, "add_special_tokens": bool = true} → {"tokens", "count", "max_model_len"}."""
+    _only(body, {"model", "prompt", "add_special_tokens"})
+    if ctx.tokenizer is None:
+        raise APIError("this model has no tokenizer", param="prompt", code="unsupported_model")
+    prompt = _typed(body, "prompt", (str,), "a string")
+    if prompt is None:
+        raise APIError("'prompt' is required: the text to tokenize", param="prompt", code="missing_field")
+    ids = _tokenize(ctx, prompt, _typed(body, "add_special_tokens", (bool,), "true or false", True))
+    return {"tokens": ids, "count": len(ids), "max_model_len": ctx.context}
+
+
+def parse_detokenize(body: dict, ctx: ServeContext) -> dict:
+    """POST /detokenize {"tokens": [int]} → {"prompt": str}."""
+    _only(body, {"model", "tokens"})
+    if ctx.tokenizer is None:
+        raise APIError("this model has no tokenizer", param="tokens", code="unsupported_model")
+    ids = _typed(body, "tokens", (list,), "a list of token ids")
+    if ids is None or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < ctx.vocab_size
+                              for t in ids):
+        raise APIError(f"'tokens' must be a list of token ids in [0, {ctx.vocab_size})", param="tokens",
+                       code="invalid_value" if ids is not None else "missing_field")
+    return {"prompt": ctx.tokenizer.decode(ids)}
+
+
+def _only(body: dict, fields: set) -> None:
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise APIError(f"unknown field '{unknown[0]}': this endpoint reads {', '.join(sorted(fields))}; leave it out",
+                       param=unknown[0], code="unknown_field")
