@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ef_jax import cli_generate
     ap = Parser(prog="ef-jax", description="Run MoE LLMs with offloaded experts (ExpertFlow).")
     ap.add_argument("--version", action="version", version=f"ef-jax {ef_jax.__version__}")
+    ap.add_argument("--no-compile-cache", action="store_true",
+                    help="compile every program again instead of reusing ~/.cache/ef_jax/jit ($EF_JAX_CACHE_DIR/jit); "
+                         "accepted before or after the command")
     sub = ap.add_subparsers(dest="command", required=True)
     cli_generate.add_parser(sub)
 
@@ -129,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ef_jax import compile_cache
+    argv, no_cache = compile_cache.pop_flag(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    if not no_cache:
+        compile_cache.enable()  # a second run loads its programs instead of compiling them
     try:
         return args.fn(args)
     except KeyboardInterrupt:  # a command without its own handler: no traceback for Ctrl-C

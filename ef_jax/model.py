@@ -99,12 +99,12 @@ def has_tokenizer_files(path: str) -> bool:
 
 
 def load_tokenizer(path: str):
-    """The checkpoint's Hugging Face tokenizer, or None when the directory has no tokenizer files."""
+    """The checkpoint's tokenizer (read from tokenizer.json without transformers where it can be, see
+    ef_jax.tokenizer_fast), or None when the directory has no tokenizer files."""
     if not has_tokenizer_files(path):
         return None
-    _import_transformers_quietly()
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+    from ef_jax import tokenizer_fast
+    return tokenizer_fast.load(path)
 
 
 def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, expert_dtype=None,
