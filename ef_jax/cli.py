@@ -7,6 +7,7 @@ Each subcommand is a thin shell over the Python API. Inputs and output paths are
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from ef_jax.quant.cli import add_load_args, load_kwargs
 
@@ -132,11 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ef_jax import compile_cache
+    from ef_jax import compile_cache, interrupt
     argv, no_cache = compile_cache.pop_flag(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
-    if not no_cache:
-        compile_cache.enable()  # a second run loads its programs instead of compiling them
+    original = interrupt.exit_on_sigint("ef-jax generate: interrupted after 0 tokens") if "generate" in argv else None
+    try:  # generate: Ctrl-C while jax imports or compiles exits 130 at once (ef_jax.interrupt), never a crash
+        args = build_parser().parse_args(argv)
+        if args.command != "generate" and original is not None:
+            signal.signal(signal.SIGINT, original)
+            original = None
+        if not no_cache:
+            compile_cache.enable()  # a second run loads its programs instead of compiling them
+        return _run(args)
+    finally:
+        if original is not None:  # an in-process caller (tests) gets its own handler back
+            signal.signal(signal.SIGINT, original)
+
+
+def _run(args) -> int:
     try:
         return args.fn(args)
     except KeyboardInterrupt:  # a command without its own handler: no traceback for Ctrl-C

@@ -205,7 +205,7 @@ def plan(args) -> Plan:
 
 
 def run(args) -> int:
-    p = plan(args)
+    p = plan(args)  # Ctrl-C from here to the first token exits 130 at once (ef_jax.cli.main's handler)
     spinner = Spinner()
     try:
         return _generate(args, p, spinner)
@@ -215,6 +215,7 @@ def run(args) -> int:
 
 def _generate(args, p: Plan, spinner: Spinner) -> int:
     import ef_jax
+    from ef_jax.interrupt import exit_now
     spinner.start(f"loading {p.pf.path}")
     model = ef_jax.load(p.pf.path, dtype=p.dtype, **load_kwargs(args), **load_mesh(args))
     offload = None
@@ -226,12 +227,14 @@ def _generate(args, p: Plan, spinner: Spinner) -> int:
 
     # Once tokens stream, Ctrl-C only sets a flag that the next token reads: a KeyboardInterrupt raised wherever
     # Python happens to be can land in a callback that swallows it (jax's gc callback does), and decoding would
-    # then run on to the end. Before the first token (loading, compiling) it interrupts at once, as usual.
+    # then run on to the end. Before the first token (loading, compiling) the process exits 130 at once
+    # (ef_jax.interrupt: a KeyboardInterrupt inside a compile could crash the interpreter).
     interrupted = threading.Event()
 
     def on_sigint(signum, frame):
         if not stream.tokens:
-            raise KeyboardInterrupt
+            spinner.stop()
+            exit_now("ef-jax generate: interrupted after 0 tokens")
         interrupted.set()
 
     def on_token(row: int, token: int) -> bool:
