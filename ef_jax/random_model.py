@@ -1,6 +1,7 @@
 """Random-weight models of real shapes (benchmarks), built straight in our param layout — no checkpoint files.
 
 `presets()` gives ModelConfigs shaped like public checkpoints (fewer layers where the host could not hold them).
+`python -m ef_jax.random_model --help` writes such a model as a Hugging Face checkpoint (ef_jax.random_checkpoint).
 """
 from __future__ import annotations
 
@@ -57,3 +58,10 @@ def random_model(cfg: ModelConfig, *, dtype: str = "float32", seed: int = 0) -> 
 def with_layers(cfg: ModelConfig, num_layers: int) -> ModelConfig:
     return dataclasses.replace(cfg, num_layers=num_layers, moe_layers=(True,) * num_layers,
                                sliding_windows=(None,) * num_layers)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from ef_jax.random_checkpoint import main
+    sys.exit(main())
