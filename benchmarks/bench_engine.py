@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import ef_jax  # noqa: E402
 from ef_jax.cache.config import TRANSFER_MODES  # noqa: E402
-from ef_jax.engine.experts import OffloadedExperts  # noqa: E402
+from ef_jax.engine.sources.experts import OffloadedExperts  # noqa: E402
 from hf_timing import hf_decode  # noqa: E402
 from results_io import git_commit, write_results  # noqa: E402
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 import ef_jax
-from ef_jax.engine.experts import drop_resident
+from ef_jax.engine.sources.experts import drop_resident
 from ef_jax.random_model import presets, random_model, with_layers
 from results_io import git_commit, write_results
 

@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ef_jax  # noqa: E402
 from benchmarks.results_io import git_commit, write_results  # noqa: E402
 from ef_jax.quant.codes import QuantSpec, quantized_nbytes  # noqa: E402
-from ef_jax.engine.store import store_for
-from ef_jax.engine.experts import drop_resident
+from ef_jax.engine.transfer.store import store_for
+from ef_jax.engine.sources.experts import drop_resident
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DOMAINS = ("shakespeare", "kjv", "python")

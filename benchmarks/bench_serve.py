@@ -26,7 +26,7 @@ import numpy as np
 
 import ef_jax
 from ef_jax import OffloadConfig
-from ef_jax.serve.cli import build
+from ef_jax.cli.serve import build
 from results_io import git_commit, write_results
 
 PROMPTS = [  # the shipped model's three training domains, mixed: their routes differ

@@ -180,7 +180,7 @@ def release(model) -> None:
     """Drops a model's device-resident experts, if this build has the helper (offloaded rows must not also hold
     every expert on the device)."""
     try:
-        from ef_jax.engine.experts import drop_resident
+        from ef_jax.engine.sources.experts import drop_resident
     except ImportError:
         return
     drop_resident(model)

@@ -131,7 +131,7 @@ def pin_store(model):
     """Seconds to pin every expert in host memory (once per model; the first offloaded run would pay it), or why
     it was not timed apart (then the first burn-in includes it)."""
     try:
-        from ef_jax.engine.store import store_for
+        from ef_jax.engine.transfer.store import store_for
     except ImportError as e:
         return f"not timed apart ({e})"
     t = time.perf_counter()
@@ -287,9 +287,9 @@ def part_deepseek(parts: dict, args) -> None:
 def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
     """Issue 14: step="device" vs the layer mode, lru at 25 / 50 %, batch 1, the model's own routing."""
     import ef_jax
-    from ef_jax.engine import store as layer_store
+    from ef_jax.engine.transfer import store as layer_store
     try:
-        from ef_jax.engine.expert_stacks import drop_stacks
+        from ef_jax.engine.transfer.expert_stacks import drop_stacks
     except ImportError as e:
         part.skip("step='device'", f"not available in this build ({e})")
         return
@@ -320,8 +320,8 @@ def device_step_hlo(model, offload) -> dict:
     compiles it), optimized HLO counted — host-memory (S(5)) operands, dynamic slices, async copies, loops,
     conditionals — with the host-memory lines kept as evidence; the text goes to <out>/device_step_hlo.txt."""
     import jax
-    from ef_jax.engine.decode import teacher_forced
-    from ef_jax.engine.forward import Forward
+    from ef_jax.engine.loop.decode import teacher_forced
+    from ef_jax.engine.forward.forward import Forward
     with Forward(model, offload) as fwd:
         teacher_forced(fwd, np.zeros((1, 2), np.int32))
         text = fwd.source.step_hlo(1)

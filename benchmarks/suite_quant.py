@@ -7,7 +7,7 @@ expert_memory (runs in the deepseek child: the same random model, pinned once, t
   ef_jax.evalpolicy → tokens/s, bytes per expert, slots per layer, hit rate, beside the roofline
   (max(resident step time, misses × quantized expert bytes / pinned H2D peak)) and the float row's figures.
 Also recorded per dtype: what expert_memory="auto" would choose on this device for 1 row × 4096 positions
-(ef_jax.engine.device_memory), so a GPU run shows the auto budget next to the measured peak bytes in use.
+(ef_jax.engine.transfer.device_memory), so a GPU run shows the auto budget next to the measured peak bytes in use.
 
 Axes: L MoE layers, E experts, K top-k.
 """
@@ -41,7 +41,7 @@ def quantized(model, expert_dtype: str):
 
 
 def auto_choice(model, bytes_per_expert: int) -> dict:
-    from ef_jax.engine.device_memory import resolve_auto
+    from ef_jax.engine.transfer.device_memory import resolve_auto
     try:
         return resolve_auto(model, bytes_per_expert, AUTO_KV_SHAPE).as_stats()
     except ValueError as e:  # BudgetTooSmall: the refusal is the figure
@@ -51,7 +51,7 @@ def auto_choice(model, bytes_per_expert: int) -> dict:
 def part_quant(part, model, ids, trace, setup: dict, compute_step_s: float | None) -> None:
     """Rows float / int8 / int4 into part.record, each compared with the float row (`vs_float`)."""
     import ef_jax
-    from ef_jax.engine.store import store_for
+    from ef_jax.engine.transfer.store import store_for
     dry = part.dry_run
     steps = setup["steps"][1]
     budget = int(BUDGET * setup["expert_bytes_total"])
@@ -90,7 +90,7 @@ def part_quant(part, model, ids, trace, setup: dict, compute_step_s: float | Non
             continue
         finally:
             if m is not None and m is not model:
-                del m  # its pinned store goes with it (ef_jax.engine.store keeps stores by weak reference)
+                del m  # its pinned store goes with it (ef_jax.engine.transfer.store keeps stores by weak reference)
                 gc.collect()
         add_roofline(row, compute_step_s, per, setup["h2d_peak"])
         part.record["rows"].append(row)

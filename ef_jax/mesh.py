@@ -1,7 +1,7 @@
 """Several devices: a Model placed on a 1-D mesh whose `expert` axis splits every MoE layer's routed experts.
 
 ef_jax.load(path, mesh=expert_mesh(4)) | on_mesh(model, mesh) → Model(mesh=...): non-expert weights replicated on
-every device of the mesh; routed experts stay on the host, and the Forward's mesh sources (ef_jax.engine.mesh_experts)
+every device of the mesh; routed experts stay on the host, and the Forward's mesh sources (ef_jax.engine.sources.mesh_experts)
 give each device its share (ef_jax.cache.partition: E/n each, contiguous, uneven splits allowed) — all resident, or
 its own slot pool, cache and pinned-host store when offloaded.
 

@@ -24,6 +24,7 @@ from ef_jax.config import ModelConfig
 from ef_jax.generation_config import GenerationDefaults, read_generation_config
 from ef_jax.quant.pool import QuantExpertPool, expert_nbytes, quantize_experts
 from ef_jax.quant.codes import QuantSpec, spec_for
+from ef_jax.tokenizer_fast import import_transformers_quietly as _import_transformers_quietly  # noqa: F401
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 
@@ -73,24 +74,6 @@ class Model:
 def default_dtype() -> str:
     """bfloat16 on accelerators (halves transfer bytes), float32 on CPU (exact parity, and fast there)."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def _import_transformers_quietly():
-    # ef_jax uses transformers only for tokenizers, which need no torch; transformers' import-time advice
-    # "PyTorch was not found. Models won't be available ..." reads like a broken install, so mute it (only it:
-    # the switch is restored once transformers is imported).
-    if "transformers" in sys.modules:
-        return
-    key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
-    old = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        import transformers  # noqa: F401
-    finally:
-        if old is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = old
 
 
 def has_tokenizer_files(path: str) -> bool:

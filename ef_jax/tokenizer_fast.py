@@ -12,10 +12,29 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 # tokenizer_config.json keys that make transformers change what tokenizer.json says (a BOS/EOS added by the
 # tokenizer class, code of the repo's own): such checkpoints go through transformers, which applies them.
 _NEEDS_TRANSFORMERS = ("add_bos_token", "add_eos_token", "auto_map", "legacy", "add_prefix_space")
+
+
+def import_transformers_quietly():
+    # ef_jax uses transformers only for tokenizers, which need no torch; transformers' import-time advice
+    # "PyTorch was not found. Models won't be available ..." reads like a broken install, so mute it (only it:
+    # the switch is restored once transformers is imported).
+    if "transformers" in sys.modules:
+        return
+    key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        import transformers  # noqa: F401
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
 
 
 def _config(path: str) -> dict:
@@ -94,8 +113,7 @@ class FastTokenizer:
         if name.startswith("__") or name in ("_slow", "_tok", "path"):
             raise AttributeError(name)
         if self._slow is None:
-            from ef_jax.model import _import_transformers_quietly
-            _import_transformers_quietly()
+            import_transformers_quietly()
             from transformers import AutoTokenizer
             self._slow = AutoTokenizer.from_pretrained(self.path)
         return getattr(self._slow, name)
@@ -105,7 +123,6 @@ def load(path: str):
     """The fast tokenizer when tokenizer.json says everything, else transformers' AutoTokenizer."""
     if can_read_fast(path):
         return FastTokenizer(path)
-    from ef_jax.model import _import_transformers_quietly
-    _import_transformers_quietly()
+    import_transformers_quietly()
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)

@@ -16,10 +16,10 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "ef_jax")
 
 # Lower layers never import higher ones. A package's own modules may import each other (acyclically).
 LAYERS = [
-    {"config", "trace", "generation_config", "lazy"},
+    {"config", "trace", "generation_config", "lazy", "hub", "tokenizer_fast", "compile_cache", "interrupt"},
     {"policies", "checkpoint", "models", "quant"},
     {"cache", "sched", "model", "mesh"},
-    {"sim", "random_model", "predict"},
+    {"sim", "random_model", "random_checkpoint", "predict"},
     {"engine"},
     {"hybrid", "evalpolicy", "serve"},
     {"train"},
@@ -54,10 +54,8 @@ def _imports(path: str, modules) -> set[str]:
 
 
 def _unit(module: str) -> str:
-    """The layer unit of a module: its package under ef_jax; every `*/cli.py` belongs to the command line."""
+    """The layer unit of a module: its package under ef_jax (every command lives in ef_jax.cli)."""
     parts = module.split(".")
-    if parts[-1] == "__main__" or parts[-1] == "cli" or parts[-1].startswith("cli_"):
-        return "cli"
     return parts[1] if len(parts) > 1 else "ef_jax"
 
 
@@ -98,6 +96,26 @@ def test_no_upward_imports():
     assert not bad, "\n".join(bad)
 
 
+# Inside the engine, the same rule between its sub-packages: what moves bytes and counts them, the compiled
+# programs, the expert sources, the one forward, the decode loop and its APIs.
+ENGINE_LAYERS = [{"telemetry"}, {"transfer"}, {"programs"}, {"sources"}, {"forward"}, {"loop"}]
+ENGINE_RANK = {name: r for r, names in enumerate(ENGINE_LAYERS) for name in names}
+
+
+def test_engine_sub_packages_import_downward_only():
+    graph = _graph()
+    engine = {m: deps for m, deps in graph.items() if m.startswith("ef_jax.engine.")}
+    assert {m.split(".")[2] for m in engine} == set(ENGINE_RANK), "a new engine sub-package needs a rank here"
+    bad = []
+    for m, deps in engine.items():
+        for d in deps:
+            if d.startswith("ef_jax.engine."):
+                a, b = m.split(".")[2], d.split(".")[2]
+                if a != b and ENGINE_RANK[b] > ENGINE_RANK[a]:
+                    bad.append(f"{m} ({a}) imports {d} ({b})")
+    assert not bad, "\n".join(bad)
+
+
 def test_every_package_has_a_layer():
     assert {_unit(m) for m in _graph()} - {"ef_jax"} <= set(RANK)
 
@@ -120,7 +138,7 @@ def model(tiny_checkpoint):
 
 def test_offloaded_run_does_not_change_the_model(model):
     """Bug 3: building the offloaded forward dropped the model's resident experts (model.release_resident())."""
-    from ef_jax.engine.experts import resident_pools
+    from ef_jax.engine.sources.experts import resident_pools
     pools = resident_pools(model)
     before = {f.name: id(getattr(model, f.name)) for f in dataclasses.fields(model)}
     ef_jax.generate(model, [[3, 5, 7]], max_new_tokens=2, offload=OffloadConfig(slots_per_layer=model.config.top_k))
@@ -151,7 +169,7 @@ def test_sync_points_are_named_and_counted(model):
 def test_dense_layers_join_the_next_routing_program():
     """Per MoE layer two programs: the last ≤ layers_per_group dense layers before it run inside its attention +
     route program; longer dense runs and trailing dense layers run in groups of ≤ layers_per_group."""
-    from ef_jax.engine.forward import split_segments
+    from ef_jax.engine.forward.forward import split_segments
     assert split_segments([0, 0, 0, 0, 0, 1, 0, 1, 0, 0], 2) == [
         ("dense", (0, 1)), ("dense", (2,)), ("moe", (3, 4, 5)), ("moe", (6, 7)), ("dense", (8, 9))]
     assert split_segments([1, 1], 4) == [("moe", (0,)), ("moe", (1,))]

@@ -1,5 +1,5 @@
 """expert_memory="auto": the expert budget from the device's free memory — the arithmetic only (no jax; the
-device query is ef_jax.engine.device_memory, the CLI's is ef_jax.cli_model).
+device query is ef_jax.engine.transfer.device_memory, the CLI's is ef_jax.cli.model).
 
 memory_stats → free = bytes_limit − bytes_in_use
    → − pending (non-expert weights not yet on the device, the KV cache for batch × context)

@@ -54,11 +54,11 @@ class OffloadConfig:
       transfers: "program" (default: copies travel inside the next MoE layer's compiled program and overlap its
         compute; the host never waits for them, so wall-clock stall_s reads 0 and the wait is inside the
         programs), "inline" (device_put + a slot-write program per copy, from the thread that dispatches
-        compute) or "thread" (a background copy thread; see ef_jax.engine.copier.ThreadCopier for the H100
+        compute) or "thread" (a background copy thread; see ef_jax.engine.transfer.copier.ThreadCopier for the H100
         measurement behind it). Either clock.
       step: "layer" (default: the host routes each MoE layer, one sync per layer) or "device" (the whole token
         step, every layer, in one jitted program with the expert cache on the device; see
-        ef_jax.engine.device_step: LRU eviction on the device, policies send prefetch hints one token behind;
+        ef_jax.engine.programs.device_step: LRU eviction on the device, policies send prefetch hints one token behind;
         `transfers`, `timing`, `record_timeline` and cache-aware routing belong to the layer mode).
     """
     expert_memory: int | str | None = None
@@ -121,7 +121,7 @@ class OffloadConfig:
             slots = self.slots_per_layer
         elif self.auto:
             raise ValueError("expert_memory='auto' has no size until the engine reads the device's free memory "
-                             "(ef_jax.engine.device_memory.resolve_auto); resolve_slots needs bytes or slots")
+                             "(ef_jax.engine.transfer.device_memory.resolve_auto); resolve_slots needs bytes or slots")
         else:
             slots = parse_bytes(self.expert_memory) // (bytes_per_expert * num_moe_layers)
         if slots < top_k:

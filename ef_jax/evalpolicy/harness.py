@@ -20,9 +20,9 @@ import time
 import jax
 import numpy as np
 
-from ef_jax.engine.batch import text_to_ids  # noqa: F401  (re-exported by ef_jax.evalpolicy)
-from ef_jax.engine.decode import teacher_forced
-from ef_jax.engine.forward import Forward
+from ef_jax.engine.loop.batch import text_to_ids  # noqa: F401  (re-exported by ef_jax.evalpolicy)
+from ef_jax.engine.loop.decode import teacher_forced
+from ef_jax.engine.forward.forward import Forward
 from ef_jax.model import Model
 
 
@@ -68,7 +68,7 @@ def split_sequences(ids: list[int], seq_len: int, batch_size: int, max_tokens: i
 def evaluate_policy(model: Model, token_ids: list[int], offload=None, *, batch_size: int = 1, seq_len: int = 256,
                     max_tokens: int | None = None, route_override=None) -> PolicyEval:
     """Teacher-forced decoding of `token_ids` (one stream, split into rows) through `offload` (None: resident).
-    route_override (benchmarks only): see ef_jax.engine.experts.OffloadedExperts."""
+    route_override (benchmarks only): see ef_jax.engine.sources.experts.OffloadedExperts."""
     groups = split_sequences(token_ids, seq_len, batch_size, max_tokens)
     if route_override is not None and offload is None:
         raise ValueError("route_override needs an offloaded run (offload=OffloadConfig(...))")

@@ -50,8 +50,8 @@ def record(model: Model, token_ids: list[int], *, seq_len: int = 256, max_tokens
     where the engine shows hidden states (ef_jax.policies.base: "moe" or "attention")."""
     if point not in ("moe", "attention"):
         raise ValueError(f"point={point!r} must be 'moe' (layer outputs) or 'attention' (MoE inputs)")
-    from ef_jax.engine.decode import record as record_chunks
-    from ef_jax.engine.forward import Forward
+    from ef_jax.engine.loop.decode import record as record_chunks
+    from ef_jax.engine.forward.forward import Forward
     cfg = model.config
     if not cfg.moe_layer_ids:
         raise ValueError("this model has no MoE layers: there is nothing to record")

@@ -42,7 +42,7 @@ class PregateScorer:
         return {t: (x * self.norms[t]) @ self.routers[t] for t in targets}
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.float32]:
-        """(norms f32[L, D], routers f32[L, D, E], eps): what ef_jax.engine.programs.pregate_scores applies on the
+        """(norms f32[L, D], routers f32[L, D, E], eps): what ef_jax.engine.programs.layer.pregate_scores applies on the
         device to compute every layer's scores at once."""
         return np.stack(self.norms), np.stack(self.routers), np.float32(self.eps)
 

@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any
 
-from ef_jax.engine.sampling import SamplingParams
+from ef_jax.engine.loop.sampling import SamplingParams
 from ef_jax.serve.text import GenerationDefaults, render_chat
 
 MAX_STOPS = 4

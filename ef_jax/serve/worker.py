@@ -24,8 +24,8 @@ from typing import Callable
 
 import numpy as np
 
-from ef_jax.engine.continuous import RowPool, expert_sets, resident_experts
-from ef_jax.engine.forward import Forward
+from ef_jax.engine.loop.continuous import RowPool, expert_sets, resident_experts
+from ef_jax.engine.forward.forward import Forward
 from ef_jax.sched.route_scheduler import TokenScheduler
 from ef_jax.serve.protocol import APIError, RequestSpec, usage
 from ef_jax.serve.text import TextStream

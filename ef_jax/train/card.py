@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ef_jax.engine.api import logits as ef_jax_logits
-from ef_jax.engine.experts import resident_pools
+from ef_jax.engine.loop.api import logits as ef_jax_logits
+from ef_jax.engine.sources.experts import resident_pools
 from ef_jax.models.layers import rms_norm
 from ef_jax.train.corpus import DOMAINS, LICENSES
 from ef_jax.train.data import eval_windows
@@ -99,7 +99,7 @@ def routing_stats(model, sequences: list[np.ndarray]) -> list[dict]:
 
 def write_traces(model, streams: dict, traces_dir: str, tokens_per_domain: int) -> dict[str, str]:
     """benchmarks/data/default_model_<domain>.npz: routing of the first held-out tokens, TRACE_SEQ per sequence."""
-    from ef_jax.engine.api import save_routing_trace
+    from ef_jax.engine.loop.api import save_routing_trace
     os.makedirs(traces_dir, exist_ok=True)
     paths = {}
     for dom in DOMAINS:

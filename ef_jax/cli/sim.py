@@ -1,0 +1,96 @@
+"""`ef-jax sim`: replay a routing trace through a cache policy and print hit rate, bytes and stall.
+
+[TRACE.npz] → load_trace → first --tokens tokens → replay(policy, slots, batch, timing[, --expert-bytes])
+    → summary | JSON
+
+A trace holds routing only, not the model's expert size: bytes and stall follow the timing preset's expert
+(17.3 MB, DeepSeek-V2-Lite bf16, for h100) unless --expert-bytes gives the traced model's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from ef_jax.cli.guards import UsageError, input_npz, positive
+from ef_jax.policies.registry import policy_names
+from ef_jax.sim.replay import TIMING_PRESETS, replay
+from ef_jax.trace import load_trace
+
+
+def sim_policies() -> list[str]:
+    """Policies a trace replay can drive: those that need no model (router weights, hidden states, predictor)."""
+    return [n for n in policy_names("simulator") if n != "predictive"]  # predictive needs a predictor or scores
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `sim` on an argparse subparsers object; its defaults `func` and `fn` are `run`."""
+    p = subparsers.add_parser("sim", help="replay a routing trace through an expert cache policy",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("trace", help="routing trace .npz (experts u8[N, L, K], offsets, prompt_id, tokens)")
+    p.add_argument("--slots-per-layer", type=int, required=True, help="expert slots per MoE layer")
+    p.add_argument("--policy", default="lru", choices=sim_policies(),
+                   help="eviction policy (model-bound policies run in generate / eval-policy)")
+    p.add_argument("--tokens", type=int, default=None, help="replay only the first N tokens (default: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="tokens per step; a layer needs their union")
+    p.add_argument("--timing", default="h100", choices=sorted(TIMING_PRESETS) + ["none"],
+                   help="copy/compute timing preset ('none': hit counts only)")
+    p.add_argument("--expert-bytes", type=int, default=None, metavar="N",
+                   help="bytes of one of the traced model's experts (default: the timing preset's, 17.3 MB)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    p.set_defaults(func=run, fn=run)  # ef_jax.cli.commands dispatches on `fn`
+    return p
+
+
+def _timing(args):
+    if args.timing == "none":
+        if args.expert_bytes is not None:
+            raise UsageError("--expert-bytes sizes the copies of a timing preset: drop it or give --timing h100")
+        return None
+    preset = TIMING_PRESETS[args.timing]
+    if args.expert_bytes is None:
+        return preset
+    return dataclasses.replace(preset, expert_bytes=args.expert_bytes)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `ef-jax sim`; returns the process exit code (2 on bad input, one line on stderr)."""
+    try:
+        positive("--slots-per-layer", args.slots_per_layer)
+        positive("--tokens", args.tokens)
+        positive("--batch-size", args.batch_size)
+        positive("--expert-bytes", args.expert_bytes)
+        input_npz("TRACE", args.trace, "`ef-jax trace`")
+        timing = _timing(args)
+        trace = load_trace(args.trace)
+        experts = trace.experts if args.tokens is None else trace.experts[:args.tokens]
+        stats = replay(experts, slots_per_layer=args.slots_per_layer, policy=args.policy, timing=timing,
+                       batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ef-jax sim: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        extra = {} if timing is None else {"expert_bytes": timing.expert_bytes,
+                                           "expert_bytes_from": "--expert-bytes" if args.expert_bytes else "preset"}
+        print(json.dumps({"trace": args.trace, "timing": args.timing, **extra, **stats.to_dict()}))
+    else:
+        print(summary(stats, args.timing, timing.expert_bytes if timing else None, args.expert_bytes is None))
+    return 0
+
+
+def summary(s, timing_name: str, expert_bytes: int | None = None, preset_bytes: bool = True) -> str:
+    lines = [
+        f"policy {s.policy}, {s.slots_per_layer} slots/layer, batch {s.batch_size}: {s.tokens} tokens in "
+        f"{s.steps} steps",
+        f"hit rate {s.hit_rate:.4f} ({s.hits} hits, {s.misses} misses, {s.late} late)",
+        f"loads {s.loads} ({s.demand_loads} demand, {s.prefetch_issued} prefetch: {s.prefetch_used} used, "
+        f"{s.prefetch_wasted} wasted)",
+    ]
+    if s.stall_s is not None:
+        size = f"{expert_bytes / 1e6:.3g} MB experts" + (f" (the {timing_name} preset's; --expert-bytes for the "
+                                                        f"traced model's)" if preset_bytes else "")
+        lines.append(f"timing {timing_name}, {size}: {s.bytes_per_token / 1e6:.1f} MB/token host→device, stall "
+                     f"{s.stall_per_token_s * 1e3:.3f} ms/token ({s.stall_s * 1e3:.1f} ms total), "
+                     f"{s.total_s:.3f} s total ({s.tokens / s.total_s:.1f} tokens/s)")
+    return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""Forward: one step of every layer over an expert source — the only forward pass in ef_jax.
+
+tokens → embed → per segment:
+   fused (resident source, nothing to see between routing and experts): a group of up to layers_per_group layers
+       in one program (models.run_group), experts read from the source's pools
+   split: each MoE layer = attend_route program (the dense layers before it, its attention, its router) →
+       [tap "attention"] → source.experts (the offloaded source syncs routing to the host here, the named point
+       "route") → [tap "moe"]; dense layers after the last MoE layer in groups (run_group). A source that
+       chains_attention runs the next MoE layer's attend_route at the end of this layer's expert program
+       (experts_then_attend): one dispatch per MoE layer, not two
+   device step (OffloadConfig(step="device"), untapped): every layer and the expert cache in one program
+       (ef_jax.engine.programs.device_step)
+→ hidden [B, T, D]   (the decode loop, ef_jax.engine.loop.decode, applies the head)
+
+`Forward(model, offload=None)` builds the resident source, `Forward(model, OffloadConfig(...))` the offloaded one:
+resident decoding is the offloaded loop with every expert in its slot. A model on a mesh (ef_jax.mesh) gets the mesh
+sources (ef_jax.engine.sources.mesh_experts): the same segments, each device computing the experts it owns. Axes: B rows, T new tokens, D model.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from ef_jax.cache.config import OffloadConfig
+from ef_jax.engine.sources.device_experts import DeviceStepExperts
+from ef_jax.engine.sources.experts import OffloadedExperts, ResidentExperts
+from ef_jax.engine.sources.mesh_experts import MeshOffloadedExperts, MeshResidentExperts
+from ef_jax.engine.programs.layer import Attend, Then, attend_route
+from ef_jax.engine.telemetry.counters import HostCounters
+from ef_jax.model import Model
+from ef_jax.models.transformer import KVCache, embed, layer_kinds, run_group
+
+DEFAULT_LAYERS_PER_GROUP = 4
+
+
+def layer_groups(num_layers: int, layers_per_group: int) -> list[tuple[int, ...]]:
+    if not isinstance(layers_per_group, int) or layers_per_group < 1:
+        raise ValueError(f"layers_per_group={layers_per_group!r} must be a positive int")
+    return [tuple(range(i, min(i + layers_per_group, num_layers))) for i in range(0, num_layers, layers_per_group)]
+
+
+def split_segments(moe_layers, layers_per_group: int) -> list[tuple[str, tuple[int, ...]]]:
+    """("moe", (dense layers…, i)) for each MoE layer i, the last ≤ layers_per_group dense layers before it joined to
+    its routing program (no dispatch of their own); ("dense", layers) groups of ≤ layers_per_group for the rest."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    pending: list[int] = []
+
+    def flush(keep: int):
+        nonlocal pending
+        while len(pending) > keep:
+            n = min(layers_per_group, len(pending) - keep)
+            out.append(("dense", tuple(pending[:n])))
+            pending = pending[n:]
+
+    for i, moe in enumerate(moe_layers):
+        if moe:
+            flush(layers_per_group)
+            out.append(("moe", tuple(pending) + (i,)))
+            pending = []
+        else:
+            pending.append(i)
+    flush(0)
+    return out
+
+
+class Forward:
+    """fwd(tokens, positions, write_idx, valid, cache, tap=None) → (hidden [B, T, D], cache, routings per layer).
+
+    Args:
+      offload: None (every expert resident) or an OffloadConfig (experts streamed into slots).
+      layers_per_group: layers per jitted group (default: the OffloadConfig's, else DEFAULT_LAYERS_PER_GROUP).
+      kv_shape: (rows, cache positions per row), the largest KV cache the caller will decode with; needed by
+        OffloadConfig(expert_memory="auto"), which leaves room for it.
+    tap(j, point, h): called with MoE layer j's hidden state h [B, T, D] at "attention" (its MoE input) and "moe"
+      (its output); a tapped step runs the split segments, so the fused resident path sees nothing between layers.
+    """
+
+    def __init__(self, model: Model, offload: OffloadConfig | None = None, *, layers_per_group: int | None = None,
+                 kv_shape: tuple[int, int] | None = None):
+        cfg = model.config
+        if layers_per_group is None:
+            layers_per_group = offload.layers_per_group if offload is not None else DEFAULT_LAYERS_PER_GROUP
+        self.model, self.cfg, self.layers_per_group = model, cfg, layers_per_group
+        self.kinds = layer_kinds(cfg)
+        self.counters = HostCounters()
+        device_step = isinstance(offload, OffloadConfig) and offload.step == "device"
+        if model.mesh is not None:  # several devices: each holds its share of the experts (ef_jax.mesh)
+            self.source = (MeshResidentExperts(model, self.counters) if offload is None
+                           else MeshOffloadedExperts(model, offload, self.counters, kv_shape))
+        else:
+            self.source = (ResidentExperts(model, self.counters) if offload is None
+                           else DeviceStepExperts(model, offload, self.counters, kv_shape) if device_step
+                           else OffloadedExperts(model, offload, self.counters, kv_shape))
+        self.groups = layer_groups(cfg.num_layers, layers_per_group)
+        self.segments = split_segments(cfg.moe_layers, layers_per_group)
+        self.moe_index = {i: j for j, i in enumerate(cfg.moe_layer_ids)}
+        self._then_fixed = [self._then_static(s) for s in range(len(self.segments))]
+
+    @property
+    def offloaded(self) -> bool:
+        return isinstance(self.source, (OffloadedExperts, MeshOffloadedExperts))
+
+    def __call__(self, tokens, positions, write_idx, valid, cache: KVCache, tap=None):
+        """tokens, positions i32[B, T]; write_idx: first cache slot to write; valid bool[B, S] (host numpy, new
+        tokens included). Returns (hidden [B, T, D], cache, routings: per layer Routing or None)."""
+        cfg, params = self.cfg, self.model.params
+        tokens = np.asarray(tokens, np.int32)
+        B, T = tokens.shape
+        real = np.asarray(valid)[:, write_idx:write_idx + T].reshape(-1)  # bool[N]: not padding
+        # one transfer for the step's small inputs (each separate host→device put costs ~40-150 µs on a CPU)
+        toks, pos, widx, vld = jax.device_put((tokens, np.asarray(positions, np.int32), np.int32(write_idx),
+                                               np.asarray(valid)))
+        x = embed(cfg, params["embed"], toks)
+        caches, routings = list(cache.layers), [None] * cfg.num_layers
+        self.counters.steps += 1
+        self.counters.dispatches += 1
+        self.source.begin_step(tokens[:, -1], real)
+        if self.source.whole_step and tap is None:  # step="device": every layer in one program
+            x, new, routings = self.source.step(self.kinds, params, x, caches, pos, widx, vld)
+            caches, routings = list(new), list(routings)
+        elif self.source.fused and tap is None:
+            for g in self.groups:
+                x = self._group(g, x, caches, routings, pos, widx, vld, self.source.pools, self.source.slot_maps)
+        else:
+            chains = self.source.chains_attention
+            attended = None  # the next MoE layer's (h, normed, routing, scores), when the last expert program ran it
+            for s, (kind, layers) in enumerate(self.segments):
+                if kind == "dense":
+                    x = self._group(layers, x, caches, routings, pos, widx, vld, None, None)
+                    continue
+                *dense, i = layers
+                j = self.moe_index[i]
+                p = params["layers"][i]
+                if attended is None:
+                    h, normed, routing, scores = self._attend(layers, x, caches, pos, widx, vld)
+                else:
+                    h, normed, routing, scores = attended
+                if not self.source.fused:  # start moving the routing to the host now; the sync point reads it
+                    routing.experts.copy_to_host_async()
+                    if scores is not None:
+                        scores.copy_to_host_async()
+                if tap is not None:
+                    tap(j, "attention", h)
+                then = self._then(s, caches, pos, widx, vld) if chains else None
+                if then is None:
+                    x, routings[i] = self.source.experts(i, j, p, h, normed, routing, real, scores)
+                    attended = None
+                else:  # this layer's last expert program runs the next MoE layer's attention and router too
+                    x, routings[i], (nh, nn, nr, new, c, ns) = self.source.experts_then_attend(
+                        i, j, p, h, normed, routing, real, then, scores)
+                    *nd, ni = self.segments[s + 1][1]
+                    for d, cd in zip(nd, new):
+                        caches[d] = cd
+                    caches[ni], attended = c, (nh, nn, nr, ns)
+                if tap is not None:
+                    tap(j, "moe", x)
+        self.source.end_step()
+        return x, KVCache(layers=tuple(caches), valid=vld), routings
+
+    def _attend(self, layers, x, caches, pos, widx, vld):
+        """Dispatches MoE layer layers[-1]'s attend_route (the dense layers before it included): (h, normed,
+        routing, the source's pre-gate scores or None); the KV caches are replaced by the program's."""
+        *dense, i = layers
+        params = self.model.params["layers"]
+        h, normed, routing, new, caches[i], scores = attend_route(
+            self.cfg, tuple(self.kinds[d] for d in dense), self.kinds[i], tuple(params[d] for d in dense),
+            params[i], x, tuple(caches[d] for d in dense), caches[i], pos, widx, vld, self.source.scorer)
+        for d, c in zip(dense, new):
+            caches[d] = c
+        self.counters.dispatches += 1
+        return h, normed, routing, scores
+
+    def _then(self, s: int, caches, pos, widx, vld):
+        """When segment s + 1 is a MoE layer: its attend_route's arguments as a program.Then (for the expert
+        program of segment s to run at its end), else None."""
+        fixed = self._then_fixed[s]
+        if fixed is None:
+            return None
+        dense_kinds, kind, dense, i, dense_params, p = fixed
+        return Then(dense_kinds=dense_kinds, kind=kind,
+                    attend=Attend(dense_params, p, pos, widx, vld, self.source.scorer),
+                    dense_caches=tuple(caches[d] for d in dense), cache=caches[i])
+
+    def _then_static(self, s: int):
+        """What _then(s) hands over that no step changes (built once: it runs on every MoE layer of every step)."""
+        if s + 1 >= len(self.segments) or self.segments[s + 1][0] != "moe":
+            return None
+        *dense, i = self.segments[s + 1][1]
+        params = self.model.params["layers"]
+        return (tuple(self.kinds[d] for d in dense), self.kinds[i], tuple(dense), i,
+                tuple(params[d] for d in dense), params[i])
+
+    def _group(self, g, x, caches, routings, pos, widx, vld, pools, slot_maps):
+        params = self.model.params["layers"]
+        pick = (lambda seq: tuple(seq[i] for i in g)) if pools is not None else (lambda seq: (None,) * len(g))
+        x, new, r = run_group(self.cfg, tuple(self.kinds[i] for i in g), tuple(params[i] for i in g),
+                              pick(pools), pick(slot_maps), x, tuple(caches[i] for i in g), pos, widx, vld)
+        self.counters.dispatches += 1
+        for i, c, ri in zip(g, new, r):
+            caches[i], routings[i] = c, ri
+        return x
+
+    def stats(self) -> dict:
+        out = self.source.stats()
+        out.update(self.counters.stats())
+        out["layers_per_group"] = self.layers_per_group
+        return out
+
+    def close(self) -> None:
+        """Stops the copy thread, if any. The Forward is unusable afterwards."""
+        self.source.close()
+
+    def __enter__(self) -> "Forward":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,188 @@
+"""The expert cache as device state: residency, LRU clocks and counters, updated inside the jitted step.
+
+per MoE layer j, inside the step program:
+  [hints i32[H]] → apply_hints: hinted experts not resident → LRU victims among slots not holding a hinted expert
+                   → copy rows of the pinned-host stack (lax.dynamic_slice) into the slot pool
+  [routing] → needed bool[E] (union over the real tokens) → demand: hits / misses → LRU victims among slots not
+              holding a needed expert → copy the misses → touch the needed experts (ascending id) → pinned
+
+The decisions are those of ef_jax.cache.ExpertCache with the LRU policy, made with array ops: a layer's misses are
+the needed experts not resident; the victims are the n oldest evictable slots (free slots first), which is the set
+that ExpertCache picks one miss at a time; every needed expert is touched in ascending id order (ExpertCache's
+on_access order), a prefetched expert when it loads. So on the same routing the hits and misses equal the host
+cache's and the simulator's (tests/test_device_step.py).
+
+Copies: a static bound M on the misses of one pass (min(S, N·K, E)) sizes the victim and miss arrays; the copies
+themselves run in a `fori_loop` over the real count n ≤ M, so a hit copies nothing. On CPU the loop is free; on a
+GPU a loop with a device-valued trip count waits once per layer for that count (see the README's limits).
+
+Axes: L MoE layers, E experts per layer, S slots per layer, H hints per layer, M max misses of one pass,
+N tokens of the step, K top-k, W elements of one flat expert.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ef_jax.engine.transfer.store import put_expert
+
+_NEVER = np.iinfo(np.int32).max  # LRU score of a slot that must not be evicted
+
+
+@struct.dataclass
+class DeviceCache:
+    """Residency and counters of every MoE layer's slots; threaded through the step program and donated."""
+    slot_of_expert: jax.Array  # i32[L, E]: slot holding each expert, -1 = not resident
+    expert_of_slot: jax.Array  # i32[L, S]: expert in each slot, -1 = free
+    last_use: jax.Array        # i32[L, S]: LRU clock of the slot's last touch (-1 = free)
+    clock: jax.Array           # i32[L]: the next clock value of each layer (touches so far)
+    pinned: jax.Array          # bool[L, S]: slots the step in flight holds at that layer (never evicted there)
+    fresh: jax.Array           # bool[L, S]: loaded by a hint and not needed since (a prefetch not yet used)
+    hits: jax.Array            # i32[L]: needed experts found resident (cumulative)
+    misses: jax.Array          # i32[L]: needed experts copied on demand
+    prefetches: jax.Array      # i32[L]: experts copied because of a hint
+    prefetch_used: jax.Array   # i32[L]: hinted experts needed before they were evicted
+    passes: jax.Array          # i32[L]: extra passes (a batch's union of needed experts larger than S)
+
+    def counters(self) -> jax.Array:
+        """i32[5, L]: COUNTERS in order — what the host reads once per step."""
+        return jnp.stack([self.hits, self.misses, self.prefetches, self.prefetch_used, self.passes])
+
+
+COUNTERS = ("hits", "misses", "prefetches", "prefetch_used", "passes")
+
+
+def init_cache(num_layers: int, num_experts: int, slots: int, sharding) -> DeviceCache:
+    """Every slot free, counters zero, on the device."""
+    L, E, S = num_layers, num_experts, slots
+    put = lambda a: jax.device_put(a, sharding)
+    zeros = lambda: put(np.zeros(L, np.int32))
+    return DeviceCache(slot_of_expert=put(np.full((L, E), -1, np.int32)),
+                       expert_of_slot=put(np.full((L, S), -1, np.int32)),
+                       last_use=put(np.full((L, S), -1, np.int32)), clock=zeros(),
+                       pinned=put(np.zeros((L, S), bool)), fresh=put(np.zeros((L, S), bool)), hits=zeros(),
+                       misses=zeros(), prefetches=zeros(), prefetch_used=zeros(), passes=zeros())
+
+
+def begin_step(state: DeviceCache, flush: bool) -> DeviceCache:
+    """Start of a step: nothing pinned; flush=True (the nocache baseline) also empties every slot."""
+    state = state.replace(pinned=jnp.zeros_like(state.pinned))
+    if flush:
+        state = state.replace(slot_of_expert=jnp.full_like(state.slot_of_expert, -1),
+                              expert_of_slot=jnp.full_like(state.expert_of_slot, -1),
+                              last_use=jnp.full_like(state.last_use, -1), fresh=jnp.zeros_like(state.fresh))
+    return state
+
+
+def copy_rows(pool, stack: jax.Array, j: int, experts: jax.Array, slots: jax.Array, n: jax.Array):
+    """Copies rows experts[:n] of layer j's pinned-host stack [E, W] into slots[:n] of layer j in the pool.
+    `lax.dynamic_slice` of the host array at a device-computed row, then a move to device memory: XLA makes it a
+    host→device copy of one row (a take/gather on host memory would run as host compute)."""
+    W = stack.shape[1]
+
+    def body(i, pool):
+        row = jax.lax.dynamic_slice(stack, (experts[i], 0), (1, W))[0]
+        return put_expert(pool, jax.device_put(row, jax.memory.Space.Device), jnp.int32(j), slots[i])
+
+    return jax.lax.fori_loop(0, n, body, pool)
+
+
+def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.Array, touch: jax.Array,
+                  max_loads: int):
+    """Makes the experts `want` bool[E] of layer j resident (at most S of them). Victims: the oldest slots (free
+    first) whose expert is not wanted and not pinned. touch bool[E]: experts whose LRU clock is set, ascending id
+    order, after the loads. Returns (state, pool, hit bool[E] (wanted and already resident), n loaded, the slots
+    loaded bool[S]).
+    Written with compares and reductions over [M, E] / [M, S] rather than scatters (they fuse into a few kernels);
+    the victim choice runs under a `cond` on "anything missing", so an all-hit layer only counts and touches. On a
+    GPU that cond, like the copy loop's trip count, is a device-valued predicate (see the module docstring)."""
+    soe, eos, last = state.slot_of_expert[j], state.expert_of_slot[j], state.last_use[j]
+    E, S = soe.shape[0], eos.shape[0]
+    hit = want & (soe >= 0)
+    miss = want & (soe < 0)
+    n = miss.sum(dtype=jnp.int32)
+    keep = state.pinned[j] | ((eos >= 0) & want[jnp.maximum(eos, 0)])   # bool[S]: never a victim here
+
+    def place(_):  # victims and table updates; only when something misses (an all-hit layer skips them)
+        score = jnp.where(keep, _NEVER, jnp.where(eos < 0, -1, last))
+        _, victims = jax.lax.top_k(-score, max_loads)                   # i32[M]: oldest first
+        ids = jnp.arange(E, dtype=jnp.int32)
+        _, experts = jax.lax.top_k(jnp.where(miss, E - ids, 0), max_loads)  # i32[M]: the misses, ascending id
+        ok = (jnp.arange(max_loads) < n)[:, None]                        # bool[M, 1]
+        to_slot = ok & (victims[:, None] == jnp.arange(S))               # bool[M, S]: load i goes to slot s
+        is_new = ok & (experts[:, None] == ids)                          # bool[M, E]: load i brings expert e
+        gone = ok & (eos[victims][:, None] == ids)                       # bool[M, E]: load i evicts expert e
+        new_eos = jnp.where(to_slot.any(0), (to_slot * experts[:, None]).sum(0), eos)
+        new_soe = jnp.where(is_new.any(0), (is_new * victims[:, None]).sum(0), jnp.where(gone.any(0), -1, soe))
+        return new_soe, new_eos, victims.astype(jnp.int32), experts.astype(jnp.int32), to_slot.any(0)
+
+    def keep_all(_):
+        none = jnp.zeros(max_loads, jnp.int32)
+        return soe, eos, none, none, jnp.zeros(S, bool)
+
+    soe, new_eos, victims, experts, loaded = jax.lax.cond(n > 0, place, keep_all, None)
+    rank = jnp.cumsum(touch, dtype=jnp.int32) - 1                        # i32[E]: touch order
+    e_of = jnp.maximum(new_eos, 0)
+    last = jnp.where((new_eos >= 0) & touch[e_of], state.clock[j] + rank[e_of], last)
+    pool = copy_rows(pool, stack, j, experts, victims, n)
+    state = state.replace(slot_of_expert=state.slot_of_expert.at[j].set(soe),
+                          expert_of_slot=state.expert_of_slot.at[j].set(new_eos),
+                          last_use=state.last_use.at[j].set(last),
+                          clock=state.clock.at[j].add(touch.sum(dtype=jnp.int32)))
+    return state, pool, hit, n, loaded
+
+
+def apply_hints(state: DeviceCache, pool, stack: jax.Array, j: int, hints: jax.Array):
+    """Prefetch hints i32[H] for layer j (-1 = none): the hinted experts not resident are loaded (entering as most
+    recent, as a host prefetch does); the hinted ones stay pinned until layer j routes, so hints never evict each
+    other or an expert predicted for this step."""
+    E = state.slot_of_expert.shape[1]
+    want = jnp.any(jax.nn.one_hot(hints, E, dtype=bool), axis=0)        # bool[E] (-1 rows are all false)
+    miss = want & (state.slot_of_expert[j] < 0)
+    state, pool, _, n, loaded = make_resident(state, pool, stack, j, want, miss, min(hints.shape[0], E))
+    eos = state.expert_of_slot[j]
+    held = (eos >= 0) & want[jnp.maximum(eos, 0)]
+    return state.replace(pinned=state.pinned.at[j].set(held), prefetches=state.prefetches.at[j].add(n),
+                         fresh=state.fresh.at[j].set(state.fresh[j] | loaded)), pool
+
+
+def demand(state: DeviceCache, pool, stack: jax.Array, j: int, needed: jax.Array, max_loads: int):
+    """One pass of layer j: make `needed` bool[E] (≤ S experts) resident, count hits and misses, touch them all,
+    pin them for this pass (a previous pass's pins are released first)."""
+    state = state.replace(pinned=state.pinned.at[j].set(False))
+    state, pool, hit, n, loaded = make_resident(state, pool, stack, j, needed, needed, max_loads)
+    eos = state.expert_of_slot[j]
+    held = (eos >= 0) & needed[jnp.maximum(eos, 0)]
+    fresh = state.fresh[j] & ~loaded                                     # a demand load is no prefetch
+    return state.replace(pinned=state.pinned.at[j].set(held), hits=state.hits.at[j].add(hit.sum(dtype=jnp.int32)),
+                         misses=state.misses.at[j].add(n), fresh=state.fresh.at[j].set(fresh & ~held),
+                         prefetch_used=state.prefetch_used.at[j].add((fresh & held).sum(dtype=jnp.int32))), pool
+
+
+def needed_experts(experts: jax.Array, real: jax.Array, num_experts: int) -> jax.Array:
+    """experts i32[N, K], real bool[N] → bool[E]: the union of the real tokens' experts."""
+    hot = jax.nn.one_hot(experts, num_experts, dtype=bool) & real[:, None, None]   # [N, K, E]
+    return jnp.any(hot, axis=(0, 1))
+
+
+def verify_cache(state: DeviceCache) -> None:
+    """Host-side invariant check of a DeviceCache read back to numpy (RuntimeError with a dump when broken)."""
+    soe, eos = np.asarray(state.slot_of_expert), np.asarray(state.expert_of_slot)
+    L, E = soe.shape
+    problems = []
+    for j in range(L):
+        for e in range(E):
+            s = soe[j, e]
+            if s >= 0 and eos[j, s] != e:
+                problems.append(f"layer {j}: expert {e} maps to slot {s}, which holds {eos[j, s]}")
+        held = eos[j][eos[j] >= 0]
+        if len(set(held.tolist())) != len(held):
+            problems.append(f"layer {j}: an expert occupies two slots: {eos[j].tolist()}")
+        for s, e in enumerate(eos[j].tolist()):
+            if e >= 0 and soe[j, e] != s:
+                problems.append(f"layer {j}: slot {s} holds {e} but the expert maps to {soe[j, e]}")
+    if problems:
+        raise RuntimeError("device expert cache invariant broken:\n  " + "\n  ".join(problems)
+                           + f"\nslot_of_expert\n{soe}\nexpert_of_slot\n{eos}")

@@ -1,0 +1,121 @@
+"""The device-resident step (`OffloadConfig(step="device")`): one jitted program per token step, all layers.
+
+x → [apply every MoE layer's prefetch hints] → per layer: attention (+ KV cache) → router
+    → MoE layer: needed = ∪ real tokens' experts → misses, LRU victims (never a slot this pass needs) → copy the
+      misses from the layer's pinned-host stack into the slot pool → expert FFN through the slot map
+    → (union > S slots: further passes of ≤ S experts, each adding its share, inside the same program)
+→ (x, caches, routings, routed i32[L, N, K], hidden [L, B, D] for hint policies, pool, cache state, counters)
+
+Nothing in the step returns to the host: the pool, the cache state (ef_jax.engine.programs.device_cache.DeviceCache) and the
+KV cache are donated and threaded to the next step; routed experts, hidden states and counters are small outputs
+the host reads after the sampled token (which waits for the step anyway), so a decoded token costs one sync.
+
+Axes: B rows, T new tokens, N = B·T, D model, E experts, K top-k, L MoE layers, S slots, H hints per layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ef_jax.engine.programs import device_cache as dc
+from ef_jax.engine.programs.layer import layer_view
+from ef_jax.models.moe import Routing, moe_combine
+from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The static sizes of one compiled step (hashable: a jit static argument)."""
+    slots: int                # S
+    max_misses: int           # M: misses of one pass, min(S, N·K, E)
+    max_passes: int           # passes a layer may need: ceil(min(E, N·K) / S)
+    hint_width: int           # H: hints per layer (0: the policy sends none)
+    flush: bool               # empty every slot at step start (the nocache baseline)
+    hidden_point: str | None  # "attention" | "moe": the hidden state hint policies read; None: not returned
+
+    @classmethod
+    def for_tokens(cls, n: int, num_experts: int, top_k: int, slots: int, hint_width: int, flush: bool,
+                   hidden_point: str | None) -> "StepPlan":
+        pairs = min(num_experts, n * top_k)
+        return cls(slots=slots, max_misses=min(slots, pairs), max_passes=-(-pairs // slots), hint_width=hint_width,
+                   flush=flush, hidden_point=hidden_point)
+
+
+def _expert_share(cfg, j: int, p: dict, normed, routing: Routing, keep, pool, state: dc.DeviceCache, include_shared):
+    """Layer j's MoE output for the (token, expert) pairs with keep f32[N, K] = 1, read through its slot map."""
+    view, smap = layer_view(pool, state.slot_of_expert, j, routing.experts.size)  # absent experts have keep 0
+    masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
+    return moe_combine(p, cfg, normed, masked, view, smap, include_shared)
+
+
+def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing, real, pool, state: dc.DeviceCache,
+              stack):
+    """h [B, T, D] + layer j's MoE output, its experts made resident first. real bool[N]: not padding.
+    Returns (x, pool, state)."""
+    E, S = cfg.num_experts, plan.slots
+    needed = dc.needed_experts(routing.experts, real, E)               # bool[E]
+    keep_real = jnp.broadcast_to(real[:, None], routing.experts.shape).astype(jnp.float32)
+    if plan.max_passes == 1:  # N·K ≤ S: the union always fits
+        state, pool = dc.demand(state, pool, stack, j, needed, plan.max_misses)
+        return h + _expert_share(cfg, j, p, normed, routing, keep_real, pool, state, True).reshape(h.shape), pool, state
+    rank = jnp.cumsum(needed, dtype=jnp.int32) - 1                       # i32[E]: position among the needed
+    chunk_of = jnp.where(needed, rank // S, -1)                          # i32[E]: the pass that computes it
+
+    def one_pass(k, x, pool, state, include_shared):
+        chunk = chunk_of == k
+        state, pool = dc.demand(state, pool, stack, j, chunk, plan.max_misses)
+        keep = keep_real * chunk[routing.experts].astype(jnp.float32)
+        return x + _expert_share(cfg, j, p, normed, routing, keep, pool, state, include_shared).reshape(h.shape), \
+            pool, state
+
+    x, pool, state = one_pass(0, h, pool, state, True)
+    n_pass = jnp.maximum((needed.sum(dtype=jnp.int32) + S - 1) // S, 1)
+    x, pool, state = jax.lax.fori_loop(1, n_pass, lambda k, c: one_pass(k, *c, False), (x, pool, state))
+    return x, pool, state.replace(passes=state.passes.at[j].add(n_pass - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kinds", "plan"), donate_argnames=("caches", "pool", "state"))
+def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, positions, write_idx, valid, real,
+                pool, state: dc.DeviceCache, stacks: tuple, hints):
+    """Every layer of one step. x [B, T, D]; caches: per layer KV cache (donated); real bool[N]; pool: stacked slot
+    pool [L, S, ...] (donated); state: DeviceCache (donated); stacks: per MoE layer pinned-host [E, W];
+    hints i32[L, H] or None. Returns (x, caches, routings per layer, routed i32[L, N, K], hidden [L, B, D] or None,
+    pool, state, counters i32[4, L])."""
+    ctx = make_context(cfg, positions, write_idx, valid)
+    state = dc.begin_step(state, plan.flush)
+    if hints is not None:  # first, so the copies depend on nothing this step computes
+        for j, stack in enumerate(stacks):
+            state, pool = dc.apply_hints(state, pool, stack, j, hints[j])
+    new_caches, routings, routed, hidden = [], [], [], []
+    j = 0
+    for p, kind, cache in zip(params, kinds, caches):
+        h, normed, routing, cache = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
+        new_caches.append(cache)
+        routings.append(routing)
+        if not kind.moe:
+            x = layer_finish(p, cfg, kind, h, normed, None, None, None)
+            continue
+        x, pool, state = moe_layer(cfg, plan, j, p["mlp"], h, normed, routing, real, pool, state, stacks[j])
+        routed.append(routing.experts)
+        if plan.hidden_point is not None:
+            hidden.append((h if plan.hidden_point == "attention" else x)[:, -1])
+        j += 1
+    return (x, tuple(new_caches), tuple(routings), jnp.stack(routed), jnp.stack(hidden) if hidden else None,
+            pool, state, state.counters())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "j", "first"), donate_argnames=("pool", "state"))
+def device_layer(cfg, plan: StepPlan, j: int, first: bool, p: dict, h, normed, routing: Routing, real, pool,
+                 state: dc.DeviceCache, stack, hints):
+    """MoE layer j alone, for a step whose hidden states are tapped between layers (the Forward's split path):
+    the same cache operations as device_step, without a host sync. first: the step's first MoE layer (begins
+    the step). hints i32[H] or None. Returns (x, pool, state, counters i32[4, L])."""
+    if first:
+        state = dc.begin_step(state, plan.flush)
+    if hints is not None:
+        state, pool = dc.apply_hints(state, pool, stack, j, hints)
+    x, pool, state = moe_layer(cfg, plan, j, p, h, normed, routing, real, pool, state, stack)
+    return x, pool, state, state.counters()

@@ -1,0 +1,388 @@
+"""Expert sources: where the Forward's MoE layers get their routed experts from.
+
+ResidentExperts:  every expert in its own device slot (identity slot map); routing and experts run in one
+                  program, no host sync (the fused fast path of the layer groups).
+OffloadedExperts: experts in pinned host memory, S device slots per MoE layer managed by an ExpertCache:
+   per MoE layer j (model layer i), after its attend_route (the Forward's program for the first MoE layer, else
+   the end of layer j−1's expert program):
+   routing (+ the MoE input h for a policy tapping the attention point, or, for a pre-gating one, every layer's
+   router applied to h on the device: same program, same sync) → host (the named sync point "route")
+   → [trace override | cache-aware routing]
+   → cache.route(j, needed) → Loads → copier (bytes into slots) ; clock (arrivals, stall)
+   → [policy hidden tap (or its scores) at the attention point] → wait for demand/late copies → expert program
+   (its copies and slot-table updates inside; then the next MoE layer's attend_route: one dispatch per MoE layer)
+   → [policy hidden tap at the layer output] → cache.release(j)
+   A layer whose needed experts have all landed, under a policy that only evicts (layer_prefetches False), is
+   dispatched right after its routing is read, and cache.route's accounting runs while it computes.
+
+Batch > 1: a layer needs the union of its real tokens' experts (pad tokens are masked out). When that union is
+larger than the layer's slots, the layer runs in passes of at most S experts, each pass adding its share.
+Everything the host decides is counted by ExpertCache (hits, misses, prefetch used/wasted), so the simulator can
+replay the same routing and must agree.
+
+Axes: N tokens (B·T), K top-k, E experts, S slots, L MoE layers, D model.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ef_jax.cache import routing as routing_rules
+from ef_jax.cache.config import OffloadConfig
+from ef_jax.cache.expert_cache import ExpertCache
+from ef_jax.cache.timing import get_timing
+from ef_jax.engine.transfer.clock import VirtualClock, WallClock
+from ef_jax.engine.sources.context import policy_context
+from ef_jax.engine.transfer.copier import COPIERS
+from ef_jax.engine.transfer.copier import bucket
+from ef_jax.engine.transfer.device_memory import resolve_budget
+from ef_jax.engine.programs.layer import Then, expert_pass, offloaded_expert_pass, offloaded_expert_pass_then_attend
+from ef_jax.engine.transfer.store import store_for
+from ef_jax.engine.telemetry.counters import HostCounters
+from ef_jax.engine.telemetry.timeline import Timeline
+from ef_jax.model import Model
+from ef_jax.models.moe import ExpertPool, Routing
+from ef_jax.quant.pool import QuantExpertPool
+from ef_jax.policies.registry import get_policy
+
+_RESIDENT: "weakref.WeakKeyDictionary[Model, tuple]" = weakref.WeakKeyDictionary()
+
+
+def resident_pools(model: Model) -> tuple:
+    """Per layer: an ExpertPool with all E experts on the device (slot e holds expert e), or None for dense layers.
+    Uploaded once per model and kept while the model lives (offloaded runs never touch it)."""
+    pools = _RESIDENT.get(model)
+    if pools is None:
+        pools = tuple(None if ex is None
+                      else jax.tree.map(jnp.asarray, ex) if isinstance(ex, QuantExpertPool)  # quantized: as loaded
+                      else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
+                      for ex in model.host_experts)
+        _RESIDENT[model] = pools
+    return pools
+
+
+def drop_resident(model: Model) -> None:
+    """Frees the device copy of every expert that resident runs of `model` keep (benchmarks switching modes)."""
+    _RESIDENT.pop(model, None)
+
+
+class ResidentExperts:
+    """Every routed expert resident in its own slot: no host sync, no copies."""
+    fused = True  # routing and experts may run in the same program
+    whole_step = False  # True only for the device-resident step's source (ef_jax.engine.sources.device_experts)
+    chains_attention = False  # True: experts_then_attend runs the next MoE layer's attend_route (Forward)
+    scorer = None  # device arrays: attend_route also returns these pre-gate scores (see OffloadedExperts)
+
+    def __init__(self, model: Model, counters: HostCounters):
+        cfg = model.config
+        self.cfg, self.counters = cfg, counters
+        self.pools = resident_pools(model)
+        identity = jnp.arange(cfg.num_experts, dtype=jnp.int32)
+        self.slot_maps = tuple(identity if cfg.moe_layers[i] else None for i in range(cfg.num_layers))
+
+    def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
+        pass
+
+    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
+        """The split path (a hidden-state tap asked to see between routing and experts): one expert pass."""
+        keep = jnp.ones(routing.experts.shape, jnp.float32)
+        self.counters.dispatches += 1
+        return expert_pass(self.cfg, True, p["mlp"], h, normed, routing, keep, self.pools[i], self.slot_maps[i]), routing
+
+    def end_step(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"policy": "resident", "slots_per_layer": self.cfg.num_experts}
+
+    def close(self) -> None:
+        pass
+
+
+class OffloadedExperts:
+    """Experts streamed from pinned host memory into S slots per MoE layer (see the module docstring).
+
+    route_override (benchmarks only): route_override(step, moe_layer j, experts i32[N, K]) → i32[N, K] replaces
+    the router's choice (e.g. replayed from a real trace, so a random-weight model of a real shape sees real
+    routing)."""
+    fused = False
+    whole_step = False
+    chains_attention = True
+
+    def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
+                 kv_shape: tuple[int, int] | None = None):
+        if not isinstance(offload, OffloadConfig):
+            raise TypeError(f"offload must be an ef_jax.OffloadConfig or None, got {type(offload).__name__}")
+        cfg = model.config
+        if not cfg.moe_layer_ids:
+            raise ValueError("this model has no MoE layers: there is nothing to offload (use offload=None)")
+        self.cfg, self.config, self.counters = cfg, offload, counters
+        self.store = store_for(model)
+        L, E = len(cfg.moe_layer_ids), cfg.num_experts
+        # budget_auto: with expert_memory="auto", what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
+        self.slots, self.budget_auto = resolve_budget(model, offload, self.store.bytes_per_expert, kv_shape,
+                                                      self.store.device)
+        self.timing = get_timing(offload.timing)  # a virtual clock stands for its preset's expert size too
+        policy = get_policy(offload.policy, policy_context(model))
+        self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check,
+                                 bytes_per_expert=self.timing.expert_bytes if self.timing else self.store.bytes_per_expert)
+        self.timeline = Timeline() if offload.record_timeline else None
+        self.copier = COPIERS[offload.transfers](self.store, self.slots, counters, self.timeline)
+        self.clock = (VirtualClock(self.cache, self.timing, L, E) if self.timing
+                      else WallClock(self.cache, self.timeline))
+        self.compute_s = 0.0
+        self.routing_log: list[np.ndarray] = []  # per step: experts i32[N_real, L_moe, K] (for replay)
+        self.substitutions = 0  # cache-aware routing: (token, expert) choices swapped for a resident expert
+        self.route_override = None
+        self._step = -1
+        self._step_routes: list[np.ndarray] = []
+        # the device copy of the slot table, updated inside each expert program from the loads since the last one
+        self.slot_of_expert = jax.device_put(np.full((L, E), -1, np.int32), self.store.device_sharding)  # i32[L, E]
+        self._updates: list[tuple[int, int, int, int]] = []  # (layer, expert, slot, evicted) not yet on the device
+        self._reset = False      # the cache flushed: the device table starts over
+        self._keep_real = None   # f32[N, K] on the device: 1 for real tokens (a single-pass layer's keep mask)
+        self._real = None        # bool[N]: the padding mask _keep_real was made from (uploaded again on change)
+        # the expert program's small arguments as device arrays made once: a host scalar or numpy argument
+        # costs a host→device transfer on every call
+        put = lambda a: jax.device_put(a, self.store.device_sharding)
+        self._layer_index = [put(np.int32(j)) for j in range(L)]  # i32[] per MoE layer
+        self._flag = {False: put(np.bool_(False)), True: put(np.bool_(True))}
+        self._no_moves = put(np.zeros((0, 4), np.int32))
+        self.variants: set = set()  # distinct (loads, updates, keep) shapes of the expert program: its compiles
+        policy = self.cache.policy
+        self._tap = policy.hidden_point if policy.wants_hidden else None  # where the policy reads hidden states
+        # a pre-gating policy at the attention point: the program computing layer j's MoE input also applies every
+        # layer's router to it (programs.pregate_scores), and the host reads f32[L, B, E] instead of h [B, T, D]
+        scorer = policy.device_scorer if self._tap == "attention" else None
+        self.scorer = None if scorer is None else jax.device_put(scorer.stacked(), self.store.device_sharding)
+        self._cache_aware = offload.routing == "cache-aware"
+        # a layer whose experts have all landed may be dispatched before the accounting: only when the policy sends
+        # no prefetch from its layer hooks (one for the next layer must ride in this layer's program)
+        self._dispatch_first = not policy.layer_prefetches and not policy.wants_hidden
+        self.layers_all_hit = 0  # layers dispatched before the cache's accounting: every needed expert had landed
+
+    # ---- the copy seam ---------------------------------------------------------------------------------------
+    def _issue(self, loads) -> None:
+        if loads:
+            self.copier.issue(loads)
+            self.clock.issued(loads)
+            self._updates += [(ld.layer, ld.expert, ld.slot, ld.evicted) for ld in loads]
+
+    def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
+        """real bool[N]: which of the step's tokens are not padding."""
+        self.clock.poll(self.copier)
+        if self.cache.policy.flush_each_step:  # begin_step flushes the table before its loads
+            self._reset, self._updates = True, []
+        self._issue(self.cache.begin_step(last_tokens))  # rows are left-padded: the last column is real
+        if self._real is None or not np.array_equal(real, self._real):
+            self._real = real.copy()
+            self._keep_real = jnp.asarray(np.repeat(real.astype(np.float32)[:, None], self.cfg.top_k, axis=1))
+            self.counters.dispatches += 1
+        self._step += 1
+        self._step_routes = []
+
+    def end_step(self) -> None:
+        self._issue(self.cache.end_step())
+        self.routing_log.append(np.stack(self._step_routes, axis=1))
+
+    # ---- one MoE layer ---------------------------------------------------------------------------------------
+    def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
+        """Layer i (MoE layer j): h [B, T, D] + its MoE output, after making its experts resident.
+        real bool[N]: not padding. Returns (h, the routing actually used)."""
+        x, routing, _ = self.experts_then_attend(i, j, p, h, normed, routing, real, None, scores)
+        return x, routing
+
+    def experts_then_attend(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray,
+                            then: Then | None, scores=None):
+        """experts(), with the next MoE layer's attend_route (`then`, see ef_jax.engine.programs.layer.Then) run at the
+        end of this layer's last expert program. scores: this layer's pre-gate scores f32[L, B, E] when
+        self.scorer is set (from the program that computed h). Returns (h, the routing used, the next layer's
+        attend_route outputs (h, normed, Routing, dense caches, cache, scores), or None when `then` is None)."""
+        tap = self._tap
+        t = time.perf_counter()
+        if scores is not None:  # the policy's scores come back with the routing: one sync for both (same program)
+            experts, hidden = self.counters.to_host("route", routing.experts, scores)  # [N, K], [L, B, E]
+        elif tap == "attention":  # the MoE input comes back with the routing: one sync for both (same program)
+            experts, hidden = self.counters.to_host("route", routing.experts, h)  # [N, K], [B, T, D]
+        else:
+            experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer
+        self.compute_s += time.perf_counter() - t
+        self.clock.routed(j)
+        if self._cache_aware or self.route_override is not None:
+            routing, experts = self._rewrite_routing(j, routing, experts, real)
+        used = experts[real]
+        needed = np.unique(used)
+        self.clock.poll(self.copier)
+        if self._dispatch_first and len(needed) <= self.slots and self._all_landed(j, needed):
+            # Every expert this layer needs is in its slot with its copy landed, and the policy only evicts:
+            # nothing to decide before the compute, so dispatch it first and account while the device computes
+            # (under a virtual clock the event order, and so every figure, is unchanged).
+            t = time.perf_counter()
+            h, nxt = self._program(j, True, p, h, normed, routing, self._keep_real, then)
+            self._timed(i, 0, t, h)
+            self.layers_all_hit += 1
+            if self.config.check:
+                self._verify()
+            self._issue(self.cache.route(j, needed))  # all hits, and the policy only evicts: no loads
+            self.clock.wait(j, needed, self.copier)
+            self.clock.computed(j, 1)
+        else:
+            h, nxt = self._passes(i, j, p, h, normed, routing, experts, real, needed, then,
+                                  hidden if tap == "attention" else None)
+        if tap == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
+            self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
+        self.cache.release(j)
+        self._step_routes.append(used)
+        return h, routing, nxt
+
+    def _all_landed(self, j: int, needed: np.ndarray) -> bool:
+        soe, arrived = self.cache.table.slot_row(j), self.cache.arrived_row(j)
+        return all(soe[e] >= 0 and arrived[e] for e in needed.tolist())
+
+    def _passes(self, i: int, j: int, p: dict, h, normed, routing: Routing, experts: np.ndarray, real: np.ndarray,
+                needed: np.ndarray, then: Then | None, hidden):
+        """Layer j when some needed expert must be loaded (or waited for): decide the loads, then dispatch, in
+        passes of at most S experts when the layer needs more. hidden: the MoE input for a policy tapping the
+        attention point (host numpy; its pre-gate scores f32[L, B, E] when self.scorer is set), else None.
+        Returns (h, the next layer's attend_route outputs or None)."""
+        K = experts.shape[1]
+        passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
+        nxt = None
+        for n, chunk in enumerate(passes):
+            last = n + 1 == len(passes)
+            if n:
+                self.clock.poll(self.copier)
+            self._issue(self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk))
+            if n == 0 and hidden is not None:  # behind this layer's demand loads, ahead of its expert compute
+                self._issue(self.cache.scores(j, hidden) if self.scorer is not None else self.cache.hidden(j, hidden))
+            self.clock.wait(j, chunk, self.copier)
+            if len(passes) == 1:
+                keep = self._keep_real  # every needed expert is resident: only padding is masked
+            else:
+                keep = jnp.asarray((np.isin(experts, chunk) & real[:, None]).astype(np.float32).reshape(-1, K))
+                self.counters.dispatches += 1
+            t = time.perf_counter()
+            h, nxt = self._program(j, n == 0, p, h, normed, routing, keep, then if last else None)
+            self._timed(i, n, t, h)
+            if self.config.check:
+                self._verify()
+            self.clock.computed(j, len(passes))
+            if not last:
+                jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
+                self.cache.release(j)
+        return h, nxt
+
+    def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep,
+                 then: Then | None):
+        """Dispatches layer j's expert program with the loads and slot-table changes queued so far (and, given
+        `then`, the next MoE layer's attend_route at its end). Returns (h, that attend_route's outputs or None)."""
+        bufs, dst = self.copier.take()
+        upd = self._updates
+        self._updates = []
+        if upd:
+            upd = upd + [upd[-1]] * (bucket(len(upd)) - len(upd))  # repeating the last row changes nothing
+        if len(dst) or upd:  # the buffers' places, then the table's changes: one small host→device transfer
+            moves = np.zeros((len(dst) + len(upd), 4), np.int32)
+            moves[:len(dst), :2] = dst
+            moves[len(dst):] = upd
+        else:
+            moves = self._no_moves
+        self.variants.add((len(bufs), len(upd), include_shared, keep.shape, then is None))
+        args = (self.cfg, include_shared, p["mlp"], h, normed, routing, keep, self.copier.pool, self.slot_of_expert,
+                self._layer_index[j], bufs, moves, self._flag[self._reset])
+        if then is None:
+            h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(*args)
+            nxt = None
+        else:
+            h, self.copier.pool, self.slot_of_expert, nxt = offloaded_expert_pass_then_attend(
+                *args, then.dense_kinds, then.kind, then.attend, then.dense_caches, then.cache)
+            if self.scorer is not None:
+                nxt[5].copy_to_host_async()  # read with the next layer's routing
+            elif self._tap == "attention":
+                nxt[0].copy_to_host_async()
+        self._reset = False
+        self.copier.carried(h)
+        self.counters.dispatches += 1
+        return h, nxt
+
+    def resident_row(self, j: int) -> np.ndarray:
+        """bool[E]: experts of MoE layer j resident (arrived or in flight)."""
+        return np.asarray(self.cache.table.slot_row(j)) >= 0
+
+    def _verify(self) -> None:
+        """check=True: the cache's invariants, every slot's bytes, and the device slot table equal the host's."""
+        self.copier.settle()
+        self.cache.verify()
+        self.store.verify(self.copier.pool, self.cache.table.expert_of_slot)
+        if self._updates:  # loads issued after the last program are not on the device yet
+            return
+        device = np.asarray(self.slot_of_expert)
+        if not np.array_equal(device, self.cache.table.slot_of_expert):
+            raise RuntimeError(f"device slot table differs from the host's:\n{device}\n{self.cache.table.dump()}")
+
+    def _rewrite_routing(self, j: int, routing: Routing, experts: np.ndarray, real: np.ndarray):
+        """Trace override (benchmarks) and cache-aware routing (opt-in); exact routing passes through untouched."""
+        if self.route_override is not None:
+            new = np.asarray(self.route_override(self._step, j, experts), np.int32)
+            if new.shape != experts.shape:
+                raise ValueError(f"route_override returned shape {new.shape}, expected {experts.shape}")
+            probs = routing_rules.router_probs(self.cfg, self.counters.to_host("logits", routing.logits))
+            weights = routing_rules.family_weights(self.cfg, probs, new)
+            routing = Routing(logits=routing.logits, experts=jnp.asarray(new), weights=jnp.asarray(weights))
+            experts = new
+        if self.config.routing != "cache-aware":
+            return routing, experts
+        resident = np.asarray(self.cache.table.slot_row(j)) >= 0
+        new, weights, changed = routing_rules.cache_aware(
+            self.cfg, self.counters.to_host("logits", routing.logits), experts, resident, self.config.tolerance, real)
+        if weights is None:
+            return routing, experts
+        self.substitutions += int((new != experts).sum())
+        w = np.where(changed[:, None], weights, self.counters.to_host("weights", routing.weights)).astype(np.float32)
+        return Routing(logits=routing.logits, experts=jnp.asarray(new), weights=jnp.asarray(w)), new
+
+    # ---- telemetry -------------------------------------------------------------------------------------------
+    def _timed(self, i: int, n: int, t: float, out) -> None:
+        """Layer i's expert program (pass n) was dispatched at t: its time (to completion, with a timeline)."""
+        if self.timeline is not None:
+            jax.block_until_ready(out)
+            self.timeline.add(f"experts L{i}" + (f" pass {n}" if n else ""), "compute", t)
+        self.compute_s += time.perf_counter() - t
+
+    def stats(self) -> dict:
+        c = self.cache.stats()
+        if self.timeline is not None:
+            self.timeline.write(self.config.record_timeline)
+        accesses = self.cache.hits + self.cache.misses
+        bytes_per_expert = self.cache.bytes_per_expert
+        out = {"hits": self.cache.hits, "misses": self.cache.misses,
+               "hit_rate": self.cache.hits / accesses if accesses else float("nan"),
+               # bytes as the clock counts them: under a virtual clock, its preset's expert size per copy
+               "h2d_bytes": self.cache.loads * bytes_per_expert, "bytes_per_expert": bytes_per_expert,
+               "h2d_bytes_real": self.copier.bytes, "bytes_per_expert_real": self.store.bytes_per_expert,
+               "h2d_s": self.copier.issue_s, "stall_s": self.clock.stall_s, "copier": self.copier.name,
+               "compute_s": self.compute_s, "slots_per_layer": self.slots,
+               "pregate_on_device": self.scorer is not None,
+               "expert_program_variants": len(self.variants), "layers_all_hit": self.layers_all_hit,
+               "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
+               "policy": self.cache.policy.name, "routing": self.config.routing,
+               "routing_substitutions": self.substitutions}
+        out.update(self.clock.stats())
+        horizon = self.cache.policy.prefetch_distance()  # layers ahead; None for history-only policies
+        if horizon is not None:
+            out["mean_horizon"] = float(horizon)
+        out.update({f"cache_{k}": v for k, v in c.items() if k not in out})
+        if self.budget_auto is not None:
+            out["budget_auto"] = self.budget_auto.as_stats()
+        mem = self.store.device.memory_stats()  # None on CPU; on GPU the allocator's own numbers
+        if mem:
+            out["device_bytes_in_use"] = mem.get("bytes_in_use")
+            out["device_peak_bytes_in_use"] = mem.get("peak_bytes_in_use")
+        return out
+
+    def close(self) -> None:
+        self.copier.close()

@@ -1,0 +1,158 @@
+"""OffloadConfig(step="device"): the whole token step in one program, the expert cache on the device.
+
+Tokens identical to resident decoding for every tiny family; LRU hits and misses equal to the simulator's on the
+same routing; one host sync per token; the batch whose union of experts exceeds the slots (in-program passes);
+quantized (int8) experts; a tapped step; the refusals. Kept small (4 new tokens, compiled programs reused through a
+module-scoped memo) because the whole suite runs on a 2-core CI machine.
+
+Every compiled step costs seconds on CPU, so each family runs one configuration, and the five families together
+cover every pair of factor values (a pairwise design over budget {minimum, ~50 %} × batch {1, 3} × hints {none
+(lru), a hint policy: pregate, predictive, expertflow}).
+"""
+import numpy as np
+import pytest
+
+import ef_jax
+from ef_jax import OffloadConfig
+
+pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
+
+pytest.importorskip("torch")
+
+PROMPTS = [[5, 17, 33, 2, 70, 41, 9], [88, 3, 60, 12], [40, 41]]
+FAMILIES = ["mixtral-top2", "qwen2moe-norm-sparse-step", "qwen3moe-norm", "olmoe", "deepseek-qlora-grouped-yarn"]
+NEW = 4
+# family → (budget, batch, policy): every pair of (budget, batch, hints) values appears; olmoe runs with int8
+# experts (quantized rows copied as bytes and unpacked into the slot), its reference resident int8 decoding
+QUANT = {"olmoe": "int8"}
+CONFIGS = {"mixtral-top2": ("min", 1, "lru"), "qwen2moe-norm-sparse-step": ("half", 1, "predictive"),
+           "qwen3moe-norm": ("half", 3, "lru"), "olmoe": ("min", 1, "pregate"),
+           "deepseek-qlora-grouped-yarn": ("min", 3, "expertflow")}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_checkpoint):
+    """(family, budget, batch, policy, check) → GenerateResult, plus the resident reference per (family, batch);
+    each computed once for the module."""
+    models, memo = {}, {}
+
+    def model(family):
+        if family not in models:
+            models[family] = ef_jax.load(tiny_checkpoint(family), expert_dtype=QUANT.get(family))
+        return models[family]
+
+    def get(family, budget=None, batch=1, policy="lru", check=True):
+        key = (family, budget, batch, policy, check)
+        if key not in memo:
+            m = model(family)
+            cfg = m.config
+            offload = None
+            if budget is not None:
+                slots = cfg.top_k if budget == "min" else max(cfg.top_k, cfg.num_experts // 2)
+                offload = OffloadConfig(slots_per_layer=slots, policy=policy,
+                                        step="device", check=check)
+            memo[key] = ef_jax.generate(m, PROMPTS[:batch], max_new_tokens=NEW, offload=offload)
+        return memo[key]
+
+    get.model = model
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokens_equal_resident(runs, family):
+    """check=True: after every step the device tables are consistent and every slot holds its expert's bytes."""
+    budget, batch, policy = CONFIGS[family]
+    res = runs(family, budget, batch, policy)
+    assert res.tokens == runs(family, batch=batch).tokens, (family, budget, batch, policy)
+    s = res.stats
+    assert s["step"] == "device" and s["hits"] + s["misses"] > 0
+    assert s["h2d_bytes"] == s["cache_loads"] * runs.model(family).param_bytes()["per_expert"]
+    assert s["bytes_per_expert"] == runs.model(family).param_bytes()["per_expert"]  # quantized bytes for int8
+    assert (s["hints_sent"] > 0) == (policy != "lru"), s["hints_sent"]  # the hint policies did send some
+    assert s["cache_prefetch_used"] <= s["cache_prefetch_issued"] <= s["hints_sent"]
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek-qlora-grouped-yarn"])
+def test_one_host_sync_per_token(runs, family):
+    """Without check (whose slot verification reads the device), the sampled token is the step's only sync."""
+    budget, batch, policy = CONFIGS[family]
+    res = runs(family, budget, batch, policy, check=False)
+    s = res.stats
+    steps = s["decoded_tokens"] // batch + 1  # decode steps + the prefill
+    assert s["sync_points"] == {"sample": steps} and s["host_syncs_per_step"] == 1.0, s["sync_points"]
+    assert s["step_readbacks"] == steps and s["readback_waits"] == 0  # counters and routing came back unwaited
+    assert res.tokens == runs(family, batch=batch).tokens
+
+
+def test_batch_union_beyond_the_slots_takes_extra_passes(runs):
+    """Batch 3 at the minimum budget: some layer needs more experts than its slots, so it runs in passes inside
+    the same program; tokens stay those of resident decoding."""
+    family = "deepseek-qlora-grouped-yarn"
+    res = runs(family, *CONFIGS[family])
+    assert res.stats["extra_passes"] > 0
+    assert res.tokens == runs(family, batch=3).tokens
+
+
+def test_lru_counters_equal_the_simulator(runs):
+    """The device's LRU hits and misses equal the trace simulator's on the same routing (one-token prompts: the
+    prefill is a step of one token per row, as the simulator's steps are; one compiled program serves all steps)."""
+    from ef_jax.engine.loop.batch import make_batch
+    from ef_jax.engine.loop.decode import sample_rows
+    from ef_jax.engine.forward.forward import Forward
+    from ef_jax.engine.loop.sampling import SamplingParams
+    from ef_jax.sim.replay import replay
+    model = runs.model("deepseek-qlora-grouped-yarn")
+    cfg = model.config
+    prompts, slots = [[7], [50]], min(2 * cfg.top_k, cfg.num_experts)
+    with Forward(model, OffloadConfig(slots_per_layer=slots, policy="lru", step="device")) as fwd:
+        sample_rows(fwd, make_batch(prompts, 10), SamplingParams(), 0, set(), 10)
+        s = fwd.stats()
+        trace = np.concatenate(fwd.source.routing_log)              # [steps · B, L_moe, K]
+    assert trace.shape[0] == 10 * len(prompts)
+    sim = replay(trace, slots_per_layer=slots, policy="lru", batch_size=len(prompts), num_experts=cfg.num_experts)
+    assert (s["hits"], s["misses"]) == (sim.hits, sim.misses)
+    assert s["layer_hits"] == sim_layer(trace, slots, len(prompts), cfg.num_experts)
+    assert s["misses"] > 0 and s["hits"] > 0
+
+
+def sim_layer(trace, slots, batch, num_experts):
+    """Hits per MoE layer from the host ExpertCache (LRU) driven as the simulator drives it."""
+    from ef_jax.cache.expert_cache import ExpertCache
+    cache = ExpertCache(trace.shape[1], num_experts, slots, "lru")
+    for t in range(0, len(trace), batch):
+        cache.begin_step()
+        for j in range(trace.shape[1]):
+            cache.route(j, np.unique(trace[t:t + batch, j]))
+            cache.arrive_all()
+            cache.release(j)
+        cache.end_step()
+    return cache.layer_hits
+
+
+def test_tapped_step_runs_layer_by_layer_on_the_device(runs):
+    """A hidden-state tap (record) splits the step per MoE layer, still without host syncs for the cache: the same
+    hidden states and routing as resident (every expert fits: one pass, so the sums are bit-identical)."""
+    from ef_jax.engine.loop.decode import record
+    from ef_jax.engine.forward.forward import Forward
+    model = runs.model("qwen3moe-norm")
+    chunks = [PROMPTS[0]]
+    with Forward(model) as fwd:
+        ref_h, ref_e = record(fwd, chunks, "moe")
+    with Forward(model, OffloadConfig(slots_per_layer=model.config.num_experts, step="device", check=True)) as fwd:
+        h, e = record(fwd, chunks, "moe")
+        assert fwd.stats()["misses"] > 0
+    assert np.array_equal(e, ref_e) and np.array_equal(h, ref_h)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(policy="lfu"), "policy 'lfu' decides evictions on the host: use step='layer'"),
+    (dict(routing="cache-aware"), "routing='cache-aware'.*use step='layer'"),
+    (dict(timing="h100"), "virtual clock.*use step='layer'"),
+])
+def test_refusals_name_the_fix(runs, kw, match):
+    model = runs.model("olmoe")
+    with pytest.raises(ValueError, match=match):
+        ef_jax.generate(model, [[1, 2]], max_new_tokens=2, offload=OffloadConfig(slots_per_layer=4, step="device",
+                                                                                  **kw))
+    with pytest.raises(ValueError, match="step='gpu' must be one of"):
+        OffloadConfig(slots_per_layer=4, step="gpu")
