@@ -217,12 +217,9 @@ class SafetensorsReader:
 
 
 def _progress(total_bytes: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with transformers; without it, load silently
-        return None
-    # Small checkpoints load in well under a second: no bar for them.
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=total_bytes < (256 << 20))
+    from ef_jax.progress import bar
+    # Small checkpoints load in well under a second: no bar for them. A terminal only (ef_jax.progress).
+    return bar(total=total_bytes, unit="B", unit_scale=True, desc=desc, min_total=64 << 20)
 
 
 def _check_shape(reader: SafetensorsReader, hf_name: str, want: tuple[int, ...], transpose: bool):

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-compile-cache", action="store_true",
                     help="compile every program again instead of reusing ~/.cache/ef_jax/jit ($EF_JAX_CACHE_DIR/jit); "
                          "accepted before or after the command")
+    ap.add_argument("--quiet", action="store_true",
+                    help="no progress bars (they show only when stderr is a terminal); accepted before or after the "
+                         "command")
     sub = ap.add_subparsers(dest="command", required=True)
     cli_generate.add_parser(sub)
 
@@ -133,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ef_jax import compile_cache, interrupt
+    from ef_jax import compile_cache, interrupt, progress
     argv, no_cache = compile_cache.pop_flag(list(sys.argv[1:] if argv is None else argv))
+    argv, quiet = progress.pop_flag(argv)
+    progress.set_quiet(quiet)  # progress bars: a terminal only, and never with --quiet
     original = interrupt.exit_on_sigint("ef-jax generate: interrupted after 0 tokens") if "generate" in argv else None
     try:  # generate: Ctrl-C while jax imports or compiles exits 130 at once (ef_jax.interrupt), never a crash
         args = build_parser().parse_args(argv)

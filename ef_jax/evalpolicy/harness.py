@@ -22,6 +22,7 @@ import numpy as np
 
 from ef_jax.engine.loop.batch import text_to_ids  # noqa: F401  (re-exported by ef_jax.evalpolicy)
 from ef_jax.engine.loop.decode import teacher_forced
+from ef_jax.progress import bar
 from ef_jax.engine.forward.forward import Forward
 from ef_jax.model import Model
 
@@ -77,7 +78,7 @@ def evaluate_policy(model: Model, token_ids: list[int], offload=None, *, batch_s
             fwd.source.route_override = route_override
         t0 = time.perf_counter()
         nlls, argmaxes = [], []
-        for seqs in groups:
+        for seqs in bar(groups, desc="eval-policy", unit="batch"):
             nll, am = teacher_forced(fwd, seqs)
             nlls.append(nll)
             argmaxes.append(am)

@@ -26,6 +26,7 @@ import optax
 from ef_jax.predict.baselines import recall_at_k
 from ef_jax.predict.path_predictor import (NGRAMS, PathPredictor, PredictorConfig, Vocab, bce_loss, pack,
                                            score_packed)
+from ef_jax.progress import bar
 from ef_jax.trace import RoutingTrace, make_trace
 
 
@@ -119,7 +120,7 @@ def fit(train: RoutingTrace, cfg: PredictorConfig, tc: TrainConfig, vocab: Vocab
     rng = np.random.default_rng(tc.seed)
     order, cursor = rng.permutation(M), 0
     t0, history, budget_s = time.perf_counter(), [], tc.max_minutes * 60
-    for step in range(tc.max_steps):
+    for step in bar(range(tc.max_steps), desc="training predictor", unit="step"):
         elapsed = time.perf_counter() - t0
         if elapsed >= budget_s:
             log(f"step {step}: time limit ({tc.max_minutes} min) reached")

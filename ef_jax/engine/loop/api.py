@@ -10,6 +10,7 @@ from ef_jax.engine.loop.batch import normalize_prompts
 from ef_jax.engine.loop.decode import full
 from ef_jax.engine.forward.forward import DEFAULT_LAYERS_PER_GROUP, Forward
 from ef_jax.model import Model
+from ef_jax.progress import bar
 from ef_jax.trace import save_trace
 
 
@@ -43,7 +44,7 @@ def trace_routing(model: Model, texts_or_token_ids, *, layers_per_group: int = D
     rows = []
     kv_shape = (1, min(max_tokens_per_sequence, max(map(len, ids))))  # one chunk at a time
     with Forward(model, offload, layers_per_group=layers_per_group, kv_shape=kv_shape) as fwd:
-        for seq in ids:
+        for seq in bar(ids, desc="tracing", unit="seq"):
             for start in range(0, len(seq), max_tokens_per_sequence):
                 chunk = np.asarray([seq[start:start + max_tokens_per_sequence]], np.int32)
                 rows.append(full(fwd, chunk, all_logits=False)[1])
