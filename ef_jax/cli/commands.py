@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ef_jax.cli import sim as sim_cli
     sim_cli.add_parser(sub)
+    from ef_jax.cli import plot as plot_cli
+    plot_cli.add_parser(sub)
     from ef_jax.cli import eval_policy as evalpolicy_cli
     evalpolicy_cli.add_parser(sub)
     from ef_jax.cli import hybrid as hybrid_cli
@@ -160,7 +162,7 @@ def _run(args) -> int:
     except KeyboardInterrupt:  # a command without its own handler: no traceback for Ctrl-C
         print(f"ef-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, NotImplementedError) as e:
+    except (ValueError, TypeError, OSError, NotImplementedError, ImportError) as e:  # ImportError: a missing extra
         # OSError: FileNotFoundError / PermissionError / ... on paths the guards could not foresee
         print(f"ef-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

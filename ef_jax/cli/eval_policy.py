@@ -39,6 +39,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     add_load_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="add this run to PNG's .jsonl beside it and draw every run recorded there: stall, MB/token "
+                        "and hit rate per policy over the budget (run once per policy and budget; needs the plot "
+                        "extra)")
     p.set_defaults(fn=run)
     return p
 
@@ -97,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     import ef_jax
     from ef_jax.evalpolicy.harness import evaluate_policy
     pf = preflight("--model", args.model)
+    if args.plot:
+        from ef_jax.plot import check_output
+        check_output(args.plot)
     budget, auto = _check_args(args, pf)
     text = read_text("--text", args.text)
     ids = _text_ids(text, pf)
@@ -111,7 +118,28 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record, default=_jsonable))
     else:
         print(summary(record))
+    if args.plot:
+        _plot(args.plot, record, res, model)
     return 0
+
+
+def _plot(png: str, record: dict, res, model) -> None:
+    """Appends this run's row to PNG's .jsonl and draws all rows there (one line per policy over the budget)."""
+    import sys
+
+    from ef_jax.plot import plot_sweep
+    slots = res.stats.get("slots_per_layer") or model.config.num_experts  # resident: every expert
+    stall = record.get("stall_s_per_token")
+    row = {"policy": record.get("policy") or "resident", "slots_per_layer": slots, "hit_rate": record.get("hit_rate"),
+           "mb_per_token": record["real_bytes_per_token"] / 1e6,
+           "stall_ms_per_token": None if stall is None else stall * 1e3}
+    rows_path = png[:-4] + ".jsonl"
+    with open(rows_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, default=_jsonable) + "\n")
+    with open(rows_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    plot_sweep(rows, png, title=f"eval-policy on {record['text']} ({len(rows)} runs in {rows_path})")
+    print(f"wrote {png} ({len(rows)} runs from {rows_path})", file=sys.stderr)
 
 
 def _text_ids(text: str, pf) -> list[int]:

@@ -39,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--expert-bytes", type=int, default=None, metavar="N",
                    help="bytes of one of the traced model's experts (default: the timing preset's, 17.3 MB)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also replay --policy, lru and belady at six budgets from top-k to every expert and draw "
+                        "hit rate, MB/token and stall per token (needs the plot extra)")
     p.set_defaults(func=run, fn=run)  # ef_jax.cli.commands dispatches on `fn`
     return p
 
@@ -62,12 +65,17 @@ def run(args: argparse.Namespace) -> int:
         positive("--batch-size", args.batch_size)
         positive("--expert-bytes", args.expert_bytes)
         input_npz("TRACE", args.trace, "`ef-jax trace`")
+        if args.plot:
+            from ef_jax.plot import check_output
+            check_output(args.plot)
         timing = _timing(args)
         trace = load_trace(args.trace)
         experts = trace.experts if args.tokens is None else trace.experts[:args.tokens]
         stats = replay(experts, slots_per_layer=args.slots_per_layer, policy=args.policy, timing=timing,
                        batch_size=args.batch_size)
-    except (ValueError, FileNotFoundError) as err:
+        if args.plot:
+            _plot(args, experts, timing)
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"ef-jax sim: error: {err}", file=sys.stderr)
         return 2
     if args.json:
@@ -77,6 +85,31 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary(stats, args.timing, timing.expert_bytes if timing else None, args.expert_bytes is None))
     return 0
+
+
+def sweep(experts, policies, timing, batch_size: int = 1, points: int = 6) -> list[dict]:
+    """Replay rows (policy, slots_per_layer, hit_rate, mb_per_token, stall_ms_per_token) over `points` budgets
+    from top-k slots to every expert."""
+    import numpy as np
+    K, E = experts.shape[2], int(experts.max()) + 1
+    rows = []
+    for slots in sorted({int(round(s)) for s in np.linspace(K, E, points)}):
+        for policy in policies:
+            s = replay(experts, slots_per_layer=slots, policy=policy, timing=timing, batch_size=batch_size,
+                       num_experts=E)
+            rows.append({"policy": s.policy, "slots_per_layer": slots, "hit_rate": s.hit_rate,
+                         "mb_per_token": None if s.stall_s is None else s.bytes_per_token / 1e6,
+                         "stall_ms_per_token": None if s.stall_s is None else s.stall_per_token_s * 1e3})
+    return rows
+
+
+def _plot(args, experts, timing) -> None:
+    from ef_jax.plot import plot_sweep
+    policies = list(dict.fromkeys([args.policy, "lru", "belady"]))
+    rows = sweep(experts, policies, timing, args.batch_size)
+    plot_sweep(rows, args.plot, title=f"{args.trace}: {len(experts)} tokens, batch {args.batch_size}, timing "
+                                      f"{args.timing}")
+    print(f"wrote {args.plot}", file=sys.stderr)
 
 
 def summary(s, timing_name: str, expert_bytes: int | None = None, preset_bytes: bool = True) -> str:
