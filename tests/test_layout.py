@@ -22,7 +22,7 @@ LAYERS = [
     {"cache", "sched", "model", "mesh"},
     {"sim", "random_model", "random_checkpoint", "predict"},
     {"engine"},
-    {"hybrid", "evalpolicy", "serve"},
+    {"hybrid", "evalpolicy", "serve", "bench"},
     {"train"},
     {"cli"},
 ]

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim_cli.add_parser(sub)
     from ef_jax.cli import plot as plot_cli
     plot_cli.add_parser(sub)
+    from ef_jax.cli import bench as bench_cli
+    bench_cli.add_parser(sub)
     from ef_jax.cli import eval_policy as evalpolicy_cli
     evalpolicy_cli.add_parser(sub)
     from ef_jax.cli import hybrid as hybrid_cli
