@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ef_jax.progress import bar
+
 
 @dataclasses.dataclass(frozen=True)
 class HybridConfig:
@@ -112,7 +114,7 @@ def train(cfg: HybridConfig, f_train: dict, f_val: dict, *, steps: int = 2000, b
     N = len(f_train["tok"])
     best, best_params, t0 = math.inf, params, time.perf_counter()
     b1, b2 = 0.9, 0.999
-    for step in range(1, steps + 1):
+    for step in bar(range(1, steps + 1), desc="training hybrid", unit="step"):
         idx = rng.integers(0, N, min(batch, N))
         loss, g = grad(params, cfg, {k: a[idx] for k, a in f_train.items()}, weight_decay)
         m = jax.tree.map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, m, g)

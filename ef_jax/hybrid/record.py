@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from ef_jax.model import Model
+from ef_jax.progress import bar
 
 
 @dataclasses.dataclass
@@ -60,7 +61,7 @@ def record(model: Model, token_ids: list[int], *, seq_len: int = 256, max_tokens
         raise ValueError(f"need at least 2 tokens to record, got {len(ids)}")
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
     with Forward(model) as fwd:
-        hidden, experts = record_chunks(fwd, chunks, point)               # [N, L, D], [N, L, K]
+        hidden, experts = record_chunks(fwd, bar(chunks, desc="recording", unit="seq"), point)               # [N, L, D], [N, L, K]
     experts = experts.astype(np.int16)
     offsets = np.cumsum([0] + [len(c) for c in chunks]).astype(np.int64)
     layers = [model.params["layers"][i] for i in cfg.moe_layer_ids]
