@@ -1,6 +1,7 @@
 """The `ef-jax` command line, one module per command group; every module is a thin shell over the Python API.
 
-commands.py (the parser, dispatch, info, trace) · generate.py · serve.py · sim.py · eval_policy.py · hybrid.py
+commands.py (the parser, dispatch, info, trace) · generate.py · serve.py · sim.py · eval_policy.py · bench.py ·
+plot.py (plot-timeline) · hybrid.py
 (record, train-hybrid) · predict.py (train-predictor, eval-predictor) · convert.py (convert, and the
 --expert-dtype/--group-size load flags every loading command shares) · devices.py (--devices) · model.py (the
 checkpoint argument, budgets, preflight) · guards.py (input/output checks, UsageError) · stream.py (text stream,

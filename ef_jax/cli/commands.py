@@ -1,5 +1,5 @@
-"""The `ef-jax` command line: generate | info | trace | sim | eval-policy | record | train-hybrid | train-predictor
-| eval-predictor.
+"""The `ef-jax` command line: generate | info | trace | sim | plot-timeline | bench | eval-policy | record |
+train-hybrid | serve | convert | train-predictor | eval-predictor.
 
 Each subcommand is a thin shell over the Python API. Inputs and output paths are checked before any model work
 (ef_jax.cli.guards); a refusal prints one line naming the flag and the fix and exits 2; Ctrl-C exits 130.
