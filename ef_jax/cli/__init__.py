@@ -2,12 +2,13 @@
 
 main.py (the parser, dispatch, info, trace) · generate.py · serve.py · sim.py · eval_policy.py · hybrid.py
 (record, train-hybrid) · predict.py (train-predictor, eval-predictor) · convert.py (convert, and the
---expert-dtype/--group-size load flags every loading command shares) · devices.py (--devices) · model.py (the
+--expert-dtype/--group-size load flags every loading command shares) · devices.py (--devices, --step) · model.py (the
 checkpoint argument, budgets, preflight) · guards.py (input/output checks, UsageError) · stream.py (text stream,
-spinner). Names import lazily, so `ef-jax --help` answers without jax.
+spinner) · support.py (the support table's flag names). Commands import jax lazily, so `ef-jax --help`
+answers without it.
 """
-from ef_jax.lazy import lazy_exports
+# Imported now, not lazily: the module ef_jax.cli.main shares the function's name, and importing the submodule
+# later (`from ef_jax.cli.main import ...`) would rebind `ef_jax.cli.main` to the module. It imports no jax.
+from ef_jax.cli.main import build_parser, main  # noqa: E402
 
-_EXPORTS = {"main": "ef_jax.cli.main", "build_parser": "ef_jax.cli.main"}
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)
+__all__ = ["build_parser", "main"]

@@ -2,6 +2,7 @@
 issue's JSON fields, offloading with exact routing leaves perplexity unchanged."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -63,6 +64,21 @@ def test_eval_policy_cli_json(tiny, capsys):
     assert 0 <= rec["hit_rate"] <= 1 and rec["mean_horizon"] >= 1 and rec["stall_s_per_token"] >= 0
     assert rec["tokens"] == 48 and rec["batch_size"] == 2
     assert main(["eval-policy", "--model", d, "--text", text, "--policy", "lru"]) == 2  # no budget: one-line error
+
+
+@pytest.mark.parametrize("extra", [["--step", "device"], ["--devices", "2", "--policy", "lru"]],
+                         ids=["step-device", "devices-2"])
+def test_eval_policy_cli_step_device_and_devices(tiny, capsys, extra):
+    """`ef-jax eval-policy --step device` / `--devices 2` run and report the cache's hits and misses."""
+    from ef_jax.cli.main import main
+    d, _, _, text = tiny
+    if "--devices" in extra and jax.device_count() < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py sets XLA_FLAGS)")
+    assert main(["eval-policy", "--model", d, "--text", text, "--slots-per-layer", "3", "--policy", "lru",
+                 "--max-tokens", "12", "--seq-len", "6", "--json"] + extra) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["stats"]["hits"] + rec["stats"]["misses"] > 0 and 0 <= rec["hit_rate"] <= 1
+    assert rec["stats"]["step"] == ("device" if "device" in extra else "layer")
 
 
 def test_split_sequences():
