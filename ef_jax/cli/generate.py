@@ -271,17 +271,17 @@ def stats_line(s: dict) -> str:
     n = s["generated_tokens"]
     line = (f"[{plural(n, 'token')} | compile {s['compile_s']:.2f} s | prefill {s['prefill_s'] * 1e3:.1f} ms for "
             f"{plural(s['prompt_tokens'], 'prompt token')} | decode {s['tokens_per_s']:.1f} tokens/s")
-    if "hit_rate" in s:
-        real = s.get("h2d_bytes_real", s["h2d_bytes"])
+    if s["step"] != "resident":  # an offloaded source (every source reports the same keys: SourceStats)
+        real = s["h2d_bytes_real"]
         h2d = f"H2D {fmt_bytes(real)} total"
         if real != s["h2d_bytes"]:
             h2d += f" ({fmt_bytes(s['h2d_bytes'])} at the timing preset's expert size)"
         line += (f" | experts: hit rate {s['hit_rate']:.3f}, {s['misses']} miss{'' if s['misses'] == 1 else 'es'}"
                  f", {h2d}, stall {s['stall_s'] * 1e3:.1f} ms total ({s['stall_s'] * 1e3 / max(n, 1):.2f} ms/token)"
                  f", resident {fmt_bytes(s['expert_bytes_resident'])}")
-        if "per_device" in s:  # --devices N: the budget and the resident bytes are each device's
+        if s["devices"] > 1:  # --devices N: the budget and the resident bytes are each device's
             line += " per device | " + ", ".join(
                 f"{d['device']}: hit rate {d['hit_rate']:.3f}, H2D {fmt_bytes(d['h2d_bytes'])}" for d in s["per_device"])
-    elif "devices" in s:
+    elif s["devices"] > 1:
         line += f" | experts split over {s['devices']} devices"
     return line + "]"

@@ -145,7 +145,7 @@ def test_tapped_step_runs_layer_by_layer_on_the_device(runs):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(policy="lfu"), "policy 'lfu' decides evictions on the host: use step='layer'"),
+    (dict(policy="lfu"), "policy='lfu' decides evictions on the host: use step='layer'"),
     (dict(routing="cache-aware"), "routing='cache-aware'.*use step='layer'"),
     (dict(timing="h100"), "virtual clock.*use step='layer'"),
 ])
