@@ -54,6 +54,9 @@ def offload_for(name: str, slots: int, timing, model=None, hybrid: str | None = 
         return OffloadConfig(slots_per_layer=slots, policy=pol, timing=timing)
     if name == "expertflow+cache-aware":
         return OffloadConfig(slots_per_layer=slots, policy="expertflow", routing="cache-aware", timing=timing)
+    if name == "predictive":  # no trained predictor here: the online lookup table
+        from ef_jax.policies.registry import PolicySpec
+        return OffloadConfig(slots_per_layer=slots, policy=PolicySpec("predictive", predictor="online"), timing=timing)
     return OffloadConfig(slots_per_layer=slots, policy=name, timing=timing)
 
 

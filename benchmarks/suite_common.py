@@ -15,6 +15,8 @@ import sys
 import time
 import traceback
 
+import numpy as np
+
 from results_io import git_commit
 
 
@@ -184,3 +186,61 @@ def release(model) -> None:
     except ImportError:
         return
     drop_resident(model)
+
+
+# ---- what the model parts share (suite_models, suite_quant) -----------------------------------------------------
+def replay_override(experts: np.ndarray, batch: int):
+    """route_override replaying experts u8[N, L, K]: row b decodes its own stretch of the trace (token
+    b·⌊N/B⌋ + step), MoE layer j takes trace layer j mod L — B independent streams, as B prompts would be."""
+    N, L, _ = experts.shape
+    starts = np.arange(batch) * (N // batch)
+
+    def override(step, j, routed):
+        rows = (starts[:len(routed)] + step) % N
+        return experts[rows, j % L].astype(np.int32)
+    return override
+
+
+def teacher_forced_row(model, ids, offload, batch: int, steps: int, override=None) -> dict:
+    from ef_jax.evalpolicy import evaluate_policy
+    r = evaluate_policy(model, ids, offload, batch_size=batch, seq_len=steps + 1, max_tokens=batch * (steps + 1),
+                        route_override=override)
+    s = r.stats
+    row = {"tokens": r.tokens, "steps": r.tokens // batch, "wall_s": r.wall_s, "tokens_per_s": r.tokens / r.wall_s,
+           "hit_rate": r.hit_rate, "stall_ms_per_token": 1e3 * r.stall_s_per_token,
+           "mb_per_token": r.bytes_per_token / 1e6, "prefetch_precision": r.prefetch_precision,
+           "prefetch_recall": r.prefetch_recall, "dispatches_per_step": s.get("dispatches_per_step"),
+           "host_syncs_per_step": s.get("host_syncs_per_step"), "sync_points": s.get("sync_points")}
+    if offload is not None:
+        row.update(misses=s.get("misses"), hits=s.get("hits"), h2d_bytes_real=s.get("h2d_bytes_real"),
+                   copier=s.get("copier"), slots_per_layer=s.get("slots_per_layer"),
+                   device_peak_bytes_in_use=s.get("device_peak_bytes_in_use"),
+                   compile_stats={k: v for k, v in s.items() if "compile" in k or "variant" in k})  # as counted
+    return row
+
+
+def add_roofline(row: dict, compute_step_s: float | None, bytes_per_expert: int, peak: float) -> None:
+    """roofline = max(compute, misses × copy time) per step, from this run's misses and the measured peak; also
+    the same bound on the bytes really moved (prefetches included)."""
+    if compute_step_s is None or row.get("misses") is None:
+        return
+    steps, copy_s = row["steps"], bytes_per_expert / peak
+    B = row["tokens"] / steps
+    miss_step = row["misses"] / steps
+    roof = max(compute_step_s, miss_step * copy_s)
+    moved = max(compute_step_s, (row.get("h2d_bytes_real") or 0) / steps / peak)
+    row.update(misses_per_step=miss_step, roofline_step_s=roof, roofline_tokens_per_s=B / roof,
+               frac_of_roofline=row["tokens_per_s"] / (B / roof), roofline_moved_tokens_per_s=B / moved,
+               frac_of_roofline_moved=row["tokens_per_s"] / (B / moved))
+
+
+def pin_store(model):
+    """Seconds to pin every expert in host memory (once per model; the first offloaded run would pay it), or why
+    it was not timed apart (then the first burn-in includes it)."""
+    try:
+        from ef_jax.engine.transfer.store import store_for
+    except ImportError as e:
+        return f"not timed apart ({e})"
+    t = time.perf_counter()
+    store_for(model)
+    return time.perf_counter() - t

@@ -17,8 +17,7 @@ import dataclasses
 import gc
 import time
 
-from suite_common import fmt, md_header, table
-from suite_models import add_roofline, pin_store, replay_override, teacher_forced_row
+from suite_common import add_roofline, fmt, md_header, pin_store, replay_override, table, teacher_forced_row
 
 QUANT_DTYPES = ("int8", "int4")
 BUDGET = 0.25  # of the float experts' bytes: float experts are transfer-bound there (the issue's case)

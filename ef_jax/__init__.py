@@ -7,6 +7,9 @@ Public API:
   generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, offload,
            stop_token_ids, layers_per_group, batch_size, schedule, on_token) -> GenerationResult
   trace_routing(model, texts_or_token_ids) -> np.ndarray int[N, L_moe, K]
+  evaluate_policy(model, token_ids, offload=None, *, batch_size, seq_len, max_tokens) -> PolicyEval
+           (teacher-forced decoding of a text through the offload engine: hit rate, bytes, stall, perplexity)
+What a combination of options cannot do is refused before any work, from one table (ef_jax.cache.support).
 
 Names are imported on first use, so host-only parts (ef_jax.cache, ef_jax.policies, ef_jax.sim) load without jax.
 """
@@ -24,6 +27,8 @@ _EXPORTS = {
     "expert_mesh": "ef_jax.mesh",
     "OffloadConfig": "ef_jax.cache.config",
     "PolicySpec": "ef_jax.policies.registry",
+    "evaluate_policy": "ef_jax.evalpolicy.harness",
+    "PolicyEval": "ef_jax.evalpolicy.harness",
 }
 
 __all__ = sorted(_EXPORTS)

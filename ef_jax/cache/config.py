@@ -29,6 +29,7 @@ ROUTING_MODES = ("exact", "cache-aware")
 # sweep in docs/expertflow.md (perplexity cost ≤ 1 % on held-out text).
 DEFAULT_ROUTING_TOLERANCE = 0.02
 TRANSFER_MODES = ("inline", "thread", "program")
+DEFAULT_TRANSFERS = "program"
 STEP_MODES = ("layer", "device")
 
 
@@ -40,7 +41,8 @@ class OffloadConfig:
     has free after the non-expert weights, the run's KV cache and a margin, see ef_jax.cache.auto_budget — the
     choice and its reason are in stats["budget_auto"]) or directly as `slots_per_layer` — exactly one of them.
       policy: a policy name ("nocache", "lru", "lfu", ...) or a Policy object.
-      layers_per_group: consecutive dense layers run in one jitted call (MoE layers always sync on routing).
+      layers_per_group: consecutive dense layers run in one jitted call (MoE layers always sync on routing);
+        default 4 (ef_jax.engine.forward.forward.DEFAULT_LAYERS_PER_GROUP), step="layer" only.
       record_timeline: a path: write a Chrome/Perfetto trace JSON of compute, transfers and stalls there.
         Timing a transfer or a layer means waiting for it, so a recorded run overlaps less than a plain one.
       check: verify cache invariants and slot contents after every layer (slow; for tests).
@@ -51,7 +53,7 @@ class OffloadConfig:
         resident expert's router probability is within `routing_tolerance` of a chosen non-resident one, the
         resident one is used instead, its weight renormalised as the family does.
       routing_tolerance: δ ≥ 0 for cache-aware routing (default DEFAULT_ROUTING_TOLERANCE).
-      transfers: "program" (default: copies travel inside the next MoE layer's compiled program and overlap its
+      transfers: None = "program" (default, step="layer" only: copies travel inside the next MoE layer's compiled program and overlap its
         compute; the host never waits for them, so wall-clock stall_s reads 0 and the wait is inside the
         programs), "inline" (device_put + a slot-write program per copy, from the thread that dispatches
         compute) or "thread" (a background copy thread; see ef_jax.engine.transfer.copier.ThreadCopier for the H100
@@ -59,24 +61,25 @@ class OffloadConfig:
       step: "layer" (default: the host routes each MoE layer, one sync per layer) or "device" (the whole token
         step, every layer, in one jitted program with the expert cache on the device; see
         ef_jax.engine.programs.device_step: LRU eviction on the device, policies send prefetch hints one token behind;
-        `transfers`, `timing`, `record_timeline` and cache-aware routing belong to the layer mode).
+        `transfers`, `layers_per_group`, `timing`, `record_timeline` and cache-aware routing belong to the layer
+        mode). What a combination cannot do is refused here or by the Forward, from ef_jax.cache.support.
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None
     policy: Any = "lru"
-    layers_per_group: int = 4
+    layers_per_group: int | None = None
     record_timeline: str | None = None
     check: bool = False
     timing: Any = None
     routing: str = "exact"
     routing_tolerance: float | None = None
-    transfers: str = "program"
+    transfers: str | None = None
     step: str = "layer"
 
     def __post_init__(self):
         if self.step not in STEP_MODES:
             raise ValueError(f"step={self.step!r} must be one of {STEP_MODES}")
-        if self.transfers not in TRANSFER_MODES:
+        if self.transfers is not None and self.transfers not in TRANSFER_MODES:
             raise ValueError(f"transfers={self.transfers!r} must be one of {TRANSFER_MODES}")
         if (self.expert_memory is None) == (self.slots_per_layer is None):
             raise ValueError("give exactly one of expert_memory (e.g. '4GiB') or slots_per_layer (e.g. 8)")
@@ -86,7 +89,8 @@ class OffloadConfig:
                 raise ValueError(f"expert_memory={self.expert_memory!r} must be positive")
         if self.slots_per_layer is not None and (not isinstance(self.slots_per_layer, int) or self.slots_per_layer < 1):
             raise ValueError(f"slots_per_layer={self.slots_per_layer!r} must be a positive int")
-        if not isinstance(self.layers_per_group, int) or self.layers_per_group < 1:
+        if self.layers_per_group is not None and (not isinstance(self.layers_per_group, int)
+                                                  or self.layers_per_group < 1):
             raise ValueError(f"layers_per_group={self.layers_per_group!r} must be a positive int")
         if self.timing is not None:
             from ef_jax.cache.timing import get_timing
@@ -104,6 +108,13 @@ class OffloadConfig:
             if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
                 raise ValueError(f"routing_tolerance={tol!r} must be a number in [0, 1] (a router-probability "
                                  f"difference), e.g. {DEFAULT_ROUTING_TOLERANCE}")
+        from ef_jax.cache import support  # the rows a config alone decides (the Forward checks the rest)
+        support.check(support.Request.of(self))
+
+    @property
+    def copies(self) -> str:
+        """The layer mode's copier (transfers, default "program")."""
+        return self.transfers or DEFAULT_TRANSFERS
 
     @property
     def auto(self) -> bool:

@@ -20,8 +20,8 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
 
 def load_kwargs(args: argparse.Namespace) -> dict:
     """ef_jax.load keyword arguments from add_load_args' flags ("bf16" means: experts as --dtype)."""
-    dt = getattr(args, "expert_dtype", None)
-    return {"expert_dtype": None if dt == "bf16" else dt, "group_size": getattr(args, "group_size", None)}
+    dt = args.expert_dtype
+    return {"expert_dtype": None if dt == "bf16" else dt, "group_size": args.group_size}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

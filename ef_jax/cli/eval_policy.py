@@ -12,6 +12,8 @@ from ef_jax.cli.guards import UsageError, input_dir, positive, read_text
 from ef_jax.cli.model import parse_ids, preflight
 from ef_jax.cache.timing import TIMING_PRESETS
 from ef_jax.cli.convert import add_load_args, load_kwargs
+from ef_jax.cli.devices import add_devices_arg, add_step_arg, load_mesh
+from ef_jax.cli.support import check_run
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,6 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hybrid", default=None, help="a train-hybrid output directory: expertflow's predictor")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     add_load_args(p)
+    add_devices_arg(p)
+    add_step_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="add this run to PNG's .jsonl beside it and draw every run recorded there: stall, MB/token "
@@ -57,15 +61,13 @@ def build_offload(model, args, budget: dict | None = None):
         raise UsageError("give --expert-memory (e.g. 2GiB) or --slots-per-layer N (or --policy resident)")
     policy = args.policy
     if args.hybrid:
-        if policy != "expertflow":
-            raise UsageError(f"--hybrid feeds expertflow's predictor; got --policy {policy}: add --policy expertflow")
         from ef_jax.hybrid.predictor import HybridPredictor
         from ef_jax.policies.registry import PolicySpec
         policy = PolicySpec("expertflow", predictor=HybridPredictor.load(args.hybrid, model))
     budget = budget or {"expert_memory": args.expert_memory, "slots_per_layer": args.slots_per_layer}
     return OffloadConfig(**budget, policy=policy,
                          routing=args.routing, routing_tolerance=args.routing_tolerance,
-                         timing=None if args.timing == "none" else args.timing)
+                         timing=None if args.timing == "none" else args.timing, step=args.step)
 
 
 def _check_args(args, pf) -> tuple[dict | None, dict | None]:
@@ -74,8 +76,9 @@ def _check_args(args, pf) -> tuple[dict | None, dict | None]:
     from ef_jax.cli.model import offload_budget
     from ef_jax.model import default_dtype
     from ef_jax.policies.registry import policy_names
-    for flag in ("batch_size", "seq_len", "max_tokens"):
-        positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                        ("--max-tokens", args.max_tokens)):
+        positive(flag, value)
     if args.policy != "resident" and args.policy not in policy_names():
         raise UsageError(f"--policy {args.policy} is unknown: choose one of resident, {', '.join(policy_names())}")
     if args.policy == "resident":
@@ -86,11 +89,12 @@ def _check_args(args, pf) -> tuple[dict | None, dict | None]:
         raise UsageError("give --expert-memory (e.g. 2GiB) or --slots-per-layer N (or --policy resident)")
     if args.routing_tolerance is not None and args.routing != "cache-aware":
         raise UsageError("--routing-tolerance applies to cache-aware routing: add --routing cache-aware")
+    check_run(offloaded=args.policy != "resident", policy=args.policy, num_experts=pf.config.num_experts,
+              num_moe_layers=pf.config.num_moe_layers, step=args.step, devices=args.devices,
+              hybrid=args.hybrid is not None, auto_budget=args.expert_memory == "auto", routing=args.routing,
+              timing=args.timing != "none")
     if args.hybrid:
         input_dir("--hybrid", args.hybrid, "config.json", "`ef-jax train-hybrid --out`")
-        if args.policy != "expertflow":
-            raise UsageError(f"--hybrid feeds expertflow's predictor; got --policy {args.policy}: add --policy "
-                             "expertflow")
     if args.policy == "resident":
         return None, None
     # rows × seq_len positions: the largest KV cache the run decodes with (rows are never longer)
@@ -107,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
     budget, auto = _check_args(args, pf)
     text = read_text("--text", args.text)
     ids = _text_ids(text, pf)
-    model = ef_jax.load(pf.path, dtype=args.dtype, **load_kwargs(args))
+    model = ef_jax.load(pf.path, dtype=args.dtype, **load_kwargs(args), **load_mesh(args))
     res = evaluate_policy(model, ids, build_offload(model, args, budget), batch_size=args.batch_size,
                           seq_len=args.seq_len, max_tokens=args.max_tokens)
     record = {"model": model.path, "text": args.text, "timing": args.timing, "batch_size": args.batch_size,
               "routing": args.routing, "budget_auto": auto, **res.to_dict(),
               # a timing preset counts its own expert size in bytes_per_token; this is what really moved
-              "real_bytes_per_token": res.stats.get("cache_loads", 0) * model.param_bytes()["per_expert"] / res.tokens}
+              "real_bytes_per_token": res.stats["cache_loads"] * model.param_bytes()["per_expert"] / res.tokens}
     if args.json:
         print(json.dumps(record, default=_jsonable))
     else:

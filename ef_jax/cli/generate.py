@@ -20,7 +20,8 @@ from ef_jax.cli.guards import UsageError, input_dir, output_file, plural, positi
 from ef_jax.cli.model import Preflight, fmt_bytes, offload_budget, preflight, prompt_ids
 from ef_jax.cli.stream import Spinner, TextStream
 from ef_jax.generation_config import SamplingRequest
-from ef_jax.cli.devices import add_devices_arg, check_devices, load_mesh
+from ef_jax.cli.devices import add_devices_arg, add_step_arg, load_mesh
+from ef_jax.cli.support import check_run
 from ef_jax.cli.convert import add_load_args, load_kwargs
 
 
@@ -63,9 +64,7 @@ def add_parser(sub) -> None:
                    help="a train-predictor --out directory: the predictor of --policy predictive")
     g.add_argument("--hybrid", default=None, metavar="DIR",
                    help="a train-hybrid --out directory: the predictor of --policy expertflow")
-    g.add_argument("--step", choices=["layer", "device"], default="layer",
-                   help="offloaded decoding: layer (the host routes each MoE layer) or device (the whole token step "
-                        "and the expert cache in one compiled program; lru, nocache and hint policies)")
+    add_step_arg(g)
     g.add_argument("--timeline", default=None, metavar="FILE",
                    help="write a Chrome/Perfetto trace JSON of the offload engine here")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, stats) at the end")
@@ -75,7 +74,7 @@ def add_parser(sub) -> None:
 def generate_policies() -> list[str]:
     """'resident' and every registered policy that decides online (Belady needs the future routing)."""
     from ef_jax.policies.registry import POLICIES, policy_names
-    return ["resident"] + [n for n in policy_names() if not hasattr(POLICIES[n], "set_future")]
+    return ["resident"] + [n for n in policy_names() if not POLICIES[n].needs_future]
 
 
 def _check_sampling_flags(args) -> None:
@@ -91,39 +90,17 @@ def _check_sampling_flags(args) -> None:
 
 
 def _policy_name(args) -> str:
+    """The --policy name ("resident" when nothing is offloaded); the support table judges the combination."""
     from ef_jax.policies.registry import POLICIES
     offloaded = args.expert_memory is not None or args.slots_per_layer is not None
     name = args.policy or ("lru" if offloaded else "resident")
-    choices = generate_policies()
-    if name not in choices:
-        if name in POLICIES:  # registered but offline (needs future routing)
-            raise UsageError(f"--policy {name} is an offline oracle that needs every future token's routing, which "
-                             f"generation cannot know; replay a routing trace with `ef-jax sim TRACE --policy {name}`"
-                             f", or choose one of {', '.join(choices)}")
-        raise UsageError(f"--policy {name} is unknown: choose one of {', '.join(choices)}")
-    if name == "resident":
-        if offloaded:
-            raise UsageError("--policy resident keeps every expert on the device: drop --expert-memory / "
-                             "--slots-per-layer, or choose an offloading --policy")
-        if args.timeline:
-            raise UsageError("--timeline records the offload engine: give --expert-memory or --slots-per-layer too")
-    elif not offloaded:
+    if name != "resident" and name not in POLICIES:
+        raise UsageError(f"--policy {name} is unknown: choose one of {', '.join(generate_policies())}")
+    if name == "resident" and offloaded:
+        raise UsageError("--policy resident keeps every expert on the device: drop --expert-memory / "
+                         "--slots-per-layer, or choose an offloading --policy")
+    if name != "resident" and not offloaded:
         raise UsageError(f"--policy {name} offloads experts: give --expert-memory (e.g. 2GiB) or --slots-per-layer N")
-    if args.predictor and name != "predictive":
-        raise UsageError("--predictor DIR is the predictor of --policy predictive: add --policy predictive")
-    if args.hybrid and name != "expertflow":
-        raise UsageError("--hybrid DIR is the predictor of --policy expertflow: add --policy expertflow")
-    if args.step == "device":
-        if name == "resident":
-            raise UsageError("--step device runs the expert cache inside the step: give --expert-memory or "
-                             "--slots-per-layer too (without them every expert is resident anyway)")
-        from ef_jax.engine.sources.device_experts import DEVICE_POLICIES
-        if name not in DEVICE_POLICIES:
-            raise UsageError(f"--step device evicts by LRU on the device, so --policy {name} (host-side eviction) "
-                             f"runs only with --step layer; with --step device use one of {', '.join(DEVICE_POLICIES)}")
-        if args.timeline:
-            raise UsageError("--timeline records per-layer host events, which --step device does not have: use "
-                             "--step layer")
     return name
 
 
@@ -195,7 +172,10 @@ def plan(args) -> Plan:
         raise UsageError(e.describe("--max-new-tokens")) from None
     dtype = args.dtype or default_dtype()
     name = _policy_name(args)
-    check_devices(args, pf.config.num_experts, None if name == "resident" else name)
+    check_run(offloaded=name != "resident", policy=name, num_experts=pf.config.num_experts,
+              num_moe_layers=pf.config.num_moe_layers, step=args.step, devices=args.devices,
+              timeline=args.timeline is not None, predictor=args.predictor is not None,
+              hybrid=args.hybrid is not None, auto_budget=args.expert_memory == "auto")
     budget, auto = None, None
     if name != "resident":
         budget, auto = offload_budget(args, pf, dtype, (1, cache_slots(len(ids), req.max_new_tokens)))
@@ -205,7 +185,7 @@ def plan(args) -> Plan:
 
 
 def run(args) -> int:
-    p = plan(args)  # Ctrl-C from here to the first token exits 130 at once (ef_jax.cli.main's handler)
+    p = plan(args)  # Ctrl-C from here to the first token exits 130 at once (ef_jax.cli.commands' handler)
     spinner = Spinner()
     try:
         return _generate(args, p, spinner)
@@ -301,17 +281,17 @@ def stats_line(s: dict) -> str:
     n = s["generated_tokens"]
     line = (f"[{plural(n, 'token')} | compile {s['compile_s']:.2f} s | prefill {s['prefill_s'] * 1e3:.1f} ms for "
             f"{plural(s['prompt_tokens'], 'prompt token')} | decode {decode_speed(s)}")
-    if "hit_rate" in s:
-        real = s.get("h2d_bytes_real", s["h2d_bytes"])
+    if s["step"] != "resident":  # an offloaded source (every source reports the same keys: SourceStats)
+        real = s["h2d_bytes_real"]
         h2d = f"H2D {fmt_bytes(real)} total"
         if real != s["h2d_bytes"]:
             h2d += f" ({fmt_bytes(s['h2d_bytes'])} at the timing preset's expert size)"
         line += (f" | experts: hit rate {s['hit_rate']:.3f}, {s['misses']} miss{'' if s['misses'] == 1 else 'es'}"
                  f", {h2d}, stall {s['stall_s'] * 1e3:.1f} ms total ({s['stall_s'] * 1e3 / max(n, 1):.2f} ms/token)"
                  f", resident {fmt_bytes(s['expert_bytes_resident'])}")
-        if "per_device" in s:  # --devices N: the budget and the resident bytes are each device's
+        if s["devices"] > 1:  # --devices N: the budget and the resident bytes are each device's
             line += " per device | " + ", ".join(
                 f"{d['device']}: hit rate {d['hit_rate']:.3f}, H2D {fmt_bytes(d['h2d_bytes'])}" for d in s["per_device"])
-    elif "devices" in s:
+    elif s["devices"] > 1:
         line += f" | experts split over {s['devices']} devices"
     return line + "]"

@@ -49,8 +49,9 @@ def add_parser(subparsers) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from ef_jax.cli.guards import input_npz, output_dir, positive
     from ef_jax.predict.train import TrainConfig, train_predictor
-    for flag in ("max_steps", "batch", "d_model", "depth", "window"):
-        positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    for flag, value in (("--max-steps", args.max_steps), ("--batch", args.batch), ("--d-model", args.d_model),
+                        ("--depth", args.depth), ("--window", args.window)):
+        positive(flag, value)
     positive("--eval-every", args.eval_every, minimum=0)  # 0: validate only at the end
     positive("--train-prompts", args.train_prompts)
     for p in args.traces:

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import signal
-from ef_jax.cli.devices import add_devices_arg, load_mesh
+from ef_jax.cli.devices import add_devices_arg, add_step_arg, load_mesh
 from ef_jax.cli.convert import add_load_args, load_kwargs
 
 DEFAULT_CONTEXT = 1024
@@ -32,6 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "the other weights, the KV cache of --max-live × --max-context and a margin)")
     budget.add_argument("--slots-per-layer", type=int, default=None, help="device expert slots per MoE layer")
     p.add_argument("--policy", default=None, help="offload cache policy (default lru when offloaded)")
+    add_step_arg(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; other than loopback, set --api-key (a warning says so otherwise)")
     p.add_argument("--api-key", default=None,
@@ -88,20 +89,21 @@ def build(model, offload=None, *, max_batch: int = 8, max_live: int | None = Non
 
 
 def _check_budget(args: argparse.Namespace) -> dict | None:
-    """The offload budget's kwargs (None: every expert resident), checked against the checkpoint before it loads;
-    --expert-memory auto leaves room for the KV cache of --max-live rows × --max-context positions."""
-    from ef_jax.cli.devices import check_devices
+    """The offload budget's kwargs (None: every expert resident), checked against the checkpoint and the support
+    table before it loads; --expert-memory auto leaves room for the KV cache of --max-live rows × --max-context."""
     from ef_jax.cli.guards import UsageError
     from ef_jax.cli.model import offload_budget, preflight
+    from ef_jax.cli.support import check_run
     from ef_jax.model import default_dtype
-    if not (args.expert_memory or args.slots_per_layer):
-        if args.policy:
-            raise UsageError("--policy needs a budget: give --expert-memory or --slots-per-layer")
-        if args.devices != 1:
-            check_devices(args, preflight("--model", args.model, with_tokenizer=False).config.num_experts, None)
-        return None
+    offloaded = bool(args.expert_memory or args.slots_per_layer)
+    if args.policy and not offloaded:
+        raise UsageError("--policy needs a budget: give --expert-memory or --slots-per-layer")
     pf = preflight("--model", args.model, with_tokenizer=False)
-    check_devices(args, pf.config.num_experts, args.policy or "lru")
+    check_run(offloaded=offloaded, policy=(args.policy or "lru") if offloaded else "resident",
+              num_experts=pf.config.num_experts, num_moe_layers=pf.config.num_moe_layers, step=args.step,
+              devices=args.devices, auto_budget=args.expert_memory == "auto")
+    if not offloaded:
+        return None
     mpe = pf.config.max_position_embeddings
     context = args.max_context or (min(mpe, DEFAULT_CONTEXT) if mpe else DEFAULT_CONTEXT)
     budget, _ = offload_budget(args, pf, args.dtype or default_dtype(), (args.max_live or 2 * args.max_batch, context))
@@ -160,7 +162,7 @@ def _load(args, budget, key, loading, server, parts: dict) -> None:
     log = logging.getLogger("ef_jax.serve")
     try:
         model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args), **load_mesh(args))
-        offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru")
+        offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru", step=args.step)
         app, engine, forward = build(model, offload, max_batch=args.max_batch, max_live=args.max_live,
                                      context=args.max_context, schedule=args.schedule, max_wait=args.max_wait,
                                      model_name=args.served_model_name, api_key=key)

@@ -69,13 +69,11 @@ def split_sequences(ids: list[int], seq_len: int, batch_size: int, max_tokens: i
 def evaluate_policy(model: Model, token_ids: list[int], offload=None, *, batch_size: int = 1, seq_len: int = 256,
                     max_tokens: int | None = None, route_override=None) -> PolicyEval:
     """Teacher-forced decoding of `token_ids` (one stream, split into rows) through `offload` (None: resident).
-    route_override (benchmarks only): see ef_jax.engine.sources.experts.OffloadedExperts."""
+    route_override (benchmarks only): see ef_jax.engine.sources.base.RouteOverride; refused where the source
+    cannot honour it (ef_jax.cache.support)."""
     groups = split_sequences(token_ids, seq_len, batch_size, max_tokens)
-    if route_override is not None and offload is None:
-        raise ValueError("route_override needs an offloaded run (offload=OffloadConfig(...))")
-    with Forward(model, offload, kv_shape=groups[0].shape) as fwd:  # every group has the same [B, T]
-        if route_override is not None:
-            fwd.source.route_override = route_override
+    # every group has the same [B, T]; what the run cannot do is refused here (ef_jax.cache.support)
+    with Forward(model, offload, kv_shape=groups[0].shape, route_override=route_override) as fwd:
         t0 = time.perf_counter()
         nlls, argmaxes = [], []
         for seqs in bar(groups, desc="eval-policy", unit="batch"):
@@ -85,7 +83,8 @@ def evaluate_policy(model: Model, token_ids: list[int], offload=None, *, batch_s
         jax.effects_barrier()
         wall = time.perf_counter() - t0
         stats = fwd.stats()
-        routing = np.concatenate(fwd.source.routing_log) if fwd.offloaded and fwd.source.routing_log else None
+        log = fwd.source.routing_log
+        routing = np.concatenate(log) if log else None
     nll = float(np.mean(np.concatenate([n.ravel() for n in nlls])))
     decoded = sum(g.shape[0] * (g.shape[1] - 1) for g in groups)
     return PolicyEval(policy=stats["policy"], tokens=decoded, perplexity=math.exp(nll), nll=nll, wall_s=wall,

@@ -51,6 +51,7 @@ class Policy(Protocol):
     hidden_point: str      # where on_hidden sees them: "moe" (a layer's output) or "attention" (its MoE input)
     layer_prefetches: bool  # False: on_route / on_hidden never prefetch (an all-hit layer may be dispatched first)
     device_scorer: object   # a PregateScorer the engine may apply on the device (then on_scores), or None
+    needs_future: bool      # True: an offline oracle reading the whole future routing (the simulator's only)
 
     @classmethod
     def from_context(cls, context: PolicyContext | None, **kw) -> "Policy": ...
@@ -88,6 +89,7 @@ class BasePolicy:
     # a PregateScorer whose routers the engine may apply on the device, inside the program that computes the hidden
     # state: it then calls on_scores with every MoE layer's pre-gate logits instead of on_hidden (attention point)
     device_scorer = None
+    needs_future = False  # True: reads PolicyContext.future (refused where decoding cannot know it: ef_jax.cache.support)
 
     @classmethod
     def from_context(cls, context: PolicyContext | None, **kw) -> "BasePolicy":

@@ -48,6 +48,7 @@ class Belady(BasePolicy):
     """Offline optimum for demand caching. Args: future (optional) i[N, L, K]; batch_size B tokens per step;
     lookahead: None (the whole future) or k ≥ 0 tokens of it (module docstring)."""
     name = "belady"
+    needs_future = True
 
     def __init__(self, future: np.ndarray | None = None, batch_size: int = 1, lookahead: int | None = None):
         if lookahead is not None and (not isinstance(lookahead, (int, np.integer)) or lookahead < 0):

@@ -55,8 +55,10 @@ class Predictive(BasePolicy):
 
     @classmethod
     def from_context(cls, context: PolicyContext | None, predictor=None, scores=None, **kw) -> "Predictive":
-        """By name: a trained StepPredictor or precomputed scores when given, else an OnlineLookupPredictor."""
-        if predictor is None and scores is None:
+        """A trained StepPredictor, precomputed scores, or predictor="online": a fresh OnlineLookupPredictor (an
+        online lookup table, built per run). The bare name, with neither, is an online lookup too; the engine's
+        support table (ef_jax.cache.support) refuses it there, as README says predictive needs a predictor."""
+        if predictor == "online" or (predictor is None and scores is None):
             predictor = OnlineLookupPredictor()
         if context is not None and context.top_k and "top_k" not in kw:
             kw["top_k"] = context.top_k

@@ -274,5 +274,5 @@ class ServeEngine:
                     tokens_per_second=sum(n for _, n in self._recent) / span if span > 0 else 0.0)
         if self.forward.offloaded:
             st = self.forward.stats()
-            snap.update({k: st[k] for k in _OFFLOAD_STATS if k in st})
+            snap.update({k: st[k] for k in _OFFLOAD_STATS})
         self.snapshot = snap

@@ -23,12 +23,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ef_jax.cache import support
 from ef_jax.cache.expert_cache import CacheView, ExpertCache
 from ef_jax.cache.timing import CopyStream, get_timing
 from ef_jax.policies.base import Policy
-from ef_jax.policies.belady import Belady
 from ef_jax.policies.registry import get_policy
-from ef_jax.sim.replay import PerTokenFigures
+from ef_jax.sched.route_scheduler import ContinuousScheduler, TokenScheduler
+from ef_jax.sim.replay import PerTokenFigures, replay_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ class TokenPool:
         """Yield per step, per layer, the sorted union of the chosen tokens' experts (view: the live cache, read
         before each pick when the scheduler is cache-aware)."""
         experts, offsets = self.experts, self.offsets
-        aware = view is not None and getattr(self.scheduler, "cache_aware", False)
+        aware = view is not None and self.scheduler.cache_aware
         self.max_wait = self.rows = self.num_steps = 0
         waiting, live, pos, wait = list(range(len(offsets) - 1)), [], {}, {}
         while waiting or live:
@@ -191,8 +192,8 @@ def replay_batches(experts: np.ndarray, offsets: np.ndarray, batches, *, slots_p
         experts: i[N, L, K] the trace's routing; offsets: i[P+1] its request boundaries.
         batches: how requests share steps, one of
             - static batches: a list of lists of request indices (ef_jax.sched.route_batches), one after another;
-            - a scheduler with `admit` (ef_jax.sched.ContinuousScheduler): continuous batching;
-            - a scheduler with `pick` (ef_jax.sched.TokenScheduler): per-step token choice among `pool` live
+            - an ef_jax.sched.ContinuousScheduler: continuous batching;
+            - an ef_jax.sched.TokenScheduler: per-step token choice among `pool` live
               requests, from every token's predicted expert set `sets` f32[N, L·E]; a cache-aware one
               (`cache_aware=True`) sees the replayed cache's residency before each step (TokenPool).
         slots_per_layer, policy, timing, num_experts, check: as in ef_jax.sim.replay (online policies only).
@@ -201,12 +202,12 @@ def replay_batches(experts: np.ndarray, offsets: np.ndarray, batches, *, slots_p
     if experts.ndim != 3 or not np.issubdtype(experts.dtype, np.integer):
         raise ValueError(f"experts must be an integer array [N, L, K], got {experts.dtype}{list(experts.shape)}")
     src = None
-    if hasattr(batches, "pick"):
+    if isinstance(batches, TokenScheduler):
         if sets is None or pool is None:
             raise ValueError("a token scheduler needs sets= (predicted expert sets f32[N, L·E]) and pool=")
         src = TokenPool(experts, offsets, sets, batches, pool)
         steps, B, nb = src.steps, batches.batch_size, 0     # replay_steps hands the pool its cache's view
-    elif hasattr(batches, "admit"):
+    elif isinstance(batches, ContinuousScheduler):
         steps, B, nb = continuous_steps(experts, offsets, batches), batches.batch_size, 0
     else:
         steps, B, nb = batch_steps(experts, offsets, batches), max((len(b) for b in batches), default=0), len(batches)
@@ -227,8 +228,9 @@ def replay_steps(steps: Iterable[Sequence[Sequence[int]]] | Callable[[CacheView]
     L, E, S = num_layers, num_experts, slots_per_layer
     timing = get_timing(timing)
     pol = get_policy(policy)
-    if isinstance(pol, Belady):
-        raise ValueError(f"policy {pol.name!r} needs a fixed-width future; batched replay supports online policies")
+    # the simulator builds the policy itself (its own predictor or scores): only the batched-replay rows apply
+    support.check(support.Request(offloaded=True, policy=pol.name, policy_by_name=False, predictor=True,
+                                  where="batched-replay"))
     cache = ExpertCache(L, E, S, pol, check=check, bytes_per_expert=timing.expert_bytes if timing else 0)
     stream = CopyStream(cache, L, E, timing)
     compute_s = timing.layer_compute_s if timing else 0.0
@@ -238,18 +240,8 @@ def replay_steps(steps: Iterable[Sequence[Sequence[int]]] | Callable[[CacheView]
         stream.issue(cache.begin_step(), t)
         for l, need in enumerate(need_by_layer):
             distinct += len(need)
-            passes = [need[i:i + S] for i in range(0, len(need), S)]
-            for n, chunk in enumerate(passes):
-                stream.advance(t)
-                stream.issue(cache.route(l, chunk) if n == 0 else cache.require(l, chunk), t)
-                if timing is not None:
-                    start = stream.ready_at(l, chunk, t)
-                    stall += start - t
-                    stream.advance(start)
-                    t = start + compute_s / len(passes)
-                cache.release(l)
-            if timing is not None:
-                cache.measure(layer_compute_s=compute_s)
+            t, waited = replay_layer(cache, stream, l, need, t, compute_s if timing is not None else None)
+            stall += waited
         stream.issue(cache.end_step(), t)
     s = cache.stats()
     return BatchedStats(policy=pol.name, slots_per_layer=S, batch_size=0, batches=0, tokens=tokens,

@@ -1,7 +1,8 @@
 """Trace replay: push recorded routing through the same ExpertCache + policy the engine uses, on a model clock.
 
-[experts i[N, L, K]] → steps of B tokens → per layer: union of the step's experts → ExpertCache.route
-→ Loads on one FIFO copy stream ⟂ compute clock → ReplayStats (hit rate, bytes, stall)
+[experts i[N, L, K]] → steps of B tokens → per layer: union of the step's experts → the engine's layer plan
+(ef_jax.cache.plan: passes of ≤ S experts, route then require) → Loads on one FIFO copy stream ⟂ compute clock
+→ ReplayStats (hit rate, bytes, stall)
 
 Axes: N tokens, L MoE layers, K routed experts per token, E experts per layer, S slots per layer, B tokens/step.
 
@@ -19,6 +20,7 @@ import math
 
 import numpy as np
 
+from ef_jax.cache import plan as layer_plan
 from ef_jax.cache.expert_cache import ExpertCache
 from ef_jax.cache.timing import (DEEPSEEK_V2_LITE_EXPERT_BYTES, TIMING_PRESETS, CopyStream, Timing,  # noqa: F401
                                  get_timing)
@@ -68,6 +70,29 @@ class ReplayStats(PerTokenFigures):
         return d
 
 
+def replay_layer(cache: ExpertCache, stream: CopyStream, layer: int, need, t: float,
+                 compute_s: float | None) -> tuple[float, float]:
+    """One MoE layer through the engine's layer plan (ef_jax.cache.plan: passes of ≤ S experts when the union is
+    larger) at compute-clock time t. compute_s: the layer's compute time (split over its passes), None without a
+    timing model. Returns (t after the layer, its stall)."""
+    now = {"t": t, "stall": 0.0}
+
+    def compute(p: layer_plan.Pass):
+        if compute_s is None:
+            return
+        start = stream.ready_at(layer, p.chunks[0], now["t"])
+        now["stall"] += start - now["t"]
+        stream.advance(start)
+        now["t"] = start + compute_s / p.count
+
+    layer_plan.run_layer([cache], layer, [np.asarray(need, np.int64)], issue=lambda _, loads: stream.issue(loads, now["t"]),
+                         compute=compute, poll=lambda _, p: stream.advance(now["t"]))
+    if compute_s is not None:
+        cache.measure(layer_compute_s=compute_s)
+    cache.release(layer)
+    return now["t"], now["stall"]
+
+
 def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = "lru",
            timing: str | Timing | None = None, batch_size: int = 1, num_experts: int | None = None,
            check: bool = False) -> ReplayStats:
@@ -104,16 +129,9 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
         block = rows[t0:t0 + batch_size]
         stream.issue(cache.begin_step(), t)
         for l in range(L):
-            need = block[0][l] if batch_size == 1 else sorted({e for tok in block for e in tok[l]})
-            stream.advance(t)
-            stream.issue(cache.route(l, need), t)
-            if timing is not None:
-                start = max([t] + [stream.arrival[l][e] for e in need])
-                stall += start - t
-                stream.advance(start)
-                t = start + compute_s
-                cache.measure(layer_compute_s=compute_s)
-            cache.release(l)
+            need = sorted({e for tok in block for e in tok[l]})
+            t, waited = replay_layer(cache, stream, l, need, t, compute_s if timing is not None else None)
+            stall += waited
         stream.issue(cache.end_step(), t)
     s = cache.stats()
     layer_rate = tuple(h / max(h + m, 1) for h, m in zip(s["layer_hits"], s["layer_misses"]))

@@ -94,7 +94,7 @@ def test_plan_runs_parts_in_suite_order_grouped_by_process():
 
 
 def test_roofline_is_the_slower_of_compute_and_miss_copies():
-    from suite_models import add_roofline
+    from suite_common import add_roofline
     # batch 2, 4 steps, 80 misses: 20 per step × 1 MB at 1 GB/s = 20 ms per step > 10 ms of compute
     row = {"tokens": 8, "steps": 4, "misses": 80, "tokens_per_s": 50.0, "h2d_bytes_real": 4 * 30 * 10**6}
     add_roofline(row, 0.010, 10**6, 1e9)

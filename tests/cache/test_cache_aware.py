@@ -83,8 +83,8 @@ def test_routing_override_replays_a_trace():
     model = random_model(presets(num_layers=2)["tiny"])
     K = model.config.top_k
     trace = np.random.default_rng(0).permuted(np.tile(np.arange(8), (6, 2, 1)), axis=-1)[..., :K]  # [6, 2, K]
-    fwd = Forward(model, OffloadConfig(slots_per_layer=K, check=True))
-    fwd.source.route_override = lambda step, j, experts: trace[step % len(trace), j][None].repeat(len(experts), 0)
+    fwd = Forward(model, OffloadConfig(slots_per_layer=K, check=True),
+                  route_override=lambda step, j, experts: trace[step % len(trace), j][None].repeat(len(experts), 0))
     sample_rows(fwd, make_batch([[3]], 6), SamplingParams(), 0, set(), 6)
     got = np.concatenate(fwd.source.routing_log)
     np.testing.assert_array_equal(np.sort(got, -1), np.sort(trace, -1))

@@ -63,13 +63,13 @@ CASES = [
     (["generate", "x", "--step", "device"], ["--step device", "--slots-per-layer"]),
     (["generate", "x", "--slots-per-layer", "8", "--policy", "lfu", "--step", "device"],
      ["--policy lfu", "--step layer"]),
-    (["generate", "x", "--devices", "64"], ["--devices 64", "4 cpu devices", "device_count=64"]),
+    (["generate", "x", "--devices", "64"], ["--devices 64", "has 4 devices", "device_count=64"]),
     (["generate", "x", "--devices", "0"], ["--devices 0", "≥ 1"]),
     (["generate", "x", "--devices", "2", "--slots-per-layer", "8", "--policy", "expertflow"],
      ["--devices 2", "lru, lfu, nocache"]),
     (["generate", "x", "--devices", "2", "--slots-per-layer", "8", "--step", "device"], ["--devices 2", "--step layer"]),
     (["generate", "x", "--devices", "2", "--expert-memory", "auto"], ["--devices 2", "auto"]),
-    (["serve", "--devices", "64"], ["--devices 64", "4 cpu devices"]),
+    (["serve", "--devices", "64"], ["--devices 64", "has 4 devices"]),
     (["generate", "x", "--max-new-tokens", "2000"], ["--max-new-tokens 2000", "max_position_embeddings=1024",
                                                      "at most"]),
     (["generate", "x", "--max-new-tokens", "100000000"], ["--max-new-tokens", "max_position_embeddings"]),
@@ -127,6 +127,35 @@ CASES = [
     (["train-predictor", "TRACE", "--out", "FILE"], ["--out", "is a file"]),
     (["eval-predictor", "DIR", "TRACE"], ["DIR", "config.json"]),
 ]
+
+# every support-table row a flag can reach (ef_jax.cache.support; the API's side: tests/cache/test_support.py),
+# through each command that decodes
+G, S8 = ["generate", "x"], ["--slots-per-layer", "8"]
+EP = ["eval-policy", "--text", "TEXT"]
+SUPPORT_CASES = [
+    (G + S8 + ["--policy", "predictive"], ["--policy predictive", "--predictor DIR"]),
+    (G + S8 + ["--policy", "belady"], ["offline oracle", "ef-jax sim TRACE --policy belady"]),
+    (G + ["--predictor", "DIR"], ["--predictor is the predictor", "--policy predictive"]),
+    (G + ["--hybrid", "DIR"], ["--hybrid is the predictor", "--policy expertflow"]),
+    (G + ["--timeline", "OUT"], ["--timeline records the offload engine"]),
+    (G + S8 + ["--step", "device", "--timeline", "OUT"], ["--timeline", "--step layer"]),
+    (EP + S8 + ["--step", "device", "--routing", "cache-aware"], ["--routing cache-aware", "--step layer"]),
+    (EP + S8 + ["--step", "device", "--timing", "h100"], ["--timing", "--step layer"]),
+    (EP + S8 + ["--step", "device", "--policy", "lfu"], ["--policy lfu", "--step layer"]),
+    (EP + ["--step", "device", "--policy", "resident"], ["--step device", "--slots-per-layer"]),
+    (EP + ["--devices", "64", "--policy", "resident"], ["--devices 64", "has 4 devices"]),
+    (EP + ["--devices", "2"] + S8 + ["--policy", "expertflow"], ["--devices 2", "--policy expertflow"]),
+    (EP + ["--devices", "2"] + S8 + ["--policy", "lru", "--routing", "cache-aware"], ["--devices 2", "--routing exact"]),
+    (EP + ["--devices", "2"] + S8 + ["--policy", "lru", "--timing", "h100"], ["--devices 2", "--timing"]),
+    (EP + ["--devices", "2"] + S8 + ["--policy", "lru", "--step", "device"], ["--devices 2", "--step layer"]),
+    (G + ["--devices", "2"] + S8 + ["--timeline", "OUT"], ["--devices 2", "--timeline"]),
+    (["serve"] + S8 + ["--step", "device", "--policy", "lfu"], ["--policy lfu", "--step layer"]),
+    (["serve", "--step", "device"], ["--step device", "--slots-per-layer"]),
+    (["serve", "--devices", "2"] + S8 + ["--step", "device"], ["--devices 2", "--step layer"]),
+    (["serve", "--devices", "2", "--expert-memory", "auto"], ["--devices 2", "--expert-memory auto"]),
+]
+CASES += SUPPORT_CASES
+
 
 def _fill(argv, files):
     return [files.get(a, a) for a in argv]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ef_jax
-from ef_jax import OffloadConfig
+from ef_jax import OffloadConfig, PolicySpec
 
 pytestmark = pytest.mark.slow  # among the longest modules: scheduled first (tests/conftest.py)
 
@@ -25,7 +25,7 @@ NEW = 4
 # family → (budget, batch, policy): every pair of (budget, batch, hints) values appears; olmoe runs with int8
 # experts (quantized rows copied as bytes and unpacked into the slot), its reference resident int8 decoding
 QUANT = {"olmoe": "int8"}
-CONFIGS = {"mixtral-top2": ("min", 1, "lru"), "qwen2moe-norm-sparse-step": ("half", 1, "predictive"),
+CONFIGS = {"mixtral-top2": ("min", 1, "lru"), "qwen2moe-norm-sparse-step": ("half", 1, PolicySpec("predictive", predictor="online")),
            "qwen3moe-norm": ("half", 3, "lru"), "olmoe": ("min", 1, "pregate"),
            "deepseek-qlora-grouped-yarn": ("min", 3, "expertflow")}
 
@@ -145,7 +145,7 @@ def test_tapped_step_runs_layer_by_layer_on_the_device(runs):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(policy="lfu"), "policy 'lfu' decides evictions on the host: use step='layer'"),
+    (dict(policy="lfu"), "policy='lfu' decides evictions on the host: use step='layer'"),
     (dict(routing="cache-aware"), "routing='cache-aware'.*use step='layer'"),
     (dict(timing="h100"), "virtual clock.*use step='layer'"),
 ])

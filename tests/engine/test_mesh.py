@@ -130,7 +130,7 @@ def test_no_device_holds_more_than_its_budget(tiny_checkpoint):
             held = sum(a.nbytes for a in jax.tree.leaves(copier.pool))
             assert held <= budget
             assert {d.id for a in jax.tree.leaves(copier.pool) for d in a.devices()} == {copier.store.device.id}
-        assert all(p["expert_bytes_resident"] <= budget for p in src.stats()["per_device"])
+        assert all(p.expert_bytes_resident <= budget for p in src.stats().per_device)
     with pytest.raises(ValueError, match=r"minimum is 2 slots per layer"):
         Forward(model, OffloadConfig(expert_memory=per * cfg.num_moe_layers))
 
@@ -163,7 +163,7 @@ def test_mesh_refusals(tiny_checkpoint):
     with pytest.raises(ValueError, match="sees 4 cpu devices"):
         expert_mesh(64)
     mm = on_mesh(model, expert_mesh(2))
-    for offload, match in ((OffloadConfig(slots_per_layer=2, policy="expertflow"), "needs one device"),
+    for offload, match in ((OffloadConfig(slots_per_layer=2, policy="expertflow"), "runs on one device"),
                            (OffloadConfig(slots_per_layer=2, step="device"), "step='device' runs on one device"),
                            (OffloadConfig(expert_memory="auto"), "per device"),
                            (OffloadConfig(slots_per_layer=2, routing="cache-aware"), "routing='exact'")):

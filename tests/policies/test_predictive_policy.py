@@ -7,6 +7,7 @@ import pytest
 
 from ef_jax.cache import ExpertCache
 from ef_jax.policies import get_policy
+from ef_jax.policies.registry import PolicySpec
 from ef_jax.policies.predictive import Predictive
 from ef_jax.sim import replay
 
@@ -118,7 +119,8 @@ def test_engine_tokens_equal_resident_and_an_oracle_beats_lru(model):
     ref = ef_jax.generate(model, PROMPTS[:1], max_new_tokens=8).tokens
     lru = ef_jax.generate(model, PROMPTS[:1], max_new_tokens=8, offload=OffloadConfig(slots_per_layer=S, policy="lru"))
     online = ef_jax.generate(model, PROMPTS[:1], max_new_tokens=8,
-                             offload=OffloadConfig(slots_per_layer=S, policy="predictive", check=True))
+                             offload=OffloadConfig(slots_per_layer=S, policy=PolicySpec("predictive", predictor="online"),
+                                                   check=True))
     assert online.tokens == lru.tokens == ref and online.stats["policy"] == "predictive"
     fwd = Forward(model, OffloadConfig(slots_per_layer=S, policy="lru"))
     sample_rows(fwd, make_batch(PROMPTS[:1], 8), SamplingParams(), 0, set(), 8)

@@ -368,6 +368,22 @@ def test_a_disconnect_frees_its_row(tiny_checkpoint):
         s.stop()
 
 
+def test_device_step_server_reports_hits_and_misses(tiny_checkpoint):
+    """`ef-jax serve --step device`'s engine: the same completion as generate, and the cache's hits and misses in
+    its metrics (the Forward counts the device step as offloaded)."""
+    model = ef_jax.load(tiny_checkpoint("mixtral-top2"))
+    offload = OffloadConfig(slots_per_layer=model.config.top_k, step="device")
+    s = LiveServer(model, offload, max_batch=2, max_live=2, context=64)
+    try:
+        r = s.client.completions.create(model=os.path.basename(model.path), prompt=[3, 5, 7], max_tokens=4)
+    finally:
+        s.stop()
+    snap = s.engine.snapshot  # published once more as the engine stopped
+    alone = ef_jax.generate(model, [[3, 5, 7]], max_new_tokens=4).tokens[0]
+    assert r.choices[0].text == " ".join(map(str, alone))
+    assert snap["hits"] + snap["misses"] > 0 and snap["slots_per_layer"] == model.config.top_k
+
+
 def test_text_stream_holds_back_a_stop_prefix():
     ts = TextStream(None, ["7 8"], set())
     assert ts.push(5) == ("5", False)
@@ -422,6 +438,8 @@ def test_cli_serve_flags():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--expert-memory", "1GiB", "--slots-per-layer", "4"])
     assert main(["serve", "--policy", "lru"]) == 2   # a policy needs a budget: one line on stderr, exit 2
+    a = build_parser().parse_args(["serve", "--slots-per-layer", "4", "--step", "device", "--devices", "1"])
+    assert (a.step, a.devices) == ("device", 1)
 
 
 def test_route_scheduler_in_the_loop_starves_nobody(tiny_checkpoint):

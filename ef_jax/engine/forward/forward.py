@@ -21,14 +21,17 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from ef_jax.cache import support
 from ef_jax.cache.config import OffloadConfig
+from ef_jax.engine.programs.layer import Attended, AttentionInputs, NextAttention, attend_route
+from ef_jax.engine.sources.base import ExpertSource, RouteOverride
 from ef_jax.engine.sources.device_experts import DeviceStepExperts
 from ef_jax.engine.sources.experts import OffloadedExperts, ResidentExperts
 from ef_jax.engine.sources.mesh_experts import MeshOffloadedExperts, MeshResidentExperts
-from ef_jax.engine.programs.layer import Attend, Then, attend_route
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.model import Model
 from ef_jax.models.transformer import KVCache, embed, layer_kinds, run_group
+
 
 DEFAULT_LAYERS_PER_GROUP = 4
 
@@ -76,21 +79,20 @@ class Forward:
     """
 
     def __init__(self, model: Model, offload: OffloadConfig | None = None, *, layers_per_group: int | None = None,
-                 kv_shape: tuple[int, int] | None = None):
+                 kv_shape: tuple[int, int] | None = None, route_override: RouteOverride | None = None):
         cfg = model.config
-        if layers_per_group is None:
-            layers_per_group = offload.layers_per_group if offload is not None else DEFAULT_LAYERS_PER_GROUP
+        grouping = layers_per_group if offload is None or layers_per_group is not None else offload.layers_per_group
+        support.check(support.Request.of(offload, num_moe_layers=cfg.num_moe_layers,
+                                         devices=1 if model.mesh is None else model.mesh.size,
+                                         layers_per_group=grouping is not None,
+                                         route_override=route_override is not None))
+        layers_per_group = DEFAULT_LAYERS_PER_GROUP if grouping is None else grouping
         self.model, self.cfg, self.layers_per_group = model, cfg, layers_per_group
         self.kinds = layer_kinds(cfg)
         self.counters = HostCounters()
-        device_step = isinstance(offload, OffloadConfig) and offload.step == "device"
-        if model.mesh is not None:  # several devices: each holds its share of the experts (ef_jax.mesh)
-            self.source = (MeshResidentExperts(model, self.counters) if offload is None
-                           else MeshOffloadedExperts(model, offload, self.counters, kv_shape))
-        else:
-            self.source = (ResidentExperts(model, self.counters) if offload is None
-                           else DeviceStepExperts(model, offload, self.counters, kv_shape) if device_step
-                           else OffloadedExperts(model, offload, self.counters, kv_shape))
+        self.source: ExpertSource = make_source(model, offload, self.counters, kv_shape)
+        self.source.set_route_override(route_override)
+        self.capabilities = self.source.capabilities
         self.groups = layer_groups(cfg.num_layers, layers_per_group)
         self.segments = split_segments(cfg.moe_layers, layers_per_group)
         self.moe_index = {i: j for j, i in enumerate(cfg.moe_layer_ids)}
@@ -98,7 +100,8 @@ class Forward:
 
     @property
     def offloaded(self) -> bool:
-        return isinstance(self.source, (OffloadedExperts, MeshOffloadedExperts))
+        """Experts stream into a bounded cache (hits, misses and the routing log mean something)."""
+        return self.capabilities.offloaded
 
     def __call__(self, tokens, positions, write_idx, valid, cache: KVCache, tap=None):
         """tokens, positions i32[B, T]; write_idx: first cache slot to write; valid bool[B, S] (host numpy, new
@@ -115,15 +118,15 @@ class Forward:
         self.counters.steps += 1
         self.counters.dispatches += 1
         self.source.begin_step(tokens[:, -1], real)
-        if self.source.whole_step and tap is None:  # step="device": every layer in one program
+        caps = self.capabilities
+        if caps.whole_step and tap is None:  # step="device": every layer in one program
             x, new, routings = self.source.step(self.kinds, params, x, caches, pos, widx, vld)
             caches, routings = list(new), list(routings)
-        elif self.source.fused and tap is None:
+        elif caps.fused and tap is None:
             for g in self.groups:
                 x = self._group(g, x, caches, routings, pos, widx, vld, self.source.pools, self.source.slot_maps)
         else:
-            chains = self.source.chains_attention
-            attended = None  # the next MoE layer's (h, normed, routing, scores), when the last expert program ran it
+            attended = None  # the next MoE layer's Attended, when the last expert program ran it
             for s, (kind, layers) in enumerate(self.segments):
                 if kind == "dense":
                     x = self._group(layers, x, caches, routings, pos, widx, vld, None, None)
@@ -132,54 +135,54 @@ class Forward:
                 j = self.moe_index[i]
                 p = params["layers"][i]
                 if attended is None:
-                    h, normed, routing, scores = self._attend(layers, x, caches, pos, widx, vld)
-                else:
-                    h, normed, routing, scores = attended
-                if not self.source.fused:  # start moving the routing to the host now; the sync point reads it
+                    attended = self._attend(layers, x, caches, pos, widx, vld)
+                h, normed, routing, scores = attended.h, attended.normed, attended.routing, attended.scores
+                if not caps.fused:  # start moving the routing to the host now; the sync point reads it
                     routing.experts.copy_to_host_async()
                     if scores is not None:
                         scores.copy_to_host_async()
                 if tap is not None:
                     tap(j, "attention", h)
-                then = self._then(s, caches, pos, widx, vld) if chains else None
+                then = self._then(s, caches, pos, widx, vld) if caps.chains_attention else None
                 if then is None:
                     x, routings[i] = self.source.experts(i, j, p, h, normed, routing, real, scores)
                     attended = None
                 else:  # this layer's last expert program runs the next MoE layer's attention and router too
-                    x, routings[i], (nh, nn, nr, new, c, ns) = self.source.experts_then_attend(
+                    x, routings[i], attended = self.source.experts_then_attend(
                         i, j, p, h, normed, routing, real, then, scores)
                     *nd, ni = self.segments[s + 1][1]
-                    for d, cd in zip(nd, new):
+                    for d, cd in zip(nd, attended.dense_caches):
                         caches[d] = cd
-                    caches[ni], attended = c, (nh, nn, nr, ns)
+                    caches[ni] = attended.cache
                 if tap is not None:
                     tap(j, "moe", x)
         self.source.end_step()
         return x, KVCache(layers=tuple(caches), valid=vld), routings
 
-    def _attend(self, layers, x, caches, pos, widx, vld):
-        """Dispatches MoE layer layers[-1]'s attend_route (the dense layers before it included): (h, normed,
-        routing, the source's pre-gate scores or None); the KV caches are replaced by the program's."""
+    def _attend(self, layers, x, caches, pos, widx, vld) -> Attended:
+        """Dispatches MoE layer layers[-1]'s attend_route (the dense layers before it included); the KV caches are
+        replaced by the program's."""
         *dense, i = layers
         params = self.model.params["layers"]
-        h, normed, routing, new, caches[i], scores = attend_route(
+        out = attend_route(
             self.cfg, tuple(self.kinds[d] for d in dense), self.kinds[i], tuple(params[d] for d in dense),
             params[i], x, tuple(caches[d] for d in dense), caches[i], pos, widx, vld, self.source.scorer)
-        for d, c in zip(dense, new):
+        for d, c in zip(dense, out.dense_caches):
             caches[d] = c
+        caches[i] = out.cache
         self.counters.dispatches += 1
-        return h, normed, routing, scores
+        return out
 
     def _then(self, s: int, caches, pos, widx, vld):
-        """When segment s + 1 is a MoE layer: its attend_route's arguments as a program.Then (for the expert
+        """When segment s + 1 is a MoE layer: its attend_route's arguments as a NextAttention (for the expert
         program of segment s to run at its end), else None."""
         fixed = self._then_fixed[s]
         if fixed is None:
             return None
         dense_kinds, kind, dense, i, dense_params, p = fixed
-        return Then(dense_kinds=dense_kinds, kind=kind,
-                    attend=Attend(dense_params, p, pos, widx, vld, self.source.scorer),
-                    dense_caches=tuple(caches[d] for d in dense), cache=caches[i])
+        return NextAttention(dense_kinds=dense_kinds, kind=kind,
+                             inputs=AttentionInputs(dense_params, p, pos, widx, vld, self.source.scorer),
+                             dense_caches=tuple(caches[d] for d in dense), cache=caches[i])
 
     def _then_static(self, s: int):
         """What _then(s) hands over that no step changes (built once: it runs on every MoE layer of every step)."""
@@ -201,7 +204,9 @@ class Forward:
         return x
 
     def stats(self) -> dict:
-        out = self.source.stats()
+        """The source's SourceStats (ef_jax.engine.sources.base: one key set for every source) as a dict, with the
+        host's counters."""
+        out = self.source.stats().as_dict()
         out.update(self.counters.stats())
         out["layers_per_group"] = self.layers_per_group
         return out
@@ -215,3 +220,17 @@ class Forward:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def make_source(model: Model, offload: OffloadConfig | None, counters: HostCounters,
+                kv_shape: tuple[int, int] | None) -> ExpertSource:
+    """The expert source of a run: the one place a mode becomes a class (the Forward reads only its capabilities).
+    ef_jax.support has refused what no source can do before this is called."""
+    if model.mesh is not None:  # several devices: each holds its share of the experts (ef_jax.mesh)
+        return (MeshResidentExperts(model, counters) if offload is None
+                else MeshOffloadedExperts(model, offload, counters, kv_shape))
+    if offload is None:
+        return ResidentExperts(model, counters)
+    if offload.step == "device":
+        return DeviceStepExperts(model, offload, counters, kv_shape)
+    return OffloadedExperts(model, offload, counters, kv_shape)

@@ -8,7 +8,7 @@ import numpy as np
 
 from ef_jax.engine.loop.batch import normalize_prompts
 from ef_jax.engine.loop.decode import full
-from ef_jax.engine.forward.forward import DEFAULT_LAYERS_PER_GROUP, Forward
+from ef_jax.engine.forward.forward import Forward
 from ef_jax.model import Model
 from ef_jax.progress import bar
 from ef_jax.trace import save_trace
@@ -25,7 +25,7 @@ def _as_token_array(model: Model, token_ids) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def logits(model: Model, token_ids, *, layers_per_group: int = DEFAULT_LAYERS_PER_GROUP, offload=None) -> np.ndarray:
+def logits(model: Model, token_ids, *, layers_per_group: int | None = None, offload=None) -> np.ndarray:
     """Full forward pass. token_ids int [B, T] → float32 logits [B, T, V] (host numpy)."""
     tokens = _as_token_array(model, token_ids)
     with Forward(model, offload, layers_per_group=layers_per_group, kv_shape=tokens.shape) as fwd:
@@ -33,7 +33,7 @@ def logits(model: Model, token_ids, *, layers_per_group: int = DEFAULT_LAYERS_PE
         return np.asarray(out)
 
 
-def trace_routing(model: Model, texts_or_token_ids, *, layers_per_group: int = DEFAULT_LAYERS_PER_GROUP,
+def trace_routing(model: Model, texts_or_token_ids, *, layers_per_group: int | None = None,
                   max_tokens_per_sequence: int = 1024, offload=None) -> np.ndarray:
     """Routed experts of every token: int [N, L_moe, K], tokens in order (sequences concatenated), one column
     per MoE layer. A str or list of str is tokenized (needs a tokenizer); lists of ids are used as they are.

@@ -83,7 +83,7 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
     """Every layer of one step. x [B, T, D]; caches: per layer KV cache (donated); real bool[N]; pool: stacked slot
     pool [L, S, ...] (donated); state: DeviceCache (donated); stacks: per MoE layer pinned-host [E, W];
     hints i32[L, H] or None. Returns (x, caches, routings per layer, routed i32[L, N, K], hidden [L, B, D] or None,
-    pool, state, counters i32[4, L])."""
+    pool, state, counters i32[5, L] (device_cache.COUNTERS))."""
     ctx = make_context(cfg, positions, write_idx, valid)
     state = dc.begin_step(state, plan.flush)
     if hints is not None:  # first, so the copies depend on nothing this step computes
@@ -112,7 +112,7 @@ def device_layer(cfg, plan: StepPlan, j: int, first: bool, p: dict, h, normed, r
                  state: dc.DeviceCache, stack, hints):
     """MoE layer j alone, for a step whose hidden states are tapped between layers (the Forward's split path):
     the same cache operations as device_step, without a host sync. first: the step's first MoE layer (begins
-    the step). hints i32[H] or None. Returns (x, pool, state, counters i32[4, L])."""
+    the step). hints i32[H] or None. Returns (x, pool, state, counters i32[5, L] (device_cache.COUNTERS))."""
     if first:
         state = dc.begin_step(state, plan.flush)
     if hints is not None:

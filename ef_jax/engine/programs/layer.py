@@ -23,6 +23,37 @@ from ef_jax.models.moe import GATHER_MAX_PAIRS, ExpertPool, Routing, moe_combine
 from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
 
 
+class Attended(NamedTuple):
+    """What a MoE layer's attend_route returns (and what an expert program that chains attention hands back for
+    the next MoE layer)."""
+    h: jax.Array          # [B, T, D] the MoE layer's input (the residual after its attention)
+    normed: jax.Array     # [N, D] its FFN-normed input
+    routing: Routing
+    dense_caches: tuple   # the KV caches of the dense layers run before it (new, the old ones donated)
+    cache: dict           # the MoE layer's KV cache (new)
+    scores: jax.Array | None  # f32[L, B, E] pre-gate scores of h when a scorer was given (pregate_scores), else None
+
+
+class AttentionInputs(NamedTuple):
+    """The traced, not donated arguments of the next MoE layer's attend_route (its static kinds and its donated
+    KV caches travel beside it), for an expert program that runs that layer's attention and router at its end."""
+    dense_params: tuple   # the dense layers before it
+    params: dict          # the MoE layer's own
+    positions: jax.Array  # i32[B, T]
+    write_idx: jax.Array  # i32[]
+    valid: jax.Array      # bool[B, S]
+    scorer: tuple | None  # a policy's pre-gate routers on the device (see pregate_scores), or None
+
+
+class NextAttention(NamedTuple):
+    """The next MoE layer's attend_route, handed to the expert program of the layer before it."""
+    dense_kinds: tuple    # static: the kinds of the dense layers before it
+    kind: object          # static: its LayerKind
+    inputs: AttentionInputs
+    dense_caches: tuple   # donated
+    cache: dict           # donated
+
+
 def pregate_scores(scorer, h):
     """Every MoE layer's router on h's newest position, as ef_jax.policies.pregate.PregateScorer.scores computes
     them on the host: scorer (norms f32[L, D], routers f32[L, D, E], eps f32[]), h [B, T, D] → f32[L, B, E]."""
@@ -42,7 +73,7 @@ def _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cach
         new.append(dc)
     h, normed, routing, cache = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
     scores = None if scorer is None else pregate_scores(scorer, h)
-    return h, normed, routing, tuple(new), cache, scores
+    return Attended(h, normed, routing, tuple(new), cache, scores)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dense_kinds", "kind"),
@@ -51,30 +82,9 @@ def attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache
                  scorer=None):
     """The dense layers before a MoE layer (whole), then its attention and router, in one program (dense work
     joins the next routing program instead of costing a dispatch of its own). x [B, T, D] →
-    (h [B, T, D], normed FFN input [N, D], Routing, dense caches, cache, pre-gate scores f32[L, B, E] of h when
-    `scorer` is given (see pregate_scores), else None)."""
+    Attended (see there)."""
     return _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid,
                          scorer)
-
-
-class Attend(NamedTuple):
-    """The traced, not donated arguments of the next MoE layer's attend_route (its static kinds and its donated
-    KV caches travel beside it), for an expert program that runs that layer's attention and router at its end."""
-    dense_params: tuple   # the dense layers before it
-    params: dict          # the MoE layer's own
-    positions: jax.Array  # i32[B, T]
-    write_idx: jax.Array  # i32[]
-    valid: jax.Array      # bool[B, S]
-    scorer: tuple | None  # a policy's pre-gate routers on the device (see pregate_scores), or None
-
-
-class Then(NamedTuple):
-    """The next MoE layer's attend_route, handed to the expert program of the layer before it."""
-    dense_kinds: tuple    # static: the kinds of the dense layers before it
-    kind: object          # static: its LayerKind
-    attend: Attend
-    dense_caches: tuple   # donated
-    cache: dict           # donated
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "include_shared"))
@@ -146,12 +156,11 @@ def offloaded_expert_pass(cfg, include_shared, p, h, normed, routing: Routing, k
 @functools.partial(jax.jit, static_argnames=("cfg", "include_shared", "dense_kinds", "kind"),
                    donate_argnames=("pool", "slot_of_expert", "dense_caches", "cache"))
 def offloaded_expert_pass_then_attend(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool,
-                                      slot_of_expert, j, bufs, moves, reset, dense_kinds, kind, then: Attend,
+                                      slot_of_expert, j, bufs, moves, reset, dense_kinds, kind, then: AttentionInputs,
                                       dense_caches, cache):
     """offloaded_expert_pass of MoE layer j, then attend_route of the next MoE layer (`then`; the KV caches of it
     and of the dense layers before it donated) on its output, in one program: one dispatch per MoE layer instead
-    of two. Returns (x: layer j's output [B, T, D], pool, slot_of_expert, the next layer's attend_route outputs
-    (h, normed, Routing, dense caches, cache, pre-gate scores or None))."""
+    of two. Returns (x: layer j's output [B, T, D], pool, slot_of_expert, the next layer's Attended)."""
     x, pool, soe = _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j,
                                           bufs, moves, reset)
     nxt = _attend_route(cfg, dense_kinds, kind, then.dense_params, then.params, x, dense_caches, cache,

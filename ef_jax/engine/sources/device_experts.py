@@ -10,8 +10,8 @@ per step (the Forward calls begin_step, then step, then end_step):
 Eviction is LRU on the device for every policy. Policies contribute prefetch hints only: "lru" sends none, "nocache"
 empties the slots each step, "pregate" / "predictive" / "expertflow" keep deciding prefetches on the host, from the
 routing and hidden states of the step before. What "one token behind" costs each of them is in the README
-("Device-resident step"). Policies whose meaning is their own eviction rule (lfu, belady, Policy objects) are
-refused with a ValueError naming step="layer".
+("Device-resident step"). Policies whose meaning is their own eviction rule (lfu, belady, Policy objects), and
+the layer mode's options, are refused by ef_jax.cache.support before any work.
 
 Axes: L MoE layers, E experts, S slots, K top-k, N tokens of a step (B·T), H hints per layer, D model.
 """
@@ -22,50 +22,32 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from ef_jax.cache import plan as layer_plan
 from ef_jax.cache.config import OffloadConfig
+from ef_jax.cache.support import HINT_POLICIES
 from ef_jax.cache.expert_cache import ExpertCache
 from ef_jax.engine.programs import device_cache as dc
 from ef_jax.engine.sources.context import policy_context
 from ef_jax.engine.transfer.device_memory import resolve_budget
 from ef_jax.engine.programs.device_step import StepPlan, device_layer, device_step
+from ef_jax.engine.sources.base import Capabilities, SourceDefaults, SourceStats
 from ef_jax.engine.transfer.expert_stacks import stacks_for
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.model import Model
 from ef_jax.models.moe import Routing
 from ef_jax.policies.registry import get_policy
 
-HINT_POLICIES = ("pregate", "predictive", "expertflow")  # prefetch decisions sent as hints, eviction LRU on device
-DEVICE_POLICIES = ("lru", "nocache") + HINT_POLICIES
+class DeviceStepExperts(SourceDefaults):
+    """Expert cache, slot pool and copies inside the step program (see the module docstring).
 
-
-def check_device_config(offload: OffloadConfig) -> None:
-    """ValueError before any work for what the device step cannot do (each names the fix)."""
-    name = offload.policy if isinstance(offload.policy, str) else getattr(offload.policy, "name", None)
-    if not isinstance(name, str) or name.lower() not in DEVICE_POLICIES:
-        raise ValueError(f"step='device' evicts by LRU on the device and takes prefetch hints from the host, so it "
-                         f"runs the policies {DEVICE_POLICIES}; policy {offload.policy!r} decides evictions on the "
-                         "host: use step='layer'")
-    if offload.routing != "exact":
-        raise ValueError("routing='cache-aware' reads residency on the host at every layer: use step='layer'")
-    if offload.timing is not None:
-        raise ValueError("timing= (a virtual clock) charges each copy on the host: use step='layer'")
-    if offload.record_timeline is not None:
-        raise ValueError("record_timeline needs per-layer host events: use step='layer'")
-
-
-class DeviceStepExperts:
-    """Expert cache, slot pool and copies inside the step program (see the module docstring)."""
-    fused = True        # routing and experts in one program: the split path is only for taps
-    whole_step = True   # the Forward hands it the whole step (ef_jax.engine.forward.forward)
-    chains_attention = False  # a tapped step dispatches each attend_route itself
-    scorer = None             # its policy reads the step's hidden states (no pre-gate scores from attend_route)
+    fused and whole_step: the Forward hands it the whole untapped step; a tapped step dispatches each attend_route
+    itself (no chained attention) and no pre-gate scores come from attend_route (the hint policy reads the step's
+    hidden states)."""
+    capabilities = Capabilities(offloaded=True, fused=True, whole_step=True)
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):
-        check_device_config(offload)
         cfg = model.config
-        if not cfg.moe_layer_ids:
-            raise ValueError("this model has no MoE layers: there is nothing to offload (use offload=None)")
         self.cfg, self.config, self.counters = cfg, offload, counters
         self.stacks = stacks_for(model)
         L, E = len(cfg.moe_layer_ids), cfg.num_experts
@@ -187,19 +169,13 @@ class DeviceStepExperts:
     def _replay(self, experts: np.ndarray, hidden: np.ndarray | None, real: np.ndarray) -> None:
         """The last step's layer events through the shadow cache (as the layer mode calls them); the prefetch
         Loads it returns are queued as hints."""
-        shadow, S = self.shadow, self.slots
-        policy = shadow.policy
+        shadow = self.shadow
+        point = shadow.policy.hidden_point if hidden is not None else None
         for j in range(experts.shape[0]):
-            needed = np.unique(experts[j][real])
-            for n, s in enumerate(range(0, max(len(needed), 1), S)):
-                chunk = needed[s:s + S]
-                self._queue(shadow.route(j, chunk) if n == 0 else shadow.require(j, chunk))
-                if n == 0 and hidden is not None and policy.hidden_point == "attention":
-                    self._queue(shadow.hidden(j, hidden[j]))
-                shadow.arrive_all()
-                if s + S < len(needed):
-                    shadow.release(j)
-            if hidden is not None and policy.hidden_point == "moe":
+            layer_plan.run_layer([shadow], j, [np.unique(experts[j][real])], issue=lambda _, loads: self._queue(loads),
+                                 compute=lambda p: shadow.arrive_all(),
+                                 observe=(lambda _: shadow.hidden(j, hidden[j])) if point == "attention" else None)
+            if point == "moe":
                 self._queue(shadow.hidden(j, hidden[j]))
             shadow.release(j)
         self._queue(shadow.end_step())
@@ -240,26 +216,29 @@ class DeviceStepExperts:
         dc.verify_cache(state)
         self.stacks.verify(self.pool, state.expert_of_slot)
 
-    def stats(self) -> dict:
+    def resident_row(self, j: int) -> np.ndarray:
+        """bool[E]: experts of MoE layer j resident now (reads the device table: a sync, off the decode path)."""
+        return self.counters.to_host("residency", self.state.slot_of_expert[j]) >= 0
+
+    def stats(self) -> SourceStats:
         self._collect()
         hits, misses, prefetches, used, passes = (self.counts[i] for i in range(len(dc.COUNTERS)))
         h, m, loads = int(hits.sum()), int(misses.sum()), int(misses.sum() + prefetches.sum())
         bpe = self.stacks.bytes_per_expert
-        out = {"step": "device", "hits": h, "misses": m, "hit_rate": h / (h + m) if h + m else float("nan"),
-               "cache_loads": loads, "cache_demand_loads": m, "cache_prefetch_issued": int(prefetches.sum()),
-               "cache_prefetch_used": int(used.sum()), "h2d_bytes": loads * bpe, "h2d_bytes_real": loads * bpe,
-               "bytes_per_expert": bpe, "bytes_per_expert_real": bpe,
-               "extra_passes": int(passes.sum()), "layer_hits": hits.tolist(), "layer_misses": misses.tolist(),
-               "slots_per_layer": self.slots, "policy": self.policy_name, "copier": "in-step", "clock": "device",
-               "stall_s": 0.0, "h2d_s": 0.0, "routing": self.config.routing,
-               "expert_bytes_resident": self.slots * self.stacks.num_layers * bpe,
-               "step_readbacks": self.readbacks, "readback_waits": self.readback_waits,
-               "hints_sent": self.hints_sent}
+        detail = {"extra_passes": int(passes.sum()), "layer_hits": hits.tolist(), "layer_misses": misses.tolist(),
+                  "step_readbacks": self.readbacks, "readback_waits": self.readback_waits,
+                  "hints_sent": self.hints_sent}
         if self.shadow is not None:
-            out["shadow_prefetch_issued"] = self.shadow.prefetch_issued
+            detail["shadow_prefetch_issued"] = self.shadow.prefetch_issued
         if self.budget_auto is not None:
-            out["budget_auto"] = self.budget_auto.as_stats()
-        return out
+            detail["budget_auto"] = self.budget_auto.as_stats()
+        return SourceStats(policy=self.policy_name, step="device", hits=h, misses=m, cache_loads=loads,
+                           cache_demand_loads=m, cache_prefetch_issued=int(prefetches.sum()),
+                           cache_prefetch_used=int(used.sum()), h2d_bytes=loads * bpe, bytes_per_expert=bpe,
+                           h2d_bytes_real=loads * bpe, bytes_per_expert_real=bpe, h2d_s=0.0, stall_s=0.0,
+                           compute_s=0.0, copier="in-step", clock="device", routing=self.config.routing,
+                           routing_substitutions=0, slots_per_layer=self.slots,
+                           expert_bytes_resident=self.slots * self.stacks.num_layers * bpe, detail=detail)
 
     def close(self) -> None:
         self._collect()

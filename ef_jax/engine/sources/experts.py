@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ef_jax.cache import plan as layer_plan
 from ef_jax.cache import routing as routing_rules
 from ef_jax.cache.config import OffloadConfig
 from ef_jax.cache.expert_cache import ExpertCache
@@ -40,7 +41,9 @@ from ef_jax.engine.sources.context import policy_context
 from ef_jax.engine.transfer.copier import COPIERS
 from ef_jax.engine.transfer.copier import bucket
 from ef_jax.engine.transfer.device_memory import resolve_budget
-from ef_jax.engine.programs.layer import Then, expert_pass, offloaded_expert_pass, offloaded_expert_pass_then_attend
+from ef_jax.engine.programs.layer import (NextAttention, expert_pass, offloaded_expert_pass,
+                                          offloaded_expert_pass_then_attend)
+from ef_jax.engine.sources.base import Capabilities, RouteOverride, SourceDefaults, SourceStats
 from ef_jax.engine.transfer.store import store_for
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.engine.telemetry.timeline import Timeline
@@ -70,12 +73,9 @@ def drop_resident(model: Model) -> None:
     _RESIDENT.pop(model, None)
 
 
-class ResidentExperts:
+class ResidentExperts(SourceDefaults):
     """Every routed expert resident in its own slot: no host sync, no copies."""
-    fused = True  # routing and experts may run in the same program
-    whole_step = False  # True only for the device-resident step's source (ef_jax.engine.sources.device_experts)
-    chains_attention = False  # True: experts_then_attend runs the next MoE layer's attend_route (Forward)
-    scorer = None  # device arrays: attend_route also returns these pre-gate scores (see OffloadedExperts)
+    capabilities = Capabilities(offloaded=False, fused=True)
 
     def __init__(self, model: Model, counters: HostCounters):
         cfg = model.config
@@ -96,30 +96,28 @@ class ResidentExperts:
     def end_step(self) -> None:
         pass
 
-    def stats(self) -> dict:
-        return {"policy": "resident", "slots_per_layer": self.cfg.num_experts}
+    @property
+    def routing_log(self) -> list[np.ndarray]:
+        return []  # nothing is logged: the routing never reaches the host
 
-    def close(self) -> None:
-        pass
+    def resident_row(self, j: int) -> np.ndarray:
+        return np.ones(self.cfg.num_experts, bool)
+
+    def stats(self) -> SourceStats:
+        return SourceStats.resident(self.cfg.num_experts)
 
 
-class OffloadedExperts:
+class OffloadedExperts(SourceDefaults):
     """Experts streamed from pinned host memory into S slots per MoE layer (see the module docstring).
 
-    route_override (benchmarks only): route_override(step, moe_layer j, experts i32[N, K]) → i32[N, K] replaces
-    the router's choice (e.g. replayed from a real trace, so a random-weight model of a real shape sees real
-    routing)."""
-    fused = False
-    whole_step = False
-    chains_attention = True
+    set_route_override (benchmarks only): route_override(step, moe_layer j, experts i32[N, K]) → i32[N, K]
+    replaces the router's choice (e.g. replayed from a real trace, so a random-weight model of a real shape sees
+    real routing)."""
+    capabilities = Capabilities(offloaded=True, fused=False, chains_attention=True, route_override=True)
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):
-        if not isinstance(offload, OffloadConfig):
-            raise TypeError(f"offload must be an ef_jax.OffloadConfig or None, got {type(offload).__name__}")
         cfg = model.config
-        if not cfg.moe_layer_ids:
-            raise ValueError("this model has no MoE layers: there is nothing to offload (use offload=None)")
         self.cfg, self.config, self.counters = cfg, offload, counters
         self.store = store_for(model)
         L, E = len(cfg.moe_layer_ids), cfg.num_experts
@@ -131,7 +129,7 @@ class OffloadedExperts:
         self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check,
                                  bytes_per_expert=self.timing.expert_bytes if self.timing else self.store.bytes_per_expert)
         self.timeline = Timeline() if offload.record_timeline else None
-        self.copier = COPIERS[offload.transfers](self.store, self.slots, counters, self.timeline)
+        self.copier = COPIERS[offload.copies](self.store, self.slots, counters, self.timeline)
         self.clock = (VirtualClock(self.cache, self.timing, L, E) if self.timing
                       else WallClock(self.cache, self.timeline))
         self.compute_s = 0.0
@@ -165,6 +163,9 @@ class OffloadedExperts:
         self._dispatch_first = not policy.layer_prefetches and not policy.wants_hidden
         self.layers_all_hit = 0  # layers dispatched before the cache's accounting: every needed expert had landed
 
+    def set_route_override(self, fn: RouteOverride | None) -> None:
+        self.route_override = fn
+
     # ---- the copy seam ---------------------------------------------------------------------------------------
     def _issue(self, loads) -> None:
         if loads:
@@ -197,17 +198,17 @@ class OffloadedExperts:
         return x, routing
 
     def experts_then_attend(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray,
-                            then: Then | None, scores=None):
-        """experts(), with the next MoE layer's attend_route (`then`, see ef_jax.engine.programs.layer.Then) run at the
-        end of this layer's last expert program. scores: this layer's pre-gate scores f32[L, B, E] when
-        self.scorer is set (from the program that computed h). Returns (h, the routing used, the next layer's
-        attend_route outputs (h, normed, Routing, dense caches, cache, scores), or None when `then` is None)."""
+                            then: NextAttention | None, scores=None):
+        """experts(), with the next MoE layer's attend_route (`then`) run at the end of this layer's last expert
+        program. scores: this layer's pre-gate scores f32[L, B, E] when self.scorer is set (from the program
+        that computed h). Returns (h, the routing used, the next layer's Attended, or None when `then` is
+        None)."""
         tap = self._tap
         t = time.perf_counter()
         if scores is not None:  # the policy's scores come back with the routing: one sync for both (same program)
-            experts, hidden = self.counters.to_host("route", routing.experts, scores)  # [N, K], [L, B, E]
+            experts, observed = self.counters.to_host("route", routing.experts, scores)  # [N, K], [L, B, E]
         elif tap == "attention":  # the MoE input comes back with the routing: one sync for both (same program)
-            experts, hidden = self.counters.to_host("route", routing.experts, h)  # [N, K], [B, T, D]
+            experts, observed = self.counters.to_host("route", routing.experts, h)  # [N, K], [B, T, D]
         else:
             experts = self.counters.to_host("route", routing.experts)  # [N, K] — the one sync per MoE layer
         self.compute_s += time.perf_counter() - t
@@ -232,7 +233,7 @@ class OffloadedExperts:
             self.clock.computed(j, 1)
         else:
             h, nxt = self._passes(i, j, p, h, normed, routing, experts, real, needed, then,
-                                  hidden if tap == "attention" else None)
+                                  observed if tap == "attention" else None)
         if tap == "moe":  # hidden-state predictors (pre-gating) only: the layer's output
             self._issue(self.cache.hidden(j, self.counters.to_host("hidden", h)))
         self.cache.release(j)
@@ -244,40 +245,43 @@ class OffloadedExperts:
         return all(soe[e] >= 0 and arrived[e] for e in needed.tolist())
 
     def _passes(self, i: int, j: int, p: dict, h, normed, routing: Routing, experts: np.ndarray, real: np.ndarray,
-                needed: np.ndarray, then: Then | None, hidden):
+                needed: np.ndarray, then: NextAttention | None, observed):
         """Layer j when some needed expert must be loaded (or waited for): decide the loads, then dispatch, in
-        passes of at most S experts when the layer needs more. hidden: the MoE input for a policy tapping the
-        attention point (host numpy; its pre-gate scores f32[L, B, E] when self.scorer is set), else None.
+        passes of at most S experts when the layer needs more. observed: what a policy tapping the attention
+        point reads (host numpy: the MoE input [B, T, D], or its pre-gate scores f32[L, B, E] when self.scorer
+        is set), else None.
         Returns (h, the next layer's attend_route outputs or None)."""
-        K = experts.shape[1]
-        passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
-        nxt = None
-        for n, chunk in enumerate(passes):
-            last = n + 1 == len(passes)
-            if n:
-                self.clock.poll(self.copier)
-            self._issue(self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk))
-            if n == 0 and hidden is not None:  # behind this layer's demand loads, ahead of its expert compute
-                self._issue(self.cache.scores(j, hidden) if self.scorer is not None else self.cache.hidden(j, hidden))
-            self.clock.wait(j, chunk, self.copier)
-            if len(passes) == 1:
+        K, params = experts.shape[1], p
+        out = {"h": h, "nxt": None}
+
+        def observe(_):  # behind this layer's demand loads, ahead of its expert compute
+            return self.cache.scores(j, observed) if self.scorer is not None else self.cache.hidden(j, observed)
+
+        def compute(p: layer_plan.Pass):
+            chunk = p.chunks[0]
+            if p.count == 1:
                 keep = self._keep_real  # every needed expert is resident: only padding is masked
             else:
                 keep = jnp.asarray((np.isin(experts, chunk) & real[:, None]).astype(np.float32).reshape(-1, K))
                 self.counters.dispatches += 1
             t = time.perf_counter()
-            h, nxt = self._program(j, n == 0, p, h, normed, routing, keep, then if last else None)
-            self._timed(i, n, t, h)
+            out["h"], out["nxt"] = self._program(j, p.first, params, out["h"], normed, routing, keep,
+                                                 then if p.last else None)
+            self._timed(i, p.index, t, out["h"])
             if self.config.check:
                 self._verify()
-            self.clock.computed(j, len(passes))
-            if not last:
-                jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
-                self.cache.release(j)
-        return h, nxt
+            self.clock.computed(j, p.count)
+            if not p.last:
+                jax.block_until_ready(out["h"])  # the next pass may evict this pass's experts: finish reading them
+
+        layer_plan.run_layer([self.cache], j, [needed], issue=lambda _, loads: self._issue(loads), compute=compute,
+                             observe=None if observed is None else observe,
+                             poll=lambda _, p: self.clock.poll(self.copier) if not p.first else None,
+                             wait=lambda _, chunk: self.clock.wait(j, chunk, self.copier))
+        return out["h"], out["nxt"]
 
     def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep,
-                 then: Then | None):
+                 then: NextAttention | None):
         """Dispatches layer j's expert program with the loads and slot-table changes queued so far (and, given
         `then`, the next MoE layer's attend_route at its end). Returns (h, that attend_route's outputs or None)."""
         bufs, dst = self.copier.take()
@@ -299,11 +303,11 @@ class OffloadedExperts:
             nxt = None
         else:
             h, self.copier.pool, self.slot_of_expert, nxt = offloaded_expert_pass_then_attend(
-                *args, then.dense_kinds, then.kind, then.attend, then.dense_caches, then.cache)
+                *args, then.dense_kinds, then.kind, then.inputs, then.dense_caches, then.cache)
             if self.scorer is not None:
-                nxt[5].copy_to_host_async()  # read with the next layer's routing
+                nxt.scores.copy_to_host_async()  # read with the next layer's routing
             elif self._tap == "attention":
-                nxt[0].copy_to_host_async()
+                nxt.h.copy_to_host_async()
         self._reset = False
         self.copier.carried(h)
         self.counters.dispatches += 1
@@ -353,36 +357,39 @@ class OffloadedExperts:
             self.timeline.add(f"experts L{i}" + (f" pass {n}" if n else ""), "compute", t)
         self.compute_s += time.perf_counter() - t
 
-    def stats(self) -> dict:
+    def stats(self) -> SourceStats:
         c = self.cache.stats()
         if self.timeline is not None:
             self.timeline.write(self.config.record_timeline)
-        accesses = self.cache.hits + self.cache.misses
-        bytes_per_expert = self.cache.bytes_per_expert
-        out = {"hits": self.cache.hits, "misses": self.cache.misses,
-               "hit_rate": self.cache.hits / accesses if accesses else float("nan"),
-               # bytes as the clock counts them: under a virtual clock, its preset's expert size per copy
-               "h2d_bytes": self.cache.loads * bytes_per_expert, "bytes_per_expert": bytes_per_expert,
-               "h2d_bytes_real": self.copier.bytes, "bytes_per_expert_real": self.store.bytes_per_expert,
-               "h2d_s": self.copier.issue_s, "stall_s": self.clock.stall_s, "copier": self.copier.name,
-               "compute_s": self.compute_s, "slots_per_layer": self.slots,
-               "pregate_on_device": self.scorer is not None,
-               "expert_program_variants": len(self.variants), "layers_all_hit": self.layers_all_hit,
-               "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
-               "policy": self.cache.policy.name, "routing": self.config.routing,
-               "routing_substitutions": self.substitutions}
-        out.update(self.clock.stats())
+        detail = {"pregate_on_device": self.scorer is not None, "expert_program_variants": len(self.variants),
+                  "layers_all_hit": self.layers_all_hit}
+        detail.update({k: v for k, v in self.clock.stats().items() if k != "clock"})
         horizon = self.cache.policy.prefetch_distance()  # layers ahead; None for history-only policies
         if horizon is not None:
-            out["mean_horizon"] = float(horizon)
-        out.update({f"cache_{k}": v for k, v in c.items() if k not in out})
+            detail["mean_horizon"] = float(horizon)
+        detail.update({f"cache_{k}": v for k, v in c.items() if f"cache_{k}" not in SourceStats.KEYS})
         if self.budget_auto is not None:
-            out["budget_auto"] = self.budget_auto.as_stats()
+            detail["budget_auto"] = self.budget_auto.as_stats()
         mem = self.store.device.memory_stats()  # None on CPU; on GPU the allocator's own numbers
         if mem:
-            out["device_bytes_in_use"] = mem.get("bytes_in_use")
-            out["device_peak_bytes_in_use"] = mem.get("peak_bytes_in_use")
-        return out
+            detail["device_bytes_in_use"] = mem.get("bytes_in_use")
+            detail["device_peak_bytes_in_use"] = mem.get("peak_bytes_in_use")
+        return cache_stats(self.cache, step="layer", copier=self.copier.name, clock=self.clock.name,
+                           # bytes as the clock counts them: under a virtual clock, its preset's expert size
+                           bytes_per_expert_real=self.store.bytes_per_expert, h2d_bytes_real=self.copier.bytes,
+                           h2d_s=self.copier.issue_s, stall_s=self.clock.stall_s, compute_s=self.compute_s,
+                           routing=self.config.routing, routing_substitutions=self.substitutions,
+                           slots_per_layer=self.slots,
+                           expert_bytes_resident=self.slots * self.store.num_layers * self.store.bytes_per_expert,
+                           detail=detail)
 
     def close(self) -> None:
         self.copier.close()
+
+
+def cache_stats(cache: ExpertCache, **kw) -> SourceStats:
+    """SourceStats of a source whose decisions an ExpertCache counts (the layer mode, each device of a mesh)."""
+    return SourceStats(policy=cache.policy.name, hits=cache.hits, misses=cache.misses, cache_loads=cache.loads,
+                       cache_demand_loads=cache.demand_loads, cache_prefetch_issued=cache.prefetch_issued,
+                       cache_prefetch_used=cache.prefetch_used, h2d_bytes=cache.loads * cache.bytes_per_expert,
+                       bytes_per_expert=cache.bytes_per_expert, **kw)

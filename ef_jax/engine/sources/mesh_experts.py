@@ -18,14 +18,16 @@ the slot table each program reads is identical in every process); another proces
 The budget (expert_memory or slots_per_layer) applies to each device. Telemetry is per device and in total
 (stats()["per_device"]). The simulator replays the same split with ef_jax.sim.mesh.replay_mesh.
 
-Limits (ValueError before any work, naming the fix): policies lru, lfu, nocache (a predictor sees every expert,
-a device's cache only its own); exact routing; the wall clock; no timeline; step="layer"; expert_memory as bytes or
-slots (not "auto"). Copies are inline device_puts on each device (the `transfers` setting is for one device).
+Limits (refused before any work by ef_jax.cache.support, naming the fix): policies lru, lfu, nocache by name (a
+predictor sees every expert, a device's cache only its own); exact routing; the wall clock; no timeline;
+step="layer"; expert_memory as bytes or slots (not "auto"); no route override. Copies are inline device_puts on
+each device (`transfers` is for one device, and refused here).
 
 Axes: L MoE layers, E experts, n devices, E_d experts of device d, S slots per device and MoE layer, N tokens, K top-k.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 
@@ -34,11 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ef_jax.cache import plan as layer_plan
 from ef_jax.cache.config import OffloadConfig, parse_bytes
 from ef_jax.cache.expert_cache import ExpertCache
 from ef_jax.engine.transfer.clock import WallClock
 from ef_jax.engine.transfer.copier import InlineCopier
-from ef_jax.engine.sources.experts import ResidentExperts
+from ef_jax.engine.sources.base import Capabilities, SourceDefaults, SourceStats
+from ef_jax.engine.sources.experts import ResidentExperts, cache_stats
 from ef_jax.engine.programs.layer import expert_pass
 from ef_jax.engine.transfer.store import ExpertStore
 from ef_jax.engine.telemetry.counters import HostCounters
@@ -47,8 +51,6 @@ from ef_jax.model import Model
 from ef_jax.models.expert_parallel import MeshPool
 from ef_jax.models.moe import Routing
 from ef_jax.policies.registry import get_policy
-
-MESH_POLICIES = ("lru", "lfu", "nocache")
 
 _RESIDENT: "weakref.WeakKeyDictionary[Model, tuple]" = weakref.WeakKeyDictionary()
 _STORES: "weakref.WeakKeyDictionary[Model, list]" = weakref.WeakKeyDictionary()
@@ -104,6 +106,7 @@ def mesh_stores(model: Model) -> list[ExpertStore | None]:
 
 class MeshResidentExperts(ResidentExperts):
     """Every routed expert resident, each on the device that owns it."""
+    capabilities = Capabilities(offloaded=False, fused=True, mesh=True)
 
     def __init__(self, model: Model, counters: HostCounters):
         cfg = model.config
@@ -113,30 +116,10 @@ class MeshResidentExperts(ResidentExperts):
         local = jax.device_put(self.partition.local, replicated(model.mesh))  # i32[E]: slot in the owner's block
         self.slot_maps = tuple(local if cfg.moe_layers[i] else None for i in range(cfg.num_layers))
 
-    def stats(self) -> dict:
-        return {"policy": "resident", "slots_per_layer": self.partition.max_size,
-                "devices": self.partition.num_devices, "experts_per_device": list(self.partition.sizes)}
-
-
-def check_mesh_offload(offload: OffloadConfig) -> None:
-    """ValueError before any work for what the mesh's offloaded source does not do (each names the fix)."""
-    if not isinstance(offload, OffloadConfig):
-        raise TypeError(f"offload must be an ef_jax.OffloadConfig or None, got {type(offload).__name__}")
-    name = offload.policy if isinstance(offload.policy, str) else getattr(offload.policy, "name", None)
-    if not isinstance(offload.policy, str) or name.lower() not in MESH_POLICIES:
-        raise ValueError(f"on a mesh each device caches only its own experts, so the offloaded engine runs the "
-                         f"policies {MESH_POLICIES} by name; policy {offload.policy!r} needs one device (mesh=None)")
-    if offload.step != "layer":
-        raise ValueError("step='device' runs on one device: use step='layer' on a mesh, or mesh=None")
-    if offload.routing != "exact":
-        raise ValueError("routing='cache-aware' reads one device's cache: use routing='exact' on a mesh")
-    if offload.timing is not None:
-        raise ValueError("timing= (a virtual clock) models one copy stream: leave timing=None on a mesh")
-    if offload.record_timeline is not None:
-        raise ValueError("record_timeline is not recorded on a mesh: leave it None")
-    if offload.auto:
-        raise ValueError("expert_memory='auto' reads one device's free memory: on a mesh give the budget per "
-                         "device as bytes (e.g. '2GiB') or slots_per_layer")
+    def stats(self) -> SourceStats:
+        return dataclasses.replace(SourceStats.resident(self.partition.max_size,
+                                                        experts_per_device=list(self.partition.sizes)),
+                                   devices=self.partition.num_devices)
 
 
 def mesh_slots(offload: OffloadConfig, num_moe_layers: int, top_k: int, partition, bytes_per_expert: int) -> int:
@@ -156,19 +139,14 @@ def mesh_slots(offload: OffloadConfig, num_moe_layers: int, top_k: int, partitio
     return min(slots, partition.max_size)
 
 
-class MeshOffloadedExperts:
-    """Each device streams its own experts into its own slots (see the module docstring)."""
-    fused = False
-    whole_step = False
-    chains_attention = False  # each MoE layer's attend_route is its own program (Forward)
-    scorer = None             # no pre-gate scores from attend_route
+class MeshOffloadedExperts(SourceDefaults):
+    """Each device streams its own experts into its own slots (see the module docstring). Each MoE layer's
+    attend_route is its own program (no chained attention) and returns no pre-gate scores."""
+    capabilities = Capabilities(offloaded=True, fused=False, mesh=True)
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
                  kv_shape: tuple[int, int] | None = None):
-        check_mesh_offload(offload)
         cfg = model.config
-        if not cfg.moe_layer_ids:
-            raise ValueError("this model has no MoE layers: there is nothing to offload (use offload=None)")
         self.cfg, self.config, self.counters, self.mesh = cfg, offload, counters, model.mesh
         self.partition = part = check_mesh(model.mesh, cfg.num_experts)
         self.stores = mesh_stores(model)
@@ -231,36 +209,36 @@ class MeshOffloadedExperts:
             clock.routed(j)
         K = experts.shape[1]
         shares = self.partition.split(np.unique(experts[real]))  # per device: local ids it must hold
-        chunks = [[ids[s:s + c.table.slots_per_layer] for s in range(0, len(ids), c.table.slots_per_layer)]
-                  for ids, c in zip(shares, self.caches)]
-        passes = max(len(c) for c in chunks)
-        for n in range(passes):
-            active = [d for d in range(self.num_devices) if n < len(chunks[d])]
-            for d in active:  # each device's cache routes its share; its loads go to its own pool
-                cache, chunk, copier = self.caches[d], chunks[d][n], self.copiers[d]
-                if copier is not None:
-                    self.clocks[d].poll(copier)
-                self._issue(d, cache.route(j, chunk) if n == 0 else cache.require(j, chunk))
-                if copier is not None:
-                    self.clocks[d].wait(j, chunk, copier)
-            if passes == 1:
+        out = {"h": h}
+
+        def compute(p: layer_plan.Pass):  # one expert program over the mesh, every device's share of this pass
+            if p.count == 1:
                 keep = self._keep_real
             else:
-                now = np.concatenate([self.partition.to_global(d, chunks[d][n]) for d in active])
+                now = np.concatenate([self.partition.to_global(d, p.chunks[d]) for d in p.active])
                 keep = jnp.asarray((np.isin(experts, now) & real[:, None]).astype(np.float32).reshape(-1, K))
                 self.counters.dispatches += 1
             table = np.concatenate([c.table.slot_row(j) for c in self.caches])  # i32[E]: slot on the owner
-            h = expert_pass(self.cfg, n == 0, p["mlp"], h, normed, routing, keep, self._pool(j), jnp.asarray(table))
+            out["h"] = expert_pass(self.cfg, p.first, params["mlp"], out["h"], normed,
+                                   routing, keep, self._pool(j), jnp.asarray(table))
             self.counters.dispatches += 1
             if self.config.check:
                 self._verify()
-            if n + 1 < passes:
-                jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
-                for d in active:
-                    self.caches[d].release(j)
-        for d in range(self.num_devices):
-            if chunks[d]:
-                self.caches[d].release(j)
+            if not p.last:
+                jax.block_until_ready(out["h"])  # the next pass may evict this pass's experts: finish reading them
+
+        def poll(d, _):
+            if self.copiers[d] is not None:
+                self.clocks[d].poll(self.copiers[d])
+
+        def wait(d, chunk):
+            if self.copiers[d] is not None:
+                self.clocks[d].wait(j, chunk, self.copiers[d])
+
+        params = p
+        layer_plan.run_layer(self.caches, j, shares, issue=self._issue, compute=compute, poll=poll, wait=wait)
+        layer_plan.release_all(self.caches, j)
+        h = out["h"]
         self._step_routes.append(experts[real])
         return h, routing
 
@@ -287,29 +265,33 @@ class MeshOffloadedExperts:
             if copier is not None:
                 store.verify(copier.pool, cache.table.expert_of_slot)
 
-    def _device_stats(self, d: int) -> dict:
+    def _device_stats(self, d: int) -> SourceStats:
         c = self.caches[d]
-        accesses = c.hits + c.misses
-        return {"device": str(self.devices[d]), "experts": self.partition.sizes[d],
-                "slots_per_layer": c.table.slots_per_layer, "hits": c.hits, "misses": c.misses,
-                "hit_rate": c.hits / accesses if accesses else float("nan"),
-                "h2d_bytes": c.loads * self.bytes_per_expert,  # counted by the cache: every device, any process
-                "stall_s": self.clocks[d].stall_s,  # 0 for another process's device (its owner measures it)
-                # the pool every device allocates: S slots per MoE layer (its budget), whatever it uses
-                "expert_bytes_resident": self.slots * self.num_moe_layers * self.bytes_per_expert}
+        return cache_stats(c, step="layer", copier="inline", clock="wall",
+                           h2d_bytes_real=c.loads * self.bytes_per_expert,  # counted by the cache: any process
+                           bytes_per_expert_real=self.bytes_per_expert, h2d_s=0.0,
+                           stall_s=self.clocks[d].stall_s,  # 0 for another process's device (its owner measures it)
+                           compute_s=0.0, routing=self.config.routing, routing_substitutions=0,
+                           slots_per_layer=c.table.slots_per_layer,
+                           # the pool every device allocates: S slots per MoE layer (its budget), whatever it uses
+                           expert_bytes_resident=self.slots * self.num_moe_layers * self.bytes_per_expert,
+                           detail={"device": str(self.devices[d]), "experts": self.partition.sizes[d]})
 
-    def stats(self) -> dict:
-        per = [self._device_stats(d) for d in range(self.num_devices)]
-        hits, misses = sum(p["hits"] for p in per), sum(p["misses"] for p in per)
-        bpe = self.bytes_per_expert
-        return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else float("nan"),
-                "h2d_bytes": sum(p["h2d_bytes"] for p in per), "bytes_per_expert": bpe,
-                "h2d_bytes_real": sum(p["h2d_bytes"] for p in per), "bytes_per_expert_real": bpe,
-                "stall_s": sum(p["stall_s"] for p in per), "copier": "inline (per device)",
-                "compute_s": self.compute_s, "slots_per_layer": self.slots,
-                "expert_bytes_resident": max(p["expert_bytes_resident"] for p in per),
-                "policy": self.caches[0].policy.name, "routing": self.config.routing, "clock": "wall",
-                "devices": self.num_devices, "experts_per_device": list(self.partition.sizes), "per_device": per}
+    def stats(self) -> SourceStats:
+        per = tuple(self._device_stats(d) for d in range(self.num_devices))
+        total = lambda name: sum(vars(p)[name] for p in per)  # noqa: E731
+        return SourceStats(policy=self.caches[0].policy.name, step="layer", hits=total("hits"),
+                           misses=total("misses"), cache_loads=total("cache_loads"),
+                           cache_demand_loads=total("cache_demand_loads"),
+                           cache_prefetch_issued=total("cache_prefetch_issued"),
+                           cache_prefetch_used=total("cache_prefetch_used"), h2d_bytes=total("h2d_bytes"),
+                           bytes_per_expert=self.bytes_per_expert, h2d_bytes_real=total("h2d_bytes_real"),
+                           bytes_per_expert_real=self.bytes_per_expert, h2d_s=0.0, stall_s=total("stall_s"),
+                           compute_s=self.compute_s, copier="inline (per device)", clock="wall",
+                           routing=self.config.routing, routing_substitutions=0, slots_per_layer=self.slots,
+                           expert_bytes_resident=max(p.expert_bytes_resident for p in per),
+                           devices=self.num_devices, per_device=per,
+                           detail={"experts_per_device": list(self.partition.sizes)})
 
     def close(self) -> None:
         for copier in self.copiers:
