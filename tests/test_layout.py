@@ -17,7 +17,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "ef_jax")
 # Lower layers never import higher ones. A package's own modules may import each other (acyclically).
 LAYERS = [
     {"config", "trace", "generation_config", "lazy"},
-    {"policies", "checkpoint", "models", "quant"},
+    {"policies", "checkpoint", "models", "quant", "host_experts"},
     {"cache", "sched", "model", "mesh"},
     {"sim", "random_model", "predict"},
     {"engine"},

@@ -28,7 +28,7 @@ from ef_jax.engine.programs import device_cache as dc
 from ef_jax.engine.sources.context import policy_context
 from ef_jax.engine.transfer.device_memory import resolve_budget
 from ef_jax.engine.programs.device_step import StepPlan, device_layer, device_step
-from ef_jax.engine.transfer.expert_stacks import stacks_for
+from ef_jax.engine.transfer.store import store_for
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.model import Model
 from ef_jax.models.moe import Routing
@@ -51,6 +51,9 @@ def check_device_config(offload: OffloadConfig) -> None:
         raise ValueError("timing= (a virtual clock) charges each copy on the host: use step='layer'")
     if offload.record_timeline is not None:
         raise ValueError("record_timeline needs per-layer host events: use step='layer'")
+    if offload.host_memory != "pinned":
+        raise ValueError("host_memory='mapped' reads each copied expert on the host, and the device step copies "
+                         "inside its program from pinned stacks: use step='layer'")
 
 
 class DeviceStepExperts:
@@ -67,7 +70,7 @@ class DeviceStepExperts:
         if not cfg.moe_layer_ids:
             raise ValueError("this model has no MoE layers: there is nothing to offload (use offload=None)")
         self.cfg, self.config, self.counters = cfg, offload, counters
-        self.stacks = stacks_for(model)
+        self.stacks = store_for(model)  # the same pinned [E, W] per-layer arrays as the layer mode
         L, E = len(cfg.moe_layer_ids), cfg.num_experts
         # budget_auto: with expert_memory="auto", what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
         self.slots, self.budget_auto = resolve_budget(model, offload, self.stacks.bytes_per_expert, kv_shape,
@@ -254,7 +257,7 @@ class DeviceStepExperts:
                "stall_s": 0.0, "h2d_s": 0.0, "routing": self.config.routing,
                "expert_bytes_resident": self.slots * self.stacks.num_layers * bpe,
                "step_readbacks": self.readbacks, "readback_waits": self.readback_waits,
-               "hints_sent": self.hints_sent}
+               "hints_sent": self.hints_sent, **self.stacks.host_bytes()}
         if self.shadow is not None:
             out["shadow_prefetch_issued"] = self.shadow.prefetch_issued
         if self.budget_auto is not None:
