@@ -374,3 +374,34 @@ def iter_param_leaves(tree, prefix: str = "") -> Iterator[tuple[str, np.ndarray]
             yield from iter_param_leaves(v, f"{prefix}{i}.")
     elif tree is not None:
         yield prefix[:-1], tree
+
+
+def header_summary(path: str, cfg: ModelConfig) -> dict:
+    """From the safetensors headers alone (no weight read): the stored dtype of the routed experts and of the rest,
+    their bytes on disk, and the files' total size. A converted store (no safetensors) gives {}."""
+    try:
+        reader = SafetensorsReader(path)
+    except CheckpointError:
+        return {}
+    expert_names = set()
+    for i in cfg.moe_layer_ids:
+        moe_pre, _ = _expert_names(cfg, f"model.layers.{i}")
+        expert_names |= {n for n in reader.file_of if n.startswith(f"{moe_pre}.experts.")}
+    dtypes: dict[str, set] = {"experts": set(), "other": set()}
+    nbytes = {"experts": 0, "other": 0}
+    for name in reader.file_of:
+        part = "experts" if name in expert_names else "other"
+        dtypes[part].add(reader.dtype(name))
+        nbytes[part] += reader.nbytes(name)
+    files = sorted(set(reader.file_of.values()))
+    return {"expert_dtypes": sorted(dtypes["experts"]), "other_dtypes": sorted(dtypes["other"]),
+            "expert_bytes_on_disk": nbytes["experts"], "other_bytes_on_disk": nbytes["other"],
+            "files": len(files), "disk_bytes": sum(os.path.getsize(os.path.join(path, f)) for f in files)}
+
+
+def host_expert_dtype(path: str, cfg: ModelConfig, dtype: str) -> np.dtype:
+    """The dtype float experts are held in on the host for compute `dtype` (expert_dtype_for of the stored dtype),
+    from the headers alone."""
+    from ef_jax.host_experts import ST_DTYPES
+    stored = header_summary(path, cfg).get("expert_dtypes") or []
+    return expert_dtype_for(ST_DTYPES[stored[0]], DTYPES[dtype]) if len(stored) == 1 else DTYPES[dtype]
