@@ -63,6 +63,9 @@ def add_parser(sub) -> None:
                    help="a train-predictor --out directory: the predictor of --policy predictive")
     g.add_argument("--hybrid", default=None, metavar="DIR",
                    help="a train-hybrid --out directory: the predictor of --policy expertflow")
+    g.add_argument("--host-memory", choices=["pinned", "mapped"], default="pinned",
+                   help="experts pinned in host memory once (default), or read from the checkpoint files on demand "
+                        "(mapped: for hosts that cannot hold every expert; slower, layer mode)")
     g.add_argument("--step", choices=["layer", "device"], default="layer",
                    help="offloaded decoding: layer (the host routes each MoE layer) or device (the whole token step "
                         "and the expert cache in one compiled program; lru, nocache and hint policies)")
@@ -220,7 +223,8 @@ def _generate(args, p: Plan, spinner: Spinner) -> int:
     offload = None
     if p.budget is not None:
         offload = ef_jax.OffloadConfig(**p.budget, policy=_policy_object(p.policy, args, model, p.predictor),
-                                       record_timeline=p.timeline, step=args.step)
+                                       record_timeline=p.timeline, step=args.step,
+                                       host_memory=args.host_memory)
     stream = TextStream(model.tokenizer, p.ids, stops=tuple(args.stop or ()), enabled=not args.json)
     spinner.start(f"compiling and prefilling {plural(len(p.ids), 'prompt token')}")
 

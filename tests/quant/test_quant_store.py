@@ -9,7 +9,7 @@ import pytest
 import ef_jax
 from ef_jax import OffloadConfig
 from ef_jax.cli.main import main
-from ef_jax.quant import QuantExpertPool
+from ef_jax.quant import QuantExpertPool, QuantSpec
 from ef_jax.quant.store import MANIFEST, StoreMismatch, convert, is_store
 from ef_jax.engine.transfer.store import store_for
 
@@ -32,7 +32,8 @@ def store(source, tmp_path_factory):
 
 
 def test_round_trip_gives_identical_experts_and_tokens(source, store):
-    direct = ef_jax.load(source, dtype="float32", expert_dtype="int4", group_size=8)
+    # convert fits HQQ (int4's DEFAULT_METHOD); a plain load quantizes by round-to-nearest: ask for the same spec
+    direct = ef_jax.load(source, dtype="float32", expert_dtype=QuantSpec(bits=4, group_size=8, method="hqq"))
     loaded = ef_jax.load(store)
     assert loaded.dtype == "float32" and loaded.expert_quant == direct.expert_quant
     assert direct.experts.layout == loaded.experts.layout
