@@ -107,3 +107,13 @@ def test_quantized_experts_are_cached(bf16_checkpoint, tmp_path, monkeypatch):
     ef_jax.load(bf16_checkpoint, dtype="float32", expert_dtype="int4", group_size=32, quant_cache=False)
     assert os.listdir(tmp_path / "experts") == entries  # no entry, and the temporary file is gone
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_quantizing_in_expert_chunks_gives_the_same_rows(bf16_checkpoint, tmp_path, monkeypatch):
+    import ef_jax.quant.cache as qcache
+    whole = ef_jax.load(bf16_checkpoint, dtype="float32", expert_dtype="int8", quant_cache=False).experts
+    monkeypatch.setattr(qcache, "CHUNK_EXPERTS", 3)  # 8 experts: chunks of 3, 3, 2
+    chunked = ef_jax.load(bf16_checkpoint, dtype="float32", expert_dtype="int8", quant_cache=False).experts
+    assert chunked.layout == whole.layout
+    for j in range(whole.num_layers):
+        np.testing.assert_array_equal(chunked.rows(j), whole.rows(j))

@@ -1,7 +1,7 @@
 """Quantizing routed experts at load, streamed MoE layer by MoE layer, and the cache of the result.
 
-[CheckpointRows] → per MoE layer j: rows(j) (float, one layer) → quantize (jitted, vectorised) → packed u8[E, B]
-    → appended to ENTRY/experts.bin → (the float layer is released) ... → manifest.json → rename to ENTRY
+[CheckpointRows] → per MoE layer j, CHUNK_EXPERTS experts at a time: rows (float) → quantize (jitted, vectorised)
+    → packed u8 rows appended to ENTRY/experts.bin → (the float rows are released) ... → manifest.json → rename to ENTRY
     → a PackedRows over ENTRY/experts.bin: what Model.experts reads (pinned by the engine, or read on demand)
 
 CACHE/experts/<key>/   key = sha256 of the checkpoint's fingerprint (config + safetensors headers and sizes,
@@ -14,6 +14,7 @@ into a temporary directory whose file is unlinked as soon as it is open: the mod
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from ef_jax.quant.codes import QuantSpec
 from ef_jax.quant.pool import expert_bytes, quantize_experts
 
 FORMAT = "ef_jax-quant-rows-1"
+CHUNK_EXPERTS = 8  # experts quantized per call: bounds the float rows and the quantizer's temporaries on the host
 
 
 def cache_dir() -> str:
@@ -55,7 +57,7 @@ def _progress(total: int, desc: str):
 def quantized_rows(path: str, rows: ExpertRows, spec: QuantSpec, *, cache: bool = True) -> PackedRows:
     """The quantized rows of `rows` (a checkpoint's float experts): read from the cache when an entry for this
     checkpoint, spec and host dtype exists, else quantized layer by layer and written there (cache=False: to a
-    temporary file). Host memory: one float layer and its quantized copy at a time."""
+    temporary file). Host memory: CHUNK_EXPERTS experts' floats and their quantized copy at a time."""
     path = os.path.abspath(os.fspath(path))
     if not cache:
         tmp = tempfile.mkdtemp(prefix="quant-", dir=_tmp_root())
@@ -101,15 +103,17 @@ def _write(rows: ExpertRows, spec: QuantSpec, out_dir: str) -> dict:
     offsets, layout = [], None
     bar = _progress(rows.num_layers, f"quantizing experts to int{spec.bits} ({spec.method})")
     with open(os.path.join(out_dir, "experts.bin"), "wb") as f:
+        E = rows.layout.num_experts
         for j in range(rows.num_layers):
-            floats = rows.rows(j)                                  # [E, W] float: one layer
-            pool = quantize_experts(unpack_rows(floats, rows.layout), spec)
-            del floats
-            layout = layout or RowLayout.quantized(pool)
             offsets.append(f.tell())
-            for e in range(layout.num_experts):
-                f.write(expert_bytes(pool, e).tobytes())
-            del pool
+            for start in range(0, E, CHUNK_EXPERTS):  # a few experts' floats on the host at a time, not a layer
+                floats = rows.rows(j, start, min(E, start + CHUNK_EXPERTS))   # [n, W] float
+                pool = quantize_experts(unpack_rows(floats, rows.layout), spec)
+                del floats
+                layout = layout or dataclasses.replace(RowLayout.quantized(pool), num_experts=E)
+                for e in range(pool.num_slots):
+                    f.write(expert_bytes(pool, e).tobytes())
+                del pool
             if bar is not None:
                 bar.update(1)
     if bar is not None:
