@@ -175,7 +175,8 @@ def fast_model(cfg, dtype: str, seed: int = 0, expert_banks: int = 1):
         set_dotted(params, name, draw(shape, name))
     banks = [{k: draw(s) for k, s in expert_shapes(cfg).items()} for _ in range(max(1, expert_banks))]
     experts = tuple(banks[i % len(banks)] if cfg.moe_layers[i] else None for i in range(cfg.num_layers))
-    return Model(config=cfg, params=jax.tree.map(jnp.asarray, params), host_experts=experts, dtype=dtype)
+    from ef_jax.model import as_rows
+    return Model(config=cfg, params=jax.tree.map(jnp.asarray, params), experts=as_rows(experts), dtype=dtype)
 
 
 def release(model) -> None:

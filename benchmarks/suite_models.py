@@ -233,9 +233,8 @@ def part_deepseek(parts: dict, args) -> None:
 def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
     """Issue 14: step="device" vs the layer mode, lru at 25 / 50 %, batch 1, the model's own routing."""
     import ef_jax
-    from ef_jax.engine.transfer import store as layer_store
     try:
-        from ef_jax.engine.transfer.expert_stacks import drop_stacks
+        from ef_jax.engine.sources.device_experts import DeviceStepExperts  # noqa: F401
     except ImportError as e:
         part.skip("step='device'", f"not available in this build ({e})")
         return
@@ -244,7 +243,7 @@ def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
         for frac in fracs:
             run(part, f"lru {int(frac * 100)}% own routing", ef_jax.OffloadConfig(slots_per_layer=slots_of(frac)),
                 1, "lru", frac, routing="model")
-    layer_store._STORES.pop(model, None)  # one pinned copy of the experts at a time (re-pinned by the next row)
+    # the layer mode and the device step read the same pinned store (ef_jax.engine.transfer.residency)
     for frac in fracs:
         off = ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy="lru", step="device")
         run(part, f"lru {int(frac * 100)}% device step", off, 1, "lru", frac, routing="model")
@@ -256,7 +255,6 @@ def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
             part.record["device_step_hlo"] = hlo
         except Exception as e:  # noqa: BLE001 — evidence missing must not end the part
             part.error("device step HLO", e)
-    drop_stacks(model)
     part.record["device_step_ratios"] = device_ratios(part.record["rows"])
     part.save()
 

@@ -32,11 +32,12 @@ def quantized(model, expert_dtype: str):
     spec = spec_for(expert_dtype, None, model.dtype)
     done: dict[int, object] = {}
     experts = []
-    for ex in model.host_experts:
-        if ex is not None and id(ex) not in done:
+    from ef_jax.host_experts import ArrayRows
+    for ex in model.experts.layers:
+        if id(ex) not in done:
             done[id(ex)] = quantize_experts(ex, spec)
-        experts.append(None if ex is None else done[id(ex)])
-    return dataclasses.replace(model, host_experts=tuple(experts), expert_quant=spec)
+        experts.append(done[id(ex)])
+    return dataclasses.replace(model, experts=ArrayRows(experts), expert_quant=spec)
 
 
 def auto_choice(model, bytes_per_expert: int) -> dict:

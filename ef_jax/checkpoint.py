@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directory → host numpy pytrees with our names (no torch, nothing on the device).
 
-[config.json] → ModelConfig ; [model.safetensors | model.safetensors.index.json + shards] → safetensors (numpy)
-    → rename + transpose ([out, in] → [in, out]) + stack experts → (params, experts) as host numpy
+[config.json] → ModelConfig ; [model.safetensors | model.safetensors.index.json + shards] → headers (validated)
+    → non-expert tensors: one read each → rename + transpose ([out, in] → [in, out]) → `put` (the device)
+    → routed experts: a reader (ef_jax.host_experts.CheckpointRows) the engine streams into their final buffers
 
 Every tensor is checked (present, shape) before anything is returned, so a bad checkpoint fails with one
 CheckpointError naming the file and tensor, and nothing is half-loaded.
@@ -163,8 +164,6 @@ class SafetensorsReader:
     """Name → file index over a single file or a sharded index; validates that every shard exists and opens."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-        self._safe_open = safe_open
         single = os.path.join(path, "model.safetensors")
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
@@ -180,18 +179,13 @@ class SafetensorsReader:
             others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".gguf"))]
             hint = f" (found {others[:3]}: convert to safetensors with save_pretrained)" if others else ""
             raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
-        self._handles, self.file_of = {}, {}
+        self.path, self.headers, self.file_of = path, {}, {}
         for fname in files:
             fpath = os.path.join(path, fname)
             if not os.path.isfile(fpath):
                 raise CheckpointError(f"shard {fpath} listed in model.safetensors.index.json is missing")
-            try:
-                h = safe_open(fpath, framework="np")
-                keys = list(h.keys())
-            except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-                raise CheckpointError(f"cannot read {fpath}: {e} (the file is truncated or corrupt)") from e
-            self._handles[fname] = h
-            for k in keys:
+            self.headers[fname] = _header(fpath)
+            for k in self.headers[fname][0]:
                 self.file_of[k] = fname
         if weight_map is not None:
             for k, fname in weight_map.items():
@@ -201,19 +195,38 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
+    def _meta(self, name: str) -> dict:
+        return self.headers[self.file_of[name]][0][name]
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.file_of[name]].get_slice(name).get_shape())
+        return tuple(self._meta(name)["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype's safetensors name ("BF16", "F32", ...)."""
+        return self._meta(name)["dtype"]
 
     def nbytes(self, name: str) -> int:
-        sl = self._handles[self.file_of[name]].get_slice(name)
-        itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(sl.get_dtype(), 4)
-        return int(np.prod(sl.get_shape())) * itemsize
+        start, stop = self._meta(name)["data_offsets"]
+        return int(stop) - int(start)
 
-    def get(self, name: str) -> np.ndarray:
+
+def _header(fpath: str) -> tuple[dict, int]:
+    """A shard's tensor table and data offset, read from its header only (CheckpointError when it is corrupt)."""
+    from ef_jax.host_experts import read_header
+    try:
+        header, base = read_header(fpath)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {fpath}: {e} (the file is truncated or corrupt)") from e
+    size = os.path.getsize(fpath)
+    for name, meta in header.items():
         try:
-            return self._handles[self.file_of[name]].get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {self.file_of[name]}: {e}") from e
+            stop = base + int(meta["data_offsets"][1])
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise CheckpointError(f"cannot read {fpath}: tensor {name} has no valid data_offsets") from e
+        if stop > size:
+            raise CheckpointError(f"cannot read {fpath}: tensor {name} ends at byte {stop} but the file has "
+                                  f"{size} (the file is truncated or corrupt)")
+    return header, base
 
 
 def _progress(total_bytes: int, desc: str):
@@ -264,11 +277,49 @@ def set_dotted(tree: dict, dotted: str, value):
     node[parts[-1]] = value
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: str = "float32"):
-    """Reads a HF MoE checkpoint directory into host numpy.
+def expert_dtype_for(stored, compute) -> np.dtype:
+    """The host dtype of float experts: the stored dtype when it is narrower than the compute dtype (upcasting it
+    inside the expert program is exact), else the compute dtype (as before: a float32 checkpoint computed in bf16
+    is rounded once, at load)."""
+    stored, compute = np.dtype(stored), np.dtype(compute)
+    narrow = stored in (DTYPES["bfloat16"], np.dtype(np.float16))  # (ml_dtypes' bfloat16 is not of kind "f")
+    return stored if narrow and stored.itemsize < compute.itemsize else compute
 
-    Returns (cfg, params, experts): params is the pytree described in models/transformer.py;
-    experts is a tuple over layers of None (dense layer) or {"gate" [E, D, F], "up" [E, D, F], "down" [E, F, D]}.
+
+def _tensor_ref(reader: "SafetensorsReader", name: str):
+    from ef_jax.host_experts import ST_DTYPES, TensorRef
+    fname = reader.file_of[name]
+    header, base = reader.headers[fname]
+    meta = header[name]
+    return TensorRef(os.path.join(reader.path, fname), base + int(meta["data_offsets"][0]), tuple(meta["shape"]),
+                     ST_DTYPES[meta["dtype"]])
+
+
+def expert_rows(cfg: ModelConfig, reader: "SafetensorsReader", plans: dict, dtype: str):
+    """A CheckpointRows over the validated expert plans: nothing is read until the engine asks for a layer."""
+    from ef_jax.host_experts import CheckpointRows
+    refs = []
+    for i in cfg.moe_layer_ids:
+        plan = plans[i]
+        if plan[0][2] is None:  # fused [E, ...] tensors
+            refs.append(("fused", _tensor_ref(reader, plan[0][1]), _tensor_ref(reader, plan[1][1])))
+            continue
+        per = [[None] * 3 for _ in range(cfg.num_experts)]
+        for ours, name, j, _ in plan:
+            per[j][("gate", "up", "down").index(ours)] = _tensor_ref(reader, name)
+        refs.append([tuple(p) for p in per])
+    first = refs[0][1] if refs and refs[0][0] == "fused" else refs[0][0][0] if refs else None
+    host = expert_dtype_for(first.dtype, DTYPES[dtype]) if first is not None else DTYPES[dtype]
+    return CheckpointRows(refs, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate, host)
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: str = "float32", put=None):
+    """Reads a HF MoE checkpoint directory: the non-expert weights, and a reader of the routed experts.
+
+    Returns (cfg, params, experts): params is the pytree described in models/transformer.py, each leaf passed
+    through `put` as it is read (e.g. to the device, so no host copy of the params outlives its leaf; default: host
+    numpy); experts is an ef_jax.host_experts.CheckpointRows (MoE layer j's rows read on demand, see there), or
+    None when the model has no MoE layer. Every tensor's presence and shape is checked before anything is read.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
@@ -284,43 +335,30 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "float32"):
         _check_shape(reader, hf_name, shapes[ours], transpose)
     plans = {i: _expert_plan(cfg, reader, i) for i in cfg.moe_layer_ids}
     total = sum(reader.nbytes(n) for n, _ in names.values())
-    total += sum(reader.nbytes(n) for plan in plans.values() for _, n, _, _ in plan)
     bar = _progress(total, f"loading {os.path.basename(path.rstrip('/'))}")
     np_dtype = DTYPES[dtype]
-
-    def read(hf_name: str, transpose: bool, keep_f32: bool = False) -> np.ndarray:
-        arr = reader.get(hf_name)
-        if bar is not None:
-            bar.update(reader.nbytes(hf_name))
-        arr = arr.T if transpose else arr
-        return np.ascontiguousarray(arr, dtype=np.float32 if keep_f32 else np_dtype)
-
+    put = put or (lambda a: a)
+    fds: dict = {}
     try:
         params: dict = {"layers": [{} for _ in range(cfg.num_layers)]}
         for ours, (hf_name, transpose) in names.items():
             keep_f32 = cfg.router_fp32_weight and ours.endswith(".router")
-            set_dotted(params, ours, read(hf_name, transpose, keep_f32))
-        experts = tuple(_read_experts(cfg, plans[i], read, np_dtype) if i in plans else None
-                        for i in range(cfg.num_layers))
+            try:
+                arr = _tensor_ref(reader, hf_name).read(fds)
+            except Exception as e:
+                raise CheckpointError(f"cannot read tensor {hf_name} from {reader.file_of[hf_name]}: {e}") from e
+            if bar is not None:
+                bar.update(arr.nbytes)
+            arr = np.ascontiguousarray(arr.T if transpose else arr, dtype=np.float32 if keep_f32 else np_dtype)
+            set_dotted(params, ours, put(arr))
+            del arr
     finally:
+        for fd in fds.values():
+            os.close(fd)
         if bar is not None:
             bar.close()
+    experts = expert_rows(cfg, reader, plans, dtype) if plans else None
     return cfg, params, experts
-
-
-def _read_experts(cfg: ModelConfig, plan, read, np_dtype) -> dict[str, np.ndarray]:
-    F = cfg.moe_intermediate
-    out = {k: np.empty(s, np_dtype) for k, s in expert_shapes(cfg).items()}
-    for ours, name, j, transpose in plan:
-        if j is None and ours == "gate_up":      # [E, 2F, D] → gate, up [E, D, F]
-            both = read(name, False)
-            out["gate"][:] = both[:, :F].transpose(0, 2, 1)
-            out["up"][:] = both[:, F:].transpose(0, 2, 1)
-        elif j is None:                           # down [E, D, F] → [E, F, D]
-            out["down"][:] = read(name, False).transpose(0, 2, 1)
-        else:
-            out[ours][j] = read(name, transpose)
-    return out
 
 
 def iter_param_leaves(tree, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
@@ -333,3 +371,34 @@ def iter_param_leaves(tree, prefix: str = "") -> Iterator[tuple[str, np.ndarray]
             yield from iter_param_leaves(v, f"{prefix}{i}.")
     elif tree is not None:
         yield prefix[:-1], tree
+
+
+def header_summary(path: str, cfg: ModelConfig) -> dict:
+    """From the safetensors headers alone (no weight read): the stored dtype of the routed experts and of the rest,
+    their bytes on disk, and the files' total size. A converted store (no safetensors) gives {}."""
+    try:
+        reader = SafetensorsReader(path)
+    except CheckpointError:
+        return {}
+    expert_names = set()
+    for i in cfg.moe_layer_ids:
+        moe_pre, _ = _expert_names(cfg, f"model.layers.{i}")
+        expert_names |= {n for n in reader.file_of if n.startswith(f"{moe_pre}.experts.")}
+    dtypes: dict[str, set] = {"experts": set(), "other": set()}
+    nbytes = {"experts": 0, "other": 0}
+    for name in reader.file_of:
+        part = "experts" if name in expert_names else "other"
+        dtypes[part].add(reader.dtype(name))
+        nbytes[part] += reader.nbytes(name)
+    files = sorted(set(reader.file_of.values()))
+    return {"expert_dtypes": sorted(dtypes["experts"]), "other_dtypes": sorted(dtypes["other"]),
+            "expert_bytes_on_disk": nbytes["experts"], "other_bytes_on_disk": nbytes["other"],
+            "files": len(files), "disk_bytes": sum(os.path.getsize(os.path.join(path, f)) for f in files)}
+
+
+def host_expert_dtype(path: str, cfg: ModelConfig, dtype: str) -> np.dtype:
+    """The dtype float experts are held in on the host for compute `dtype` (expert_dtype_for of the stored dtype),
+    from the headers alone."""
+    from ef_jax.host_experts import ST_DTYPES
+    stored = header_summary(path, cfg).get("expert_dtypes") or []
+    return expert_dtype_for(ST_DTYPES[stored[0]], DTYPES[dtype]) if len(stored) == 1 else DTYPES[dtype]

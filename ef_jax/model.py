@@ -1,12 +1,14 @@
 """ef_jax.Model: a loaded checkpoint — config, device params, host-side experts, tokenizer — and ef_jax.load().
 
-Routed experts stay in host memory after loading: a model whose experts exceed the device can be loaded. The engine
-(ef_jax/engine) decides where they go: its expert sources either put every expert on the device (resident) or build
-a pinned-host store and stream them into slots (offloaded). A Model is plain data; running it never changes it.
+Routed experts are not read at load: `Model.experts` is a reader (ef_jax.host_experts) that streams each MoE layer's
+rows from the checkpoint when the engine first needs them — into their one pinned-host layout (offloaded), straight
+to the device (resident), or one row at a time from the page cache (host_memory="mapped"). So a model whose experts
+exceed the device, or even free host RAM, can be loaded, and no host copy of the experts sits beside the pinned one.
+A Model is plain data; running it never changes it.
 
-Quantized experts (`load(..., expert_dtype="int8"|"int4")`): host_experts[i] is then an
-ef_jax.quant.QuantExpertPool of numpy arrays (every expert), and both the resident pools and the offload store are
-built from it, so resident and offloaded decoding run the very same quantized experts.
+Quantized experts (`load(..., expert_dtype="int8"|"int4")`): quantized at load, MoE layer by MoE layer, into a
+packed file of rows (cached, ef_jax.quant.cache), which `Model.experts` then reads; the resident pools and the offload
+store are built from the same rows, so resident and offloaded decoding run the very same quantized experts.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 from ef_jax.checkpoint import DTYPES, iter_param_leaves, load_checkpoint
 from ef_jax.config import ModelConfig
 from ef_jax.generation_config import GenerationDefaults, read_generation_config
-from ef_jax.quant.pool import QuantExpertPool, expert_nbytes, quantize_experts
+from ef_jax.host_experts import ArrayRows, ExpertRows
 from ef_jax.quant.codes import QuantSpec, spec_for
 from ef_jax.tokenizer_fast import import_transformers_quietly as _import_transformers_quietly  # noqa: F401
 
@@ -31,12 +33,12 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 
 @dataclasses.dataclass(eq=False)
 class Model:
-    """A loaded MoE model. `params` live on the device; `host_experts[i]` (numpy, None for dense layers) holds
-    layer i's routed experts {"gate" [E, D, F], "up" [E, D, F], "down" [E, F, D]}, or, when `expert_quant` is set,
-    a QuantExpertPool of numpy arrays with S = E."""
+    """A loaded MoE model. `params` live on the device; `experts` reads MoE layer j's routed experts as rows
+    (ef_jax.host_experts: float gate | up | down per expert, or quantized bytes when `expert_quant` is set), or is
+    None for a model without MoE layers. No host array of the experts is kept here."""
     config: ModelConfig
     params: Any
-    host_experts: tuple
+    experts: ExpertRows | None
     dtype: str
     tokenizer: Any = None
     path: str | None = None
@@ -56,14 +58,9 @@ class Model:
         """Bytes of routed experts vs everything else, and of one expert, at the loaded dtype (quantized bytes:
         codes + scales + offsets, when the experts are quantized)."""
         other = sum(int(np.prod(a.shape)) * a.dtype.itemsize for _, a in iter_param_leaves(self.params))
-        moe = [ex for ex in self.host_experts if ex is not None]
-        if self.expert_quant is not None:
-            per_expert = expert_nbytes(moe[0]) if moe else 0
-            return {"experts": per_expert * len(moe) * self.config.num_experts, "other": other,
-                    "per_expert": per_expert}
-        experts = sum(a.nbytes for ex in moe for a in ex.values())
-        per_expert = self.config.expert_params() * DTYPES[self.dtype].itemsize
-        return {"experts": experts, "other": other, "per_expert": per_expert}
+        if self.experts is None:
+            return {"experts": 0, "other": other, "per_expert": 0}
+        return {"experts": self.experts.nbytes, "other": other, "per_expert": self.experts.layout.bytes_per_expert}
 
     def param_counts(self) -> dict[str, int]:
         other = sum(int(np.prod(a.shape)) for _, a in iter_param_leaves(self.params))
@@ -91,7 +88,7 @@ def load_tokenizer(path: str):
 
 
 def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, expert_dtype=None,
-         group_size: int | None = None, mesh=None) -> Model:
+         group_size: int | None = None, mesh=None, quant_cache: bool = True) -> Model:
     """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors), or a store written by
     `ef-jax convert` (then the experts are read already quantized and packed).
 
@@ -106,13 +103,20 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
       mesh: a jax Mesh with one axis named "expert" (ef_jax.mesh.expert_mesh(n), or jax.make_mesh((n,), ("expert",)))
         to run on several devices: non-expert weights replicated, every MoE layer's routed experts split over the
         devices (ef_jax.mesh); None: one device.
+      quant_cache: with expert_dtype int8/int4, keep the quantized experts in the user cache (EF_JAX_CACHE_DIR,
+        default ~/.cache/ef_jax; keyed by the checkpoint's identity, method and group size) so the next load reads
+        them instead of quantizing again; False quantizes into a temporary file removed with the model.
+
+    Routed experts are not read here (see the module docstring); float experts keep the checkpoint's dtype on the
+    host when it is narrower than `dtype` (bf16 experts under float32 compute: the expert FFN upcasts them).
     """
     from ef_jax import hub
     path = hub.resolve(path)  # a Hub id → its snapshot directory, before any other work
     if mesh is not None:
         from ef_jax.mesh import check_axes, on_mesh
         check_axes(mesh)  # before reading any weight
-        return on_mesh(load(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size), mesh)
+        return on_mesh(load(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size,
+                            quant_cache=quant_cache), mesh)
     if path is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
             raise FileNotFoundError(
@@ -128,17 +132,27 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
     path = os.fspath(path)
-    spec = spec_for(expert_dtype, group_size, dtype)
-    cfg, params, host_experts = load_checkpoint(path, dtype)
-    if spec is not None:
-        host_experts = tuple(None if ex is None else quantize_experts(ex, spec) for ex in host_experts)
-    return from_parts(path, cfg, params, host_experts, dtype, spec, load_tokenizer(path))
+    spec = spec_for(expert_dtype, group_size, dtype, at_load=True)
+    cfg, params, experts = load_checkpoint(path, dtype, put=jnp.asarray)  # each leaf to the device as it is read
+    if spec is not None and experts is not None:
+        from ef_jax.quant.cache import quantized_rows
+        experts = quantized_rows(path, experts, spec, cache=quant_cache)
+    return from_parts(path, cfg, params, experts, dtype, spec, load_tokenizer(path))
 
 
-def from_parts(path: str, cfg: ModelConfig, params, host_experts: tuple, dtype: str, spec: QuantSpec | None,
+def from_parts(path: str, cfg: ModelConfig, params, experts, dtype: str, spec: QuantSpec | None,
                tokenizer) -> Model:
-    """A Model from host parts: params go to the device, experts stay on the host."""
+    """A Model from its parts: params go to the device; experts is an ExpertRows reader, or per layer host arrays
+    (None for dense layers: a float dict or a QuantExpertPool), which are read through an ArrayRows."""
     generation = read_generation_config(path) if os.path.isdir(path) else GenerationDefaults()
     device_params = jax.tree.map(jnp.asarray, params)
-    return Model(config=cfg, params=device_params, host_experts=host_experts, dtype=dtype,
+    return Model(config=cfg, params=device_params, experts=as_rows(experts), dtype=dtype,
                  tokenizer=tokenizer, path=path, expert_quant=spec, generation=generation)
+
+
+def as_rows(experts) -> ExpertRows | None:
+    """An ExpertRows as it is; a tuple over layers of host arrays (None for dense layers) as an ArrayRows."""
+    if experts is None or isinstance(experts, ExpertRows):
+        return experts
+    moe = [ex for ex in experts if ex is not None]
+    return ArrayRows(moe) if moe else None

@@ -3,6 +3,9 @@ handling, tiny Hugging Face checkpoints built once per session."""
 import os
 import tempfile
 
+# Quantized experts are cached at load (ef_jax.quant.cache): the suite writes its entries to a directory of its own,
+# never the user's ~/.cache/ef_jax (xdist workers and subprocesses inherit it).
+os.environ.setdefault("EF_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="ef_jax-test-cache-"))
 # Four CPU devices for the expert-parallel tests (tests/test_mesh.py); set before jax starts, here and (through the
 # environment) in every subprocess. Single-device code runs on the first of them, as before.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

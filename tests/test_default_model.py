@@ -79,7 +79,8 @@ def test_training_forward_equals_inference(model):
     import jax.numpy as jnp
 
     from ef_jax.train.objective import forward
-    experts = tuple({k: jnp.asarray(v) for k, v in ex.items()} for ex in model.host_experts)
+    experts = tuple({k: jnp.asarray(v) for k, v in model.experts.layer(j).items()}
+                    for j in range(model.experts.num_layers))
     tokens = np.array([[5, 17, 300, 42, 9, 1000, 7, 3]], np.int32)
     logits, _ = forward(model.config, model.params, experts, jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(logits), ef_jax.logits(model, tokens), atol=2e-4, rtol=0)

@@ -18,7 +18,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "ef_jax")
 LAYERS = [
     {"config", "trace", "generation_config", "lazy", "hub", "tokenizer_fast", "compile_cache", "interrupt",
      "progress", "plot"},
-    {"policies", "checkpoint", "models", "quant"},
+    {"policies", "checkpoint", "models", "quant", "host_experts"},
     {"cache", "sched", "model", "mesh"},
     {"sim", "random_model", "random_checkpoint", "predict"},
     {"engine"},

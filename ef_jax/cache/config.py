@@ -31,6 +31,7 @@ DEFAULT_ROUTING_TOLERANCE = 0.02
 TRANSFER_MODES = ("inline", "thread", "program")
 DEFAULT_TRANSFERS = "program"
 STEP_MODES = ("layer", "device")
+HOST_MEMORY_MODES = ("pinned", "mapped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,10 @@ class OffloadConfig:
         ef_jax.engine.programs.device_step: LRU eviction on the device, policies send prefetch hints one token behind;
         `transfers`, `layers_per_group`, `timing`, `record_timeline` and cache-aware routing belong to the layer
         mode). What a combination cannot do is refused here or by the Forward, from ef_jax.cache.support.
+      host_memory: "pinned" (default: every expert pinned in host memory once, at the first offloaded run — refused
+        with a one-line ValueError naming "mapped" when it would not fit the host's available memory) or "mapped"
+        (nothing pinned: each copy reads its expert from the checkpoint files through the page cache, pageable and
+        slower, so a model whose experts exceed free RAM still runs; layer mode, one device).
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None
@@ -75,8 +80,11 @@ class OffloadConfig:
     routing_tolerance: float | None = None
     transfers: str | None = None
     step: str = "layer"
+    host_memory: str = "pinned"
 
     def __post_init__(self):
+        if self.host_memory not in HOST_MEMORY_MODES:
+            raise ValueError(f"host_memory={self.host_memory!r} must be one of {HOST_MEMORY_MODES}")
         if self.step not in STEP_MODES:
             raise ValueError(f"step={self.step!r} must be one of {STEP_MODES}")
         if self.transfers is not None and self.transfers not in TRANSFER_MODES:

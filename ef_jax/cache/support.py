@@ -38,6 +38,7 @@ class Request:
     transfers: bool = False         # transfers= given explicitly
     layers_per_group: bool = False  # layers_per_group= given explicitly
     auto_budget: bool = False       # expert_memory="auto"
+    host_memory: str = "pinned"     # "pinned" | "mapped"
     devices: int = 1                # devices of the expert mesh
     devices_available: int | None = None  # devices the machine has (None: not checked here)
     num_experts: int | None = None
@@ -59,7 +60,8 @@ class Request:
         return cls(offloaded=True, policy=policy_label(offload.policy), policy_by_name=by_name(offload.policy),
                    predictor=has_predictor(offload.policy), step=offload.step, routing=offload.routing,
                    timing=offload.timing is not None, timeline=offload.record_timeline is not None,
-                   transfers=offload.transfers is not None, auto_budget=offload.auto, **kw)
+                   transfers=offload.transfers is not None, auto_budget=offload.auto,
+                   host_memory=offload.host_memory, **kw)
 
     def replace(self, **kw) -> "Request":
         return dataclasses.replace(self, **kw)
@@ -140,6 +142,9 @@ ROWS: tuple[Row, ...] = (
     Row("route_override", lambda r: _DEVICE(r) and r.route_override,
         "route_override rewrites each layer's routing on the host; <step=device> routes inside the step program: "
         "use <step=layer>"),
+    Row("host_memory", lambda r: _DEVICE(r) and r.host_memory == "mapped",
+        "<host_memory=mapped> reads each copied expert on the host, and <step=device> copies inside its program "
+        "from the pinned store: use <step=layer> or <host_memory=pinned>"),
     # a mesh: each device holds, caches and computes its own share of the experts
     Row("devices", lambda r: r.devices < 1, "<devices={r.devices}> must be ≥ 1"),
     Row("devices", lambda r: r.devices_available is not None and r.devices > r.devices_available,
@@ -166,6 +171,9 @@ ROWS: tuple[Row, ...] = (
     Row("transfers", lambda r: _MESH(r) and r.transfers,
         "<transfers> is for one device; on a mesh of <devices={r.devices}> each device copies inline: drop "
         "<transfers>"),
+    Row("host_memory", lambda r: _MESH(r) and r.host_memory == "mapped",
+        "<host_memory=mapped> is for one device: pin the experts on a mesh of <devices={r.devices}> "
+        "(<host_memory=pinned>)"),
     Row("route_override", lambda r: _MESH(r) and r.route_override,
         "route_override is not applied on a mesh of <devices={r.devices}>: use one device"),
 )

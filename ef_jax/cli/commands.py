@@ -35,24 +35,73 @@ class Parser(argparse.ArgumentParser):
 
 
 def _cmd_info(args) -> int:
-    import ef_jax
-    from ef_jax.cli.model import checkpoint_dir, fmt_bytes
-    from ef_jax.config import SUPPORTED
-    model = ef_jax.load(checkpoint_dir("DIR", args.model), dtype=args.dtype, **load_kwargs(args))
-    cfg = model.config
-    b, c = model.param_bytes(), model.param_counts()
-    print(f"model        {model.path}")
+    """Everything from config.json and the safetensors headers: no weight is read, and (for float experts) neither
+    jax nor transformers is imported (a second, not a minute, on a large checkpoint)."""
+    import math
+    import os
+
+    from ef_jax.checkpoint import expected_shapes, header_summary, host_expert_dtype, non_expert_nbytes
+    from ef_jax.cache.config import OffloadConfig
+    from ef_jax.cli.guards import UsageError
+    from ef_jax.cli.model import Preflight, checkpoint_dir, expert_nbytes, fmt_bytes
+    from ef_jax.config import SUPPORTED, from_hf_config, load_hf_config
+    from ef_jax.generation_config import read_generation_json
+    path = checkpoint_dir("DIR", args.model)
+    cfg = from_hf_config(load_hf_config(path), read_generation_json(path))
+    dtype = args.dtype or _default_dtype()
+    kw = load_kwargs(args)
+    if kw["expert_dtype"] is None and kw["group_size"] is None and not os.path.isfile(
+            os.path.join(path, "ef_jax_store.json")):
+        host = host_expert_dtype(path, cfg, dtype)
+        per_expert, expert_dtype = cfg.expert_params() * host.itemsize, host.name
+    else:  # quantized sizes (this imports jax)
+        per_expert, expert_dtype = expert_nbytes(args, Preflight(path, cfg, None, None), dtype)
+    L, E, K = cfg.num_moe_layers, cfg.num_experts, cfg.top_k
+    other_params = sum(math.prod(s) for s in expected_shapes(cfg).values())
+    expert_params = L * E * cfg.expert_params()
+    experts_bytes, other_bytes = L * E * per_expert, non_expert_nbytes(cfg, dtype)
+    disk = header_summary(path, cfg)
+    print(f"model        {path}")
     print(f"architecture {SUPPORTED[cfg.family]} ({cfg.family})")
-    print(f"layers       {cfg.num_layers} ({cfg.num_moe_layers} MoE: {list(cfg.moe_layer_ids)})")
+    print(f"layers       {cfg.num_layers} ({L} MoE: {list(cfg.moe_layer_ids)})")
     print(f"attention    {cfg.attention}, {cfg.num_heads} heads / {cfg.num_kv_heads} kv heads, head dim {cfg.head_dim}")
-    print(f"experts      {cfg.num_experts} per MoE layer, top-{cfg.top_k}, D={cfg.hidden_size}, F={cfg.moe_intermediate}"
+    print(f"experts      {E} per MoE layer, top-{K}, D={cfg.hidden_size}, F={cfg.moe_intermediate}"
           + (f", shared expert F={cfg.shared_intermediate}" if cfg.shared_intermediate else ""))
     print(f"context      {cfg.max_position_embeddings or 'not stated'} positions (max_position_embeddings)")
-    print(f"parameters   {c['total']:,} total = {c['experts']:,} in routed experts + {c['other']:,} other")
-    print(f"bytes ({model.dtype}) experts {fmt_bytes(b['experts'])}, other {fmt_bytes(b['other'])}, "
-          f"per expert {fmt_bytes(b['per_expert'])}")
-    print(f"tokenizer    {'yes' if model.tokenizer is not None else 'none'}")
+    print(f"parameters   {expert_params + other_params:,} total = {expert_params:,} in routed experts + "
+          f"{other_params:,} other")
+    if disk:
+        print(f"on disk      {fmt_bytes(disk['disk_bytes'])} in {disk['files']} file(s): experts "
+              f"{fmt_bytes(disk['expert_bytes_on_disk'])} ({'/'.join(disk['expert_dtypes']) or '-'}), other "
+              f"{fmt_bytes(disk['other_bytes_on_disk'])} ({'/'.join(disk['other_dtypes'])})")
+    print(f"bytes        experts {fmt_bytes(experts_bytes)} at {expert_dtype} (per expert {fmt_bytes(per_expert)}), "
+          f"other {fmt_bytes(other_bytes)} at {dtype}")
+    print(f"host memory  pinned: {fmt_bytes(experts_bytes)} of experts (OffloadConfig(host_memory='pinned')); "
+          f"mapped: 0 pinned, {fmt_bytes(experts_bytes)} read from the files on demand")
+    if args.expert_memory is not None:
+        try:
+            slots = OffloadConfig(expert_memory=args.expert_memory).resolve_slots(L, E, K, per_expert)
+        except ValueError as e:
+            raise UsageError(f"--expert-memory {args.expert_memory}: {e}") from None
+        print(f"budget       --expert-memory {args.expert_memory} = {slots} slot(s) per MoE layer of {E} "
+              f"({slots * L * per_expert:,} bytes on the device, {100 * slots / E:.0f} % of the experts)")
+    else:
+        print(f"budget       one slot in every MoE layer = {fmt_bytes(L * per_expert)} on the device; "
+              f"the minimum (top-{K}) = {fmt_bytes(K * L * per_expert)}")
+    print(f"device       weights other than experts {fmt_bytes(other_bytes)} + the expert budget + KV cache")
+    tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                      "tokenizer.model", "vocab.json"))
+    print(f"tokenizer    {'yes' if tokenizer else 'none'}")
     return 0
+
+
+def _default_dtype() -> str:
+    """ef_jax.model.default_dtype without importing jax: bfloat16 where an accelerator is visible, else float32."""
+    import os
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return "float32" if platforms.split(",")[0] == "cpu" else "bfloat16"
+    return "bfloat16" if os.path.exists("/dev/nvidia0") or os.path.exists("/dev/accel0") else "float32"
 
 
 def _cmd_trace(args) -> int:
@@ -98,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="architecture, parameter counts and bytes of a checkpoint")
     i.add_argument("model", nargs="?", default=None, metavar="DIR", help="checkpoint directory or Hub id org/name[@rev] (default: the shipped model)")
     i.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="dtype the bytes are counted at")
+    i.add_argument("--expert-memory", default=None, metavar="BYTES",
+                   help="a device budget for experts (e.g. 1GiB): prints the slots per MoE layer it buys")
     add_load_args(i)
     i.set_defaults(fn=_cmd_info)
 

@@ -16,12 +16,18 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
                    help="routed experts: bf16 (as --dtype), int8 or int4 (quantized at load; default: not quantized)")
     p.add_argument("--group-size", type=int, default=None,
                    help=f"rows per quantization group (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--no-quant-cache", dest="quant_cache", action="store_false",
+                   help="quantize at load without reading or writing the cache of quantized experts "
+                        "(EF_JAX_CACHE_DIR, default ~/.cache/ef_jax)")
 
 
 def load_kwargs(args: argparse.Namespace) -> dict:
     """ef_jax.load keyword arguments from add_load_args' flags ("bf16" means: experts as --dtype)."""
     dt = args.expert_dtype
-    return {"expert_dtype": None if dt == "bf16" else dt, "group_size": args.group_size}
+    kw = {"expert_dtype": None if dt == "bf16" else dt, "group_size": args.group_size}
+    if not args.quant_cache:
+        kw["quant_cache"] = False
+    return kw
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -65,6 +65,9 @@ def add_parser(sub) -> None:
     g.add_argument("--hybrid", default=None, metavar="DIR",
                    help="a train-hybrid --out directory: the predictor of --policy expertflow")
     add_step_arg(g)
+    g.add_argument("--host-memory", choices=["pinned", "mapped"], default="pinned",
+                   help="experts pinned in host memory once (default), or read from the checkpoint files on demand "
+                        "(mapped: for hosts that cannot hold every expert; slower, layer mode)")
     g.add_argument("--timeline", default=None, metavar="FILE",
                    help="write a Chrome/Perfetto trace JSON of the offload engine here")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, stats) at the end")
@@ -175,7 +178,8 @@ def plan(args) -> Plan:
     check_run(offloaded=name != "resident", policy=name, num_experts=pf.config.num_experts,
               num_moe_layers=pf.config.num_moe_layers, step=args.step, devices=args.devices,
               timeline=args.timeline is not None, predictor=args.predictor is not None,
-              hybrid=args.hybrid is not None, auto_budget=args.expert_memory == "auto")
+              hybrid=args.hybrid is not None, auto_budget=args.expert_memory == "auto",
+              host_memory=args.host_memory)
     budget, auto = None, None
     if name != "resident":
         budget, auto = offload_budget(args, pf, dtype, (1, cache_slots(len(ids), req.max_new_tokens)))
@@ -201,7 +205,8 @@ def _generate(args, p: Plan, spinner: Spinner) -> int:
     offload = None
     if p.budget is not None:
         offload = ef_jax.OffloadConfig(**p.budget, policy=_policy_object(p.policy, args, model, p.predictor),
-                                       record_timeline=p.timeline, step=args.step)
+                                       record_timeline=p.timeline, step=args.step,
+                                       host_memory=args.host_memory)
     stream = TextStream(model.tokenizer, p.ids, stops=tuple(args.stop or ()), enabled=not args.json)
     spinner.start(f"compiling and prefilling {plural(len(p.ids), 'prompt token')}")
 

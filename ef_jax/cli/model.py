@@ -28,13 +28,13 @@ def checkpoint_dir(flag: str, path: str | None) -> str:
     """The checkpoint directory (None: the shipped default model; org/name[@rev]: its Hugging Face snapshot),
     checked to hold config.json."""
     from ef_jax import hub
-    from ef_jax.model import DEFAULT_MODEL_DIR
     try:
         path = hub.resolve(path)
     except hub.HubError as e:
         raise UsageError(f"{flag} {e}") from None
     if path is None:
-        path = DEFAULT_MODEL_DIR
+        # ef_jax.model.DEFAULT_MODEL_DIR, without importing jax
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UsageError(f"this build ships no default model: give {flag} DIR (a Hugging Face checkpoint)")
         return path
@@ -118,8 +118,10 @@ def expert_nbytes(args, pf: Preflight, dtype: str) -> tuple[int, str]:
     kw = load_kwargs(args)
     try:
         spec = spec_for(kw["expert_dtype"], kw["group_size"], dtype)
-        if spec is None:
-            return cfg.expert_params() * DTYPES[dtype].itemsize, {"bfloat16": "bf16", "float32": "f32"}[dtype]
+        if spec is None:  # float experts are held in the stored dtype when narrower (bf16 under float32 compute)
+            from ef_jax.checkpoint import host_expert_dtype
+            host = host_expert_dtype(pf.path, cfg, dtype)
+            return cfg.expert_params() * host.itemsize, {"bfloat16": "bf16", "float32": "f32"}.get(host.name, host.name)
         D, F = cfg.hidden_size, cfg.moe_intermediate
         return 2 * quantized_nbytes(D, F, spec) + quantized_nbytes(F, D, spec), spec.dtype_name
     except ValueError as e:

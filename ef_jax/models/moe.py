@@ -73,9 +73,9 @@ def _matrices(pool, slot_ids, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     is indexed as it is; a quantized one is dequantized to `dtype` here, inside the caller's jit."""
     if isinstance(pool, QuantExpertPool):
         return tuple(pool.matrix(m, slot_ids, dtype) for m in ("gate", "up", "down"))
-    if slot_ids is None:
-        return pool.gate, pool.up, pool.down
-    return pool.gate[slot_ids], pool.up[slot_ids], pool.down[slot_ids]
+    # experts are held in their stored dtype (bf16 under float32 compute): upcast what is read, here (exact)
+    pick = (lambda a: a) if slot_ids is None else (lambda a: a[slot_ids])
+    return tuple(pick(a).astype(dtype) for a in (pool.gate, pool.up, pool.down))
 
 
 def expert_ffn_gather(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_dtype=None) -> jax.Array:
@@ -130,7 +130,7 @@ def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_
         return y.astype(out_dtype or x.dtype)
     if _expert_kernel != "xla":
         from kernels_pallas import expert_ffn as pallas_expert_ffn
-        y = pallas_expert_ffn(x, slot_ids, weights, pool.gate, pool.up, pool.down,
+        y = pallas_expert_ffn(x, slot_ids, weights, *(a.astype(x.dtype) for a in (pool.gate, pool.up, pool.down)),
                               interpret=_expert_kernel == "pallas-interpret")
         return y.astype(out_dtype or x.dtype)
     if slot_ids.size <= GATHER_MAX_PAIRS:

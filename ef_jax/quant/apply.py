@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ef_jax.quant.pool import QuantExpertPool, quantize_experts
+from ef_jax.host_experts import ArrayRows
+from ef_jax.quant.pool import quantize_experts
 from ef_jax.quant.codes import QuantSpec, spec_for
 
 
@@ -16,7 +17,8 @@ def with_quantized_experts(model, expert_dtype="int4", group_size: int | None = 
     spec = spec_for(expert_dtype, group_size, model.dtype)
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"expert_dtype={expert_dtype!r}: pass 'int8', 'int4' or a QuantSpec")
-    if model.expert_quant is not None or any(isinstance(ex, QuantExpertPool) for ex in model.host_experts):
+    if model.expert_quant is not None or model.experts.layout.quant is not None:
         raise ValueError("this model's experts are already quantized: load the float checkpoint to requantize")
-    experts = tuple(None if ex is None else quantize_experts(ex, spec) for ex in model.host_experts)
-    return dataclasses.replace(model, host_experts=experts, expert_quant=spec)
+    rows = model.experts
+    experts = [quantize_experts(rows.layer(j), spec) for j in range(rows.num_layers)]
+    return dataclasses.replace(model, experts=ArrayRows(experts), expert_quant=spec)

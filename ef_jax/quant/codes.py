@@ -196,13 +196,19 @@ def quantized_nbytes(rows: int, cols: int, spec: QuantSpec) -> int:
 
 # Method per dtype, chosen by the perplexity sweep in README ("Quantized experts", benchmarks/bench_quant.py).
 DEFAULT_METHOD = {8: ("rtn", True), 4: ("hqq", False)}  # bits → (method, symmetric)
+# At load (ef_jax.load(expert_dtype=...)): round-to-nearest for both, one vectorised pass (HQQ's 20-pass fit took
+# 100-170 s per DeepSeek-V2-Lite MoE layer on 2 CPU cores); int4 asymmetric RTN costs +0.83 % perplexity vs HQQ's
+# +0.67 % at group 64 (README, "Quantized experts"). `ef-jax convert` keeps DEFAULT_METHOD.
+LOAD_METHOD = {8: ("rtn", True), 4: ("rtn", False)}
 FLOAT_EXPERT_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32", "float32": "float32"}
 
 
-def spec_for(expert_dtype, group_size: int | None, dtype: str) -> QuantSpec | None:
+def spec_for(expert_dtype, group_size: int | None, dtype: str, at_load: bool = False) -> QuantSpec | None:
     """ef_jax.load's expert_dtype= / group_size= → QuantSpec, or None for unquantized experts.
 
     expert_dtype: None or a float name equal to the model dtype (no quantization), "int8" | "int4", or a QuantSpec.
+    at_load: the method for a dtype name is LOAD_METHOD's (fast round-to-nearest) instead of DEFAULT_METHOD's
+    (what `ef-jax convert` fits once, offline).
     """
     if isinstance(expert_dtype, QuantSpec):
         if group_size is not None and group_size != expert_dtype.group_size:
@@ -220,6 +226,6 @@ def spec_for(expert_dtype, group_size: int | None, dtype: str) -> QuantSpec | No
         raise ValueError(f"expert_dtype={expert_dtype!r} is not supported; use 'bf16' (no quantization), "
                          f"'int8' or 'int4'")
     bits = BITS[expert_dtype]
-    method, symmetric = DEFAULT_METHOD[bits]
+    method, symmetric = (LOAD_METHOD if at_load else DEFAULT_METHOD)[bits]
     return QuantSpec(bits=bits, group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size,
                      method=method, symmetric=symmetric)

@@ -1,6 +1,6 @@
 """QuantExpertPool: routed experts held as int8/int4 codes + float16 scales (+ offsets), and their dequantization.
 
-host: Model.host_experts[i] = QuantExpertPool of numpy arrays with S = E (every expert)
+host: a QuantExpertPool of numpy arrays with S = E (every expert), one MoE layer at a time (ef_jax.quant.cache)
       → one expert's bytes = concatenation of its slice of every leaf, as u8 (`expert_bytes`): one pinned buffer,
         one host→device copy per swap, exactly like the float store
 device: a QuantExpertPool of S slots; `write_expert` unpacks one expert's u8 buffer into slot s of every leaf

@@ -1,6 +1,6 @@
 """The converted expert store: a checkpoint whose routed experts are already quantized and packed (orbax).
 
-convert: HF checkpoint → load_checkpoint → quantize experts → packed u8[E, B] per MoE layer (one row = one expert's
+convert: HF checkpoint → load_checkpoint (experts read layer by layer) → quantize experts → packed u8[E, B] per MoE layer (one row = one expert's
          pinned buffer, ef_jax.quant.pool.expert_bytes) → orbax save of {params, experts} into STORE.tmp-*
          → manifest (what it was built from) → rename to STORE (atomic: a half-written store never has the name)
 load:    manifest checks (format, ef_jax version, dtype, expert dtype, group size, source fingerprint)
@@ -121,8 +121,8 @@ def convert(model_path: str, out: str, *, expert_dtype="int4", group_size: int |
         raise ValueError(f"--out {out} already exists: choose another path or pass --overwrite")
     refuse_prequantized(model_path)
     t0 = time.perf_counter()
-    cfg, params, host_experts = load_checkpoint(model_path, dtype)
-    experts = {str(i): quantize_experts(ex, spec) for i, ex in enumerate(host_experts) if ex is not None}
+    cfg, params, rows = load_checkpoint(model_path, dtype)
+    experts = {str(i): quantize_experts(rows.layer(j), spec) for j, i in enumerate(cfg.moe_layer_ids)}
     quantize_s = time.perf_counter() - t0
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -86,3 +86,16 @@ def test_trace_writes_the_shared_npz_layout(tiny_dir, tmp_path):
     assert z["offsets"].tolist() == [0, 5, 8]
     assert bytes(z["tokens"]).split(b"\0")[:-1][:2] == [b"hello", b"world"]
     assert load_trace(out).experts.shape == (8, 2, 2)
+
+
+def test_info_reads_headers_only(tiny_dir, capsys, monkeypatch):
+    """Issue 24: info needs config.json and the safetensors headers, never a weight (nor ef_jax.load)."""
+    import ef_jax
+    from ef_jax import host_experts
+    monkeypatch.setattr(ef_jax, "load", lambda *a, **k: pytest.fail("info loaded the model"))
+    monkeypatch.setattr(host_experts.TensorRef, "read", lambda *a, **k: pytest.fail("info read a weight"))
+    assert cli.main(["info", tiny_dir, "--dtype", "float32", "--expert-memory", "36KiB"]) == 0
+    out = capsys.readouterr().out
+    assert "on disk" in out and "(F32)" in out
+    assert "--expert-memory 36KiB = 3 slot(s) per MoE layer" in out   # 2 MoE layers × 6 KiB experts
+    assert "host memory  pinned: " in out and "mapped: 0 pinned" in out

@@ -127,8 +127,9 @@ def layer_view(pool, slot_of_expert, j, pairs: int):
 def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs, moves,
                            reset):
     n = len(bufs)  # moves' first n rows place the buffers, the rest update the table (one host→device transfer)
-    for i, b in enumerate(bufs):
-        pool = put_expert(pool, jax.device_put(b, jax.memory.Space.Device), moves[i, 0], moves[i, 1])
+    for i, b in enumerate(bufs):  # row moves[i, 2] of host array b [n, W]: a slice, then a move (an async copy)
+        row = jax.lax.dynamic_slice(b, (moves[i, 2], 0), (1, b.shape[1]))[0]
+        pool = put_expert(pool, jax.device_put(row, jax.memory.Space.Device), moves[i, 0], moves[i, 1])
     soe = _apply_table_updates(slot_of_expert, moves[n:], reset)
     view, smap = layer_view(pool, soe, j, routing.experts.size)
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
@@ -144,8 +145,9 @@ def offloaded_expert_pass(cfg, include_shared, p, h, normed, routing: Routing, k
     h [B, T, D], normed [N, D], routing of layer j; keep f32[N, K] (0 for padding and for experts left to another
     pass); pool: the stacked slot pool ExpertPool [L, S, ...] (donated, written in place); slot_of_expert
     i32[L, E] (donated): the device copy of the slot table, -1 = not resident; j: this MoE layer (traced: one
-    program for every layer); bufs: pinned-host expert buffers [3·D·F] moved to the device here, so XLA
-    overlaps the copies with this program's compute; moves i32[n + m, 4]: rows 0..n−1 (layer, slot, ·, ·) of each
+    program for every layer); bufs: host arrays [n_i, W] (a MoE layer's pinned stack of expert rows, see
+    ef_jax.engine.transfer.store) whose row moves[i, 2] is moved to the device here, so XLA overlaps the copies
+    with this program's compute; moves i32[n + m, 4]: rows 0..n−1 (layer, slot, row, ·) of each
     buffer (any layer: a prefetch for a later layer travels in this program), then m rows (layer, expert, slot,
     evicted) of slot-table changes since the last program; reset: bool, clear the table first (a flushing policy).
     Returns (h + this pass's MoE output, pool, slot_of_expert)."""

@@ -7,14 +7,11 @@ A policy never reads a device array; the one device→host copy of what it may u
 """
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
+from ef_jax.engine.transfer import residency
 from ef_jax.model import Model
 from ef_jax.policies.base import PolicyContext
-
-_CONTEXTS: "weakref.WeakKeyDictionary[Model, PolicyContext]" = weakref.WeakKeyDictionary()
 
 
 class HostTable:
@@ -35,12 +32,10 @@ class HostTable:
 
 def policy_context(model: Model) -> PolicyContext:
     """The model's PolicyContext (cached per model: the embedding table is copied to the host once)."""
-    ctx = _CONTEXTS.get(model)
-    if ctx is None:
+    def build():
         cfg, layers = model.config, model.params["layers"]
         ids = cfg.moe_layer_ids
-        ctx = PolicyContext(routers=[np.asarray(layers[i]["mlp"]["router"], np.float32) for i in ids],
-                            norms=[np.asarray(layers[i]["mlp_norm"], np.float32) for i in ids],
-                            embed=HostTable(model.params["embed"]), top_k=cfg.top_k, eps=cfg.rms_norm_eps)
-        _CONTEXTS[model] = ctx
-    return ctx
+        return PolicyContext(routers=[np.asarray(layers[i]["mlp"]["router"], np.float32) for i in ids],
+                             norms=[np.asarray(layers[i]["mlp_norm"], np.float32) for i in ids],
+                             embed=HostTable(model.params["embed"]), top_k=cfg.top_k, eps=cfg.rms_norm_eps)
+    return residency.cached(model, "context", build)

@@ -31,7 +31,7 @@ from ef_jax.engine.sources.context import policy_context
 from ef_jax.engine.transfer.device_memory import resolve_budget
 from ef_jax.engine.programs.device_step import StepPlan, device_layer, device_step
 from ef_jax.engine.sources.base import Capabilities, SourceDefaults, SourceStats
-from ef_jax.engine.transfer.expert_stacks import stacks_for
+from ef_jax.engine.transfer.store import store_for
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.model import Model
 from ef_jax.models.moe import Routing
@@ -49,7 +49,7 @@ class DeviceStepExperts(SourceDefaults):
                  kv_shape: tuple[int, int] | None = None):
         cfg = model.config
         self.cfg, self.config, self.counters = cfg, offload, counters
-        self.stacks = stacks_for(model)
+        self.stacks = store_for(model)  # the same pinned [E, W] per-layer arrays as the layer mode
         L, E = len(cfg.moe_layer_ids), cfg.num_experts
         # budget_auto: with expert_memory="auto", what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
         self.slots, self.budget_auto = resolve_budget(model, offload, self.stacks.bytes_per_expert, kv_shape,
@@ -227,7 +227,8 @@ class DeviceStepExperts(SourceDefaults):
         bpe = self.stacks.bytes_per_expert
         detail = {"extra_passes": int(passes.sum()), "layer_hits": hits.tolist(), "layer_misses": misses.tolist(),
                   "step_readbacks": self.readbacks, "readback_waits": self.readback_waits,
-                  "hints_sent": self.hints_sent}
+                  "hints_sent": self.hints_sent,
+                  **self.stacks.host_bytes()}
         if self.shadow is not None:
             detail["shadow_prefetch_issued"] = self.shadow.prefetch_issued
         if self.budget_auto is not None:

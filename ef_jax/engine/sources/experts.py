@@ -25,7 +25,6 @@ Axes: N tokens (B·T), K top-k, E experts, S slots, L MoE layers, D model.
 from __future__ import annotations
 
 import time
-import weakref
 
 import jax
 import jax.numpy as jnp
@@ -44,33 +43,37 @@ from ef_jax.engine.transfer.device_memory import resolve_budget
 from ef_jax.engine.programs.layer import (NextAttention, expert_pass, offloaded_expert_pass,
                                           offloaded_expert_pass_then_attend)
 from ef_jax.engine.sources.base import Capabilities, RouteOverride, SourceDefaults, SourceStats
+from ef_jax.engine.transfer import residency
 from ef_jax.engine.transfer.store import store_for
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.engine.telemetry.timeline import Timeline
 from ef_jax.model import Model
+from ef_jax.host_experts import unpack_rows
 from ef_jax.models.moe import ExpertPool, Routing
-from ef_jax.quant.pool import QuantExpertPool
 from ef_jax.policies.registry import get_policy
 
-_RESIDENT: "weakref.WeakKeyDictionary[Model, tuple]" = weakref.WeakKeyDictionary()
-
-
 def resident_pools(model: Model) -> tuple:
-    """Per layer: an ExpertPool with all E experts on the device (slot e holds expert e), or None for dense layers.
-    Uploaded once per model and kept while the model lives (offloaded runs never touch it)."""
-    pools = _RESIDENT.get(model)
-    if pools is None:
-        pools = tuple(None if ex is None
-                      else jax.tree.map(jnp.asarray, ex) if isinstance(ex, QuantExpertPool)  # quantized: as loaded
-                      else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()})
-                      for ex in model.host_experts)
-        _RESIDENT[model] = pools
-    return pools
+    """Per layer: an ExpertPool (or QuantExpertPool) with all E experts on the device (slot e holds expert e), in
+    the host dtype, or None for dense layers. Streamed from the model's rows one MoE layer at a time (no pinned copy),
+    once per model, kept in the residency cache (offloaded runs never touch it)."""
+    def build():
+        rows, moe = model.experts, iter(range(model.config.num_moe_layers))
+        pools = []
+        for i in range(model.config.num_layers):
+            if not model.config.moe_layers[i]:
+                pools.append(None)
+                continue
+            ex = unpack_rows(rows.rows(next(moe)), rows.layout)
+            pools.append(jax.tree.map(jnp.asarray, ex) if rows.layout.quant is not None
+                         else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()}))
+            del ex
+        return tuple(pools)
+    return residency.cached(model, "resident", build)
 
 
 def drop_resident(model: Model) -> None:
     """Frees the device copy of every expert that resident runs of `model` keep (benchmarks switching modes)."""
-    _RESIDENT.pop(model, None)
+    residency.drop(model, "resident")
 
 
 class ResidentExperts(SourceDefaults):
@@ -119,7 +122,7 @@ class OffloadedExperts(SourceDefaults):
                  kv_shape: tuple[int, int] | None = None):
         cfg = model.config
         self.cfg, self.config, self.counters = cfg, offload, counters
-        self.store = store_for(model)
+        self.store = store_for(model, offload.host_memory)
         L, E = len(cfg.moe_layer_ids), cfg.num_experts
         # budget_auto: with expert_memory="auto", what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
         self.slots, self.budget_auto = resolve_budget(model, offload, self.store.bytes_per_expert, kv_shape,
@@ -291,7 +294,7 @@ class OffloadedExperts(SourceDefaults):
             upd = upd + [upd[-1]] * (bucket(len(upd)) - len(upd))  # repeating the last row changes nothing
         if len(dst) or upd:  # the buffers' places, then the table's changes: one small host→device transfer
             moves = np.zeros((len(dst) + len(upd), 4), np.int32)
-            moves[:len(dst), :2] = dst
+            moves[:len(dst), :dst.shape[1]] = dst
             moves[len(dst):] = upd
         else:
             moves = self._no_moves
@@ -362,7 +365,7 @@ class OffloadedExperts(SourceDefaults):
         if self.timeline is not None:
             self.timeline.write(self.config.record_timeline)
         detail = {"pregate_on_device": self.scorer is not None, "expert_program_variants": len(self.variants),
-                  "layers_all_hit": self.layers_all_hit}
+                  "layers_all_hit": self.layers_all_hit, **self.store.host_bytes()}
         detail.update({k: v for k, v in self.clock.stats().items() if k != "clock"})
         horizon = self.cache.policy.prefetch_distance()  # layers ahead; None for history-only policies
         if horizon is not None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import weakref
 
 import jax
 import jax.numpy as jnp
@@ -44,23 +43,15 @@ from ef_jax.engine.transfer.copier import InlineCopier
 from ef_jax.engine.sources.base import Capabilities, SourceDefaults, SourceStats
 from ef_jax.engine.sources.experts import ResidentExperts, cache_stats
 from ef_jax.engine.programs.layer import expert_pass
+from ef_jax.engine.transfer import residency
 from ef_jax.engine.transfer.store import ExpertStore
+from ef_jax.host_experts import unpack_rows
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.mesh import EXPERT_AXIS, check_mesh, mesh_devices, replicated
 from ef_jax.model import Model
 from ef_jax.models.expert_parallel import MeshPool
 from ef_jax.models.moe import Routing
 from ef_jax.policies.registry import get_policy
-
-_RESIDENT: "weakref.WeakKeyDictionary[Model, tuple]" = weakref.WeakKeyDictionary()
-_STORES: "weakref.WeakKeyDictionary[Model, list]" = weakref.WeakKeyDictionary()
-
-
-def _block(experts, start: int, stop: int):
-    """Experts [start, stop) of one layer's host experts (a dict of numpy arrays or a QuantExpertPool)."""
-    if isinstance(experts, dict):
-        return {k: v[start:stop] for k, v in experts.items()}
-    return jax.tree.map(lambda a: a[start:stop], experts)
 
 
 def _padded(experts, partition, rows: int):
@@ -78,30 +69,34 @@ def _padded(experts, partition, rows: int):
 
 
 def mesh_resident_pools(model: Model) -> tuple:
-    """Per layer: a MeshPool whose block d holds device d's experts (uploaded once per model), or None (dense)."""
-    pools = _RESIDENT.get(model)
-    if pools is None:
+    """Per layer: a MeshPool whose block d holds device d's experts (uploaded once per model, one MoE layer's rows
+    on the host at a time), or None (dense)."""
+    def build():
         part = check_mesh(model.mesh, model.config.num_experts)
         split = NamedSharding(model.mesh, PartitionSpec(EXPERT_AXIS))
-        pools = tuple(None if ex is None else MeshPool(
-            pool=jax.device_put(_padded(ex, part, part.max_size), split), layer=None, mesh=model.mesh,
-            axis=EXPERT_AXIS, owner=tuple(int(o) for o in part.owner)) for ex in model.host_experts)
-        _RESIDENT[model] = pools
-    return pools
+        rows, moe, pools = model.experts, iter(range(model.config.num_moe_layers)), []
+        for i in range(model.config.num_layers):
+            if not model.config.moe_layers[i]:
+                pools.append(None)
+                continue
+            ex = _padded(unpack_rows(rows.rows(next(moe)), rows.layout), part, part.max_size)
+            pools.append(MeshPool(pool=jax.device_put(ex, split), layer=None, mesh=model.mesh, axis=EXPERT_AXIS,
+                                  owner=tuple(int(o) for o in part.owner)))
+            del ex
+        return tuple(pools)
+    return residency.cached(model, "mesh_resident", build)
 
 
 def mesh_stores(model: Model) -> list[ExpertStore | None]:
-    """Per device of the mesh: the pinned-host ExpertStore of its own experts of every MoE layer (built once), or
-    None for a device of another process (several hosts: each process pins the experts of its own devices)."""
-    stores = _STORES.get(model)
-    if stores is None:
+    """Per device of the mesh: the pinned-host ExpertStore of its own experts of every MoE layer (built once, each
+    streamed from the model's rows: the experts are pinned once in all, each on its owner's host memory), or None for
+    a device of another process (several hosts: each process pins the experts of its own devices)."""
+    def build():
         part = check_mesh(model.mesh, model.config.num_experts)
-        moe = [model.host_experts[i] for i in model.config.moe_layer_ids]
-        stores = [ExpertStore([_block(ex, part.starts[d], part.starts[d] + part.sizes[d]) for ex in moe], device=dev)
-                  if dev.process_index == jax.process_index() else None
-                  for d, dev in enumerate(mesh_devices(model.mesh))]
-        _STORES[model] = stores
-    return stores
+        return [ExpertStore(model.experts, device=dev, experts=(part.starts[d], part.starts[d] + part.sizes[d]))
+                if dev.process_index == jax.process_index() else None
+                for d, dev in enumerate(mesh_devices(model.mesh))]
+    return residency.cached(model, "mesh_stores", build)
 
 
 class MeshResidentExperts(ResidentExperts):

@@ -1,6 +1,6 @@
 """Copiers: perform the ExpertCache's Loads — move an expert's bytes from the pinned-host store into its slot.
 
-Load → store.fetch (device_put from pinned host, async) → write_slot (in place, donated pool) → tracked until done
+Load → store.fetch (one row of the layer's pinned stack to the device, async) → write_slot (in place, donated pool) → tracked until done
 poll() → copies seen finished (non-blocking);  wait(layer, experts, block) → the layer's copies are in its pool
 
 A copier only moves bytes; *when* a copy counts as arrived, and how long compute waited for it, is the clock's
@@ -8,8 +8,8 @@ business (ef_jax.engine.transfer.clock), so any copier runs under any clock. Eve
 ExpertPool of [L, S, ...] leaves) and counts the bytes it really moved. Three ways to move them:
   inline   device_put + a donated slot-write program per load, from the thread that dispatches compute
   thread   device_put from a background thread, slot writes applied on the main thread
-  program  nothing is dispatched at issue: the loads travel as pinned-host arguments of the next MoE layer's
-           expert program, which copies them inside (XLA overlaps in-program copies with the program's compute)
+  program  nothing is dispatched at issue: the loads travel as pinned-host arguments (the layer's stack and the
+           row) of the next MoE layer's expert program, which copies them inside (XLA overlaps in-program copies with the program's compute)
 
 Axes: j MoE layer, e expert, S slots per layer.
 """
@@ -75,8 +75,9 @@ class InlineCopier:
         return waited
 
     def take(self) -> tuple[tuple, np.ndarray]:
-        """The loads the next expert program must copy: (pinned-host buffers, i32[n, 2] (layer, slot))."""
-        return (), np.zeros((0, 2), np.int32)
+        """The loads the next expert program must copy: (host arrays [n_i, W], i32[n, 3] (layer, slot, row of the
+        array to copy))."""
+        return (), np.zeros((0, 3), np.int32)
 
     def carried(self, out) -> None:
         """The expert program that carried `take()`'s loads was dispatched; `out` is one of its outputs."""
@@ -205,10 +206,11 @@ class ProgramCopier(InlineCopier):
         q, self._queue = self._queue, []
         self._taken = [k for k, _ in q]
         if not q:
-            return (), np.zeros((0, 2), np.int32)
+            return (), np.zeros((0, 3), np.int32)
         q = q + [q[-1]] * (bucket(len(q)) - len(q))
-        bufs = tuple(self.store.buffers[layer][expert] for (layer, expert), _ in q)
-        return bufs, np.asarray([(layer, slot) for (layer, _), slot in q], np.int32)
+        srcs = [self.store.program_source(layer, expert) for (layer, expert), _ in q]
+        bufs = tuple(a for a, _ in srcs)
+        return bufs, np.asarray([(layer, slot, row) for ((layer, _), slot), (_, row) in zip(q, srcs)], np.int32)
 
     def carried(self, out) -> None:
         if self._taken:

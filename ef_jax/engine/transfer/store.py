@@ -1,43 +1,50 @@
-"""ExpertStore (pinned host memory) and the device slot pools it fills.
+"""ExpertStore: a model's routed experts in host memory, in the one layout every expert source reads, and the
+device slot pools it fills.
 
-host: store[j][e] = one contiguous pinned_host buffer [3·D·F] per expert (gate | up | down, row-major),
-      so a swap-in is exactly one host→device copy.
+host: arrays[j] = one pinned_host array [E, W] per MoE layer: row e is expert e, flat in the row layout of
+      ef_jax.host_experts (float gate | up | down in the host dtype, or a quantized expert's u8 bytes). The layer
+      mode copies one row per load (`fetch`, or inside the expert program); the device step slices the same arrays
+      inside its step program. One copy per model, whichever modes run (ef_jax.engine.transfer.residency).
+      host_memory="mapped": nothing is pinned; a load reads its row from the checkpoint files through the page cache
+      (pageable, slower) — for hosts that cannot hold every expert.
 device: one stacked ExpertPool(gate [L, S, D, F], up [L, S, D, F], down [L, S, F, D]) for every MoE layer, written
       in place (the pool is donated to every program that writes it, so it is never re-allocated); one pytree
       lets a layer's program also write later layers' slots (prefetches travelling in an earlier program).
 
-Axes: j MoE layer (0..L_moe-1), E experts, S slots, D model, F expert FFN width.
-The store format (flat, compute dtype) is separate from the compute layout: quantized stores unpack here.
+Axes: j MoE layer (0..L_moe-1), E experts, S slots, D model, F expert FFN width, W elements of a row.
+The row format (flat, host dtype) is separate from the compute layout: slot writes unpack it (`put_expert`), and the
+expert FFN upcasts a narrower host dtype (bf16 under float32 compute) inside its program.
 
-Quantized experts (host_experts[j] an ef_jax.quant.QuantExpertPool): store[j][e] is one flat u8 buffer [B] of the
-expert's codes, scales and offsets (ef_jax.quant.pool.expert_bytes), the pools are QuantExpertPools of S slots,
-`write_slot` unpacks the buffer into every leaf of the slot, and bytes_per_expert is B (the quantized size), so
-budgets and H2D counters count quantized bytes.
+Quantized experts (layout.quant set): a row is the expert's codes, scales and offsets as u8[B]
+(ef_jax.quant.pool.expert_bytes), the pools are QuantExpertPools of S slots, `write_slot` unpacks the row into every
+leaf of the slot, and bytes_per_expert is B (the quantized size), so budgets and H2D counters count quantized bytes.
 """
 from __future__ import annotations
 
 import functools
-import weakref
+import os
 
 import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from ef_jax.engine.transfer import residency
+from ef_jax.host_experts import ExpertRows
 from ef_jax.model import Model
 from ef_jax.models.moe import ExpertPool
 from ef_jax.quant import pool as qpool
 
-_STORES: "weakref.WeakKeyDictionary[Model, ExpertStore]" = weakref.WeakKeyDictionary()
+HOST_MEMORY = ("pinned", "mapped")
 
 
-def store_for(model: Model) -> "ExpertStore":
-    """The pinned-host ExpertStore of every MoE layer's experts, built once per model and reused by every
-    offloaded run (pinning is the expensive part). The model itself is left as it is."""
-    store = _STORES.get(model)
-    if store is None:
-        store = ExpertStore([model.host_experts[i] for i in model.config.moe_layer_ids])
-        _STORES[model] = store
-    return store
+def store_for(model: Model, host_memory: str = "pinned") -> "ExpertStore":
+    """The model's ExpertStore, built once per model and host_memory kind and shared by every offloaded run, layer
+    mode and device step alike (pinning is the expensive part); `residency.drop(model, "store")` frees it."""
+    if host_memory not in HOST_MEMORY:
+        raise ValueError(f"host_memory={host_memory!r} must be one of {HOST_MEMORY}")
+    if model.experts is None:
+        raise ValueError("this model has no MoE layers: there are no experts to offload (use offload=None)")
+    return residency.cached(model, f"store:{host_memory}", lambda: ExpertStore(model.experts, host_memory=host_memory))
 
 
 def memory_sharding(device, kind: str) -> SingleDeviceSharding:
@@ -49,46 +56,114 @@ def memory_sharding(device, kind: str) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind=kind)
 
 
-class ExpertStore:
-    """Every routed expert of every MoE layer in pinned host memory, one flat buffer per expert."""
+def available_host_bytes() -> int:
+    """Host memory the kernel can still give (MemAvailable); EF_JAX_HOST_MEMORY_AVAILABLE (bytes) overrides it
+    (tests force the mapped path on a small checkpoint this way)."""
+    forced = os.environ.get("EF_JAX_HOST_MEMORY_AVAILABLE")
+    if forced:
+        return int(forced)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+    return int(psutil.virtual_memory().available)
 
-    def __init__(self, host_experts: list[dict[str, np.ndarray]], device=None):
+
+def check_pinned_fits(nbytes: int, transient: int) -> None:
+    """ValueError (one line, naming host_memory='mapped') when pinning `nbytes` (+ one layer read on the way) does not
+    fit the host's available memory. Called before anything is read."""
+    free = available_host_bytes()
+    if nbytes + transient > free:
+        raise ValueError(f"pinning the routed experts needs {(nbytes + transient) / 2**30:.2f} GiB of host memory "
+                         f"and {free / 2**30:.2f} GiB is available: use OffloadConfig(host_memory='mapped') "
+                         "(--host-memory mapped) to read them from the page cache instead")
+
+
+@functools.partial(jax.jit, static_argnames=("sharding",))
+def _row(stack: jax.Array, e: jax.Array, sharding) -> jax.Array:
+    """Row e of a host stack [E, W] moved to `sharding`'s memory: a dynamic slice then a move, which XLA makes a
+    host→device copy of one row (the device step's in-program pattern)."""
+    W = stack.shape[1]
+    return jax.device_put(jax.lax.dynamic_slice(stack, (e, 0), (1, W))[0], sharding)
+
+
+class ExpertStore:
+    """Every routed expert of every MoE layer in host memory (see the module docstring).
+
+    rows: the model's ExpertRows; experts: (start, stop) to hold only that block of every layer (a mesh device's
+    share), default all; host_memory: "pinned" (one pinned [E, W] array per layer) or "mapped" (rows read on
+    demand)."""
+
+    def __init__(self, rows: ExpertRows, device=None, experts: tuple[int, int] | None = None,
+                 host_memory: str = "pinned"):
         device = device or jax.devices()[0]
-        self.device = device
-        self.host_sharding = memory_sharding(device, "pinned_host")
+        self.device, self.rows, self.host_memory = device, rows, host_memory
         self.device_sharding = memory_sharding(device, "device")
-        first = host_experts[0]
-        self.buffers: list[list[jax.Array]] = []
-        self.quantized = isinstance(first, qpool.QuantExpertPool)
-        if self.quantized:  # one u8 buffer per expert: codes | scales | offsets
-            self.num_experts, _, self.ffn = first.gate.shape
-            self.hidden = first.down.shape[2]
-            self.dtype = np.dtype(np.uint8)
-            self._like = first
-            for ex in host_experts:
-                self.buffers.append([jax.device_put(qpool.expert_bytes(ex, e), self.host_sharding)
-                                     for e in range(self.num_experts)])
-            self.bytes_per_expert = qpool.expert_nbytes(first)
+        layout = self.layout = rows.layout
+        self.start, stop = experts or (0, layout.num_experts)
+        self.num_experts, self.hidden, self.ffn = stop - self.start, layout.hidden, layout.ffn
+        self.quantized = layout.quant is not None
+        self.dtype = np.dtype(layout.dtype)  # of a row's elements (float host dtype, or u8)
+        self.bytes_per_expert = layout.bytes_per_expert
+        self._like = None
+        if self.quantized:  # a one-expert host pool: the per-expert shapes and dtypes of the slot pools
+            self._like = qpool.QuantExpertPool(bits=layout.bits, **{"gate_offset": None, "up_offset": None,
+                                                                    "down_offset": None, **{
+                n: np.zeros((1, *shape), dt) for n, shape, dt in layout.quant}})
+        self.arrays: tuple[jax.Array, ...] = ()
+        if host_memory == "mapped":
+            if not rows.mapped:
+                raise ValueError("host_memory='mapped' reads experts from their files, and these experts have no "
+                                 "file (a model built in memory): use host_memory='pinned'")
             return
-        self.num_experts, self.hidden, self.ffn = first["gate"].shape
-        self.dtype = first["gate"].dtype
-        for ex in host_experts:
-            flat = np.concatenate([ex["gate"].reshape(self.num_experts, -1), ex["up"].reshape(self.num_experts, -1),
-                                   ex["down"].reshape(self.num_experts, -1)], axis=1)
-            self.buffers.append([jax.device_put(flat[e], self.host_sharding) for e in range(self.num_experts)])
-        self.bytes_per_expert = 3 * self.hidden * self.ffn * np.dtype(self.dtype).itemsize
+        self.host_sharding = memory_sharding(device, "pinned_host")
+        per_layer = self.num_experts * self.bytes_per_expert
+        check_pinned_fits(per_layer * rows.num_layers, per_layer)
+        stacks = []
+        for j in range(rows.num_layers):  # one layer's rows on the host at a time, released once pinned
+            block = rows.rows(j, self.start, stop)
+            stacks.append(jax.device_put(block, self.host_sharding))
+            stacks[-1].block_until_ready()
+            del block
+        self.arrays = tuple(stacks)
 
     @property
     def num_layers(self) -> int:
-        return len(self.buffers)
+        return self.rows.num_layers
+
+    def host_bytes(self) -> dict[str, int]:
+        """Host bytes of the experts: pinned by this store, or left in files and read on demand (mapped)."""
+        total = self.num_layers * self.num_experts * self.bytes_per_expert
+        return {"host_bytes_pinned": total if self.arrays else 0,
+                "host_bytes_mapped": 0 if self.arrays else total}
+
+    def host_row(self, layer: int, expert: int) -> np.ndarray:
+        """Expert `expert` (index within this store's block) of MoE layer `layer` as host numpy [W]."""
+        if self.arrays:
+            return np.asarray(_row(self.arrays[layer], np.int32(expert), memory_sharding(self.device, "device")))
+        e = self.start + expert
+        return self.rows.rows(layer, e, e + 1)[0]
 
     def fetch(self, layer: int, expert: int) -> jax.Array:
-        """Starts the host→device copy of one expert; returns the (future) device buffer [3·D·F]."""
-        return jax.device_put(self.buffers[layer][expert], self.device_sharding)
+        """Starts the host→device copy of one expert; returns the (future) device buffer [W]."""
+        if self.arrays:
+            return _row(self.arrays[layer], np.int32(expert), self.device_sharding)
+        return jax.device_put(self.host_row(layer, expert), self.device_sharding)
+
+    def program_source(self, layer: int, expert: int) -> tuple[jax.Array | np.ndarray, int]:
+        """(host array [n, W], row) an expert program slices and copies in-program (the program copier): the
+        layer's pinned stack and the expert's row, or (mapped) the expert's row read now, as [1, W], and 0."""
+        if self.arrays:
+            return self.arrays[layer], expert
+        return self.host_row(layer, expert)[None], 0
 
     def empty_pools(self, slots: int):
         """The stacked slot pool of every MoE layer, zero-filled: an ExpertPool (or, for quantized experts, a
-        QuantExpertPool) of [L, S, ...] leaves."""
+        QuantExpertPool) of [L, S, ...] leaves, in the host dtype."""
         L, D, F = self.num_layers, self.hidden, self.ffn
         if self.quantized:
             put = lambda a: jax.device_put(a, self.device_sharding)
@@ -96,27 +171,25 @@ class ExpertStore:
         zeros = lambda shape: jax.device_put(np.zeros(shape, self.dtype), self.device_sharding)
         return ExpertPool(gate=zeros((L, slots, D, F)), up=zeros((L, slots, D, F)), down=zeros((L, slots, F, D)))
 
-    def verify(self, pool: ExpertPool, expert_of_slot: np.ndarray) -> None:
-        """Debug check: every occupied slot holds exactly its expert's bytes (RuntimeError otherwise)."""
-        gate, up, down = (None, None, None) if self.quantized else (np.asarray(pool.gate), np.asarray(pool.up),
-                                                                    np.asarray(pool.down))
+    empty_pool = empty_pools  # the device step's name
+
+    def verify(self, pool, expert_of_slot: np.ndarray) -> None:
+        """Debug check: every occupied slot holds exactly its expert's row (RuntimeError otherwise)."""
+        leaves = None if self.quantized else [np.asarray(a) for a in (pool.gate, pool.up, pool.down)]
         for j in range(self.num_layers):
-            for s, e in enumerate(expert_of_slot[j].tolist()):
+            for s, e in enumerate(np.asarray(expert_of_slot[j]).tolist()):
                 if e < 0:
                     continue
                 if self.quantized:
                     got = qpool.slot_bytes(jax.tree.map(lambda a: a[j], pool), s)
-                    if not np.array_equal(got, np.asarray(self.buffers[j][e])):
-                        raise RuntimeError(f"slot {s} of MoE layer {j} should hold quantized expert {e} but its "
-                                           "bytes differ")
-                    continue
-                got = np.concatenate([gate[j, s].ravel(), up[j, s].ravel(), down[j, s].ravel()])
-                if not np.array_equal(got, np.asarray(self.buffers[j][e])):
+                else:
+                    got = np.concatenate([m[j, s].ravel() for m in leaves])
+                if not np.array_equal(got, self.host_row(j, e)):
                     raise RuntimeError(f"slot {s} of MoE layer {j} should hold expert {e} but its bytes differ")
 
 
 def unpack(flat: jax.Array, D: int, F: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One expert's flat buffer [3·D·F] → (gate [D, F], up [D, F], down [F, D])."""
+    """One expert's flat row [3·D·F] → (gate [D, F], up [D, F], down [F, D])."""
     return flat[:D * F].reshape(D, F), flat[D * F:2 * D * F].reshape(D, F), flat[2 * D * F:].reshape(F, D)
 
 
