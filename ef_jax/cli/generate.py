@@ -119,8 +119,9 @@ def _policy_name(args) -> str:
                              "--slots-per-layer too (without them every expert is resident anyway)")
         from ef_jax.engine.sources.device_experts import DEVICE_POLICIES
         if name not in DEVICE_POLICIES:
-            raise UsageError(f"--step device evicts by LRU on the device, so --policy {name} (host-side eviction) "
-                             f"runs only with --step layer; with --step device use one of {', '.join(DEVICE_POLICIES)}")
+            raise UsageError(f"--step device runs its policies on the device, so --policy {name} (host-side "
+                             f"eviction) runs only with --step layer; with --step device use one of "
+                             f"{', '.join(DEVICE_POLICIES)}")
         if args.timeline:
             raise UsageError("--timeline records per-layer host events, which --step device does not have: use "
                              "--step layer")

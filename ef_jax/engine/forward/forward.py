@@ -116,7 +116,7 @@ class Forward:
         self.counters.dispatches += 1
         self.source.begin_step(tokens[:, -1], real)
         if self.source.whole_step and tap is None:  # step="device": every layer in one program
-            x, new, routings = self.source.step(self.kinds, params, x, caches, pos, widx, vld)
+            x, new, routings = self.source.step(self.kinds, params, x, caches, pos, widx, vld, toks)
             caches, routings = list(new), list(routings)
         elif self.source.fused and tap is None:
             for g in self.groups:
