@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--expert-bytes", type=int, default=None, metavar="N",
                    help="bytes of one of the traced model's experts (default: the timing preset's, 17.3 MB)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
-    p.set_defaults(func=run, fn=run)  # ef_jax.cli.main dispatches on `fn`
+    p.set_defaults(func=run, fn=run)  # ef_jax.cli.commands dispatches on `fn`
     return p
 
 
