@@ -1,16 +1,17 @@
 """The expert cache as device state: residency, LRU clocks and counters, updated inside the jitted step.
 
 per MoE layer j, inside the step program:
-  [hints i32[H]] → apply_hints: hinted experts not resident → LRU victims among slots not holding a hinted expert
-                   → copy rows of the pinned-host stack (lax.dynamic_slice) into the slot pool
-  [routing] → needed bool[E] (union over the real tokens) → demand: hits / misses → LRU victims among slots not
-              holding a needed expert → copy the misses → touch the needed experts (ascending id) → pinned
+  [routing] → needed bool[E] (union over the real tokens) → demand: hits / misses → victims among slots not
+              holding a needed expert (ef_jax.engine.programs.device_policies.victim_order) → copy the misses →
+              touch the needed experts (ascending id) → pinned
+  [a device policy's predictions] → prefetch: every later layer's predicted experts not resident, into free or
+              unkept slots, vectorised over layers under one cond (device_policies.py decides what is predicted)
 
-The decisions are those of ef_jax.cache.ExpertCache with the LRU policy, made with array ops: a layer's misses are
-the needed experts not resident; the victims are the n oldest evictable slots (free slots first), which is the set
-that ExpertCache picks one miss at a time; every needed expert is touched in ascending id order (ExpertCache's
-on_access order), a prefetched expert when it loads. So on the same routing the hits and misses equal the host
-cache's and the simulator's (tests/test_device_step.py).
+With lru the decisions are those of ef_jax.cache.ExpertCache with the LRU policy, made with array ops: a layer's
+misses are the needed experts not resident; the victims are the n oldest evictable slots (free slots first), the
+set ExpertCache picks one miss at a time; every needed expert is touched in ascending id order, a prefetched
+expert when it loads. So on the same routing the hits and misses equal the simulator's
+(tests/engine/test_device_step.py); every device policy equals its numpy twin (tests/sim/test_device_twin.py).
 
 Copies: a static bound M on the misses of one pass (min(S, N·K, E)) sizes the victim and miss arrays; the copies
 themselves run in a `fori_loop` over the real count n ≤ M, so a hit copies nothing. On CPU the loop is free; on a
