@@ -285,7 +285,8 @@ def part_deepseek(parts: dict, args) -> None:
 
 
 def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
-    """Issue 14: step="device" vs the layer mode, lru at 25 / 50 %, batch 1, the model's own routing."""
+    """Issue 14: step="device" vs the layer mode, lru at 25 / 50 %, batch 1, the model's own routing; issue 26: the
+    device step's own policies (lru / expertflow / predictive on the device) at 25 / 50 %, batch 1 and 8."""
     import ef_jax
     from ef_jax.engine.transfer import store as layer_store
     try:
@@ -299,9 +300,13 @@ def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
             run(part, f"lru {int(frac * 100)}% own routing", ef_jax.OffloadConfig(slots_per_layer=slots_of(frac)),
                 1, "lru", frac, routing="model")
     layer_store._STORES.pop(model, None)  # one pinned copy of the experts at a time (re-pinned by the next row)
-    for frac in fracs:
-        off = ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy="lru", step="device")
-        run(part, f"lru {int(frac * 100)}% device step", off, 1, "lru", frac, routing="model")
+    policies = ("lru", "expertflow") if dry else ("lru", "expertflow", "predictive")
+    for batch in ((1,) if dry else (1, 8)):
+        for frac in fracs:
+            for pol in policies:
+                off = ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy=pol, step="device")
+                name = f"{pol} {int(frac * 100)}% device step" + ("" if batch == 1 else f" batch {batch}")
+                run(part, name, off, batch, pol, frac, routing="model")
     if part.has_time(30 if not dry else 5, "device step HLO"):
         try:
             hlo = device_step_hlo(model, ef_jax.OffloadConfig(slots_per_layer=slots_of(0.25), step="device"))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from ef_jax.engine.programs import device_cache as dc
 from ef_jax.engine.programs import device_policies as dp
+from ef_jax.engine.programs.device_routing import cache_aware
 from ef_jax.engine.programs.layer import pregate_scores
 from ef_jax.engine.programs.layer import layer_view
 from ef_jax.models.moe import Routing, moe_combine
@@ -39,14 +40,16 @@ class StepPlan:
     hidden_point: str | None  # "attention" | "moe": the hidden state hint policies read; None: not returned
     policy: dp.DevicePolicy = dp.DevicePolicy()  # the device policy (ef_jax.engine.programs.device_policies)
     record: bool = False      # return the pre-gate scores the policy acted on (for the host twin)
+    tolerance: float | None = None  # cache-aware routing's δ (ef_jax.engine.programs.device_routing); None: exact
 
     @classmethod
     def for_tokens(cls, n: int, num_experts: int, top_k: int, slots: int, hint_width: int, flush: bool,
                    hidden_point: str | None, policy: dp.DevicePolicy | None = None,
-                   record: bool = False) -> "StepPlan":
+                   record: bool = False, tolerance: float | None = None) -> "StepPlan":
         pairs = min(num_experts, n * top_k)
         return cls(slots=slots, max_misses=min(slots, pairs), max_passes=-(-pairs // slots), hint_width=hint_width,
-                   flush=flush, hidden_point=hidden_point, policy=policy or dp.DevicePolicy(), record=record)
+                   flush=flush, hidden_point=hidden_point, policy=policy or dp.DevicePolicy(), record=record,
+                   tolerance=tolerance)
 
 
 def _expert_share(cfg, j: int, p: dict, normed, routing: Routing, keep, pool, state: dc.DeviceCache, include_shared):
@@ -152,6 +155,9 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
         if not kind.moe:
             x = layer_finish(p, cfg, kind, h, normed, None, None, None)
             continue
+        if plan.tolerance is not None:  # cache-aware routing: prefer resident experts within δ
+            routing, _ = cache_aware(cfg, routing, state.slot_of_expert[j] >= 0, plan.tolerance, real)
+            routings[-1] = routing
         x, pool, state = moe_layer(cfg, plan, j, p["mlp"], h, normed, routing, real, pool, state, stacks[j])
         if policy.kind == "predictive":
             needed = dc.needed_experts(routing.experts, real, cfg.num_experts)

@@ -41,8 +41,6 @@ DEVICE_POLICIES = dp.KINDS
 def check_device_config(offload: OffloadConfig) -> None:
     """ValueError before any work for what the device step cannot do (each names the fix)."""
     device_policy_for(offload.policy)  # raises for a policy the device cannot run
-    if offload.routing != "exact":
-        raise ValueError("routing='cache-aware' reads residency on the host at every layer: use step='layer'")
     if offload.timing is not None:
         raise ValueError("timing= (a virtual clock) charges each copy on the host: use step='layer'")
     if offload.record_timeline is not None:
@@ -145,6 +143,9 @@ class DeviceStepExperts:
     def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
         """A tapped step's MoE layer j (model layer i), on the device: no host sync; the policy's eviction order
         and counts apply, its predictions do not (they need every layer in one program). Returns (x, routing)."""
+        if self.config.routing != "exact":
+            raise ValueError("routing='cache-aware' with a hidden-state tap (record) is not built on the device step: "
+                             "use step='layer' or routing='exact'")
         plan = self._plan()
         x, self.pool, self.state, counters = device_layer(
             self.cfg, plan, j, j == 0, p["mlp"], h, normed, routing, self._real_device(), self.pool, self.state,
@@ -165,8 +166,9 @@ class DeviceStepExperts:
         return self._plan_for(self._real.size)
 
     def _plan_for(self, tokens: int) -> StepPlan:
+        tol = self.config.tolerance if self.config.routing == "cache-aware" else None
         return StepPlan.for_tokens(tokens, self.cfg.num_experts, self.cfg.top_k, self.slots, 0, self.flush, None,
-                                   self.policy, self.recording)
+                                   self.policy, self.recording, tol)
 
     def _real_device(self) -> jax.Array:
         key = self._real.tobytes()
