@@ -294,13 +294,14 @@ def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
     except ImportError as e:
         part.skip("step='device'", f"not available in this build ({e})")
         return
-    fracs = (0.25,) if dry else (0.25, 0.5)  # a dry run compiles one device step (tens of seconds on a CI CPU)
+    fracs = (0.25,) if dry else (0.25, 0.5)  # a dry run compiles few device steps (tens of seconds on a CI CPU)
+    policies = ("lru", "expertflow") if dry else ("lru", "expertflow", "predictive")
     if traced:  # the grid replays the trace: the layer mode on the model's own routing, for the comparison
         for frac in fracs:
-            run(part, f"lru {int(frac * 100)}% own routing", ef_jax.OffloadConfig(slots_per_layer=slots_of(frac)),
-                1, "lru", frac, routing="model")
+            for pol in policies:
+                run(part, f"{pol} {int(frac * 100)}% own routing",
+                    ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy=pol), 1, pol, frac, routing="model")
     layer_store._STORES.pop(model, None)  # one pinned copy of the experts at a time (re-pinned by the next row)
-    policies = ("lru", "expertflow") if dry else ("lru", "expertflow", "predictive")
     for batch in ((1,) if dry else (1, 8)):
         for frac in fracs:
             for pol in policies:
