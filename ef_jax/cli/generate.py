@@ -122,6 +122,9 @@ def _policy_name(args) -> str:
             raise UsageError(f"--step device runs its policies on the device, so --policy {name} (host-side "
                              f"eviction) runs only with --step layer; with --step device use one of "
                              f"{', '.join(DEVICE_POLICIES)}")
+        if args.hybrid or args.predictor:
+            raise UsageError("--step device runs its policy's predictor on the device (pre-gating, the routing-path "
+                             "table); --hybrid / --predictor DIR run on the host: use --step layer")
         if args.timeline:
             raise UsageError("--timeline records per-layer host events, which --step device does not have: use "
                              "--step layer")
