@@ -160,34 +160,36 @@ def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.A
     want[t] bool[L, E] not resident, best priority i32[L, E] first (then lower id), into free or unkept slots
     (victims as make_resident orders them; a prefetch never takes a kept or pinned slot, so fewer may load). The
     loaded ones enter as most recent (touched in ascending id order) and fresh; counted in `prefetches`.
-    Vectorised over layers, all under one `cond` on "anything to load", the copies included: a source whose
-    predictions are all resident costs a few [L, E] compares.
+    Vectorised over the rows of `layers` (a static contiguous range: only those rows are computed), the table
+    updates under one `cond` on "anything to load": a source whose predictions are all resident costs a few
+    compares.
     after: an array the copies must wait for — the output of the layer whose experts last read the pool. Without
     that data dependence XLA cannot order the read before the loops that write the pool, and copies the whole pool
     instead (seen in the CPU HLO: three pool-sized copies per prefetch site)."""
-    L, E = state.slot_of_expert.shape
+    lo, hi = layers.start, layers.stop                                   # only these rows are computed
+    E = state.slot_of_expert.shape[1]
     S = state.expert_of_slot.shape[1]
-    rows = np.zeros(L, bool)
-    rows[list(layers)] = True
-    want = want & jnp.asarray(rows)[:, None]
-    soe, eos, last = state.slot_of_expert, state.expert_of_slot, state.last_use
-    miss = want & (soe < 0)                                              # bool[L, E]
+    L = hi - lo
+    cut = lambda a: a[lo:hi]
+    want, priority = cut(want), cut(priority)
+    soe, eos, last = cut(state.slot_of_expert), cut(state.expert_of_slot), cut(state.last_use)
+    miss = want & (soe < 0)                                              # bool[L', E]
     e_of = jnp.maximum(eos, 0)
-    held = lambda m: (eos >= 0) & jnp.take_along_axis(m, e_of, axis=1)  # bool[L, E] → bool[L, S] by slot
-    keep, kept = state.pinned | held(want), held(state.policy.live)
-    count = (jnp.where(eos >= 0, jnp.take_along_axis(state.policy.count, e_of, axis=1), 0) if policy.counted
+    held = lambda m: (eos >= 0) & jnp.take_along_axis(m, e_of, axis=1)  # bool[L', E] → bool[L', S] by slot
+    keep, kept = cut(state.pinned) | held(want), held(cut(state.policy.live))
+    count = (jnp.where(eos >= 0, jnp.take_along_axis(cut(state.policy.count), e_of, axis=1), 0) if policy.counted
              else jnp.zeros_like(eos))
 
     M = max_loads
 
     def place(_):  # the table updates; the copies run after the cond (a pool through a cond may be copied)
         victims, free = jax.vmap(lambda *a: dp.victim_order(*a, M))(eos, last, keep, kept, count)
-        m = jnp.minimum(miss.sum(-1, dtype=jnp.int32), free)            # i32[L]
+        m = jnp.minimum(miss.sum(-1, dtype=jnp.int32), free)            # i32[L']
         ids = jnp.arange(E, dtype=jnp.int32)
-        _, experts = jax.lax.top_k(jnp.where(miss, -(priority * E + ids), -E * E - E), M)  # i32[L, M]
-        ok = (jnp.arange(M) < m[:, None])[:, :, None]                    # bool[L, M, 1]
-        to_slot = ok & (victims[:, :, None] == jnp.arange(S))            # bool[L, M, S]
-        is_new = ok & (experts[:, :, None] == ids)                       # bool[L, M, E]
+        _, experts = jax.lax.top_k(jnp.where(miss, -(priority * E + ids), -E * E - E), M)  # i32[L', M]
+        ok = (jnp.arange(M) < m[:, None])[:, :, None]                    # bool[L', M, 1]
+        to_slot = ok & (victims[:, :, None] == jnp.arange(S))            # bool[L', M, S]
+        is_new = ok & (experts[:, :, None] == ids)                       # bool[L', M, E]
         gone = ok & (jnp.take_along_axis(eos, victims, axis=1)[:, :, None] == ids)
         new_eos = jnp.where(to_slot.any(1), (to_slot * experts[:, :, None]).sum(1), eos)
         new_soe = jnp.where(is_new.any(1), (is_new * victims[:, :, None]).sum(1), jnp.where(gone.any(1), -1, soe))
@@ -202,14 +204,19 @@ def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.A
     rank = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1                  # the loaded ones, ascending id
     ne = jnp.maximum(new_eos, 0)
     touched = (new_eos >= 0) & jnp.take_along_axis(new, ne, axis=1)
-    new_last = jnp.where(touched, state.clock[:, None] + jnp.take_along_axis(rank, ne, axis=1), last)
+    clock = cut(state.clock)
+    new_last = jnp.where(touched, clock[:, None] + jnp.take_along_axis(rank, ne, axis=1), last)
     if after is not None:
         m = m + jnp.minimum(jnp.isnan(after.reshape(-1)[0]).astype(jnp.int32), 0)
     for t in layers:
-        pool = copy_rows(pool, stacks[t], t, experts[t], victims[t], m[t])
-    state = state.replace(slot_of_expert=soe, expert_of_slot=new_eos, last_use=new_last,
-                          clock=state.clock + new.sum(-1, dtype=jnp.int32), prefetches=state.prefetches + m,
-                          fresh=state.fresh | loaded)
+        pool = copy_rows(pool, stacks[t], t, experts[t - lo], victims[t - lo], m[t - lo])
+    put = lambda a, v: a.at[lo:hi].set(v)
+    state = state.replace(slot_of_expert=put(state.slot_of_expert, soe),
+                          expert_of_slot=put(state.expert_of_slot, new_eos),
+                          last_use=put(state.last_use, new_last),
+                          clock=put(state.clock, clock + new.sum(-1, dtype=jnp.int32)),
+                          prefetches=put(state.prefetches, cut(state.prefetches) + m),
+                          fresh=put(state.fresh, cut(state.fresh) | loaded))
     return state, pool
 
 
