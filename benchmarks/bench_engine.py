@@ -198,8 +198,77 @@ def markdown(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+HELDOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "policies_heldout.txt")
+DEVICE_TARGETS = {  # issue 26: device-step expertflow vs the layer mode's, and vs device-step lru
+    "device expertflow misses / layer expertflow misses": 1.0,   # at most
+    "device expertflow bytes / layer expertflow bytes": 1.2,     # at most
+    "device expertflow / device lru tokens/s": 0.9,              # at least
+}
+
+
+def device_policy_rows(model, low_slots: int, new_tokens: int, rounds: int, pieces: int = 3) -> dict:
+    """Issue 26's rows: greedy continuations of `pieces` held-out text pieces (batch 1), layer-mode expertflow and
+    device-step lru / expertflow / predictive at low_slots, interleaved; per configuration the demand misses and
+    bytes per decoded token (summed over the pieces) and the best round's tokens/s."""
+    text = open(HELDOUT).read()
+    step = len(text) // pieces
+    prompts = [list(model.tokenizer(text[i * step:i * step + 300])["input_ids"])[-48:] for i in range(pieces)]
+    E = model.config.num_experts
+    off = lambda pol, step: ef_jax.OffloadConfig(slots_per_layer=low_slots, policy=pol, step=step)
+    confs = {"layer expertflow": off("expertflow", "layer"), "device lru": off("lru", "device"),
+             "device expertflow": off("expertflow", "device"), "device predictive": off("predictive", "device")}
+    out = {k: {"tokens_per_s": []} for k in confs}
+    for r in range(rounds + 1):
+        for name, o in confs.items():
+            tps, misses, bytes_, toks, ref = [], 0, 0, 0, []
+            for ids in prompts:
+                res = ef_jax.generate(model, [ids], max_new_tokens=new_tokens, offload=o)
+                s = res.stats
+                tps.append(s["tokens_per_s"])
+                misses += s["misses"]
+                bytes_ += s["h2d_bytes_real"]
+                toks += s["generated_tokens"]
+                ref.append(res.tokens[0])
+            if r == 0:
+                continue
+            row = out[name]
+            row["tokens_per_s"].append(float(np.mean(tps)))
+            row.update(misses_per_token=misses / toks, mb_per_token=bytes_ / toks / 1e6, tokens=ref,
+                       hit_rate=s.get("hit_rate"), mean_horizon=s.get("mean_horizon"))
+    for row in out.values():
+        row["best_tokens_per_s"] = max(row["tokens_per_s"])
+    d, l_ = out["device expertflow"], out["layer expertflow"]
+    ratios_ = {"device expertflow misses / layer expertflow misses": d["misses_per_token"] / l_["misses_per_token"],
+               "device expertflow bytes / layer expertflow bytes": d["mb_per_token"] / l_["mb_per_token"],
+               "device expertflow / device lru tokens/s":
+                   d["best_tokens_per_s"] / out["device lru"]["best_tokens_per_s"]}
+    return {"slots": f"{low_slots}/{E}", "new_tokens": new_tokens, "pieces": pieces, "rows": out,
+            "ratios": ratios_, "tokens_equal": all(r["tokens"] == out["device lru"]["tokens"] for r in out.values())}
+
+
+def device_markdown(rec: dict) -> str:
+    lines = [f"# Device-step policies (issue 26) — default model, batch 1, {rec['slots']} slots, {rec['pieces']} "
+             f"held-out pieces × {rec['new_tokens']} greedy tokens", "", rec["conditions"], "",
+             "| configuration | demand misses / token | MB / token | hit rate (last piece) | best tokens/s | rounds |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, r in rec["rows"].items():
+        lines.append(f"| {name} | {r['misses_per_token']:.2f} | {r['mb_per_token']:.3f} | {r['hit_rate']:.3f} | "
+                     f"{r['best_tokens_per_s']:.1f} | {', '.join(f'{x:.0f}' for x in r['tokens_per_s'])} |")
+    lines += ["", "| ratio | value | target | met |", "|---|---:|---|---|"]
+    for k, v in rec["ratios"].items():
+        t = DEVICE_TARGETS[k]
+        at_most = "misses" in k or "bytes" in k
+        ok = v <= t if at_most else v >= t
+        lines.append(f"| {k} | {v:.2f} | {'≤' if at_most else '≥'} {t} | {'yes' if ok else 'no'} |")
+    lines += ["", f"Greedy tokens identical across the rows: {rec['tokens_equal']}."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device-policies", action="store_true",
+                    help="only issue 26's rows: layer expertflow, device lru / expertflow / predictive on held-out "
+                         "text (writes <stem>_device_policies.{json,md})")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after one burn-in round)")
     ap.add_argument("--low-slots", type=int, default=8, help="slots per layer of the lru / expertflow rows")
@@ -210,6 +279,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     model = ef_jax.load()
     cfg = model.config
+    if args.device_policies:
+        rec = device_policy_rows(model, args.low_slots, args.new_tokens, args.rounds)
+        rec["conditions"] = (f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
+                             f"load average {os.getloadavg()[0]:.1f} (other jobs running), commit {git_commit()}; "
+                             f"{args.rounds} rounds after a burn-in round.")
+        stem = (args.stem or "engine_" + str(jax.devices()[0].device_kind).replace(" ", "_")) + "_device_policies"
+        write_results(args.out, stem, rec, device_markdown(rec))
+        print(device_markdown(rec))
+        return 0
     ids = list(model.tokenizer(PROMPT, add_special_tokens=True)["input_ids"])
     runs = {name: (lambda off=off: run_ef(model, ids, args.new_tokens, off))
             for name, off in configs(cfg.num_experts, args.low_slots).items()}

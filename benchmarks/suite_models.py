@@ -231,22 +231,30 @@ def part_deepseek(parts: dict, args) -> None:
 
 
 def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:
-    """Issue 14: step="device" vs the layer mode, lru at 25 / 50 %, batch 1, the model's own routing."""
+    """Issue 14: step="device" vs the layer mode, lru at 25 / 50 %, batch 1, the model's own routing; issue 26: the
+    device step's own policies (lru / expertflow / predictive on the device) at 25 / 50 %, batch 1 and 8."""
     import ef_jax
     try:
         from ef_jax.engine.sources.device_experts import DeviceStepExperts  # noqa: F401
     except ImportError as e:
         part.skip("step='device'", f"not available in this build ({e})")
         return
-    fracs = (0.25,) if dry else (0.25, 0.5)  # a dry run compiles one device step (tens of seconds on a CI CPU)
+    fracs = (0.25,) if dry else (0.25, 0.5)  # a dry run compiles few device steps (tens of seconds on a CI CPU)
+    policies = ("lru", "expertflow") if dry else ("lru", "expertflow", "predictive")
     if traced:  # the grid replays the trace: the layer mode on the model's own routing, for the comparison
         for frac in fracs:
-            run(part, f"lru {int(frac * 100)}% own routing", ef_jax.OffloadConfig(slots_per_layer=slots_of(frac)),
-                1, "lru", frac, routing="model")
+            for pol in policies:
+                spec = PolicySpec("predictive", predictor="online") if pol == "predictive" else pol
+                run(part, f"{pol} {int(frac * 100)}% own routing",
+                    ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy=spec), 1, pol, frac, routing="model")
     # the layer mode and the device step read the same pinned store (ef_jax.engine.transfer.residency)
-    for frac in fracs:
-        off = ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy="lru", step="device")
-        run(part, f"lru {int(frac * 100)}% device step", off, 1, "lru", frac, routing="model")
+    for batch in ((1,) if dry else (1, 8)):
+        for frac in fracs:
+            for pol in policies:
+                spec = PolicySpec("predictive", predictor="online") if pol == "predictive" else pol
+                off = ef_jax.OffloadConfig(slots_per_layer=slots_of(frac), policy=spec, step="device")
+                name = f"{pol} {int(frac * 100)}% device step" + ("" if batch == 1 else f" batch {batch}")
+                run(part, name, off, batch, pol, frac, routing="model")
     if part.has_time(30 if not dry else 5, "device step HLO"):
         try:
             hlo = device_step_hlo(model, ef_jax.OffloadConfig(slots_per_layer=slots_of(0.25), step="device"))

@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 from ef_jax.policies.registry import POLICIES, PolicySpec, policy_label
 
-# eviction by LRU on the device; hint policies send their prefetch decisions one token behind
-HINT_POLICIES = ("pregate", "predictive", "expertflow")
-DEVICE_POLICIES = ("lru", "nocache") + HINT_POLICIES
+# the policies the device step runs as array operations inside its program (ef_jax.engine.programs.device_policies
+# KINDS; tests/cache/test_support.py checks the two agree)
+DEVICE_POLICIES = ("nocache", "lru", "lfu", "pregate", "expertflow", "predictive")
 MESH_POLICIES = ("lru", "lfu", "nocache")   # a device's cache sees only its own experts: no predictor
 
 
@@ -124,11 +124,15 @@ ROWS: tuple[Row, ...] = (
     Row("step", lambda r: r.step == "device" and not r.offloaded,
         "<step=device> runs the expert cache inside the step: give <expert_memory> or <slots_per_layer> too "
         "(without them every expert is resident anyway)"),
-    Row("policy", lambda r: _DEVICE(r) and r.policy not in DEVICE_POLICIES,
-        "<step=device> evicts by LRU on the device and takes prefetch hints from the host, so it runs the policies "
-        f"{', '.join(DEVICE_POLICIES)}; <policy={{r.policy}}> decides evictions on the host: use <step=layer>"),
-    Row("routing", lambda r: _DEVICE(r) and r.routing != "exact",
-        "<routing=cache-aware> reads residency on the host at every layer: use <step=layer>"),
+    Row("policy", lambda r: _DEVICE(r) and not (r.policy_by_name and r.policy in DEVICE_POLICIES),
+        "<step=device> runs its policies as array operations inside the step program, by name ("
+        f"{', '.join(DEVICE_POLICIES)}); <policy={{r.policy}}> decides evictions on the host: use <step=layer>"),
+    Row("hybrid", lambda r: _DEVICE(r) and r.hybrid,
+        "<step=device> scores later layers with their routers on the device; the hybrid head <hybrid> runs on the "
+        "host: use <step=layer>"),
+    Row("predictor", lambda r: _DEVICE(r) and r.predictor_dir,
+        "<step=device> predicts with its routing-path table on the device; a trained <predictor> runs on the host: "
+        "use <step=layer>"),
     Row("timing", lambda r: _DEVICE(r) and r.timing,
         "<timing> (a virtual clock) charges each copy on the host: use <step=layer>"),
     Row("record_timeline", lambda r: _DEVICE(r) and r.timeline,

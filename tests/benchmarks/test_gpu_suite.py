@@ -62,6 +62,7 @@ def test_parts_measured_what_they_name(dry_run):
     lru = next(r for r in rows if (r["policy"], r["budget"], r["batch"]) == ("lru", 0.5, 1))
     device = {r["budget"]: r for r in rows if r.get("step") == "device"}  # issue 14's rows, beside the layer mode
     assert set(device) == {0.25} and all(r["host_syncs_per_step"] == 1.0 for r in device.values())  # dry: 25 % only
+    assert {r["policy"] for r in rows if r.get("step") == "device"} == {"lru", "expertflow"}  # issue 26's rows
     assert all(r["device/layer"] > 0 for r in ds["device_step_ratios"])
     assert lru["roofline_tokens_per_s"] > 0 and lru["misses"] > 0 and 0 <= lru["hit_rate"] <= 1
     copiers = {r["transfers"] for r in load(out, "copiers")["rows"]}

@@ -29,13 +29,15 @@ REQUESTS = [
     R(offloaded=False, route_override=True),
     R(offloaded=False, timeline=True),
     R(offloaded=False, step="device"),
-    dev(policy="lfu"),
-    dev(routing="cache-aware"),
+    dev(policy="belady"),
+    dev(policy="expertflow", hybrid=True),
+    dev(policy="predictive", predictor_dir=True),
     dev(timing=True),
     dev(timeline=True),
     dev(transfers=True),
     dev(layers_per_group=True),
     dev(route_override=True),
+    dev(host_memory="mapped"),
     R(offloaded=False, devices=0),
     R(offloaded=False, devices=8, devices_available=4),
     R(offloaded=False, devices=4, devices_available=4, num_experts=2),
@@ -46,6 +48,7 @@ REQUESTS = [
     mesh(timeline=True),
     mesh(auto_budget=True),
     mesh(transfers=True),
+    mesh(host_memory="mapped"),
     mesh(route_override=True),
 ]
 
@@ -59,6 +62,11 @@ def test_every_row_is_reached_and_renders_for_both_callers():
             assert "<" not in found[0][1] and "{" not in found[0][1], found[0][1]
     assert problems(R(offloaded=True)) == [] and problems(R(offloaded=False)) == []
     assert "step='layer'" in problems(REQUESTS[10])[0][1] and "--step layer" in problems(REQUESTS[10], {})[0][1]
+
+
+def test_device_policies_are_the_device_steps_kinds():
+    from ef_jax.engine.programs import device_policies
+    assert support.DEVICE_POLICIES == device_policies.KINDS
 
 
 def test_host_only():

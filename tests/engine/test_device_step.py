@@ -6,8 +6,9 @@ quantized (int8) experts; a tapped step; the refusals. Kept small (4 new tokens,
 module-scoped memo) because the whole suite runs on a 2-core CI machine.
 
 Every compiled step costs seconds on CPU, so each family runs one configuration, and the five families together
-cover every pair of factor values (a pairwise design over budget {minimum, ~50 %} × batch {1, 3} × hints {none
-(lru), a hint policy: pregate, predictive, expertflow}).
+cover every pair of factor values (a pairwise design over budget {minimum, ~50 %} × batch {1, 3} × device policy
+{lru, lfu, pregate, predictive, expertflow}); test_every_prefetching_policy adds each policy at the budget and
+batch the families leave out.
 """
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ NEW = 4
 # experts (quantized rows copied as bytes and unpacked into the slot), its reference resident int8 decoding
 QUANT = {"olmoe": "int8"}
 CONFIGS = {"mixtral-top2": ("min", 1, "lru"), "qwen2moe-norm-sparse-step": ("half", 1, PolicySpec("predictive", predictor="online")),
-           "qwen3moe-norm": ("half", 3, "lru"), "olmoe": ("min", 1, "pregate"),
+           "qwen3moe-norm": ("half", 3, "lfu"), "olmoe": ("min", 1, "pregate"),
            "deepseek-qlora-grouped-yarn": ("min", 3, "expertflow")}
 
 
@@ -68,8 +69,28 @@ def test_tokens_equal_resident(runs, family):
     assert s["step"] == "device" and s["hits"] + s["misses"] > 0
     assert s["h2d_bytes"] == s["cache_loads"] * runs.model(family).param_bytes()["per_expert"]
     assert s["bytes_per_expert"] == runs.model(family).param_bytes()["per_expert"]  # quantized bytes for int8
-    assert (s["hints_sent"] > 0) == (policy != "lru"), s["hints_sent"]  # the hint policies did send some
-    assert s["cache_prefetch_used"] <= s["cache_prefetch_issued"] <= s["hints_sent"]
+    check_prefetch_counters(s, policy)
+
+
+PREFETCHING = ("pregate", "predictive", "expertflow")
+
+
+def check_prefetch_counters(s, policy):
+    assert (s["cache_prefetch_issued"] > 0) == (policy in PREFETCHING), s["cache_prefetch_issued"]
+    assert s["cache_prefetch_used"] + s["cache_prefetch_wasted"] <= s["cache_prefetch_issued"]
+    per = s["device_steps"]  # per-step telemetry sums to the totals
+    assert sum(per["demand_misses"]) == s["misses"] and sum(per["prefetch_issued"]) == s["cache_prefetch_issued"]
+    assert sum(per["h2d_bytes"]) == s["h2d_bytes"]
+
+
+@pytest.mark.parametrize("budget, batch, policy", [("min", 3, "lfu"), ("half", 3, "pregate"),
+                                                   ("min", 3, "predictive"), ("half", 1, "expertflow")])
+def test_every_prefetching_policy(runs, budget, batch, policy):
+    """The pairs the families leave out, on one family (one model, a few compiled shapes)."""
+    family = "qwen3moe-norm"
+    res = runs(family, budget, batch, policy)
+    assert res.tokens == runs(family, batch=batch).tokens, (budget, batch, policy)
+    check_prefetch_counters(res.stats, policy)
 
 
 @pytest.mark.parametrize("family", ["olmoe", "deepseek-qlora-grouped-yarn"])
@@ -144,9 +165,24 @@ def test_tapped_step_runs_layer_by_layer_on_the_device(runs):
     assert np.array_equal(e, ref_e) and np.array_equal(h, ref_h)
 
 
+def test_cache_aware_routing_on_the_device(runs):
+    """δ = 0 changes nothing (tokens of resident decoding); a large δ swaps choices for resident experts, so fewer
+    experts are copied than with exact routing at the same budget."""
+    family = "qwen3moe-norm"
+    m = runs.model(family)
+    slots = m.config.top_k
+    off = lambda routing, tol: OffloadConfig(slots_per_layer=slots, policy="lru", step="device", routing=routing,
+                                             routing_tolerance=tol)
+    zero = ef_jax.generate(m, PROMPTS[:1], max_new_tokens=NEW, offload=off("cache-aware", 0.0))
+    assert zero.tokens == runs(family, batch=1).tokens
+    exact = ef_jax.generate(m, PROMPTS[:1], max_new_tokens=NEW, offload=off("exact", None))
+    loose = ef_jax.generate(m, PROMPTS[:1], max_new_tokens=NEW, offload=off("cache-aware", 1.0))
+    assert loose.stats["misses"] < exact.stats["misses"], (loose.stats["misses"], exact.stats["misses"])
+
+
 @pytest.mark.parametrize("kw, match", [
-    (dict(policy="lfu"), "policy='lfu' decides evictions on the host: use step='layer'"),
-    (dict(routing="cache-aware"), "routing='cache-aware'.*use step='layer'"),
+    (dict(policy="belady"), "policy='belady' decides evictions on the host: use step='layer'"),
+    (dict(policy=ef_jax.PolicySpec("expertflow", predictor=object())), r"\['predictor'\] have no device version"),
     (dict(timing="h100"), "virtual clock.*use step='layer'"),
 ])
 def test_refusals_name_the_fix(runs, kw, match):

@@ -120,7 +120,7 @@ class Forward:
         self.source.begin_step(tokens[:, -1], real)
         caps = self.capabilities
         if caps.whole_step and tap is None:  # step="device": every layer in one program
-            x, new, routings = self.source.step(self.kinds, params, x, caches, pos, widx, vld)
+            x, new, routings = self.source.step(self.kinds, params, x, caches, pos, widx, vld, toks)
             caches, routings = list(new), list(routings)
         elif caps.fused and tap is None:
             for g in self.groups:

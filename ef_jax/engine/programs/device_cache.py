@@ -1,16 +1,17 @@
 """The expert cache as device state: residency, LRU clocks and counters, updated inside the jitted step.
 
 per MoE layer j, inside the step program:
-  [hints i32[H]] → apply_hints: hinted experts not resident → LRU victims among slots not holding a hinted expert
-                   → copy rows of the pinned-host stack (lax.dynamic_slice) into the slot pool
-  [routing] → needed bool[E] (union over the real tokens) → demand: hits / misses → LRU victims among slots not
-              holding a needed expert → copy the misses → touch the needed experts (ascending id) → pinned
+  [routing] → needed bool[E] (union over the real tokens) → demand: hits / misses → victims among slots not
+              holding a needed expert (ef_jax.engine.programs.device_policies.victim_order) → copy the misses →
+              touch the needed experts (ascending id) → pinned
+  [a device policy's predictions] → prefetch: every later layer's predicted experts not resident, into free or
+              unkept slots, vectorised over layers under one cond (device_policies.py decides what is predicted)
 
-The decisions are those of ef_jax.cache.ExpertCache with the LRU policy, made with array ops: a layer's misses are
-the needed experts not resident; the victims are the n oldest evictable slots (free slots first), which is the set
-that ExpertCache picks one miss at a time; every needed expert is touched in ascending id order (ExpertCache's
-on_access order), a prefetched expert when it loads. So on the same routing the hits and misses equal the host
-cache's and the simulator's (tests/test_device_step.py).
+With lru the decisions are those of ef_jax.cache.ExpertCache with the LRU policy, made with array ops: a layer's
+misses are the needed experts not resident; the victims are the n oldest evictable slots (free slots first), the
+set ExpertCache picks one miss at a time; every needed expert is touched in ascending id order, a prefetched
+expert when it loads. So on the same routing the hits and misses equal the simulator's
+(tests/engine/test_device_step.py); every device policy equals its numpy twin (tests/sim/test_device_twin.py).
 
 Copies: a static bound M on the misses of one pass (min(S, N·K, E)) sizes the victim and miss arrays; the copies
 themselves run in a `fori_loop` over the real count n ≤ M, so a hit copies nothing. On CPU the loop is free; on a
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ef_jax.engine.programs import device_policies as dp
 from ef_jax.engine.transfer.store import put_expert
 
 _NEVER = np.iinfo(np.int32).max  # LRU score of a slot that must not be evicted
@@ -45,16 +47,21 @@ class DeviceCache:
     prefetches: jax.Array      # i32[L]: experts copied because of a hint
     prefetch_used: jax.Array   # i32[L]: hinted experts needed before they were evicted
     passes: jax.Array          # i32[L]: extra passes (a batch's union of needed experts larger than S)
+    policy: dp.PolicyState     # the device policy's state (ef_jax.engine.programs.device_policies)
 
     def counters(self) -> jax.Array:
-        """i32[5, L]: COUNTERS in order — what the host reads once per step."""
-        return jnp.stack([self.hits, self.misses, self.prefetches, self.prefetch_used, self.passes])
+        """i32[8, L]: COUNTERS in order — what the host reads once per step."""
+        L = self.hits.shape[0]
+        p = self.policy
+        return jnp.stack([self.hits, self.misses, self.prefetches, self.prefetch_used, self.passes, p.wasted, p.late,
+                          jnp.broadcast_to(p.horizon, (L,))])
 
 
-COUNTERS = ("hits", "misses", "prefetches", "prefetch_used", "passes")
+COUNTERS = ("hits", "misses", "prefetches", "prefetch_used", "passes", "wasted", "late", "horizon")
 
 
-def init_cache(num_layers: int, num_experts: int, slots: int, sharding) -> DeviceCache:
+def init_cache(num_layers: int, num_experts: int, slots: int, sharding, policy: dp.DevicePolicy | None = None,
+               ratio: float = 0.0) -> DeviceCache:
     """Every slot free, counters zero, on the device."""
     L, E, S = num_layers, num_experts, slots
     put = lambda a: jax.device_put(a, sharding)
@@ -63,12 +70,16 @@ def init_cache(num_layers: int, num_experts: int, slots: int, sharding) -> Devic
                        expert_of_slot=put(np.full((L, S), -1, np.int32)),
                        last_use=put(np.full((L, S), -1, np.int32)), clock=zeros(),
                        pinned=put(np.zeros((L, S), bool)), fresh=put(np.zeros((L, S), bool)), hits=zeros(),
-                       misses=zeros(), prefetches=zeros(), prefetch_used=zeros(), passes=zeros())
+                       misses=zeros(), prefetches=zeros(), prefetch_used=zeros(), passes=zeros(),
+                       policy=dp.init_policy(policy or dp.DevicePolicy(), L, E, ratio, sharding))
 
 
 def begin_step(state: DeviceCache, flush: bool) -> DeviceCache:
     """Start of a step: nothing pinned; flush=True (the nocache baseline) also empties every slot."""
-    state = state.replace(pinned=jnp.zeros_like(state.pinned))
+    p = state.policy
+    state = state.replace(pinned=jnp.zeros_like(state.pinned),
+                          policy=p.replace(live=jnp.zeros_like(p.live), pred=jnp.zeros_like(p.pred),
+                                           far=jnp.zeros_like(p.far)))
     if flush:
         state = state.replace(slot_of_expert=jnp.full_like(state.slot_of_expert, -1),
                               expert_of_slot=jnp.full_like(state.expert_of_slot, -1),
@@ -89,40 +100,49 @@ def copy_rows(pool, stack: jax.Array, j: int, experts: jax.Array, slots: jax.Arr
     return jax.lax.fori_loop(0, n, body, pool)
 
 
-def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.Array, touch: jax.Array,
-                  max_loads: int):
-    """Makes the experts `want` bool[E] of layer j resident (at most S of them). Victims: the oldest slots (free
-    first) whose expert is not wanted and not pinned. touch bool[E]: experts whose LRU clock is set, ascending id
-    order, after the loads. Returns (state, pool, hit bool[E] (wanted and already resident), n loaded, the slots
-    loaded bool[S]).
+def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.Array, touch: jax.Array | None,
+                  max_loads: int, policy: dp.DevicePolicy | None = None, priority: jax.Array | None = None,
+                  prefetch: bool = False):
+    """Makes the experts `want` bool[E] of layer j resident (at most S of them). Victims (dp.victim_order): free
+    slots first, then the policy's least valuable, never a slot whose expert is wanted or pinned. touch bool[E]:
+    experts whose LRU clock is set, ascending id order, after the loads (None: the ones loaded). prefetch=True:
+    only free or unkept slots are taken (a prefetch never evicts a prediction), so fewer may load; priority
+    i32[E] (lower first, then lower id) picks which. Returns (state, pool, hit bool[E] (wanted and already
+    resident), n loaded, the slots loaded bool[S]).
     Written with compares and reductions over [M, E] / [M, S] rather than scatters (they fuse into a few kernels);
     the victim choice runs under a `cond` on "anything missing", so an all-hit layer only counts and touches. On a
     GPU that cond, like the copy loop's trip count, is a device-valued predicate (see the module docstring)."""
+    policy = policy or dp.DevicePolicy()
     soe, eos, last = state.slot_of_expert[j], state.expert_of_slot[j], state.last_use[j]
     E, S = soe.shape[0], eos.shape[0]
     hit = want & (soe >= 0)
     miss = want & (soe < 0)
-    n = miss.sum(dtype=jnp.int32)
     keep = state.pinned[j] | ((eos >= 0) & want[jnp.maximum(eos, 0)])   # bool[S]: never a victim here
+    kept = (eos >= 0) & state.policy.live[j][jnp.maximum(eos, 0)]       # bool[S]: predicted for j this step
+    count = dp.slot_counts(policy, state.policy, j, eos)
+    n = miss.sum(dtype=jnp.int32)
 
     def place(_):  # victims and table updates; only when something misses (an all-hit layer skips them)
-        score = jnp.where(keep, _NEVER, jnp.where(eos < 0, -1, last))
-        _, victims = jax.lax.top_k(-score, max_loads)                   # i32[M]: oldest first
+        victims, free = dp.victim_order(eos, last, keep, kept, count, max_loads)  # i32[M]: best victim first
+        m = jnp.minimum(n, free) if prefetch else n
         ids = jnp.arange(E, dtype=jnp.int32)
-        _, experts = jax.lax.top_k(jnp.where(miss, E - ids, 0), max_loads)  # i32[M]: the misses, ascending id
-        ok = (jnp.arange(max_loads) < n)[:, None]                        # bool[M, 1]
+        prio = ids if priority is None else priority * E + ids
+        _, experts = jax.lax.top_k(jnp.where(miss, -prio, -E * E - E), max_loads)  # i32[M]: by priority
+        ok = (jnp.arange(max_loads) < m)[:, None]                        # bool[M, 1]
         to_slot = ok & (victims[:, None] == jnp.arange(S))               # bool[M, S]: load i goes to slot s
         is_new = ok & (experts[:, None] == ids)                          # bool[M, E]: load i brings expert e
         gone = ok & (eos[victims][:, None] == ids)                       # bool[M, E]: load i evicts expert e
         new_eos = jnp.where(to_slot.any(0), (to_slot * experts[:, None]).sum(0), eos)
         new_soe = jnp.where(is_new.any(0), (is_new * victims[:, None]).sum(0), jnp.where(gone.any(0), -1, soe))
-        return new_soe, new_eos, victims.astype(jnp.int32), experts.astype(jnp.int32), to_slot.any(0)
+        return new_soe, new_eos, victims.astype(jnp.int32), experts.astype(jnp.int32), to_slot.any(0), m, \
+            is_new.any(0)
 
     def keep_all(_):
         none = jnp.zeros(max_loads, jnp.int32)
-        return soe, eos, none, none, jnp.zeros(S, bool)
+        return soe, eos, none, none, jnp.zeros(S, bool), jnp.int32(0), jnp.zeros(E, bool)
 
-    soe, new_eos, victims, experts, loaded = jax.lax.cond(n > 0, place, keep_all, None)
+    soe, new_eos, victims, experts, loaded, n, new = jax.lax.cond(n > 0, place, keep_all, None)
+    touch = new if touch is None else touch
     rank = jnp.cumsum(touch, dtype=jnp.int32) - 1                        # i32[E]: touch order
     e_of = jnp.maximum(new_eos, 0)
     last = jnp.where((new_eos >= 0) & touch[e_of], state.clock[j] + rank[e_of], last)
@@ -132,6 +152,72 @@ def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.
                           last_use=state.last_use.at[j].set(last),
                           clock=state.clock.at[j].add(touch.sum(dtype=jnp.int32)))
     return state, pool, hit, n, loaded
+
+
+def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.Array, priority: jax.Array,
+             max_loads: int, policy: dp.DevicePolicy, after: jax.Array | None = None):
+    """A device policy's prefetches into every layer of `layers` (static) at once: per layer t the experts
+    want[t] bool[L, E] not resident, best priority i32[L, E] first (then lower id), into free or unkept slots
+    (victims as make_resident orders them; a prefetch never takes a kept or pinned slot, so fewer may load). The
+    loaded ones enter as most recent (touched in ascending id order) and fresh; counted in `prefetches`.
+    Vectorised over the rows of `layers` (a static contiguous range: only those rows are computed), the table
+    updates under one `cond` on "anything to load": a source whose predictions are all resident costs a few
+    compares.
+    after: an array the copies must wait for — the output of the layer whose experts last read the pool. Without
+    that data dependence XLA cannot order the read before the loops that write the pool, and copies the whole pool
+    instead (seen in the CPU HLO: three pool-sized copies per prefetch site)."""
+    lo, hi = layers.start, layers.stop                                   # only these rows are computed
+    E = state.slot_of_expert.shape[1]
+    S = state.expert_of_slot.shape[1]
+    L = hi - lo
+    cut = lambda a: a[lo:hi]
+    want, priority = cut(want), cut(priority)
+    soe, eos, last = cut(state.slot_of_expert), cut(state.expert_of_slot), cut(state.last_use)
+    miss = want & (soe < 0)                                              # bool[L', E]
+    e_of = jnp.maximum(eos, 0)
+    held = lambda m: (eos >= 0) & jnp.take_along_axis(m, e_of, axis=1)  # bool[L', E] → bool[L', S] by slot
+    keep, kept = cut(state.pinned) | held(want), held(cut(state.policy.live))
+    count = (jnp.where(eos >= 0, jnp.take_along_axis(cut(state.policy.count), e_of, axis=1), 0) if policy.counted
+             else jnp.zeros_like(eos))
+
+    M = max_loads
+
+    def place(_):  # the table updates; the copies run after the cond (a pool through a cond may be copied)
+        victims, free = jax.vmap(lambda *a: dp.victim_order(*a, M))(eos, last, keep, kept, count)
+        m = jnp.minimum(miss.sum(-1, dtype=jnp.int32), free)            # i32[L']
+        ids = jnp.arange(E, dtype=jnp.int32)
+        _, experts = jax.lax.top_k(jnp.where(miss, -(priority * E + ids), -E * E - E), M)  # i32[L', M]
+        ok = (jnp.arange(M) < m[:, None])[:, :, None]                    # bool[L', M, 1]
+        to_slot = ok & (victims[:, :, None] == jnp.arange(S))            # bool[L', M, S]
+        is_new = ok & (experts[:, :, None] == ids)                       # bool[L', M, E]
+        gone = ok & (jnp.take_along_axis(eos, victims, axis=1)[:, :, None] == ids)
+        new_eos = jnp.where(to_slot.any(1), (to_slot * experts[:, :, None]).sum(1), eos)
+        new_soe = jnp.where(is_new.any(1), (is_new * victims[:, :, None]).sum(1), jnp.where(gone.any(1), -1, soe))
+        return new_soe, new_eos, victims.astype(jnp.int32), experts.astype(jnp.int32), m, to_slot.any(1), \
+            is_new.any(1)
+
+    def nothing(_):
+        z = jnp.zeros((L, M), jnp.int32)
+        return soe, eos, z, z, jnp.zeros(L, jnp.int32), jnp.zeros((L, S), bool), jnp.zeros((L, E), bool)
+
+    soe, new_eos, victims, experts, m, loaded, new = jax.lax.cond(miss.any(), place, nothing, None)
+    rank = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1                  # the loaded ones, ascending id
+    ne = jnp.maximum(new_eos, 0)
+    touched = (new_eos >= 0) & jnp.take_along_axis(new, ne, axis=1)
+    clock = cut(state.clock)
+    new_last = jnp.where(touched, clock[:, None] + jnp.take_along_axis(rank, ne, axis=1), last)
+    if after is not None:
+        m = m + jnp.minimum(jnp.isnan(after.reshape(-1)[0]).astype(jnp.int32), 0)
+    for t in layers:
+        pool = copy_rows(pool, stacks[t], t, experts[t - lo], victims[t - lo], m[t - lo])
+    put = lambda a, v: a.at[lo:hi].set(v)
+    state = state.replace(slot_of_expert=put(state.slot_of_expert, soe),
+                          expert_of_slot=put(state.expert_of_slot, new_eos),
+                          last_use=put(state.last_use, new_last),
+                          clock=put(state.clock, clock + new.sum(-1, dtype=jnp.int32)),
+                          prefetches=put(state.prefetches, cut(state.prefetches) + m),
+                          fresh=put(state.fresh, cut(state.fresh) | loaded))
+    return state, pool
 
 
 def apply_hints(state: DeviceCache, pool, stack: jax.Array, j: int, hints: jax.Array):
@@ -148,11 +234,12 @@ def apply_hints(state: DeviceCache, pool, stack: jax.Array, j: int, hints: jax.A
                          fresh=state.fresh.at[j].set(state.fresh[j] | loaded)), pool
 
 
-def demand(state: DeviceCache, pool, stack: jax.Array, j: int, needed: jax.Array, max_loads: int):
+def demand(state: DeviceCache, pool, stack: jax.Array, j: int, needed: jax.Array, max_loads: int,
+           policy: dp.DevicePolicy | None = None):
     """One pass of layer j: make `needed` bool[E] (≤ S experts) resident, count hits and misses, touch them all,
     pin them for this pass (a previous pass's pins are released first)."""
     state = state.replace(pinned=state.pinned.at[j].set(False))
-    state, pool, hit, n, loaded = make_resident(state, pool, stack, j, needed, needed, max_loads)
+    state, pool, hit, n, loaded = make_resident(state, pool, stack, j, needed, needed, max_loads, policy)
     eos = state.expert_of_slot[j]
     held = (eos >= 0) & needed[jnp.maximum(eos, 0)]
     fresh = state.fresh[j] & ~loaded                                     # a demand load is no prefetch

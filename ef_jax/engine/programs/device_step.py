@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from ef_jax.engine.programs import device_cache as dc
+from ef_jax.engine.programs import device_policies as dp
+from ef_jax.engine.programs.device_routing import cache_aware
+from ef_jax.engine.programs.layer import pregate_scores
 from ef_jax.engine.programs.layer import layer_view
 from ef_jax.models.moe import Routing, moe_combine
 from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
@@ -35,13 +38,18 @@ class StepPlan:
     hint_width: int           # H: hints per layer (0: the policy sends none)
     flush: bool               # empty every slot at step start (the nocache baseline)
     hidden_point: str | None  # "attention" | "moe": the hidden state hint policies read; None: not returned
+    policy: dp.DevicePolicy = dp.DevicePolicy()  # the device policy (ef_jax.engine.programs.device_policies)
+    record: bool = False      # return the pre-gate scores the policy acted on (for the host twin)
+    tolerance: float | None = None  # cache-aware routing's δ (ef_jax.engine.programs.device_routing); None: exact
 
     @classmethod
     def for_tokens(cls, n: int, num_experts: int, top_k: int, slots: int, hint_width: int, flush: bool,
-                   hidden_point: str | None) -> "StepPlan":
+                   hidden_point: str | None, policy: dp.DevicePolicy | None = None,
+                   record: bool = False, tolerance: float | None = None) -> "StepPlan":
         pairs = min(num_experts, n * top_k)
         return cls(slots=slots, max_misses=min(slots, pairs), max_passes=-(-pairs // slots), hint_width=hint_width,
-                   flush=flush, hidden_point=hidden_point)
+                   flush=flush, hidden_point=hidden_point, policy=policy or dp.DevicePolicy(), record=record,
+                   tolerance=tolerance)
 
 
 def _expert_share(cfg, j: int, p: dict, normed, routing: Routing, keep, pool, state: dc.DeviceCache, include_shared):
@@ -55,18 +63,21 @@ def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing,
               stack):
     """h [B, T, D] + layer j's MoE output, its experts made resident first. real bool[N]: not padding.
     Returns (x, pool, state)."""
-    E, S = cfg.num_experts, plan.slots
+    E, S, policy = cfg.num_experts, plan.slots, plan.policy
     needed = dc.needed_experts(routing.experts, real, E)               # bool[E]
     keep_real = jnp.broadcast_to(real[:, None], routing.experts.shape).astype(jnp.float32)
+    state = state.replace(policy=dp.on_route(policy, state.policy, j, needed, state.slot_of_expert[j] >= 0))
+    before = state.misses[j] + state.prefetch_used[j]
     if plan.max_passes == 1:  # N·K ≤ S: the union always fits
-        state, pool = dc.demand(state, pool, stack, j, needed, plan.max_misses)
-        return h + _expert_share(cfg, j, p, normed, routing, keep_real, pool, state, True).reshape(h.shape), pool, state
+        state, pool = dc.demand(state, pool, stack, j, needed, plan.max_misses, policy)
+        x = h + _expert_share(cfg, j, p, normed, routing, keep_real, pool, state, True).reshape(h.shape)
+        return x, pool, _after_demand(plan, j, state, before)
     rank = jnp.cumsum(needed, dtype=jnp.int32) - 1                       # i32[E]: position among the needed
     chunk_of = jnp.where(needed, rank // S, -1)                          # i32[E]: the pass that computes it
 
     def one_pass(k, x, pool, state, include_shared):
         chunk = chunk_of == k
-        state, pool = dc.demand(state, pool, stack, j, chunk, plan.max_misses)
+        state, pool = dc.demand(state, pool, stack, j, chunk, plan.max_misses, policy)
         keep = keep_real * chunk[routing.experts].astype(jnp.float32)
         return x + _expert_share(cfg, j, p, normed, routing, keep, pool, state, include_shared).reshape(h.shape), \
             pool, state
@@ -74,21 +85,67 @@ def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing,
     x, pool, state = one_pass(0, h, pool, state, True)
     n_pass = jnp.maximum((needed.sum(dtype=jnp.int32) + S - 1) // S, 1)
     x, pool, state = jax.lax.fori_loop(1, n_pass, lambda k, c: one_pass(k, *c, False), (x, pool, state))
-    return x, pool, state.replace(passes=state.passes.at[j].add(n_pass - 1))
+    state = state.replace(passes=state.passes.at[j].add(n_pass - 1))
+    return x, pool, _after_demand(plan, j, state, before)
+
+
+def _after_demand(plan: StepPlan, j: int, state: dc.DeviceCache, before) -> dc.DeviceCache:
+    """A device policy's prefetches into layer j that j did not need are wasted; its predictions are spent."""
+    if plan.hint_width:  # host hints may be for the next step: they stay fresh
+        return state
+    used = state.misses[j] + state.prefetch_used[j] - before
+    p, fresh, unused = dp.after_demand(state.policy, state.fresh[j], used)
+    p = dp.clear_layer(p.replace(wasted=p.wasted.at[j].add(unused)), j)
+    return state.replace(policy=p, fresh=state.fresh.at[j].set(fresh))
+
+
+def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, pool, stacks, layers: range, want, prio, after=None):
+    """Prefetches want bool[L, E] (priority i32[L, E]) into the layers of `layers` (static); their copies wait
+    for `after` (the output of the layer whose experts last read the pool)."""
+    if len(layers) == 0:
+        return state, pool
+    return dc.prefetch(state, pool, stacks, layers, want, prio, plan.max_misses, plan.policy, after)
+
+
+def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.DeviceCache, pool, stacks,
+             after=None):
+    """Pre-gate predictions from MoE layer j's hidden state [B, T, D] (j = −1: the embeddings) and their
+    prefetches. Returns (state, pool, scores f32[L, B, E])."""
+    scores = pregate_scores(scorer, hidden)
+    p = state.policy
+    floor = dp.precision_floor(plan.policy, p, state.hits.sum(), state.misses.sum())
+    p, want, rank = dp.predict_from(plan.policy, p, j, scores, rows_real, cfg.top_k, floor)
+    layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, len(stacks)))
+    state, pool = _prefetch_all(plan, state.replace(policy=p), pool, stacks, layers, want, rank, after)
+    return state, pool, scores
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds", "plan"), donate_argnames=("caches", "pool", "state"))
 def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, positions, write_idx, valid, real,
-                pool, state: dc.DeviceCache, stacks: tuple, hints):
+                pool, state: dc.DeviceCache, stacks: tuple, hints, scorer=None, token_ids=None):
     """Every layer of one step. x [B, T, D]; caches: per layer KV cache (donated); real bool[N]; pool: stacked slot
     pool [L, S, ...] (donated); state: DeviceCache (donated); stacks: per MoE layer pinned-host [E, W];
-    hints i32[L, H] or None. Returns (x, caches, routings per layer, routed i32[L, N, K], hidden [L, B, D] or None,
-    pool, state, counters i32[5, L] (device_cache.COUNTERS))."""
+    hints i32[L, H] or None; scorer: the pre-gate routers (norms f32[L, D], routers f32[L, D, E], eps) of a
+    scoring device policy; token_ids i32[B]: the newest token of each row (predictive). Returns (x, caches,
+    routings per layer, routed i32[L, N, K], hidden [L, B, D] or None, pool, state, counters i32[8, L],
+    scores f32[L + 1, L, B, E] the policy acted on (plan.record) or None)."""
     ctx = make_context(cfg, positions, write_idx, valid)
     state = dc.begin_step(state, plan.flush)
+    policy, L = plan.policy, len(stacks)
+    B = x.shape[0]
+    rows_real = real.reshape(B, -1)[:, -1]                              # bool[B]: the newest position is real
     if hints is not None:  # first, so the copies depend on nothing this step computes
         for j, stack in enumerate(stacks):
             state, pool = dc.apply_hints(state, pool, stack, j, hints[j])
+    scored = []
+    if policy.scoring:  # step start: the embeddings stand in for the hidden state of "layer −1"
+        state, pool, sc = _predict(cfg, plan, -1, x, rows_real, scorer, state, pool, stacks)
+        scored.append(sc)
+    if policy.kind == "predictive":
+        route, route_rank = dp.route_predict(policy, state.policy, token_ids, rows_real, plan.slots)
+        p = state.policy
+        state = state.replace(policy=p.replace(live=route, pred=route))
+        state, pool = _prefetch_all(plan, state, pool, stacks, range(min(policy.predict_h, L)), route, route_rank)
     new_caches, routings, routed, hidden = [], [], [], []
     j = 0
     for p, kind, cache in zip(params, kinds, caches):
@@ -98,13 +155,26 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
         if not kind.moe:
             x = layer_finish(p, cfg, kind, h, normed, None, None, None)
             continue
+        if plan.tolerance is not None:  # cache-aware routing: prefer resident experts within δ
+            routing, _ = cache_aware(cfg, routing, state.slot_of_expert[j] >= 0, plan.tolerance, real)
+            routings[-1] = routing
         x, pool, state = moe_layer(cfg, plan, j, p["mlp"], h, normed, routing, real, pool, state, stacks[j])
+        if policy.kind == "predictive":
+            needed = dc.needed_experts(routing.experts, real, cfg.num_experts)
+            state = state.replace(policy=dp.predictive_observe(state.policy, j, needed, token_ids, B == 1))
+            t = j + policy.predict_h
+            state, pool = _prefetch_all(plan, state, pool, stacks, range(t, min(t + 1, L)), route, route_rank, x)
+        if policy.scoring and j + 1 < L:
+            state, pool, sc = _predict(cfg, plan, j, h, rows_real, scorer, state, pool, stacks, x)
+            scored.append(sc)
         routed.append(routing.experts)
         if plan.hidden_point is not None:
             hidden.append((h if plan.hidden_point == "attention" else x)[:, -1])
         j += 1
+    state = state.replace(policy=dp.end_step(policy, state.policy, L))
+    scores = jnp.stack(scored) if plan.record and scored else None
     return (x, tuple(new_caches), tuple(routings), jnp.stack(routed), jnp.stack(hidden) if hidden else None,
-            pool, state, state.counters())
+            pool, state, state.counters(), scores)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan", "j", "first"), donate_argnames=("pool", "state"))

@@ -121,8 +121,8 @@ class ExpertSource(Protocol):
     def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
         """last_tokens i32[B]: each row's newest token; real bool[N]: which of the step's tokens are not padding."""
 
-    def step(self, kinds, params, x, caches, positions, write_idx, valid):
-        """capabilities.whole_step: every layer in one program → (x [B, T, D], caches, routings per layer)."""
+    def step(self, kinds, params, x, caches, positions, write_idx, valid, tokens=None):
+        """capabilities.whole_step: every layer in one program (tokens i32[B, T] on the device) → (x [B, T, D], caches, routings per layer)."""
 
     def experts(self, i: int, j: int, p: dict, h, normed, routing, real: np.ndarray, scores=None):
         """Model layer i (MoE layer j): h + its MoE output → (x [B, T, D], the routing actually used)."""
@@ -157,7 +157,7 @@ class SourceDefaults:
     pools: tuple = ()
     slot_maps: tuple = ()
 
-    def step(self, kinds, params, x, caches, positions, write_idx, valid):
+    def step(self, kinds, params, x, caches, positions, write_idx, valid, tokens=None):
         raise RuntimeError(f"{type(self).__name__} has no whole-step program (capabilities.whole_step is False)")
 
     def experts_then_attend(self, i, j, p, h, normed, routing, real, then, scores=None):

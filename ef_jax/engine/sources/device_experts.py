@@ -1,17 +1,16 @@
 """DeviceStepExperts: the expert source of `OffloadConfig(step="device")` — the cache runs inside the step program.
 
 per step (the Forward calls begin_step, then step, then end_step):
-  begin_step: read the previous step's routed experts, hidden states and counters (already on the host: the
-              sampled token waited for that step) → replay them through a host ExpertCache driven by the policy
-              (one token behind) → its prefetch Loads become this step's hints i32[L, H]
-  step:       ef_jax.engine.programs.device_step.device_step — every layer, the cache state and slot pool donated
-  experts:    a tapped step (hidden states seen between layers): device_layer per MoE layer, same operations
+  begin_step: the step's real-token mask; the calibrated copy/layer time ratio sent to the device when it moved
+  step:       ef_jax.engine.programs.device_step.device_step — every layer, the cache state (with the policy's)
+              and slot pool donated; routed experts and counters held, read when stats or the logs are asked for
+  experts:    a tapped step (hidden states seen between layers): device_layer per MoE layer, same eviction
 
-Eviction is LRU on the device for every policy. Policies contribute prefetch hints only: "lru" sends none, "nocache"
-empties the slots each step, "pregate" / "predictive" / "expertflow" keep deciding prefetches on the host, from the
-routing and hidden states of the step before. What "one token behind" costs each of them is in the README
-("Device-resident step"). Policies whose meaning is their own eviction rule (lfu, belady, Policy objects), and
-the layer mode's options, are refused by ef_jax.cache.support before any work.
+Every policy runs on the device (ef_jax.engine.programs.device_policies): lru, lfu, nocache, pregate, expertflow
+(pre-gate scores of later layers from each layer's hidden state, adaptive horizon, precision gate) and predictive
+(a routing-path predictor's route for every layer from the token ids). The earlier host hints one token behind
+are gone: the device versions beat them (README, "Device-resident step"). A Policy object, belady, a hybrid
+predictor or other host-only arguments are refused with a ValueError naming step="layer".
 
 Axes: L MoE layers, E experts, S slots, K top-k, N tokens of a step (B·T), H hints per layer, D model.
 """
@@ -24,9 +23,9 @@ import jax.numpy as jnp
 
 from ef_jax.cache import plan as layer_plan
 from ef_jax.cache.config import OffloadConfig
-from ef_jax.cache.support import HINT_POLICIES
-from ef_jax.cache.expert_cache import ExpertCache
 from ef_jax.engine.programs import device_cache as dc
+from ef_jax.engine.programs import device_policies as dp
+from ef_jax.engine.sources.calibrate import RatioClock, copy_seconds, device_policy_for
 from ef_jax.engine.sources.context import policy_context
 from ef_jax.engine.transfer.device_memory import resolve_budget
 from ef_jax.engine.programs.device_step import StepPlan, device_layer, device_step
@@ -35,14 +34,13 @@ from ef_jax.engine.transfer.store import store_for
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.model import Model
 from ef_jax.models.moe import Routing
-from ef_jax.policies.registry import get_policy
+from ef_jax.policies.pregate import PregateScorer
 
 class DeviceStepExperts(SourceDefaults):
-    """Expert cache, slot pool and copies inside the step program (see the module docstring).
+    """Expert cache, slot pool, copies and the policy inside the step program (see the module docstring).
 
     fused and whole_step: the Forward hands it the whole untapped step; a tapped step dispatches each attend_route
-    itself (no chained attention) and no pre-gate scores come from attend_route (the hint policy reads the step's
-    hidden states)."""
+    itself (no chained attention) and no pre-gate scores come from attend_route (the step scores on the device)."""
     capabilities = Capabilities(offloaded=True, fused=True, whole_step=True)
 
     def __init__(self, model: Model, offload: OffloadConfig, counters: HostCounters,
@@ -54,63 +52,96 @@ class DeviceStepExperts(SourceDefaults):
         # budget_auto: with expert_memory="auto", what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
         self.slots, self.budget_auto = resolve_budget(model, offload, self.stacks.bytes_per_expert, kv_shape,
                                                       self.stacks.device)
-        policy = get_policy(offload.policy, policy_context(model))
-        self.policy_name = policy.name
-        self.flush = bool(policy.flush_each_step)
-        # the host half of a hint policy: an ExpertCache replaying each step one token behind
-        self.shadow = ExpertCache(L, E, self.slots, policy) if policy.name in HINT_POLICIES else None
-        self.hint_width = self.slots if self.shadow is not None else 0
-        self.hidden_point = policy.hidden_point if self.shadow is not None and policy.wants_hidden else None
+        self.policy, fixed_ratio = device_policy_for(offload.policy, cfg.top_k, cfg.vocab_size)
+        self.policy_name = self.policy.kind
+        self.flush = self.policy.kind == "nocache"
+        self.hint_width, self.hidden_point = 0, None
+        self.scorer_args = None
+        if self.policy.scoring:  # the later layers' routers, applied on the device (layer.pregate_scores)
+            self.scorer_args = jax.device_put(PregateScorer.from_context(
+                self.policy.kind, policy_context(model)).stacked(), self.stacks.device_sharding)
+        self.ratio_clock = None
+        ratio = 0.0
+        if self.policy.adaptive:
+            if fixed_ratio is None:
+                self.ratio_clock = RatioClock(copy_seconds(self.stacks.bytes_per_expert,
+                                                           self.stacks.device_sharding,
+                                                           self.stacks.device_sharding.with_memory_kind(
+                                                               "pinned_host")), L)
+            else:
+                ratio = float(fixed_ratio)
         self.pool = self.stacks.empty_pool(self.slots)
-        self.state = dc.init_cache(L, E, self.slots, self.stacks.device_sharding)
+        self.state = dc.init_cache(L, E, self.slots, self.stacks.device_sharding, self.policy, ratio)
+        self.recording = False  # record(): keep what each step's policy acted on, for the host twin
+        self._record: list[dict] = []
+        self._ratio = ratio
         self._routing_log: list[np.ndarray] = []  # per step: experts i32[N_real, L, K] (see routing_log)
         self.counts = np.zeros((len(dc.COUNTERS), L), np.int64)  # the latest counters read back
-        self.readbacks = self.readback_waits = self.hints_sent = 0
-        self._pending: list = []  # (routed, hidden, counters, real) of steps not yet read
-        self._hints = None      # i32[L, H] device array for the step in flight
+        self._step_counts: list[np.ndarray] = []  # per step: counters i32[C, L] after it (cumulative)
+        self.readbacks = self.readback_waits = 0
+        self._pending: list = []  # (routed, counters, scores, real, step inputs) of steps not yet read
         self._real = None       # bool[N] host mask of the step in flight
+        self._tokens = None     # i32[B] newest token of each row (predictive), host
         self._real_dev: dict[bytes, jax.Array] = {}
-        self._layer_out: list = []  # tapped steps: per MoE layer (routed, hidden)
+        self._layer_out: list = []  # tapped steps: per MoE layer routed experts
         self._shapes: dict = {}     # StepPlan → (kinds, argument shapes) of the programs run so far
-        self._queued: list[tuple[int, int]] = []  # (layer, expert) prefetches for the next step's hints
+
+    def record(self, on: bool = True) -> None:
+        """Keep, per step, the routing, pre-gate scores, token ids and ratio the device policy acted on (the host
+        twin's inputs, `decisions_log`). Recording returns the scores from the step: a different program."""
+        self.recording = on
 
     # ---- the step --------------------------------------------------------------------------------------------
     def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
         """real bool[N]: which of the step's tokens are not padding."""
-        if self.shadow is not None or len(self._pending) >= 256:  # (bounded: every held step is ready by now)
+        if len(self._pending) >= 256:  # (bounded: every held step is ready by now)
             self._collect()
         self._real = np.asarray(real, bool)
-        if self.shadow is not None:
-            self._hints = self._next_hints(last_tokens)
+        self._tokens = np.asarray(last_tokens, np.int32).reshape(-1)
+        if self.ratio_clock is not None:
+            self.ratio_clock.finished()
+            new = self.ratio_clock.update()
+            if new is not None:  # the calibrated ratio moved: the device's copy of it is replaced (no sync)
+                self._ratio = float(np.float32(new))
+                p = self.state.policy
+                self.state = self.state.replace(policy=p.replace(ratio=jax.device_put(
+                    np.float32(new), self.stacks.device_sharding)))
+                self.counters.dispatches += 1
 
-    def step(self, kinds, params, x, caches, positions, write_idx, valid):
-        """Every layer of the step in one program. Returns (x, caches, routings per layer)."""
+    def step(self, kinds, params, x, caches, positions, write_idx, valid, tokens=None):
+        """Every layer of the step in one program. tokens i32[B, T] on the device (the predictive policy reads
+        the newest of each row). Returns (x, caches, routings per layer)."""
         plan = self._plan()
+        token_ids = tokens[:, -1] if self.policy.kind == "predictive" else None
         args = (tuple(params["layers"]), x, tuple(caches), positions, write_idx, valid, self._real_device(),
-                self.pool, self.state, self.stacks.arrays, self._hints)
+                self.pool, self.state, self.stacks.arrays, None, self.scorer_args, token_ids)
         if plan not in self._shapes:  # for step_hlo(): shapes, dtypes and memory kinds of each plan's arguments
             self._shapes[plan] = (kinds, jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), args))
+        if self.ratio_clock is not None:
+            self.ratio_clock.started()
         out = device_step(self.cfg, kinds, plan, *args)
-        x, caches, routings, routed, hidden, self.pool, self.state, counters = out
+        x, caches, routings, routed, _, self.pool, self.state, counters, scores = out
         self.counters.dispatches += 1
-        self._hold(routed, hidden, counters)
+        self._hold(routed, counters, scores)
         return x, caches, routings
 
     def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
-        """A tapped step's MoE layer j (model layer i), on the device: no host sync. Returns (x, routing)."""
+        """A tapped step's MoE layer j (model layer i), on the device: no host sync; the policy's eviction order
+        and counts apply, its predictions do not (they need every layer in one program). Returns (x, routing)."""
+        if self.config.routing != "exact":
+            raise ValueError("routing='cache-aware' with a hidden-state tap (record) is not built on the device step: "
+                             "use step='layer' or routing='exact'")
         plan = self._plan()
-        hints = None if self._hints is None else self._hints[j]
         x, self.pool, self.state, counters = device_layer(
             self.cfg, plan, j, j == 0, p["mlp"], h, normed, routing, self._real_device(), self.pool, self.state,
-            self.stacks.arrays[j], hints)
+            self.stacks.arrays[j], None)
         self.counters.dispatches += 1
-        self._layer_out.append((routing.experts, (h if self.hidden_point == "attention" else x)[:, -1]))
+        self._layer_out.append(routing.experts)
         if j == len(self.stacks.arrays) - 1:
-            routed = jnp.stack([r for r, _ in self._layer_out])
-            hidden = jnp.stack([hd for _, hd in self._layer_out]) if self.hidden_point else None
+            routed = jnp.stack(self._layer_out)
             self._layer_out = []
-            self._hold(routed, hidden, counters)
+            self._hold(routed, counters, None)
         return x, routing
 
     def end_step(self) -> None:
@@ -121,8 +152,9 @@ class DeviceStepExperts(SourceDefaults):
         return self._plan_for(self._real.size)
 
     def _plan_for(self, tokens: int) -> StepPlan:
-        return StepPlan.for_tokens(tokens, self.cfg.num_experts, self.cfg.top_k, self.slots, self.hint_width,
-                                   self.flush, self.hidden_point)
+        tol = self.config.tolerance if self.config.routing == "cache-aware" else None
+        return StepPlan.for_tokens(tokens, self.cfg.num_experts, self.cfg.top_k, self.slots, 0, self.flush, None,
+                                   self.policy, self.recording, tol)
 
     def _real_device(self) -> jax.Array:
         key = self._real.tobytes()
@@ -135,29 +167,26 @@ class DeviceStepExperts(SourceDefaults):
         return arr
 
     # ---- what comes back once per step -------------------------------------------------------------------------
-    def _hold(self, routed, hidden, counters) -> None:
-        """Holds the step's small outputs for the host: a hint policy reads them at the next step (their copies
-        start now), other policies when stats or the routing log are asked for."""
-        if self.shadow is not None:  # read at the next step: start the copies now
-            for a in (routed, hidden, counters):
-                if a is not None:
-                    a.copy_to_host_async()
-        self._pending.append((routed, hidden, counters, self._real))
+    def _hold(self, routed, counters, scores) -> None:
+        """Holds the step's small outputs for the host (read when stats, the routing log or the decisions log are
+        asked for: the sampled token already waited for the step, so reading them waits for nothing)."""
+        inputs = {"tokens": self._tokens, "ratio": self._ratio} if self.recording else None
+        self._pending.append((routed, counters, scores, self._real, inputs))
 
     def _collect(self) -> None:
-        """Reads the held steps' outputs. The decode loop synced each step's sampled token, so they are ready when
-        read: no wait (readback_waits counts any read that found them not ready). A hint policy reads every step
-        (its replay makes the next hints); otherwise reads wait for stats() or routing_log, off the decode path."""
+        """Reads the held steps' outputs (readback_waits counts any read that found them not ready)."""
         pending, self._pending = self._pending, []
-        for routed, hidden, counters, real in pending:
+        for routed, counters, scores, real, inputs in pending:
             self.readbacks += 1
-            if not all(a.is_ready() for a in (routed, hidden, counters) if a is not None):
+            if not all(a.is_ready() for a in (routed, counters, scores) if a is not None):
                 self.readback_waits += 1
             experts = np.asarray(routed)                     # i32[L, N, K]
             self.counts = np.asarray(counters).astype(np.int64)
+            self._step_counts.append(self.counts)
             self._routing_log.append(np.transpose(experts[:, real], (1, 0, 2)))
-            if self.shadow is not None:
-                self._replay(experts, None if hidden is None else np.asarray(hidden), real)
+            if inputs is not None:
+                self._record.append(dict(inputs, routed=experts, real=real, counters=self.counts,
+                                         scores=None if scores is None else np.asarray(scores)))
 
     @property
     def routing_log(self) -> list[np.ndarray]:
@@ -165,40 +194,12 @@ class DeviceStepExperts(SourceDefaults):
         self._collect()
         return self._routing_log
 
-    # ---- hints: the host policy, one token behind --------------------------------------------------------------
-    def _replay(self, experts: np.ndarray, hidden: np.ndarray | None, real: np.ndarray) -> None:
-        """The last step's layer events through the shadow cache (as the layer mode calls them); the prefetch
-        Loads it returns are queued as hints."""
-        shadow = self.shadow
-        point = shadow.policy.hidden_point if hidden is not None else None
-        for j in range(experts.shape[0]):
-            layer_plan.run_layer([shadow], j, [np.unique(experts[j][real])], issue=lambda _, loads: self._queue(loads),
-                                 compute=lambda p: shadow.arrive_all(),
-                                 observe=(lambda _: shadow.hidden(j, hidden[j])) if point == "attention" else None)
-            if point == "moe":
-                self._queue(shadow.hidden(j, hidden[j]))
-            shadow.release(j)
-        self._queue(shadow.end_step())
-
-    def _queue(self, loads) -> None:
-        self._queued += [(ld.layer, ld.expert) for ld in loads if ld.kind == "prefetch"]
-
-    def _next_hints(self, last_tokens: np.ndarray) -> jax.Array:
-        """This step's hints: what the policy prefetched while replaying the last step, plus its step-start
-        prefetches for this one (the current token is known: those are not behind). i32[L, H], -1 = none."""
-        self._queue(self.shadow.begin_step(last_tokens))
-        self.shadow.arrive_all()
-        L, H = len(self.stacks.arrays), self.hint_width
-        hints = np.full((L, H), -1, np.int32)
-        fill = np.zeros(L, np.int64)
-        for layer, expert in dict.fromkeys(self._queued):
-            if fill[layer] < H:
-                hints[layer, fill[layer]] = expert
-                fill[layer] += 1
-        self.hints_sent += int(fill.sum())
-        self._queued = []
-        self.counters.dispatches += 1
-        return jax.device_put(hints, self.stacks.device_sharding)
+    @property
+    def decisions_log(self) -> list[dict]:
+        """Per recorded step: routed i32[L, N, K], real bool[N], scores f32[L + 1, L, B, E] or None, tokens i32[B],
+        ratio (the device's f32 value), counters i32[C, L] after the step (see record())."""
+        self._collect()
+        return self._record
 
     # ---- telemetry -------------------------------------------------------------------------------------------
     def step_hlo(self, tokens: int = 1) -> str:
@@ -220,17 +221,39 @@ class DeviceStepExperts(SourceDefaults):
         """bool[E]: experts of MoE layer j resident now (reads the device table: a sync, off the decode path)."""
         return self.counters.to_host("residency", self.state.slot_of_expert[j]) >= 0
 
+    def per_step(self) -> dict:
+        """Per step, from the device counters read with each step: demand misses, prefetches issued / used /
+        wasted, late misses, the horizon in force after it, bytes copied."""
+        self._collect()
+        if not self._step_counts:
+            return {}
+        c = np.stack(self._step_counts)                           # [steps, C, L] cumulative
+        d = np.diff(c, axis=0, prepend=np.zeros_like(c[:1]))
+        i = {k: n for n, k in enumerate(dc.COUNTERS)}
+        per = lambda k: d[:, i[k]].sum(-1).tolist()
+        bpe = self.stacks.bytes_per_expert
+        return {"demand_misses": per("misses"), "prefetch_issued": per("prefetches"),
+                "prefetch_used": per("prefetch_used"), "prefetch_wasted": per("wasted"), "late": per("late"),
+                "horizon": c[:, i["horizon"], 0].tolist(),
+                "h2d_bytes": ((d[:, i["misses"]] + d[:, i["prefetches"]]).sum(-1) * bpe).tolist()}
+
     def stats(self) -> SourceStats:
         self._collect()
-        hits, misses, prefetches, used, passes = (self.counts[i] for i in range(len(dc.COUNTERS)))
+        k = {name: self.counts[n] for n, name in enumerate(dc.COUNTERS)}
+        hits, misses, prefetches, used, passes = (k[n] for n in ("hits", "misses", "prefetches", "prefetch_used",
+                                                                 "passes"))
         h, m, loads = int(hits.sum()), int(misses.sum()), int(misses.sum() + prefetches.sum())
         bpe = self.stacks.bytes_per_expert
+        steps = len(self._step_counts)
+        horizons = [int(c[dc.COUNTERS.index("horizon"), 0]) for c in self._step_counts]
         detail = {"extra_passes": int(passes.sum()), "layer_hits": hits.tolist(), "layer_misses": misses.tolist(),
                   "step_readbacks": self.readbacks, "readback_waits": self.readback_waits,
-                  "hints_sent": self.hints_sent,
-                  **self.stacks.host_bytes()}
-        if self.shadow is not None:
-            detail["shadow_prefetch_issued"] = self.shadow.prefetch_issued
+                  "cache_prefetch_wasted": int(k["wasted"].sum()), "late_misses": int(k["late"].sum()),
+                  "policy_on_device": True,
+                  "mean_horizon": float(np.mean(horizons)) if steps and self.policy.scoring else float("nan"),
+                  "device_steps": self.per_step(), **self.stacks.host_bytes()}
+        if self.ratio_clock is not None or self.policy.adaptive:
+            detail["copy_layer_ratio"] = self._ratio
         if self.budget_auto is not None:
             detail["budget_auto"] = self.budget_auto.as_stats()
         return SourceStats(policy=self.policy_name, step="device", hits=h, misses=m, cache_loads=loads,
