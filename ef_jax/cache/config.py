@@ -60,6 +60,10 @@ class OffloadConfig:
         step, every layer, in one jitted program with the expert cache on the device; see
         ef_jax.engine.programs.device_step: LRU eviction on the device, policies send prefetch hints one token behind;
         `transfers`, `timing`, `record_timeline` and cache-aware routing belong to the layer mode).
+      host_compute: "never" (default: every miss is copied into a slot), "always" (every miss is computed on the
+        host from its pinned weights: no copy, no eviction) or "auto" (per miss, whichever ends the layer sooner
+        by the cost model of ef_jax.cache.host_compute; hosted experts are also copied in behind the layer while
+        the copy stream idles). Layer mode only. Counted in stats (host_computed, host_s, bytes_not_moved).
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None
@@ -72,8 +76,16 @@ class OffloadConfig:
     routing_tolerance: float | None = None
     transfers: str = "program"
     step: str = "layer"
+    host_compute: str = "never"
 
     def __post_init__(self):
+        from ef_jax.cache.host_compute import HOST_COMPUTE_MODES
+        if self.host_compute not in HOST_COMPUTE_MODES:
+            raise ValueError(f"host_compute={self.host_compute!r} must be one of {HOST_COMPUTE_MODES}")
+        if self.host_compute != "never" and self.step == "device":
+            raise ValueError(f"host_compute={self.host_compute!r} runs in the layer mode only: the device step "
+                             "(step='device') has no host share (docs/host_compute.md says why); use "
+                             "step='layer' or host_compute='never'")
         if self.step not in STEP_MODES:
             raise ValueError(f"step={self.step!r} must be one of {STEP_MODES}")
         if self.transfers not in TRANSFER_MODES:

@@ -171,10 +171,11 @@ def tokens_per_expert(experts_nk) -> dict[int, int]:
 
 
 def plan_layer(cache, layer: int, needed: Sequence[int], tokens: dict[int, int], mode: str,
-               costs_for) -> tuple[list[int], list[int]]:
+               costs_for, log: list | None = None) -> tuple[list[int], list[int], list[int]]:
     """The engine's and the simulator's one call: `needed` experts of `layer` (unique) → (experts the device
-    computes: resident or to load, in `needed` order; experts the host computes). cache: an ExpertCache;
-    costs_for(resident needed experts) → LayerCosts | None, asked only under auto."""
+    computes: resident or to load, in `needed` order; experts the host computes; of those, the ones also copied
+    in behind the layer). cache: an ExpertCache; costs_for(resident needed experts) → LayerCosts | None, asked
+    only under auto. log: a list to append (layer, loads, host, behind) to for every layer with a miss."""
     if mode == "never":
         return list(needed), [], []
     soe = cache.table.slot_row(layer)
@@ -186,6 +187,8 @@ def plan_layer(cache, layer: int, needed: Sequence[int], tokens: dict[int, int],
         costs = costs_for([int(e) for e in needed if soe[e] >= 0])
         reused = [e for e in misses if cache.predicts_reuse(layer, e)]
     split = decide_layer(mode, misses, tokens, costs, reused or ())
+    if log is not None:
+        log.append((layer, list(split.load), list(split.host), list(split.behind)))
     on_host = set(split.host)
     return [int(e) for e in needed if int(e) not in on_host], split.host, split.behind
 

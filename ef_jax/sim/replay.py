@@ -75,7 +75,7 @@ class ReplayStats(PerTokenFigures):
 
 def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = "lru",
            timing: str | Timing | None = None, batch_size: int = 1, num_experts: int | None = None,
-           check: bool = False, host_compute: str = "never") -> ReplayStats:
+           check: bool = False, host_compute: str = "never", decisions: list | None = None) -> ReplayStats:
     """Replay routing `experts` i[N, L, K] (tokens in order) through an ExpertCache.
 
     Args:
@@ -90,6 +90,8 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
         host_compute: "never" | "auto" | "always": what a miss becomes (ef_jax.cache.host_compute); a host
             expert runs on the host stream ⟂ copies and compute, and the layer ends when both its device compute
             and its host share are done.
+        decisions: a list to append (layer, loads, host experts, copied-behind experts) to, for every layer
+            with a miss under host_compute other than "never" (tests compare it with the engine's).
     Returns:
         ReplayStats.
     """
@@ -125,7 +127,8 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
             if host_compute != "never":
                 tokens = tokens_per_expert(tok[l] for tok in block)
                 need, host, behind = plan_layer(cache, l, need, tokens, host_compute,
-                                                lambda res: layer_costs(stream, hstream, timing, l, res, t))
+                                                lambda res: layer_costs(stream, hstream, timing, l, res, t),
+                                                decisions)
             stream.issue(cache.route(l, need, host, behind), t)
             if timing is not None:
                 start = max([t] + [stream.arrival[l][e] for e in need])

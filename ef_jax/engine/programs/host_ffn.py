@@ -157,3 +157,92 @@ def host_ffn_reference(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np
     x, g, u, d = (np.asarray(a, np.float64) for a in (x, gate, up, down))
     a = x @ g
     return ((a / (1 + np.exp(-a))) * (x @ u)) @ d
+
+
+@jax.jit
+def _join(h, y):
+    """h [B, T, D] + the host's share f32[N, D], rounded to h's dtype as the device's own sum is."""
+    return h + y.reshape(h.shape).astype(h.dtype)
+
+
+class HostShare:
+    """The offloaded source's host half: plans a layer's misses (ef_jax.cache.host_compute.plan_layer), starts
+    the host experts on the CPU backend, and joins their sum on the device.
+
+    Costs for `auto`: the virtual clock's state, or (wall clock) one host FFN and one expert copy timed at the
+    first decision on this machine (host FFN time per token assumed flat: decode's few tokens)."""
+
+    def __init__(self, store, timing, counters, mode: str = "auto"):
+        self.store, self.timing, self.counters, self.mode = store, timing, counters, mode
+        self.ffn = HostFFN(StoreWeights(store))
+        self.expert_bytes = timing.expert_bytes if timing is not None else store.bytes_per_expert
+        self._calibrated = None  # (copy_s, HostTiming) measured on this machine (wall clock)
+        self.estimated_s = 0.0   # host time by the cost model (the wall clock does not wait on it)
+        self.log: list[tuple] = []  # (MoE layer, loads, host experts, copied behind) per layer with a miss
+
+    def plan(self, cache, clock, j: int, needed: np.ndarray, experts: np.ndarray, real: np.ndarray):
+        """(device experts, host experts, host experts also copied behind) for layer j's needed experts."""
+        from ef_jax.cache.host_compute import plan_layer, tokens_per_expert
+        self._tokens = tokens_per_expert(experts[real])
+        costs_for = lambda res: clock.costs(j, res) or self._wall_costs()
+        device, host, behind = plan_layer(cache, j, [int(e) for e in needed], self._tokens,
+                                          self.mode, costs_for, self.log)
+        return np.asarray(device, np.int64), host, behind
+
+    def layer_s(self, host: list[int], experts: np.ndarray, real: np.ndarray) -> float:
+        """The cost model's host time for these experts (the virtual clock charges it)."""
+        from ef_jax.cache.host_compute import host_layer_s
+        timing = self.timing.host if self.timing is not None else self._host_timing()
+        s = host_layer_s(timing, self.expert_bytes, host, self._tokens)
+        self.estimated_s += s
+        return s
+
+    def start(self, j: int, normed, routing, experts: np.ndarray, real: np.ndarray, host: list[int]):
+        """Dispatches layer j's host experts (async). normed [N, D], routing's weights f32[N, K] on the device."""
+        x, weights = self.counters.to_host("host_share", normed, routing.weights)
+        pairs = {}
+        for e in host:
+            mask = (experts == e) & real[:, None]           # [N, K]
+            idx = np.nonzero(mask.any(axis=1))[0].astype(np.int32)
+            pairs[e] = (idx, (weights * mask).sum(axis=1)[idx].astype(np.float32))
+        return self.ffn.start(j, x, pairs)
+
+    def join(self, h, y):
+        return _join(h, jax.device_put(y, self.store.device_sharding))
+
+    def _host_timing(self):
+        return self._calibrate()[1]
+
+    def _wall_costs(self):
+        from ef_jax.cache.host_compute import LayerCosts
+        copy_s, host = self._calibrate()
+        return LayerCosts(device_ready=0.0, copy_free=0.0, host_free=0.0, copy_s=copy_s, compute_s=0.0,
+                          expert_bytes=self.expert_bytes, host=host)
+
+    def _calibrate(self):
+        """One expert copy and one 1-token host FFN, each timed (after a first call that compiles)."""
+        if self._calibrated is None:
+            import time
+            from ef_jax.cache.host_compute import HostTiming
+            D = self.store.hidden
+            x = np.zeros((1, D), self.store.dtype if not self.store.quantized else np.float32)
+            pairs = {0: (np.zeros(1, np.int32), np.ones(1, np.float32))}
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                jax.block_until_ready(self.ffn.start(0, x, pairs))
+                times.append(time.perf_counter() - t)
+            jax.block_until_ready(self.store.fetch(0, 0))
+            t = time.perf_counter()
+            jax.block_until_ready(self.store.fetch(0, 0))
+            copy_s = time.perf_counter() - t
+            self._calibrated = (copy_s, HostTiming(self.store.bytes_per_expert / times[-1], 0.0,
+                                                   "measured at start on this machine"))
+        return self._calibrated
+
+    def stats(self) -> dict:
+        out = {"host_calls": self.ffn.calls, "host_s_estimated": self.estimated_s}
+        if self._calibrated is not None:
+            out["host_calibration"] = {"copy_s": self._calibrated[0],
+                                       "host_bytes_per_s": self._calibrated[1].bytes_per_s}
+        return out

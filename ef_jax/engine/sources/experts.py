@@ -40,7 +40,9 @@ from ef_jax.engine.sources.context import policy_context
 from ef_jax.engine.transfer.copier import COPIERS
 from ef_jax.engine.transfer.copier import bucket
 from ef_jax.engine.transfer.device_memory import resolve_budget
-from ef_jax.engine.programs.layer import Then, expert_pass, offloaded_expert_pass, offloaded_expert_pass_then_attend
+from ef_jax.engine.programs.host_ffn import HostShare
+from ef_jax.engine.programs.layer import (Then, attend_route, expert_pass, offloaded_expert_pass,
+                                          offloaded_expert_pass_then_attend)
 from ef_jax.engine.transfer.store import store_for
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.engine.telemetry.timeline import Timeline
@@ -164,6 +166,9 @@ class OffloadedExperts:
         # no prefetch from its layer hooks (one for the next layer must ride in this layer's program)
         self._dispatch_first = not policy.layer_prefetches and not policy.wants_hidden
         self.layers_all_hit = 0  # layers dispatched before the cache's accounting: every needed expert had landed
+        # host-computed experts (ef_jax.cache.host_compute): a miss is loaded or computed on the host
+        self.host_mode = offload.host_compute
+        self.host = HostShare(self.store, self.timing, counters, self.host_mode) if self.host_mode != "never" else None
 
     # ---- the copy seam ---------------------------------------------------------------------------------------
     def _issue(self, loads) -> None:
@@ -250,17 +255,27 @@ class OffloadedExperts:
         attention point (host numpy; its pre-gate scores f32[L, B, E] when self.scorer is set), else None.
         Returns (h, the next layer's attend_route outputs or None)."""
         K = experts.shape[1]
-        passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)]
+        host = behind = []
+        deferred = None
+        if self.host is not None:  # each miss: load it, or compute it on the host (started here, async)
+            needed, host, behind = self.host.plan(self.cache, self.clock, j, needed, experts, real)
+            if host:
+                y_host = self.host.start(j, normed, routing, experts, real, host)
+                self.clock.hosted(self.host.layer_s(host, experts, real))
+                if then is not None:  # the host's share joins before the next layer's attention
+                    then, deferred = None, then
+        # (every needed expert on the host: one pass over no routed expert, for the shared expert and the clock)
+        passes = [needed[s:s + self.slots] for s in range(0, len(needed), self.slots)] or [needed]
         nxt = None
         for n, chunk in enumerate(passes):
             last = n + 1 == len(passes)
             if n:
                 self.clock.poll(self.copier)
-            self._issue(self.cache.route(j, chunk) if n == 0 else self.cache.require(j, chunk))
+            self._issue(self.cache.route(j, chunk, host, behind) if n == 0 else self.cache.require(j, chunk))
             if n == 0 and hidden is not None:  # behind this layer's demand loads, ahead of its expert compute
                 self._issue(self.cache.scores(j, hidden) if self.scorer is not None else self.cache.hidden(j, hidden))
             self.clock.wait(j, chunk, self.copier)
-            if len(passes) == 1:
+            if len(passes) == 1 and not host:
                 keep = self._keep_real  # every needed expert is resident: only padding is masked
             else:
                 keep = jnp.asarray((np.isin(experts, chunk) & real[:, None]).astype(np.float32).reshape(-1, K))
@@ -274,6 +289,26 @@ class OffloadedExperts:
             if not last:
                 jax.block_until_ready(h)  # the next pass may evict this pass's experts: finish reading them first
                 self.cache.release(j)
+        if host:
+            return self._join(j, h, y_host, deferred)
+        return h, nxt
+
+    def _join(self, j: int, h, y_host, then: Then | None):
+        """The host's share of layer j joins its sum (one host→device copy of f32[N, D]); then, given `then`, the
+        next MoE layer's attend_route runs on the result. Returns (h, its outputs or None)."""
+        h = self.host.join(h, y_host)
+        self.clock.joined()
+        self.counters.dispatches += 1
+        if then is None:
+            return h, None
+        a = then.attend
+        nxt = attend_route(self.cfg, then.dense_kinds, then.kind, a.dense_params, a.params, h, then.dense_caches,
+                           then.cache, a.positions, a.write_idx, a.valid, a.scorer)
+        self.counters.dispatches += 1
+        if self.scorer is not None:
+            nxt[5].copy_to_host_async()
+        elif self._tap == "attention":
+            nxt[0].copy_to_host_async()
         return h, nxt
 
     def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep,
@@ -370,8 +405,12 @@ class OffloadedExperts:
                "expert_program_variants": len(self.variants), "layers_all_hit": self.layers_all_hit,
                "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
                "policy": self.cache.policy.name, "routing": self.config.routing,
+               "host_compute": self.host_mode, "host_computed": self.cache.host_computed,
+               "bytes_not_moved": self.cache.host_computed * bytes_per_expert,
                "routing_substitutions": self.substitutions}
         out.update(self.clock.stats())
+        if self.host is not None:
+            out.update(self.host.stats())
         horizon = self.cache.policy.prefetch_distance()  # layers ahead; None for history-only policies
         if horizon is not None:
             out["mean_horizon"] = float(horizon)
