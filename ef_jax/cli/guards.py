@@ -2,7 +2,7 @@
 
 flags → input_file / input_npz / input_dir / output_file / output_dir / read_text → UsageError("--flag ...: fix")
 
-A refusal is one line naming the flag and the fix (ef_jax.cli.main prints it and exits 2). Output paths are checked
+A refusal is one line naming the flag and the fix (ef_jax.cli.commands prints it and exits 2). Output paths are checked
 up front because a failed write after hours of compute loses the work.
 """
 from __future__ import annotations

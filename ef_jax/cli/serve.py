@@ -46,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
     p.add_argument("--graceful-timeout", type=int, default=60,
                    help="seconds in-flight requests get to finish after SIGTERM (default 60)")
-    p.set_defaults(func=run, fn=run)  # ef_jax.cli.main dispatches on `fn`
+    p.set_defaults(func=run, fn=run)  # ef_jax.cli.commands dispatches on `fn`
     return p
 
 
@@ -105,7 +105,7 @@ def _check_budget(args: argparse.Namespace) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `ef-jax serve`; returns 0 after a graceful shutdown (2 on bad input, via ef_jax.cli.main)."""
+    """Run `ef-jax serve`; returns 0 after a graceful shutdown (2 on bad input, via ef_jax.cli.commands)."""
     import uvicorn
 
     import ef_jax

@@ -43,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="what a miss becomes: never (copied into a slot), always (computed on the host, from its "
                         "pinned weights), auto (per miss, whichever ends the layer sooner; ef_jax.cache.host_compute)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
-    p.set_defaults(func=run, fn=run)  # ef_jax.cli.main dispatches on `fn`
+    p.set_defaults(func=run, fn=run)  # ef_jax.cli.commands dispatches on `fn`
     return p
 
 

@@ -53,7 +53,7 @@ def test_exact_offloading_keeps_perplexity(tiny):
 
 
 def test_eval_policy_cli_json(tiny, capsys):
-    from ef_jax.cli.main import main
+    from ef_jax.cli.commands import main
     d, _, _, text = tiny
     assert main(["eval-policy", "--model", d, "--text", text, "--slots-per-layer", "4", "--policy", "expertflow",
                  "--timing", "h100", "--max-tokens", "50", "--seq-len", "25", "--batch-size", "2", "--json"]) == 0
@@ -89,7 +89,7 @@ def test_bench_policies_tiny_mode_runs(tmp_path):
 
 
 def test_eval_policy_keeps_real_bytes_beside_preset_bytes(tiny, capsys):
-    from ef_jax.cli.main import main
+    from ef_jax.cli.commands import main
     d, model, _, text = tiny
     argv = ["eval-policy", "--model", d, "--text", text, "--slots-per-layer", "4", "--policy", "lru", "--timing",
             "h100", "--max-tokens", "50", "--seq-len", "25"]

@@ -82,7 +82,7 @@ def test_exponential_fit_recovers_a_curve():
 
 
 def test_record_train_and_use_through_the_cli(tiny, tmp_path, capsys):
-    from ef_jax.cli.main import main
+    from ef_jax.cli.commands import main
     d, model = tiny
     text = tmp_path / "ids.txt"
     text.write_text(" ".join(map(str, np.random.default_rng(1).integers(0, 96, 160))))

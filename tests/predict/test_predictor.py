@@ -115,7 +115,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_cli_train_then_eval_on_held_out_prompts(tmp_path, capsys):
-    from ef_jax.cli.main import main
+    from ef_jax.cli.commands import main
     path = tmp_path / "ctx.npz"
     save_trace(path, context_trace(prompts=20))
     out = tmp_path / "pred"

@@ -8,7 +8,7 @@ import pytest
 
 import ef_jax
 from ef_jax import OffloadConfig
-from ef_jax.cli.main import main
+from ef_jax.cli.commands import main
 from ef_jax.quant import QuantExpertPool
 from ef_jax.quant.store import MANIFEST, StoreMismatch, convert, is_store
 from ef_jax.engine.transfer.store import store_for

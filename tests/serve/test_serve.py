@@ -331,7 +331,7 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_zero(tiny_checkpoint):
 
 
 def test_cli_serve_flags():
-    from ef_jax.cli.main import build_parser, main
+    from ef_jax.cli.commands import build_parser, main
     a = build_parser().parse_args(["serve", "--max-batch", "2", "--schedule", "arrival", "--slots-per-layer", "4"])
     assert (a.max_batch, a.schedule, a.slots_per_layer, a.host, a.port, a.max_wait) == (2, "arrival", 4,
                                                                                         "127.0.0.1", 8000, 4)

@@ -239,7 +239,7 @@ def test_save_trace_from_arrays(tmp_path):
 
 
 def test_main_cli_dispatches_sim(tmp_path, capsys):
-    ef_cli = pytest.importorskip("ef_jax.cli.main")
+    ef_cli = pytest.importorskip("ef_jax.cli.commands")
     path, _ = tiny_trace_file(tmp_path)
     assert ef_cli.main(["sim", str(path), "--slots-per-layer", "4", "--timing", "none", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
