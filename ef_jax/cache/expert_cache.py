@@ -131,6 +131,7 @@ class ExpertCache:
         self.layer_misses = [0] * L
         self.late = self.demand_loads = self.evictions = 0
         self.host_computed = 0  # misses computed on the host instead of loaded (route(..., host=))
+        self.host_behind = 0    # of those, copied in behind their layer anyway (route(..., behind=))
         self.prefetch_issued = self.prefetch_used = self.prefetch_wasted = self.prefetch_dropped = 0
         self.policy.reset(num_layers, num_experts, slots_per_layer)
 
@@ -158,7 +159,9 @@ class ExpertCache:
         if host:
             self._on_host(layer, host)
         if behind:
-            loads += self.prefetch(layer, behind)
+            copied = self.prefetch(layer, behind)
+            self.host_behind += len(copied)
+            loads += copied
         loads += self._issue(self.policy.on_route(layer, self._last_required, self.view))
         return loads
 
@@ -332,7 +335,7 @@ class ExpertCache:
             "bytes_h2d": self.loads * self.bytes_per_expert,
             "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
             "prefetch_wasted": self.prefetch_wasted, "prefetch_dropped": self.prefetch_dropped,
-            "host_computed": self.host_computed,
+            "host_computed": self.host_computed, "host_behind": self.host_behind,
             "layer_hits": list(self.layer_hits), "layer_misses": list(self.layer_misses),
         }
 

@@ -16,7 +16,8 @@ import signal
 import sys
 import threading
 
-from ef_jax.cli.guards import UsageError, input_dir, output_file, plural, positive
+from ef_jax.cli.guards import (HOST_COMPUTE_HELP, UsageError, check_host_compute, input_dir, output_file, plural,
+                              positive)
 from ef_jax.cli.model import Preflight, fmt_bytes, offload_budget, preflight, prompt_ids
 from ef_jax.cli.stream import Spinner, TextStream
 from ef_jax.generation_config import SamplingRequest
@@ -66,6 +67,7 @@ def add_parser(sub) -> None:
     g.add_argument("--step", choices=["layer", "device"], default="layer",
                    help="offloaded decoding: layer (the host routes each MoE layer) or device (the whole token step "
                         "and the expert cache in one compiled program; lru, nocache and hint policies)")
+    g.add_argument("--host-compute", choices=["never", "auto", "always"], default="never", help=HOST_COMPUTE_HELP)
     g.add_argument("--timeline", default=None, metavar="FILE",
                    help="write a Chrome/Perfetto trace JSON of the offload engine here")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, stats) at the end")
@@ -113,6 +115,7 @@ def _policy_name(args) -> str:
         raise UsageError("--predictor DIR is the predictor of --policy predictive: add --policy predictive")
     if args.hybrid and name != "expertflow":
         raise UsageError("--hybrid DIR is the predictor of --policy expertflow: add --policy expertflow")
+    check_host_compute(args.host_compute, offloaded, args.step)
     if args.step == "device":
         if name == "resident":
             raise UsageError("--step device runs the expert cache inside the step: give --expert-memory or "
@@ -220,7 +223,8 @@ def _generate(args, p: Plan, spinner: Spinner) -> int:
     offload = None
     if p.budget is not None:
         offload = ef_jax.OffloadConfig(**p.budget, policy=_policy_object(p.policy, args, model, p.predictor),
-                                       record_timeline=p.timeline, step=args.step)
+                                       record_timeline=p.timeline, step=args.step,
+                                       host_compute=args.host_compute)
     stream = TextStream(model.tokenizer, p.ids, stops=tuple(args.stop or ()), enabled=not args.json)
     spinner.start(f"compiling and prefilling {plural(len(p.ids), 'prompt token')}")
 

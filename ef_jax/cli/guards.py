@@ -103,3 +103,19 @@ def positive(flag: str, value, minimum: int = 1):
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+HOST_COMPUTE_HELP = ("what a missing expert becomes in offloaded decoding: never (copied into a slot; default), "
+                     "always (computed on the host from its pinned weights) or auto (per miss, whichever ends the "
+                     "layer sooner; layer step only)")
+
+
+def check_host_compute(mode: str, offloaded: bool, step: str = "layer") -> None:
+    """--host-compute applies to offloaded decoding in the layer step (UsageError naming the fix otherwise)."""
+    if mode == "never":
+        return
+    if not offloaded:
+        raise UsageError(f"--host-compute {mode} decides what an offloaded miss becomes: give --expert-memory or "
+                         "--slots-per-layer, or drop --host-compute")
+    if step != "layer":
+        raise UsageError(f"--host-compute {mode} runs with --step layer (the device step has no host share)")

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 from ef_jax.cli.devices import add_devices_arg, load_mesh
+from ef_jax.cli.guards import HOST_COMPUTE_HELP
 from ef_jax.cli.convert import add_load_args, load_kwargs
 
 DEFAULT_CONTEXT = 1024
@@ -31,6 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "the other weights, the KV cache of --max-live × --max-context and a margin)")
     budget.add_argument("--slots-per-layer", type=int, default=None, help="device expert slots per MoE layer")
     p.add_argument("--policy", default=None, help="offload cache policy (default lru when offloaded)")
+    p.add_argument("--host-compute", choices=["never", "auto", "always"], default="never", help=HOST_COMPUTE_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="tokens decoded per step (default 8)")
@@ -90,6 +92,8 @@ def _check_budget(args: argparse.Namespace) -> dict | None:
     from ef_jax.cli.guards import UsageError
     from ef_jax.cli.model import offload_budget, preflight
     from ef_jax.model import default_dtype
+    from ef_jax.cli.guards import check_host_compute
+    check_host_compute(args.host_compute, bool(args.expert_memory or args.slots_per_layer))
     if not (args.expert_memory or args.slots_per_layer):
         if args.policy:
             raise UsageError("--policy needs a budget: give --expert-memory or --slots-per-layer")
@@ -113,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     budget = _check_budget(args)  # before the weights load
     model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args), **load_mesh(args))
-    offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru")
+    offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru",
+                                                        host_compute=args.host_compute)
     app, engine, forward = build(model, offload, max_batch=args.max_batch, max_live=args.max_live,
                                  context=args.max_context, schedule=args.schedule, max_wait=args.max_wait,
                                  model_name=args.served_model_name)

@@ -63,7 +63,8 @@ class ReplayStats(PerTokenFigures):
     host_compute: str = "never"  # never | auto | always (ef_jax.cache.host_compute)
     host_computed: int = 0   # misses computed on the host instead of loaded
     host_s: float | None = None  # total host FFN time (None without a timing model)
-    bytes_not_moved: int = 0  # host_computed × expert_bytes: copies the host made unnecessary
+    host_behind: int = 0     # of those, copied in behind their layer anyway (the copy stream was idle)
+    bytes_not_moved: int = 0  # (host_computed − host_behind) × expert_bytes: copies the host made unnecessary
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -151,4 +152,5 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
         prefetch_issued=s["prefetch_issued"], prefetch_used=s["prefetch_used"],
         prefetch_wasted=s["prefetch_wasted"], stall_s=stall if timing else None, total_s=t if timing else None,
         layer_hit_rate=layer_rate, host_compute=host_compute, host_computed=s["host_computed"],
-        host_s=hstream.busy_s if timing else None, bytes_not_moved=s["host_computed"] * expert_bytes)
+        host_s=hstream.busy_s if timing else None, host_behind=s["host_behind"],
+        bytes_not_moved=(s["host_computed"] - s["host_behind"]) * expert_bytes)

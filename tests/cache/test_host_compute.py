@@ -104,7 +104,8 @@ def test_replay_host_modes_count_and_time():
     auto = replay(experts, slots_per_layer=4, policy="lru", timing=t, host_compute="auto")
     assert never.host_computed == 0 and never.bytes_not_moved == 0
     assert always.loads == 0 and always.host_computed == always.misses
-    assert always.bytes_not_moved == always.host_computed * 10**6 and always.host_s > 0
+    assert always.bytes_not_moved == always.host_computed * 10**6 and always.host_s > 0  # always: none behind
+    assert auto.bytes_not_moved == (auto.host_computed - auto.host_behind) * 10**6
     assert auto.stall_s <= min(never.stall_s, always.stall_s)
     with pytest.raises(ValueError, match="host FFN timing"):
         replay(experts, slots_per_layer=4, timing=Timing(1e9, 10**6, 1e-3), host_compute="auto")

@@ -406,7 +406,7 @@ class OffloadedExperts:
                "expert_bytes_resident": self.slots * self.store.num_layers * self.store.bytes_per_expert,
                "policy": self.cache.policy.name, "routing": self.config.routing,
                "host_compute": self.host_mode, "host_computed": self.cache.host_computed,
-               "bytes_not_moved": self.cache.host_computed * bytes_per_expert,
+               "bytes_not_moved": (self.cache.host_computed - self.cache.host_behind) * bytes_per_expert,
                "routing_substitutions": self.substitutions}
         out.update(self.clock.stats())
         if self.host is not None:

@@ -137,6 +137,10 @@ def check_mesh_offload(offload: OffloadConfig) -> None:
     if offload.auto:
         raise ValueError("expert_memory='auto' reads one device's free memory: on a mesh give the budget per "
                          "device as bytes (e.g. '2GiB') or slots_per_layer")
+    if offload.host_compute != "never":
+        raise ValueError(f"host_compute={offload.host_compute!r} computes a miss on the host of one device; on a "
+                         "mesh each device's misses would need their own host share (not built): use "
+                         "host_compute='never' on a mesh, or mesh=None")
 
 
 def mesh_slots(offload: OffloadConfig, num_moe_layers: int, top_k: int, partition, bytes_per_expert: int) -> int:
