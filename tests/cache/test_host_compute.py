@@ -140,3 +140,21 @@ def test_auto_beats_both_static_rules_on_the_deepseek_trace(trace_experts, polic
         assert auto <= never * (1 + 1e-9) and auto <= always * (1 + 1e-9), (preset, never, always, auto)
         if preset == "equal-rates":
             assert auto <= 0.6 * never, (never, auto)
+
+
+def test_offload_config_refusals():
+    from ef_jax import OffloadConfig
+    with pytest.raises(ValueError, match="host_compute='sometimes' must be one of"):
+        OffloadConfig(slots_per_layer=2, host_compute="sometimes")
+    with pytest.raises(ValueError, match="layer mode only"):
+        OffloadConfig(slots_per_layer=2, host_compute="auto", step="device")
+    assert OffloadConfig(slots_per_layer=2, host_compute="never", step="device").host_compute == "never"
+
+
+def test_cli_refuses_host_compute_without_a_budget():
+    from ef_jax.cli.guards import UsageError, check_host_compute
+    check_host_compute("never", False)
+    with pytest.raises(UsageError, match="--expert-memory or --slots-per-layer"):
+        check_host_compute("auto", False)
+    with pytest.raises(UsageError, match="--step layer"):
+        check_host_compute("always", True, "device")
