@@ -224,7 +224,8 @@ def part_deepseek(parts: dict, args) -> None:
             # load-count bucket, and which buckets a run meets depends on the policy (its prefetches); the burn-in
             # replays the timed run exactly (same tokens, same routing), so the timed run compiles nothing
             step = getattr(offload, "step", "layer")
-            key = (offload.slots_per_layer if offload else "resident", batch, transfers, override is None, policy, step)
+            key = (offload.slots_per_layer if offload else "resident", batch, transfers, override is None, policy, step,
+                   getattr(offload, "host_compute", "never"))  # host compute compiles its own programs
             burn_s = None
             if burn and key not in warmed:
                 t0 = time.perf_counter()
