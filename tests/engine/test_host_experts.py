@@ -85,3 +85,31 @@ def test_engine_and_simulator_agree_on_every_decision(tiny_checkpoint, mode, pol
     assert sum(len(h) for _, _, h, _ in sim_log) > 0
     assert (sim.hits, sim.misses, sim.host_computed) == (s["hits"], s["misses"], s["host_computed"])
     assert sim.stall_s == pytest.approx(s["stall_s"], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("expert_dtype", [None, "int8", "int4"])
+def test_host_ffn_matches_the_reference(expert_dtype):
+    """HostFFN over a store's pinned buffers (float, or quantized and dequantized inside) vs plain numpy SwiGLU."""
+    import jax.numpy as jnp
+    from ef_jax.engine.programs.host_ffn import HostFFN, StoreWeights, host_ffn_reference
+    from ef_jax.engine.transfer.store import ExpertStore
+    from ef_jax.quant.codes import spec_for
+    from ef_jax.quant.pool import quantize_experts
+    rng = np.random.default_rng(0)
+    E, D, F = 4, 64, 32
+    ex = {m: (rng.normal(size=s) * 0.1).astype(np.float32) for m, s in
+          (("gate", (E, D, F)), ("up", (E, D, F)), ("down", (E, F, D)))}
+    if expert_dtype is not None:
+        q = quantize_experts(ex, spec_for(expert_dtype, None, "float32"))
+        store = ExpertStore([q])
+        mats = {m: np.asarray(q.matrix(m, None, jnp.float32)) for m in ("gate", "up", "down")}
+    else:
+        store, mats = ExpertStore([ex]), ex
+    x = rng.normal(size=(3, D)).astype(np.float32)
+    pairs = {1: (np.array([0, 2], np.int32), np.array([0.5, 0.25], np.float32)),
+             3: (np.array([1], np.int32), np.array([1.0], np.float32))}
+    got = np.asarray(HostFFN(StoreWeights(store)).start(0, x, pairs))
+    want = np.zeros((3, D))
+    for e, (idx, w) in pairs.items():
+        want[idx] += host_ffn_reference(x[idx], mats["gate"][e], mats["up"][e], mats["down"][e]) * w[:, None]
+    np.testing.assert_allclose(got, want, atol=1e-5)

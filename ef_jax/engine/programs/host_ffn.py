@@ -31,14 +31,6 @@ def host_device():
     return jax.devices("cpu")[0]
 
 
-def set_host_threads(threads: int | None) -> None:
-    """The CPU backend's intra-op thread count is fixed when the backend starts (XLA flag
-    --xla_cpu_multi_thread_eigen / the process's cores): name it before jax initialises, e.g.
-    `taskset` or `XLA_FLAGS=--xla_force_host_platform_device_count`. Kept as a named setting so callers state it."""
-    if threads is not None and threads < 1:
-        raise ValueError(f"host_threads={threads} must be ≥ 1")
-
-
 class HostWeights(Protocol):
     """What the host FFN reads: one routed expert of MoE layer j on the CPU backend, as a flat buffer (float
     [3·D·F]: gate | up | down row-major; or, quantized, u8[B] in QuantExpertPool.leaves() order) or as the
