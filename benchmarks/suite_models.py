@@ -9,6 +9,9 @@ deepseek: [random model, 26 MoE layers × 64 experts of 17.3 MB bf16, pinned onc
       roofline step time = max(resident step time at that batch, misses per step × expert bytes / pinned H2D peak)
   with misses and hit rate from the same run and the peak measured at the start of the part. Each run starts from
   a cold cache (a fresh Forward), and the roofline counts the same cold misses.
+host compute (issue 27, in the deepseek part after the device rows): lru 25 %, batch 1, host_compute never / auto /
+always, tokens/s beside a roofline that splits each step's misses between PCIe and the host FFN (its rate
+calibrated by the run); on the CPU a dry run only.
 device (issue 14, in the deepseek part, right after the first batch-1 sweep): OffloadConfig(step="device") — the
   whole token step in one program, the cache on the device — at lru 25 / 50 % (a dry run: 25 %), batch 1, beside
   the layer mode on the same routing: the model's own router (a device step routes on the device, so a trace cannot
@@ -84,6 +87,19 @@ def find_trace(explicit: str | None) -> str | None:
     return None
 
 
+def add_host_roofline(row: dict, compute_step_s: float | None, bytes_per_expert: int, peak: float,
+                      host_bytes_per_s: float | None) -> None:
+    """roofline with host compute: each step's misses split between the copy stream (PCIe, `peak`) and the host
+    FFN (`host_bytes_per_s`, calibrated by the run) working at once: max(compute, misses × bytes / (peak + host))."""
+    if compute_step_s is None or row.get("misses") is None or not host_bytes_per_s:
+        return
+    steps, B = row["steps"], row["tokens"] / row["steps"]
+    both = row["misses"] / steps * bytes_per_expert / (peak + host_bytes_per_s)
+    roof = max(compute_step_s, both)
+    row.update(host_gb_per_s=host_bytes_per_s / 1e9, roofline_host_step_s=roof, roofline_host_tokens_per_s=B / roof,
+               frac_of_roofline_host=row["tokens_per_s"] / (B / roof))
+
+
 # ---- deepseek + copiers -----------------------------------------------------------------------------------------
 def deepseek_setup(dry: bool, args):
     """(model, trace u8[N, L, K] or None, setup dict): the model built and pinned once, the peak measured."""
@@ -150,7 +166,8 @@ def part_deepseek(parts: dict, args) -> None:
             # load-count bucket, and which buckets a run meets depends on the policy (its prefetches); the burn-in
             # replays the timed run exactly (same tokens, same routing), so the timed run compiles nothing
             step = getattr(offload, "step", "layer")
-            key = (offload.slots_per_layer if offload else "resident", batch, transfers, override is None, policy, step)
+            key = (offload.slots_per_layer if offload else "resident", batch, transfers, override is None, policy, step,
+                   getattr(offload, "host_compute", "never"))  # host compute compiles its own programs
             burn_s = None
             if burn and key not in warmed:
                 t0 = time.perf_counter()
@@ -190,6 +207,7 @@ def part_deepseek(parts: dict, args) -> None:
     if ds:  # the issue's figures first: lru at 50 %, batch 1, and its ratios
         sweep(ds, 1, (0.5,), ("lru", "nocache", "expertflow", "predictive"))
         device_rows(ds, run, slots_of, model, trace is not None, dry)
+        host_rows(ds, run, slots_of, setup, resident.get(1))
     if cp:
         half = slots_of(0.5)
         for mode in ("inline", "thread", "program"):
@@ -228,6 +246,31 @@ def part_deepseek(parts: dict, args) -> None:
     ds.record["ratios"] = policy_ratios(ds.record["rows"])
     ds.record["device_step_ratios"] = device_ratios(ds.record["rows"])
     ds.save()
+
+
+def host_rows(part, run, slots_of, setup, resident_step_s: float | None) -> None:
+    """Issue 27: lru at 25 %, batch 1, host_compute never / auto / always (wall clock; auto decides from one copy
+    and one host FFN timed at start), tokens/s beside the roofline counting PCIe and host bandwidth together."""
+    import ef_jax
+    from ef_jax.cache.host_compute import HOST_COMPUTE_MODES
+    rows = []
+    for mode in ("never", "auto", "always"):
+        if mode not in HOST_COMPUTE_MODES:
+            part.skip(f"host_compute={mode!r}", "not available in this build")
+            continue
+        off = ef_jax.OffloadConfig(slots_per_layer=slots_of(0.25), policy="lru", host_compute=mode)
+        row = run(part, f"lru 25% host {mode}", off, 1, "lru", 0.25)
+        if row is not None:
+            row["host_compute"] = mode
+            rows.append(row)
+    host_rate = next((r["host_calibration"]["host_bytes_per_s"] for r in rows if r.get("host_calibration")), None)
+    for r in rows:
+        add_host_roofline(r, resident_step_s, setup["bytes_per_expert"], setup["h2d_peak"], host_rate)
+    part.record["host_compute_rows"] = [{k: r.get(k) for k in ("host_compute", "tokens_per_s", "hit_rate",
+                                                                "host_computed", "bytes_not_moved", "host_gb_per_s",
+                                                                "roofline_tokens_per_s", "roofline_host_tokens_per_s",
+                                                                "frac_of_roofline_host")} for r in rows]
+    part.save()
 
 
 def device_rows(part, run, slots_of, model, traced: bool, dry: bool) -> None:

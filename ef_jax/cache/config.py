@@ -68,6 +68,10 @@ class OffloadConfig:
         with a one-line ValueError naming "mapped" when it would not fit the host's available memory) or "mapped"
         (nothing pinned: each copy reads its expert from the checkpoint files through the page cache, pageable and
         slower, so a model whose experts exceed free RAM still runs; layer mode, one device).
+      host_compute: "never" (default: every miss is copied into a slot), "always" (every miss is computed on the
+        host from its pinned weights: no copy, no eviction) or "auto" (per miss, whichever ends the layer sooner
+        by the cost model of ef_jax.cache.host_compute; hosted experts are also copied in behind the layer while
+        the copy stream idles). Layer mode only. Counted in stats (host_computed, host_s, bytes_not_moved).
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None
@@ -81,10 +85,14 @@ class OffloadConfig:
     transfers: str | None = None
     step: str = "layer"
     host_memory: str = "pinned"
+    host_compute: str = "never"
 
     def __post_init__(self):
+        from ef_jax.cache.host_compute import HOST_COMPUTE_MODES
         if self.host_memory not in HOST_MEMORY_MODES:
             raise ValueError(f"host_memory={self.host_memory!r} must be one of {HOST_MEMORY_MODES}")
+        if self.host_compute not in HOST_COMPUTE_MODES:
+            raise ValueError(f"host_compute={self.host_compute!r} must be one of {HOST_COMPUTE_MODES}")
         if self.step not in STEP_MODES:
             raise ValueError(f"step={self.step!r} must be one of {STEP_MODES}")
         if self.transfers is not None and self.transfers not in TRANSFER_MODES:

@@ -130,6 +130,8 @@ class ExpertCache:
         self.layer_hits = [0] * L
         self.layer_misses = [0] * L
         self.late = self.demand_loads = self.evictions = 0
+        self.host_computed = 0  # misses computed on the host instead of loaded (route(..., host=))
+        self.host_behind = 0    # of those, copied in behind their layer anyway (route(..., behind=))
         self.prefetch_issued = self.prefetch_used = self.prefetch_wasted = self.prefetch_dropped = 0
         self.policy.reset(num_layers, num_experts, slots_per_layer)
 
@@ -145,12 +147,40 @@ class ExpertCache:
         self._pad_history(self._step * self.table.num_layers)
         return self._issue(self.policy.on_step_start(self._step, token_ids, self.view))
 
-    def route(self, layer: int, experts: Sequence[int]) -> list[Load]:
+    def route(self, layer: int, experts: Sequence[int], host: Sequence[int] = (),
+              behind: Sequence[int] = ()) -> list[Load]:
         """The router chose `experts` (unique; batch > 1: the union) at `layer`: `require` them, then ask the
-        policy for prefetches. Returns the demand Loads first (the layer waits for them), then the prefetches."""
+        policy for prefetches. Returns the demand Loads first (the layer waits for them), then the prefetches.
+        host: further needed experts, not resident, that the host computes this time (ef_jax.cache.host_compute):
+        each counts as a miss and an access, is neither loaded nor pinned, and the policy's on_route sees them
+        among the layer's experts. behind: those of `host` the policy predicts to be reused: they are also
+        copied into a slot, behind the demand loads, as a prefetch the layer does not wait for."""
         loads = self.require(layer, experts)
+        if host:
+            self._on_host(layer, host)
+        if behind:
+            copied = self.prefetch(layer, behind)
+            self.host_behind += len(copied)
+            loads += copied
         loads += self._issue(self.policy.on_route(layer, self._last_required, self.view))
         return loads
+
+    def _on_host(self, layer: int, host: Sequence[int]) -> None:
+        exps = self._validate(layer, host, "host")
+        soe = self.table.slot_row(layer)
+        if any(soe[e] >= 0 for e in exps) or set(exps) & set(self._last_required):
+            raise ValueError(f"host: experts {exps} at layer {layer} must be misses (not resident, not required)")
+        self._hist.extend(exps)
+        self._hist_off[-1] = len(self._hist)
+        self._last_required = self._last_required + exps
+        for e in exps:
+            self.policy.on_access(layer, e, False)
+        self.layer_misses[layer] += len(exps)
+        self.host_computed += len(exps)
+
+    def predicts_reuse(self, layer: int, expert: int) -> bool:
+        """The policy's prediction that `expert` is needed again at `layer` within its horizon."""
+        return self.policy.predicts_reuse(layer, expert, self.view)
 
     def hidden(self, layer: int, hidden: np.ndarray) -> list[Load]:
         """Engine only: hidden states of `layer` (host numpy) for hidden-state predictors. Returns prefetches."""
@@ -305,6 +335,7 @@ class ExpertCache:
             "bytes_h2d": self.loads * self.bytes_per_expert,
             "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
             "prefetch_wasted": self.prefetch_wasted, "prefetch_dropped": self.prefetch_dropped,
+            "host_computed": self.host_computed, "host_behind": self.host_behind,
             "layer_hits": list(self.layer_hits), "layer_misses": list(self.layer_misses),
         }
 

@@ -39,6 +39,7 @@ class Request:
     layers_per_group: bool = False  # layers_per_group= given explicitly
     auto_budget: bool = False       # expert_memory="auto"
     host_memory: str = "pinned"     # "pinned" | "mapped"
+    host_compute: str = "never"     # "never" | "auto" | "always"
     devices: int = 1                # devices of the expert mesh
     devices_available: int | None = None  # devices the machine has (None: not checked here)
     num_experts: int | None = None
@@ -61,7 +62,7 @@ class Request:
                    predictor=has_predictor(offload.policy), step=offload.step, routing=offload.routing,
                    timing=offload.timing is not None, timeline=offload.record_timeline is not None,
                    transfers=offload.transfers is not None, auto_budget=offload.auto,
-                   host_memory=offload.host_memory, **kw)
+                   host_memory=offload.host_memory, host_compute=offload.host_compute, **kw)
 
     def replace(self, **kw) -> "Request":
         return dataclasses.replace(self, **kw)
@@ -120,6 +121,9 @@ ROWS: tuple[Row, ...] = (
         "route_override rewrites the routing the host reads, and a resident run reads none: give <offload>"),
     Row("record_timeline", lambda r: r.timeline and not r.offloaded,
         "<record_timeline> records the offload engine: give <expert_memory> or <slots_per_layer> too"),
+    Row("host_compute", lambda r: r.host_compute != "never" and not r.offloaded,
+        "<host_compute={r.host_compute}> decides what an offloaded miss becomes: give <expert_memory> or "
+        "<slots_per_layer> too, or drop it"),
     # step="device": the expert cache inside the step program
     Row("step", lambda r: r.step == "device" and not r.offloaded,
         "<step=device> runs the expert cache inside the step: give <expert_memory> or <slots_per_layer> too "
@@ -149,6 +153,9 @@ ROWS: tuple[Row, ...] = (
     Row("host_memory", lambda r: _DEVICE(r) and r.host_memory == "mapped",
         "<host_memory=mapped> reads each copied expert on the host, and <step=device> copies inside its program "
         "from the pinned store: use <step=layer> or <host_memory=pinned>"),
+    Row("host_compute", lambda r: _DEVICE(r) and r.host_compute != "never",
+        "<host_compute={r.host_compute}> runs in the layer mode only: the device step has no host share "
+        "(docs/host_compute.md says why): use <step=layer> or <host_compute=never>"),
     # a mesh: each device holds, caches and computes its own share of the experts
     Row("devices", lambda r: r.devices < 1, "<devices={r.devices}> must be ≥ 1"),
     Row("devices", lambda r: r.devices_available is not None and r.devices > r.devices_available,
@@ -178,6 +185,9 @@ ROWS: tuple[Row, ...] = (
     Row("host_memory", lambda r: _MESH(r) and r.host_memory == "mapped",
         "<host_memory=mapped> is for one device: pin the experts on a mesh of <devices={r.devices}> "
         "(<host_memory=pinned>)"),
+    Row("host_compute", lambda r: _MESH(r) and r.host_compute != "never",
+        "<host_compute={r.host_compute}> computes a miss on the host of one device; a mesh of <devices={r.devices}> "
+        "has no host share per device (not built): use <host_compute=never> or one device"),
     Row("route_override", lambda r: _MESH(r) and r.route_override,
         "route_override is not applied on a mesh of <devices={r.devices}>: use one device"),
 )

@@ -15,6 +15,8 @@ import collections
 import dataclasses
 from typing import Iterable
 
+from ef_jax.cache.host_compute import HostStream, HostTiming, LayerCosts, host_presets
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -22,6 +24,7 @@ class Timing:
     h2d_bytes_per_s: float   # effective pinned host→device bandwidth (math.inf: copies are free)
     expert_bytes: int        # bytes of one routed expert (gate + up + down)
     layer_compute_s: float   # one MoE layer's decode compute (attention + router + experts), seconds
+    host: HostTiming | None = None  # the host FFN's speed for this expert (host-computed experts); None: none
 
     def __post_init__(self):
         if not self.h2d_bytes_per_s > 0:
@@ -51,6 +54,42 @@ TIMING_PRESETS: dict[str, Timing] = {
     "h100-measured": Timing(h2d_bytes_per_s=49.6e9, expert_bytes=DEEPSEEK_V2_LITE_EXPERT_BYTES,
                             layer_compute_s=0.86e-3),
 }
+
+
+_HOST = host_presets()
+# PCIe 4.0 x16: 32 GB/s raw, ~25 GB/s effective pinned host→device — ASSUMED, the figure the consumer cards'
+# offloading reports quote (a desktop GPU on PCIe 4.0); the per-layer compute kept at the h100 preset's 0.25 ms
+# (batch-1 decode of one DeepSeek-V2-Lite layer is launch/latency-bound on either card) — also an assumption.
+CONSUMER_H2D = 25e9
+if _HOST:
+    for _name in ("h100", "h100-measured"):  # the H100 machine's 16 host cores (derived, see host_presets)
+        TIMING_PRESETS[_name] = dataclasses.replace(TIMING_PRESETS[_name], host=_HOST["cores16"])
+    TIMING_PRESETS.update({
+        # a consumer desktop: PCIe 4.0 and 8 host cores (derived)
+        "consumer": Timing(h2d_bytes_per_s=CONSUMER_H2D, expert_bytes=DEEPSEEK_V2_LITE_EXPERT_BYTES,
+                           layer_compute_s=0.25e-3, host=_HOST["cores8"]),
+        # PCIe 4.0 beside the host FFN exactly as measured on the 2-core CPU machine
+        "consumer-cpu2": Timing(h2d_bytes_per_s=CONSUMER_H2D, expert_bytes=DEEPSEEK_V2_LITE_EXPERT_BYTES,
+                                layer_compute_s=0.25e-3, host=_HOST["cpu2-measured"]),
+        # the host FFN as fast as the copy (25 GB/s each, the measured growth with tokens): the case where
+        # splitting a layer's misses between the two can halve its stall (an analysis preset, not a machine)
+        "equal-rates": Timing(h2d_bytes_per_s=CONSUMER_H2D, expert_bytes=DEEPSEEK_V2_LITE_EXPERT_BYTES,
+                              layer_compute_s=0.25e-3,
+                              host=HostTiming(CONSUMER_H2D, _HOST["cpu2-measured"].token_cost,
+                                              "assumed: equal to the copy rate")),
+    })
+
+
+def layer_costs(stream: "CopyStream", host: HostStream, timing: Timing | None, layer: int,
+                resident: Iterable[int], now: float) -> LayerCosts | None:
+    """The clocks' state when `layer` is routed at `now`, for ef_jax.cache.host_compute.decide_layer:
+    resident: the needed experts already in a slot (arrived or in flight)."""
+    if timing is None:
+        return None
+    ready = max([now] + [stream.arrival[layer][e] for e in resident]) - now
+    return LayerCosts(device_ready=ready, copy_free=max(stream.free_at - now, 0.0),
+                      host_free=max(host.free_at - now, 0.0), copy_s=timing.copy_s,
+                      compute_s=timing.layer_compute_s, expert_bytes=timing.expert_bytes, host=timing.host)
 
 
 def get_timing(timing: "str | Timing | None") -> Timing | None:

@@ -8,7 +8,7 @@ import argparse
 import json
 import math
 
-from ef_jax.cli.guards import UsageError, input_dir, positive, read_text
+from ef_jax.cli.guards import HOST_COMPUTE_HELP, UsageError, input_dir, positive, read_text
 from ef_jax.cli.model import parse_ids, preflight
 from ef_jax.cache.timing import TIMING_PRESETS
 from ef_jax.cli.convert import add_load_args, load_kwargs
@@ -34,6 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="δ for cache-aware routing (router-probability difference; default: the documented one)")
     p.add_argument("--timing", default="none", choices=sorted(TIMING_PRESETS) + ["none"],
                    help="charge copies and compute on this preset's virtual clock (default none: wall clock)")
+    p.add_argument("--host-compute", choices=["never", "auto", "always"], default="never", help=HOST_COMPUTE_HELP)
     p.add_argument("--batch-size", type=int, default=1, help="rows decoded together (the text is split into rows)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row before the KV cache restarts")
     p.add_argument("--max-tokens", type=int, default=1024, help="evaluate at most this many tokens of the text")
@@ -67,7 +68,8 @@ def build_offload(model, args, budget: dict | None = None):
     budget = budget or {"expert_memory": args.expert_memory, "slots_per_layer": args.slots_per_layer}
     return OffloadConfig(**budget, policy=policy,
                          routing=args.routing, routing_tolerance=args.routing_tolerance,
-                         timing=None if args.timing == "none" else args.timing, step=args.step)
+                         timing=None if args.timing == "none" else args.timing, step=args.step,
+                         host_compute=args.host_compute)
 
 
 def _check_args(args, pf) -> tuple[dict | None, dict | None]:
@@ -92,7 +94,7 @@ def _check_args(args, pf) -> tuple[dict | None, dict | None]:
     check_run(offloaded=args.policy != "resident", policy=args.policy, num_experts=pf.config.num_experts,
               num_moe_layers=pf.config.num_moe_layers, step=args.step, devices=args.devices,
               hybrid=args.hybrid is not None, auto_budget=args.expert_memory == "auto", routing=args.routing,
-              timing=args.timing != "none")
+              timing=args.timing != "none", host_compute=args.host_compute)
     if args.hybrid:
         input_dir("--hybrid", args.hybrid, "config.json", "`ef-jax train-hybrid --out`")
     if args.policy == "resident":
@@ -172,4 +174,6 @@ def summary(r: dict) -> str:
         f"hit rate {r['hit_rate']:.4f} | {moved} | stall {r['stall_s_per_token'] * 1e3:.3f} ms/token "
         f"({clock} clock{', ' + r['timing'] if clock == 'virtual' else ''})",
         f"prefetch precision {prec}, recall {rec}, mean horizon {r['mean_horizon']:.2f} layers",
-    ])
+    ] + ([f"host compute {r['stats']['host_compute']}: {r['stats']['host_computed']} misses computed on the host, "
+          f"{r['stats']['bytes_not_moved'] / max(r['tokens'], 1) / 1e6:.2f} MB/token not moved"]
+         if r.get("stats", {}).get("host_compute", "never") != "never" else []))

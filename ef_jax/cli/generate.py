@@ -16,7 +16,8 @@ import signal
 import sys
 import threading
 
-from ef_jax.cli.guards import UsageError, input_dir, output_file, plural, positive
+from ef_jax.cli.guards import (HOST_COMPUTE_HELP, UsageError, input_dir, output_file, plural,
+                              positive)
 from ef_jax.cli.model import Preflight, fmt_bytes, offload_budget, preflight, prompt_ids
 from ef_jax.cli.stream import Spinner, TextStream
 from ef_jax.generation_config import SamplingRequest
@@ -68,6 +69,7 @@ def add_parser(sub) -> None:
     g.add_argument("--host-memory", choices=["pinned", "mapped"], default="pinned",
                    help="experts pinned in host memory once (default), or read from the checkpoint files on demand "
                         "(mapped: for hosts that cannot hold every expert; slower, layer mode)")
+    g.add_argument("--host-compute", choices=["never", "auto", "always"], default="never", help=HOST_COMPUTE_HELP)
     g.add_argument("--timeline", default=None, metavar="FILE",
                    help="write a Chrome/Perfetto trace JSON of the offload engine here")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, stats) at the end")
@@ -179,7 +181,7 @@ def plan(args) -> Plan:
               num_moe_layers=pf.config.num_moe_layers, step=args.step, devices=args.devices,
               timeline=args.timeline is not None, predictor=args.predictor is not None,
               hybrid=args.hybrid is not None, auto_budget=args.expert_memory == "auto",
-              host_memory=args.host_memory)
+              host_memory=args.host_memory, host_compute=args.host_compute)
     budget, auto = None, None
     if name != "resident":
         budget, auto = offload_budget(args, pf, dtype, (1, cache_slots(len(ids), req.max_new_tokens)))
@@ -206,7 +208,8 @@ def _generate(args, p: Plan, spinner: Spinner) -> int:
     if p.budget is not None:
         offload = ef_jax.OffloadConfig(**p.budget, policy=_policy_object(p.policy, args, model, p.predictor),
                                        record_timeline=p.timeline, step=args.step,
-                                       host_memory=args.host_memory)
+                                       host_memory=args.host_memory,
+                                       host_compute=args.host_compute)
     stream = TextStream(model.tokenizer, p.ids, stops=tuple(args.stop or ()), enabled=not args.json)
     spinner.start(f"compiling and prefilling {plural(len(p.ids), 'prompt token')}")
 

@@ -103,3 +103,8 @@ def positive(flag: str, value, minimum: int = 1):
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+HOST_COMPUTE_HELP = ("what a missing expert becomes in offloaded decoding: never (copied into a slot; default), "
+                     "always (computed on the host from its pinned weights) or auto (per miss, whichever ends the "
+                     "layer sooner; layer step only)")

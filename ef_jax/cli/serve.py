@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 from ef_jax.cli.devices import add_devices_arg, add_step_arg, load_mesh
+from ef_jax.cli.guards import HOST_COMPUTE_HELP
 from ef_jax.cli.convert import add_load_args, load_kwargs
 
 DEFAULT_CONTEXT = 1024
@@ -33,6 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     budget.add_argument("--slots-per-layer", type=int, default=None, help="device expert slots per MoE layer")
     p.add_argument("--policy", default=None, help="offload cache policy (default lru when offloaded)")
     add_step_arg(p)
+    p.add_argument("--host-compute", choices=["never", "auto", "always"], default="never", help=HOST_COMPUTE_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; other than loopback, set --api-key (a warning says so otherwise)")
     p.add_argument("--api-key", default=None,
@@ -101,7 +103,7 @@ def _check_budget(args: argparse.Namespace) -> dict | None:
     pf = preflight("--model", args.model, with_tokenizer=False)
     check_run(offloaded=offloaded, policy=(args.policy or "lru") if offloaded else "resident",
               num_experts=pf.config.num_experts, num_moe_layers=pf.config.num_moe_layers, step=args.step,
-              devices=args.devices, auto_budget=args.expert_memory == "auto")
+              devices=args.devices, auto_budget=args.expert_memory == "auto", host_compute=args.host_compute)
     if not offloaded:
         return None
     mpe = pf.config.max_position_embeddings
@@ -162,7 +164,8 @@ def _load(args, budget, key, loading, server, parts: dict) -> None:
     log = logging.getLogger("ef_jax.serve")
     try:
         model = ef_jax.load(args.model, dtype=args.dtype, **load_kwargs(args), **load_mesh(args))
-        offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru", step=args.step)
+        offload = None if budget is None else OffloadConfig(**budget, policy=args.policy or "lru", step=args.step,
+                                                            host_compute=args.host_compute)
         app, engine, forward = build(model, offload, max_batch=args.max_batch, max_live=args.max_live,
                                      context=args.max_context, schedule=args.schedule, max_wait=args.max_wait,
                                      model_name=args.served_model_name, api_key=key)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 
+from ef_jax.cache.host_compute import HOST_COMPUTE_MODES
 from ef_jax.cli.guards import UsageError, input_npz, positive
 from ef_jax.policies.registry import policy_names
 from ef_jax.sim.replay import TIMING_PRESETS, replay
@@ -38,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="copy/compute timing preset ('none': hit counts only)")
     p.add_argument("--expert-bytes", type=int, default=None, metavar="N",
                    help="bytes of one of the traced model's experts (default: the timing preset's, 17.3 MB)")
+    p.add_argument("--host-compute", choices=list(HOST_COMPUTE_MODES), default="never",
+                   help="what a miss becomes: never (copied into a slot), always (computed on the host, from its "
+                        "pinned weights), auto (per miss, whichever ends the layer sooner; ef_jax.cache.host_compute)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="also replay --policy, lru and belady at six budgets from top-k to every expert and draw "
@@ -71,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
         timing = _timing(args)
         trace = load_trace(args.trace)
         experts = trace.experts if args.tokens is None else trace.experts[:args.tokens]
+        if args.host_compute != "never" and timing is None:
+            raise UsageError(f"--host-compute {args.host_compute} needs a timing preset (the host FFN's speed): "
+                             "drop --timing none")
         stats = replay(experts, slots_per_layer=args.slots_per_layer, policy=args.policy, timing=timing,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, host_compute=args.host_compute)
         if args.plot:
             _plot(args, experts, timing)
     except (ValueError, FileNotFoundError, ImportError) as err:
@@ -126,4 +133,9 @@ def summary(s, timing_name: str, expert_bytes: int | None = None, preset_bytes: 
         lines.append(f"timing {timing_name}, {size}: {s.bytes_per_token / 1e6:.1f} MB/token host→device, stall "
                      f"{s.stall_per_token_s * 1e3:.3f} ms/token ({s.stall_s * 1e3:.1f} ms total), "
                      f"{s.total_s:.3f} s total ({s.tokens / s.total_s:.1f} tokens/s)")
+    if s.host_compute != "never":
+        lines.append(f"host compute {s.host_compute}: {s.host_computed} misses computed on the host "
+                     f"({s.host_computed / max(s.misses, 1):.2f} of misses), host FFN "
+                     f"{(s.host_s or 0) * 1e3 / max(s.tokens, 1):.3f} ms/token, "
+                     f"{s.bytes_not_moved / max(s.tokens, 1) / 1e6:.1f} MB/token not moved")
     return "\n".join(lines)

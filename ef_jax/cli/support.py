@@ -16,7 +16,7 @@ FLAGS = {"offload": "--expert-memory / --slots-per-layer", "record_timeline": "-
 def check_run(*, offloaded: bool, policy: str, num_experts: int, num_moe_layers: int, step: str = "layer",
               devices: int = 1, timeline: bool = False, predictor: bool = False, hybrid: bool = False,
               auto_budget: bool = False, routing: str = "exact", timing: bool = False,
-              host_memory: str = "pinned") -> None:
+              host_memory: str = "pinned", host_compute: str = "never") -> None:
     """UsageError for the first support-table row this command line meets (policy: a registered name, or
     "resident" when nothing is offloaded)."""
     available = None
@@ -26,7 +26,7 @@ def check_run(*, offloaded: bool, policy: str, num_experts: int, num_moe_layers:
     request = support.Request(offloaded=offloaded, policy=policy, step=step, devices=devices,
                               devices_available=available, num_experts=num_experts, num_moe_layers=num_moe_layers,
                               timeline=timeline, predictor_dir=predictor, hybrid=hybrid, auto_budget=auto_budget,
-                              routing=routing, timing=timing, host_memory=host_memory)
+                              routing=routing, timing=timing, host_memory=host_memory, host_compute=host_compute)
     try:
         support.check(request, FLAGS)
     except support.Unsupported as e:

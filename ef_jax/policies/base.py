@@ -66,6 +66,7 @@ class Policy(Protocol):
     def on_measure(self, *, layer_compute_s: float | None, copy_s: float | None, copy_bytes: int) -> None: ...
     def victim(self, layer: int, candidates: Sequence[int], view) -> int: ...
     def prefetch_distance(self) -> float | None: ...
+    def predicts_reuse(self, layer: int, expert: int, view) -> bool: ...
 
 
 class BasePolicy:
@@ -129,6 +130,13 @@ class BasePolicy:
     def prefetch_distance(self) -> float | None:
         """Mean prefetch distance in layers (None: the policy does not prefetch ahead by layers)."""
         return None
+
+    def predicts_reuse(self, layer: int, expert: int, view) -> bool:
+        """Whether `expert`, missing at `layer` now, will be needed there again within the policy's horizon (a
+        load then pays for itself; ef_jax.cache.host_compute). History-only policies bet on temporal locality:
+        it was needed at this layer in the previous step."""
+        prev = view.routed(view.step - 1, layer)
+        return prev is not None and expert in prev.tolist()
 
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
         raise NotImplementedError(f"{type(self).__name__} must implement victim()")

@@ -327,6 +327,11 @@ class ExpertFlow(BasePolicy):
                 out.append((t, e))
         return out
 
+    def predicts_reuse(self, layer: int, expert: int, view) -> bool:
+        """Its own eviction order keeps `expert`: its decayed use count ranks among the layer's top S."""
+        freq = self._freq[layer]
+        return int((freq > freq[expert]).sum()) < self.slots_per_layer
+
     def victim(self, layer: int, candidates: Sequence[int], view) -> int:
         """Unpredicted experts go first; among them the lowest decayed use count (on the default model's routing
         traces this beat both LRU and all-time LFU at 25 % and 50 % budgets), ties by least recent."""

@@ -22,8 +22,9 @@ import numpy as np
 
 from ef_jax.cache import plan as layer_plan
 from ef_jax.cache.expert_cache import ExpertCache
+from ef_jax.cache.host_compute import HOST_COMPUTE_MODES, HostStream, host_layer_s, plan_layer, tokens_per_expert
 from ef_jax.cache.timing import (DEEPSEEK_V2_LITE_EXPERT_BYTES, TIMING_PRESETS, CopyStream, Timing,  # noqa: F401
-                                 get_timing)
+                                 get_timing, layer_costs)
 from ef_jax.policies.base import Policy, PolicyContext
 from ef_jax.policies.registry import get_policy
 
@@ -61,6 +62,11 @@ class ReplayStats(PerTokenFigures):
     stall_s: float | None    # total compute wait for copies (None without a timing model)
     total_s: float | None    # end of the last layer's compute (None without a timing model)
     layer_hit_rate: tuple[float, ...]  # f[L]
+    host_compute: str = "never"  # never | auto | always (ef_jax.cache.host_compute)
+    host_computed: int = 0   # misses computed on the host instead of loaded
+    host_s: float | None = None  # total host FFN time (None without a timing model)
+    host_behind: int = 0     # of those, copied in behind their layer anyway (the copy stream was idle)
+    bytes_not_moved: int = 0  # (host_computed − host_behind) × expert_bytes: copies the host made unnecessary
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -95,7 +101,7 @@ def replay_layer(cache: ExpertCache, stream: CopyStream, layer: int, need, t: fl
 
 def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = "lru",
            timing: str | Timing | None = None, batch_size: int = 1, num_experts: int | None = None,
-           check: bool = False) -> ReplayStats:
+           check: bool = False, host_compute: str = "never", decisions: list | None = None) -> ReplayStats:
     """Replay routing `experts` i[N, L, K] (tokens in order) through an ExpertCache.
 
     Args:
@@ -107,6 +113,11 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
         batch_size: B consecutive tokens form one step; each layer needs the union of their experts.
         num_experts: E (default: the largest id + 1, at least S).
         check: verify cache invariants after every call (slow).
+        host_compute: "never" | "auto" | "always": what a miss becomes (ef_jax.cache.host_compute); a host
+            expert runs on the host stream ⟂ copies and compute, and the layer ends when both its device compute
+            and its host share are done.
+        decisions: a list to append (layer, loads, host experts, copied-behind experts) to, for every layer
+            with a miss under host_compute other than "never" (tests compare it with the engine's).
     Returns:
         ReplayStats.
     """
@@ -118,20 +129,49 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
     N, L, K = experts.shape
     E = num_experts if num_experts is not None else max(int(experts.max(initial=0)) + 1, slots_per_layer)
     timing = get_timing(timing)
+    if host_compute not in HOST_COMPUTE_MODES:
+        raise ValueError(f"host_compute={host_compute!r} must be one of {HOST_COMPUTE_MODES}")
+    if host_compute != "never" and timing is not None and timing.host is None:
+        raise ValueError(f"host_compute={host_compute!r} needs a timing preset with a host FFN timing "
+                         "(Timing.host); this one has none")
     pol = get_policy(policy, PolicyContext(future=experts, batch_size=batch_size))
     cache = ExpertCache(L, E, slots_per_layer, pol, check=check,
                         bytes_per_expert=timing.expert_bytes if timing else 0)
     stream = CopyStream(cache, L, E, timing)
+    hstream = HostStream(timing.host if timing else None)
     compute_s = timing.layer_compute_s if timing else 0.0
+    expert_bytes = timing.expert_bytes if timing else 0
     rows = experts.tolist()
     t, stall = 0.0, 0.0  # t: the compute clock (end of the last computed layer)
     for t0 in range(0, N, batch_size):
         block = rows[t0:t0 + batch_size]
         stream.issue(cache.begin_step(), t)
         for l in range(L):
-            need = sorted({e for tok in block for e in tok[l]})
-            t, waited = replay_layer(cache, stream, l, need, t, compute_s if timing is not None else None)
-            stall += waited
+            if host_compute == "never":  # the engine's layer plan (batches whose union exceeds S split)
+                need = sorted({e for tok in block for e in tok[l]})
+                t, waited = replay_layer(cache, stream, l, need, t, compute_s if timing is not None else None)
+                stall += waited
+            else:  # a miss is loaded or computed on the host (ef_jax.cache.host_compute)
+                need = block[0][l] if batch_size == 1 else sorted({e for tok in block for e in tok[l]})
+                stream.advance(t)
+                host = behind = []
+                if host_compute != "never":
+                    tokens = tokens_per_expert(tok[l] for tok in block)
+                    need, host, behind = plan_layer(cache, l, need, tokens, host_compute,
+                                                    lambda res: layer_costs(stream, hstream, timing, l, res, t),
+                                                    decisions)
+                stream.issue(cache.route(l, need, host, behind), t)
+                if timing is not None:
+                    start = max([t] + [stream.arrival[l][e] for e in need])
+                    wait = start - t
+                    if host:  # the host's share runs beside the device's and joins the layer's sum at its end
+                        done = hstream.run(t, host_layer_s(timing.host, expert_bytes, host, tokens))
+                        wait = max(wait, done - compute_s - t)
+                    stall += wait
+                    stream.advance(start)
+                    t += wait + compute_s
+                    cache.measure(layer_compute_s=compute_s)
+                cache.release(l)
         stream.issue(cache.end_step(), t)
     s = cache.stats()
     layer_rate = tuple(h / max(h + m, 1) for h, m in zip(s["layer_hits"], s["layer_misses"]))
@@ -141,4 +181,6 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
         late=s["late"], loads=s["loads"], demand_loads=s["demand_loads"], bytes_h2d=s["bytes_h2d"],
         prefetch_issued=s["prefetch_issued"], prefetch_used=s["prefetch_used"],
         prefetch_wasted=s["prefetch_wasted"], stall_s=stall if timing else None, total_s=t if timing else None,
-        layer_hit_rate=layer_rate)
+        layer_hit_rate=layer_rate, host_compute=host_compute, host_computed=s["host_computed"],
+        host_s=hstream.busy_s if timing else None, host_behind=s["host_behind"],
+        bytes_not_moved=(s["host_computed"] - s["host_behind"]) * expert_bytes)

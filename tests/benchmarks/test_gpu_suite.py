@@ -65,6 +65,9 @@ def test_parts_measured_what_they_name(dry_run):
     assert {r["policy"] for r in rows if r.get("step") == "device"} == {"lru", "expertflow"}  # issue 26's rows
     assert all(r["device/layer"] > 0 for r in ds["device_step_ratios"])
     assert lru["roofline_tokens_per_s"] > 0 and lru["misses"] > 0 and 0 <= lru["hit_rate"] <= 1
+    host = {r["host_compute"]: r for r in ds["host_compute_rows"]}  # issue 27's rows: lru 25 %, batch 1
+    assert set(host) == {"never", "auto", "always"} and host["always"]["host_computed"] > 0
+    assert all(r["roofline_host_tokens_per_s"] >= r["roofline_tokens_per_s"] for r in host.values())
     copiers = {r["transfers"] for r in load(out, "copiers")["rows"]}
     assert {"inline", "thread", "program"} <= copiers  # "program" measured, or marked not available
     quant = {r["expert_dtype"]: r for r in load(out, "quant")["rows"] if "expert_dtype" in r}

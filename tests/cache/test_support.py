@@ -28,6 +28,7 @@ REQUESTS = [
     R(offloaded=True, hybrid=True),
     R(offloaded=False, route_override=True),
     R(offloaded=False, timeline=True),
+    R(offloaded=False, host_compute="auto"),
     R(offloaded=False, step="device"),
     dev(policy="LRU", policy_by_name=False),
     dev(policy="expertflow", hybrid=True),
@@ -38,6 +39,7 @@ REQUESTS = [
     dev(layers_per_group=True),
     dev(route_override=True),
     dev(host_memory="mapped"),
+    dev(host_compute="always"),
     R(offloaded=False, devices=0),
     R(offloaded=False, devices=8, devices_available=4),
     R(offloaded=False, devices=4, devices_available=4, num_experts=2),
@@ -49,6 +51,7 @@ REQUESTS = [
     mesh(auto_budget=True),
     mesh(transfers=True),
     mesh(host_memory="mapped"),
+    mesh(host_compute="auto"),
     mesh(route_override=True),
 ]
 

@@ -40,7 +40,8 @@ from ef_jax.engine.sources.context import policy_context
 from ef_jax.engine.transfer.copier import COPIERS
 from ef_jax.engine.transfer.copier import bucket
 from ef_jax.engine.transfer.device_memory import resolve_budget
-from ef_jax.engine.programs.layer import (NextAttention, expert_pass, offloaded_expert_pass,
+from ef_jax.engine.programs.host_ffn import HostShare
+from ef_jax.engine.programs.layer import (NextAttention, attend_route, expert_pass, offloaded_expert_pass,
                                           offloaded_expert_pass_then_attend)
 from ef_jax.engine.sources.base import Capabilities, RouteOverride, SourceDefaults, SourceStats
 from ef_jax.engine.transfer import residency
@@ -165,6 +166,9 @@ class OffloadedExperts(SourceDefaults):
         # no prefetch from its layer hooks (one for the next layer must ride in this layer's program)
         self._dispatch_first = not policy.layer_prefetches and not policy.wants_hidden
         self.layers_all_hit = 0  # layers dispatched before the cache's accounting: every needed expert had landed
+        # host-computed experts (ef_jax.cache.host_compute): a miss is loaded or computed on the host
+        self.host_mode = offload.host_compute
+        self.host = HostShare(self.store, self.timing, counters, self.host_mode) if self.host_mode != "never" else None
 
     def set_route_override(self, fn: RouteOverride | None) -> None:
         self.route_override = fn
@@ -256,13 +260,22 @@ class OffloadedExperts(SourceDefaults):
         Returns (h, the next layer's attend_route outputs or None)."""
         K, params = experts.shape[1], p
         out = {"h": h, "nxt": None}
+        host = behind = []
+        deferred = y_host = None
+        if self.host is not None:  # each miss: load it, or compute it on the host (started here, async)
+            needed, host, behind = self.host.plan(self.cache, self.clock, j, needed, experts, real)
+            if host:
+                y_host = self.host.start(j, normed, routing, experts, real, host)
+                self.clock.hosted(self.host.layer_s(host, experts, real))
+                if then is not None:  # the host's share joins before the next layer's attention
+                    then, deferred = None, then
 
         def observe(_):  # behind this layer's demand loads, ahead of its expert compute
             return self.cache.scores(j, observed) if self.scorer is not None else self.cache.hidden(j, observed)
 
         def compute(p: layer_plan.Pass):
             chunk = p.chunks[0]
-            if p.count == 1:
+            if p.count == 1 and not host:
                 keep = self._keep_real  # every needed expert is resident: only padding is masked
             else:
                 keep = jnp.asarray((np.isin(experts, chunk) & real[:, None]).astype(np.float32).reshape(-1, K))
@@ -280,8 +293,28 @@ class OffloadedExperts(SourceDefaults):
         layer_plan.run_layer([self.cache], j, [needed], issue=lambda _, loads: self._issue(loads), compute=compute,
                              observe=None if observed is None else observe,
                              poll=lambda _, p: self.clock.poll(self.copier) if not p.first else None,
-                             wait=lambda _, chunk: self.clock.wait(j, chunk, self.copier))
+                             wait=lambda _, chunk: self.clock.wait(j, chunk, self.copier), hosted=[(host, behind)])
+        if host:
+            return self._join(j, out["h"], y_host, deferred)
         return out["h"], out["nxt"]
+
+    def _join(self, j: int, h, y_host, then: NextAttention | None):
+        """The host's share of layer j joins its sum (one host→device copy of f32[N, D]); then, given `then`, the
+        next MoE layer's attend_route runs on the result. Returns (h, its Attended or None)."""
+        h = self.host.join(h, y_host)
+        self.clock.joined()
+        self.counters.dispatches += 1
+        if then is None:
+            return h, None
+        a = then.inputs
+        nxt = attend_route(self.cfg, then.dense_kinds, then.kind, a.dense_params, a.params, h, then.dense_caches,
+                           then.cache, a.positions, a.write_idx, a.valid, a.scorer)
+        self.counters.dispatches += 1
+        if self.scorer is not None:
+            nxt.scores.copy_to_host_async()
+        elif self._tap == "attention":
+            nxt.h.copy_to_host_async()
+        return h, nxt
 
     def _program(self, j: int, include_shared: bool, p: dict, h, normed, routing: Routing, keep,
                  then: NextAttention | None):
@@ -365,8 +398,12 @@ class OffloadedExperts(SourceDefaults):
         if self.timeline is not None:
             self.timeline.write(self.config.record_timeline)
         detail = {"pregate_on_device": self.scorer is not None, "expert_program_variants": len(self.variants),
-                  "layers_all_hit": self.layers_all_hit, **self.store.host_bytes()}
+                  "layers_all_hit": self.layers_all_hit, **self.store.host_bytes(),
+                  "host_compute": self.host_mode, "host_computed": self.cache.host_computed,
+                  "bytes_not_moved": (self.cache.host_computed - self.cache.host_behind) * self.cache.bytes_per_expert}
         detail.update({k: v for k, v in self.clock.stats().items() if k != "clock"})
+        if self.host is not None:
+            detail.update(self.host.stats())
         horizon = self.cache.policy.prefetch_distance()  # layers ahead; None for history-only policies
         if horizon is not None:
             detail["mean_horizon"] = float(horizon)

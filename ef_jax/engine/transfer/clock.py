@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from ef_jax.cache.expert_cache import ExpertCache, Load
-from ef_jax.cache.timing import CopyStream, Timing
+from ef_jax.cache.host_compute import HostStream, LayerCosts
+from ef_jax.cache.timing import CopyStream, Timing, layer_costs
 from ef_jax.engine.telemetry.compile_time import compile_seconds
 from ef_jax.engine.telemetry.timeline import Timeline
 
@@ -83,6 +84,16 @@ class WallClock:
     def computed(self, layer: int, passes: int) -> None:
         """`layer`'s expert compute is dispatched (the wall clock needs no bookkeeping here)."""
 
+    def costs(self, layer: int, resident) -> None:
+        """No modelled clock state: the caller falls back to its calibrated costs."""
+        return None
+
+    def hosted(self, seconds: float) -> None:
+        """The layer just routed has `seconds` of host compute (the wall clock sees it as the device's wait)."""
+
+    def joined(self) -> None:
+        """The layer's host share joins its sum (the wall clock needs no bookkeeping here)."""
+
     def stats(self) -> dict:
         return {"clock": self.name, "timings_skipped_for_compiles": self.unmeasured}
 
@@ -98,6 +109,8 @@ class VirtualClock:
         self.cache, self.timing = cache, timing
         self.now = 0.0  # the virtual compute clock, seconds
         self.stream = CopyStream(cache, num_layers, num_experts, timing)
+        self.host = HostStream(timing.host)
+        self._host_done: float | None = None  # when the routed layer's host share is done
         self.stall_s = 0.0
 
     def issued(self, loads: list[Load]) -> None:
@@ -121,5 +134,21 @@ class VirtualClock:
         self.now += self.timing.layer_compute_s / passes
         self.cache.measure(layer_compute_s=self.timing.layer_compute_s)
 
+    def costs(self, layer: int, resident) -> LayerCosts:
+        """The clocks' state at this layer's routing (ef_jax.cache.host_compute.decide_layer)."""
+        return layer_costs(self.stream, self.host, self.timing, layer, resident, self.now)
+
+    def hosted(self, seconds: float) -> None:
+        """The host starts the routed layer's host share now (before the layer waits for its copies)."""
+        self._host_done = self.host.run(self.now, seconds)
+
+    def joined(self) -> None:
+        """The layer ends when its host share is done too, as in ef_jax.sim.replay."""
+        if self._host_done is not None and self._host_done > self.now:
+            self.stall_s += self._host_done - self.now
+            self.now = self._host_done
+        self._host_done = None
+
     def stats(self) -> dict:
-        return {"clock": self.name, "virtual_total_s": self.now, "copy_busy_s": self.stream.busy_s}
+        return {"clock": self.name, "virtual_total_s": self.now, "copy_busy_s": self.stream.busy_s,
+                "host_s": self.host.busy_s}

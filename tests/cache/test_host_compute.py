@@ -1,0 +1,160 @@
+"""Host-computed experts: the cost model, the per-miss decision, and the simulator's host action."""
+import os
+
+import numpy as np
+import pytest
+
+from ef_jax.cache.expert_cache import ExpertCache
+from ef_jax.cache.host_compute import HostTiming, LayerCosts, decide_layer, plan_layer, tokens_per_expert
+from ef_jax.cache.timing import DEEPSEEK_V2_LITE_EXPERT_BYTES, TIMING_PRESETS, Timing
+from ef_jax.sim.replay import replay
+
+TRACE = "/work/shared/data/routing/deepseek-v2-lite-puffin-dev.npz"
+B = DEEPSEEK_V2_LITE_EXPERT_BYTES
+
+
+def costs(**kw):
+    base = dict(device_ready=0.0, copy_free=0.0, host_free=0.0, copy_s=1.0, compute_s=0.5, expert_bytes=100,
+                host=HostTiming(bytes_per_s=100.0, token_cost=0.5))
+    base.update(kw)
+    return LayerCosts(**base)
+
+
+def test_host_timing_grows_with_tokens():
+    h = HostTiming(bytes_per_s=1e9, token_cost=0.25)
+    assert h.expert_s(10**9, 1) == pytest.approx(1.0)
+    assert h.expert_s(10**9, 5) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="bytes_per_s"):
+        HostTiming(bytes_per_s=0)
+
+
+def test_static_rules_and_refusal():
+    assert decide_layer("never", [3, 1], {}, None) == ([3, 1], [], [])
+    assert decide_layer("always", [3, 1], {}, None) == ([], [3, 1], [])
+    assert decide_layer("auto", [3, 1], {}, None) == ([3, 1], [], [])  # no clocks known: load, as without hosting
+    with pytest.raises(ValueError, match="host_compute='sometimes'"):
+        decide_layer("sometimes", [1], {}, None)
+
+
+def test_auto_splits_misses_between_equal_streams():
+    # copy 1 s, host 1 s per expert, compute 0.5 s: 4 misses split 2 / 2 (layer ends at 2.5 instead of 4.5)
+    split = decide_layer("auto", [0, 1, 2, 3], {}, costs())
+    assert len(split.load) == 2 and len(split.host) == 2
+    assert split.behind == []  # the copy stream is busy until the layer ends: nothing copied behind it
+
+
+def test_auto_hosts_what_hides_behind_compute_and_copies_it_in_the_idle_stream():
+    # the host's one expert (0.5 s) fits inside the device compute: host it; the idle copy stream (1 s copy)
+    # would finish after the layer (0.5 s) ends, so it is not copied behind
+    split = decide_layer("auto", [7], {}, costs(host=HostTiming(bytes_per_s=200.0)))
+    assert split.host == [7] and split.behind == []
+    # a longer layer (compute 2 s) leaves the stream idle long enough: copied behind, the predicted one first
+    split = decide_layer("auto", [7, 8], {}, costs(compute_s=2.0, host=HostTiming(bytes_per_s=200.0)),
+                         reused=[8])
+    assert split.host == [7, 8] and split.behind == [7, 8]
+    split = decide_layer("auto", [7, 8], {}, costs(compute_s=1.5, host=HostTiming(bytes_per_s=200.0)),
+                         reused=[8])
+    assert split.behind == [8]
+
+
+def test_auto_loads_when_the_host_is_slow():
+    slow = costs(host=HostTiming(bytes_per_s=10.0))  # 10 s per expert on the host
+    assert decide_layer("auto", [0, 1], {}, slow) == ([0, 1], [], [])
+
+
+def test_auto_hosts_the_experts_with_fewest_tokens():
+    # tokens raise host time: the expert with many tokens is loaded, the single-token one hosted
+    split = decide_layer("auto", [4, 5], {4: 16, 5: 1}, costs(host=HostTiming(bytes_per_s=100.0, token_cost=1.0)))
+    assert split.load == [4] and split.host == [5]
+
+
+def test_tokens_per_expert():
+    assert tokens_per_expert(np.array([[1, 2], [2, 3]])) == {1: 1, 2: 2, 3: 1}
+
+
+def test_cache_counts_host_experts_as_misses_without_loading():
+    cache = ExpertCache(1, 8, 2, "lru", check=True)
+    cache.begin_step()
+    loads = cache.route(0, [1], host=[5, 6])
+    assert [ld.expert for ld in loads] == [1]
+    assert cache.misses == 3 and cache.host_computed == 2 and cache.loads == 1
+    assert cache.view.routed(0, 0).tolist() == [1, 5, 6]
+    with pytest.raises(ValueError, match="must be misses"):
+        cache.route(0, [], host=[1])
+
+
+def test_plan_layer_never_touches_resident_experts():
+    cache = ExpertCache(1, 8, 4, "lru")
+    cache.begin_step()
+    cache.route(0, [1, 2])
+    cache.arrive_all()
+    cache.release(0)
+    cache.end_step()
+    cache.begin_step()
+    device, host, behind = plan_layer(cache, 0, [1, 2, 3], {}, "always", lambda r: None)
+    assert device == [1, 2] and host == [3] and behind == []
+
+
+def test_replay_host_modes_count_and_time():
+    rng = np.random.default_rng(0)
+    experts = np.argsort(rng.random((64, 4, 16)), axis=-1)[..., :2]  # 2 distinct experts per token
+    t = Timing(h2d_bytes_per_s=1e9, expert_bytes=10**6, layer_compute_s=1e-3, host=HostTiming(1e9))
+    never = replay(experts, slots_per_layer=4, policy="lru", timing=t)
+    always = replay(experts, slots_per_layer=4, policy="lru", timing=t, host_compute="always")
+    auto = replay(experts, slots_per_layer=4, policy="lru", timing=t, host_compute="auto")
+    assert never.host_computed == 0 and never.bytes_not_moved == 0
+    assert always.loads == 0 and always.host_computed == always.misses
+    assert always.bytes_not_moved == always.host_computed * 10**6 and always.host_s > 0  # always: none behind
+    assert auto.bytes_not_moved == (auto.host_computed - auto.host_behind) * 10**6
+    assert auto.stall_s <= min(never.stall_s, always.stall_s)
+    with pytest.raises(ValueError, match="host FFN timing"):
+        replay(experts, slots_per_layer=4, timing=Timing(1e9, 10**6, 1e-3), host_compute="auto")
+
+
+def test_presets_have_host_timings():
+    for name in ("h100", "h100-measured", "consumer", "consumer-cpu2", "equal-rates"):
+        assert TIMING_PRESETS[name].host is not None, name
+    eq = TIMING_PRESETS["equal-rates"]
+    assert eq.host.bytes_per_s == eq.h2d_bytes_per_s
+
+
+HOST_PRESETS = ("h100", "h100-measured", "consumer", "consumer-cpu2", "equal-rates")
+
+
+@pytest.fixture(scope="module")
+def trace_experts():
+    if not os.path.exists(TRACE):
+        pytest.skip(f"routing trace {TRACE} not present")
+    from ef_jax.trace import load_trace
+    return load_trace(TRACE).experts[:512].astype(np.int64)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_auto_beats_both_static_rules_on_the_deepseek_trace(trace_experts, policy, fraction):
+    slots = int(64 * fraction)
+    for preset in HOST_PRESETS:
+        run = lambda mode: replay(trace_experts, slots_per_layer=slots, policy=policy, timing=preset,
+                                  num_experts=64, host_compute=mode).stall_per_token_s
+        never, always, auto = run("never"), run("always"), run("auto")
+        assert auto <= never * (1 + 1e-9) and auto <= always * (1 + 1e-9), (preset, never, always, auto)
+        if preset == "equal-rates":
+            assert auto <= 0.6 * never, (never, auto)
+
+
+def test_offload_config_refusals():
+    from ef_jax import OffloadConfig
+    with pytest.raises(ValueError, match="host_compute='sometimes' must be one of"):
+        OffloadConfig(slots_per_layer=2, host_compute="sometimes")
+    with pytest.raises(ValueError, match="layer mode only"):
+        OffloadConfig(slots_per_layer=2, host_compute="auto", step="device")
+    assert OffloadConfig(slots_per_layer=2, host_compute="never", step="device").host_compute == "never"
+
+
+def test_cli_refuses_host_compute_without_a_budget():
+    from ef_jax.cli.guards import UsageError, check_host_compute
+    check_host_compute("never", False)
+    with pytest.raises(UsageError, match="--expert-memory or --slots-per-layer"):
+        check_host_compute("auto", False)
+    with pytest.raises(UsageError, match="--step layer"):
+        check_host_compute("always", True, "device")
