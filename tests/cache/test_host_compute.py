@@ -152,9 +152,11 @@ def test_offload_config_refusals():
 
 
 def test_cli_refuses_host_compute_without_a_budget():
-    from ef_jax.cli.guards import UsageError, check_host_compute
-    check_host_compute("never", False)
+    from ef_jax.cli.guards import UsageError
+    from ef_jax.cli.support import check_run
+    base = dict(policy="lru", num_experts=8, num_moe_layers=2)
+    check_run(offloaded=False, **dict(base, policy="resident"), host_compute="never")
     with pytest.raises(UsageError, match="--expert-memory or --slots-per-layer"):
-        check_host_compute("auto", False)
+        check_run(offloaded=False, **dict(base, policy="resident"), host_compute="auto")
     with pytest.raises(UsageError, match="--step layer"):
-        check_host_compute("always", True, "device")
+        check_run(offloaded=True, **base, step="device", host_compute="always")
