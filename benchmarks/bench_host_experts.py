@@ -60,7 +60,7 @@ def make_expert(D: int, F: int, dtype: str, layout: str, rng) -> tuple[object, t
         nbytes = sum(m.nbytes for m in mats)
         if layout == "split":
             return tuple(_pinned(m) for m in mats), None, nbytes
-        return _pinned(np.concatenate([m.reshape(-1) for m in mats])), None, nbytes
+        return _pinned(np.concatenate([m.reshape(-1) for m in mats])[None]), None, nbytes  # [1, W], as a store layer
     spec = spec_for(dtype, None, "bfloat16")
     b = spec.bits
     leaves = {}
@@ -71,7 +71,7 @@ def make_expert(D: int, F: int, dtype: str, layout: str, rng) -> tuple[object, t
         leaves[f"{m}_offset"] = None if spec.symmetric else np.zeros((1, i // G, o), np.float16)
     like = qpool.QuantExpertPool(bits=b, **leaves)
     flat = qpool.expert_bytes(like, 0)
-    return _pinned(flat), quant_layout(like), flat.nbytes
+    return _pinned(flat[None]), quant_layout(like), flat.nbytes
 
 
 def time_expert(buf, layout, D: int, F: int, tokens: int, repeats: int, rng) -> float:
@@ -81,8 +81,8 @@ def time_expert(buf, layout, D: int, F: int, tokens: int, repeats: int, rng) -> 
     x = jax.device_put(rng.standard_normal((tokens, D), dtype=np.float32).astype(ml_dtypes.bfloat16), cpu)
     idx = jax.device_put(np.arange(n, dtype=np.int32) % tokens, cpu)
     w = jax.device_put(np.ones(n, np.float32), cpu)
-    run = lambda: expert_add(jnp.zeros((tokens, D), jnp.float32, device=cpu), x, buf, idx, w, D=D, F=F,
-                             layout=layout)
+    run = lambda: expert_add(jnp.zeros((tokens, D), jnp.float32, device=cpu), x, buf, np.int32(0), idx, w,
+                             D=D, F=F, layout=layout)
     jax.block_until_ready(run())
     best = float("inf")
     for _ in range(repeats):

@@ -93,6 +93,7 @@ def test_host_ffn_matches_the_reference(expert_dtype):
     import jax.numpy as jnp
     from ef_jax.engine.programs.host_ffn import HostFFN, StoreWeights, host_ffn_reference
     from ef_jax.engine.transfer.store import ExpertStore
+    from ef_jax.host_experts import ArrayRows
     from ef_jax.quant.codes import spec_for
     from ef_jax.quant.pool import quantize_experts
     rng = np.random.default_rng(0)
@@ -101,10 +102,10 @@ def test_host_ffn_matches_the_reference(expert_dtype):
           (("gate", (E, D, F)), ("up", (E, D, F)), ("down", (E, F, D)))}
     if expert_dtype is not None:
         q = quantize_experts(ex, spec_for(expert_dtype, None, "float32"))
-        store = ExpertStore([q])
+        store = ExpertStore(ArrayRows([q]))
         mats = {m: np.asarray(q.matrix(m, None, jnp.float32)) for m in ("gate", "up", "down")}
     else:
-        store, mats = ExpertStore([ex]), ex
+        store, mats = ExpertStore(ArrayRows([ex])), ex
     x = rng.normal(size=(3, D)).astype(np.float32)
     pairs = {1: (np.array([0, 2], np.int32), np.array([0.5, 0.25], np.float32)),
              3: (np.array([1], np.int32), np.array([1.0], np.float32))}

@@ -32,22 +32,24 @@ def host_device():
 
 
 class HostWeights(Protocol):
-    """What the host FFN reads: one routed expert of MoE layer j on the CPU backend, as a flat buffer (float
-    [3·D·F]: gate | up | down row-major; or, quantized, u8[B] in QuantExpertPool.leaves() order) or as the
-    tuple (gate [D, F], up [D, F], down [F, D])."""
+    """What the host FFN reads: one routed expert of MoE layer j on the CPU backend, as (rows, row): a host
+    array [n, W] of flat experts and the row that is this one (float [3·D·F]: gate | up | down row-major; or,
+    quantized, u8[B] in QuantExpertPool.leaves() order), or as ((gate [D, F], up [D, F], down [F, D]), 0)."""
     hidden: int
     ffn: int
     layout: tuple | None  # quant_layout() of quantized experts (None: float experts)
 
-    def host_buffer(self, layer: int, expert: int) -> jax.Array: ...
+    def host_buffer(self, layer: int, expert: int) -> tuple[jax.Array | tuple, int]: ...
 
 
 class StoreWeights:
-    """HostWeights over an ExpertStore's pinned buffers. On a CPU-only machine the store's device is the CPU
-    device and its pinned_host buffers are passed as they are (XLA reads them in place: the in-program move to
-    device memory compiles to nothing on CPU). On a GPU machine the buffers belong to the GPU's pinned host
-    memory, which the CPU client cannot address: each is moved to the CPU backend once, on first use (a host
-    memcpy; a zero-copy view is owed, see docs/host_compute.md)."""
+    """HostWeights over an ExpertStore (one pinned [E, W] array per MoE layer, or mapped rows). On a CPU-only
+    machine the store's device is the CPU device and its pinned_host layer arrays are passed as they are with
+    the expert's row (the program slices the row and XLA reads the pinned memory in place: the in-program move
+    to device memory compiles to nothing on CPU). On a GPU machine the arrays belong to the GPU's pinned host
+    memory, which the CPU client cannot address: each host-computed expert's row is copied to the CPU backend
+    once, on first use (a host memcpy of that expert only; a zero-copy view is owed, see docs/host_compute.md).
+    Mapped stores: the row is read from the page cache at each use (nothing is held)."""
 
     def __init__(self, store):
         self.store = store
@@ -57,14 +59,16 @@ class StoreWeights:
         self._same = store.device == self._cpu
         self._moved: dict[tuple[int, int], jax.Array] = {}
 
-    def host_buffer(self, layer: int, expert: int) -> jax.Array:
-        buf = self.store.buffers[layer][expert]
+    def host_buffer(self, layer: int, expert: int) -> tuple[jax.Array, int]:
+        st = self.store
+        if not st.arrays:  # mapped: this expert's row from its file, [1, W]
+            return jax.device_put(st.host_row(layer, expert)[None], self._cpu), 0
         if self._same:
-            return buf
+            return st.arrays[layer], expert
         key = (layer, expert)
         if key not in self._moved:
-            self._moved[key] = jax.device_put(buf, self._cpu)
-        return self._moved[key]
+            self._moved[key] = jax.device_put(st.host_row(layer, expert)[None], self._cpu)
+        return self._moved[key], 0
 
 
 def quant_layout(like) -> tuple:
@@ -94,12 +98,15 @@ def unpack_matrices(flat: jax.Array, D: int, F: int, layout, dtype) -> tuple[jax
     return m("gate"), m("up"), m("down")
 
 
-def _expert_add(y, x, flat, idx, w, *, D, F, layout):
-    # a pinned_host buffer is brought to device memory inside the program: on the CPU backend the same memory,
-    # so XLA compiles the move to nothing and the matmuls read the pinned buffer in place
-    g, u, d = unpack_matrices(jax.device_put(flat, jax.memory.Space.Device) if not isinstance(flat, tuple)
-                              else tuple(jax.device_put(m, jax.memory.Space.Device) for m in flat),
-                              D, F, layout, x.dtype)
+def _expert_add(y, x, rows, row, idx, w, *, D, F, layout):
+    # the expert's row of a pinned_host [n, W] array is brought to device memory inside the program: on the CPU
+    # backend the same memory, so XLA compiles the move to nothing and the matmuls read the pinned rows in place.
+    # row is traced: one program serves every expert of every layer.
+    if isinstance(rows, tuple):
+        flat = tuple(jax.device_put(m, jax.memory.Space.Device) for m in rows)
+    else:
+        flat = jax.device_put(jax.lax.dynamic_slice_in_dim(rows, row, 1, axis=0)[0], jax.memory.Space.Device)
+    g, u, d = unpack_matrices(flat, D, F, layout, x.dtype)
     xs = x[idx]                                                                   # [n, D]
     h = jax.nn.silu(xs @ g) * (xs @ u)                                            # [n, F]
     out = jnp.dot(h, d, preferred_element_type=jnp.float32) * w[:, None]         # f32[n, D]
@@ -138,7 +145,8 @@ class HostFFN:
             pi = np.zeros(n, np.int32)
             pw = np.zeros(n, np.float32)
             pi[:len(idx)], pw[:len(idx)] = idx, w
-            y = expert_add(y, xc, W.host_buffer(layer, e), put(pi), put(pw), D=W.hidden, F=W.ffn,
+            rows, row = W.host_buffer(layer, e)
+            y = expert_add(y, xc, rows, np.int32(row), put(pi), put(pw), D=W.hidden, F=W.ffn,
                            layout=W.layout)
             self.calls += 1
         return y
