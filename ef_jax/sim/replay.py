@@ -77,10 +77,13 @@ class ReplayStats(PerTokenFigures):
 
 
 def replay_layer(cache: ExpertCache, stream: CopyStream, layer: int, need, t: float,
-                 compute_s: float | None) -> tuple[float, float]:
+                 compute_s: float | None, hosted: tuple[list, list] | None = None,
+                 host_done: float | None = None) -> tuple[float, float]:
     """One MoE layer through the engine's layer plan (ef_jax.cache.plan: passes of ≤ S experts when the union is
     larger) at compute-clock time t. compute_s: the layer's compute time (split over its passes), None without a
-    timing model. Returns (t after the layer, its stall)."""
+    timing model. hosted: (experts computed on the host, those copied in behind), as plan_layer decided;
+    host_done: when the host's share (started at t beside the device's) finishes — it joins the layer's sum at
+    its end. Returns (t after the layer, its stall)."""
     now = {"t": t, "stall": 0.0}
 
     def compute(p: layer_plan.Pass):
@@ -91,9 +94,13 @@ def replay_layer(cache: ExpertCache, stream: CopyStream, layer: int, need, t: fl
         stream.advance(start)
         now["t"] = start + compute_s / p.count
 
-    layer_plan.run_layer([cache], layer, [np.asarray(need, np.int64)], issue=lambda _, loads: stream.issue(loads, now["t"]),
-                         compute=compute, poll=lambda _, p: stream.advance(now["t"]))
+    layer_plan.run_layer([cache], layer, [np.asarray(need, np.int64)],
+                         issue=lambda _, loads: stream.issue(loads, now["t"]), compute=compute,
+                         poll=lambda _, p: stream.advance(now["t"]), hosted=[hosted] if hosted else None)
     if compute_s is not None:
+        if host_done is not None and host_done > now["t"]:
+            now["stall"] += host_done - now["t"]
+            now["t"] = host_done
         cache.measure(layer_compute_s=compute_s)
     cache.release(layer)
     return now["t"], now["stall"]
@@ -147,31 +154,20 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
         block = rows[t0:t0 + batch_size]
         stream.issue(cache.begin_step(), t)
         for l in range(L):
-            if host_compute == "never":  # the engine's layer plan (batches whose union exceeds S split)
-                need = sorted({e for tok in block for e in tok[l]})
-                t, waited = replay_layer(cache, stream, l, need, t, compute_s if timing is not None else None)
-                stall += waited
-            else:  # a miss is loaded or computed on the host (ef_jax.cache.host_compute)
-                need = block[0][l] if batch_size == 1 else sorted({e for tok in block for e in tok[l]})
+            need = sorted({e for tok in block for e in tok[l]})
+            hosted = host_done = None
+            if host_compute != "never":  # a miss is loaded or computed on the host (ef_jax.cache.host_compute)
                 stream.advance(t)
-                host = behind = []
-                if host_compute != "never":
-                    tokens = tokens_per_expert(tok[l] for tok in block)
-                    need, host, behind = plan_layer(cache, l, need, tokens, host_compute,
-                                                    lambda res: layer_costs(stream, hstream, timing, l, res, t),
-                                                    decisions)
-                stream.issue(cache.route(l, need, host, behind), t)
-                if timing is not None:
-                    start = max([t] + [stream.arrival[l][e] for e in need])
-                    wait = start - t
-                    if host:  # the host's share runs beside the device's and joins the layer's sum at its end
-                        done = hstream.run(t, host_layer_s(timing.host, expert_bytes, host, tokens))
-                        wait = max(wait, done - compute_s - t)
-                    stall += wait
-                    stream.advance(start)
-                    t += wait + compute_s
-                    cache.measure(layer_compute_s=compute_s)
-                cache.release(l)
+                tokens = tokens_per_expert(tok[l] for tok in block)
+                need, host, behind = plan_layer(cache, l, need, tokens, host_compute,
+                                                lambda res: layer_costs(stream, hstream, timing, l, res, t),
+                                                decisions)
+                hosted = (host, behind)
+                if host and timing is not None:
+                    host_done = hstream.run(t, host_layer_s(timing.host, expert_bytes, host, tokens))
+            t, waited = replay_layer(cache, stream, l, need, t, compute_s if timing is not None else None,
+                                     hosted, host_done)
+            stall += waited
         stream.issue(cache.end_step(), t)
     s = cache.stats()
     layer_rate = tuple(h / max(h + m, 1) for h, m in zip(s["layer_hits"], s["layer_misses"]))

@@ -10,7 +10,7 @@ from ef_jax import OffloadConfig, PolicySpec
 pytestmark = pytest.mark.slow
 
 POLICIES = {"lru": "lru", "lfu": "lfu", "pregate": PolicySpec("pregate", distance=2),
-            "expertflow": PolicySpec("expertflow", max_horizon=3, ratio=1.5), "predictive": "predictive"}
+            "expertflow": PolicySpec("expertflow", max_horizon=3, ratio=1.5), "predictive": PolicySpec("predictive", predictor="online")}
 
 
 @pytest.fixture(scope="module")
