@@ -1,6 +1,6 @@
 """Host memory and time of loading and running MoE checkpoints of real expert shapes (issue 24).
 
-For each shape: a random checkpoint (ef_jax.random_model.write_random_checkpoint: HF names, sharded safetensors,
+For each shape: a random checkpoint (ef_jax.random_checkpoint.write: HF names, sharded safetensors,
 bf16) is written to a temporary directory, then each case runs as its own child process — the command a user types —
 under /usr/bin/time (peak RSS, wall seconds), and the checkpoint is deleted:
 
@@ -63,13 +63,13 @@ def _stats(stdout: str) -> dict:
 
 
 def run_shape(shape: str, moe_layers: int, cases: list[str], work: str) -> dict:
-    from ef_jax.random_model import HF_PRESETS, write_random_checkpoint
-    hf = dict(HF_PRESETS[shape])
-    dense = hf.get("first_k_dense_replace", 0)
-    hf["num_hidden_layers"] = dense + moe_layers
+    from ef_jax import random_checkpoint
+    dense = random_checkpoint.REAL[shape].get("first_k_dense_replace", 0)
+    hf = random_checkpoint.hf_config(shape, dense + moe_layers)
     ckpt = os.path.join(work, shape)
     t0 = time.perf_counter()
-    disk = write_random_checkpoint(hf, ckpt, dtype="bfloat16", shard_bytes=GiB)
+    files = random_checkpoint.write(ckpt, hf, shard_bytes=GiB)
+    disk = sum(os.path.getsize(os.path.join(ckpt, f)) for f in files)
     print(f"{shape}: wrote {disk / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", flush=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                EF_JAX_CACHE_DIR=os.path.join(work, "cache"))

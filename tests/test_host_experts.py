@@ -10,20 +10,21 @@ import ef_jax
 from ef_jax import OffloadConfig
 from ef_jax.engine.transfer import residency
 from ef_jax.host_experts import ArrayRows, CheckpointRows
-from ef_jax.random_model import write_random_checkpoint
+from ef_jax.random_checkpoint import write as write_checkpoint
 
 E, D, F = 8, 64, 256
 HF = dict(model_type="qwen3_moe", vocab_size=128, hidden_size=D, intermediate_size=128, moe_intermediate_size=F,
           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=E, num_experts_per_tok=2,
           norm_topk_prob=True, decoder_sparse_step=1, rms_norm_eps=1e-6, rope_theta=1e6, num_hidden_layers=2,
-          max_position_embeddings=256, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+          max_position_embeddings=256, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+          torch_dtype="bfloat16")
 PROMPTS = [[3, 5, 7, 11], [13, 17, 19, 23]]
 
 
 @pytest.fixture(scope="module")
 def bf16_checkpoint(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("bf16ckpt"))
-    write_random_checkpoint(HF, d, dtype="bfloat16", shard_bytes=200_000)  # several shards
+    write_checkpoint(d, HF, shard_bytes=200_000)  # several shards
     return d
 
 

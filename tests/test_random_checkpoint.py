@@ -21,7 +21,8 @@ def test_deepseek_v2_lite_shapes_with_two_moe_layers_load_and_decode(tmp_path):
     cfg = m.config
     assert (cfg.family, cfg.num_moe_layers, cfg.hidden_size, cfg.moe_intermediate, cfg.kv_lora_rank,
             cfg.shared_intermediate) == ("deepseek_v2", 2, 2048, 1408, 512, 2816)
-    assert m.host_experts[0]["gate"].shape == (6, 2048, 1408) and str(m.host_experts[0]["gate"].dtype) == "bfloat16"
+    gate = m.experts.layer(0)["gate"]
+    assert gate.shape == (6, 2048, 1408) and str(gate.dtype) == "bfloat16"
     toks = ef_jax.generate(m, [[1, 2, 3]], max_new_tokens=2).tokens[0]
     assert len(toks) == 2 and all(0 <= t < 1024 for t in toks)
 
