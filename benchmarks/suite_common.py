@@ -217,6 +217,9 @@ def teacher_forced_row(model, ids, offload, batch: int, steps: int, override=Non
                    copier=s.get("copier"), slots_per_layer=s.get("slots_per_layer"),
                    device_peak_bytes_in_use=s.get("device_peak_bytes_in_use"),
                    compile_stats={k: v for k, v in s.items() if "compile" in k or "variant" in k})  # as counted
+        if s.get("host_compute", "never") != "never":
+            row.update(host_compute=s["host_compute"], host_computed=s.get("host_computed"),
+                       bytes_not_moved=s.get("bytes_not_moved"), host_calibration=s.get("host_calibration"))
     return row
 
 
