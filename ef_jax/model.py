@@ -49,7 +49,7 @@ class Model:
     # EXPERT_KERNELS): a static argument of every program that computes its experts, resident or offloaded. The
     # model owns it (not OffloadConfig, which says where experts live, and which a resident run has none of), so
     # two models in one process may use different kernels (dataclasses.replace(model, expert_kernel=...) shares
-    # the weights).
+    # the params and the host experts; each Model object builds its own device pools and pinned store on first use).
     expert_kernel: str = "xla"
 
     def __post_init__(self):
