@@ -7,8 +7,14 @@ bytes = distinct selected slots × 3·D·F·itemsize (each slot's weights read o
 with FLOP = 6·T·K·D·F. Writes JSON + markdown to benchmarks/results/expert_ffn_<device>.{json,md}.
 
   python benchmarks/bench_expert_ffn.py                   # on a GPU
-  python benchmarks/bench_expert_ffn.py --tune            # also sweep BlockSizes for the Pallas kernel
+  python benchmarks/bench_expert_ffn.py --tune            # also tune BlockSizes: writes kernels_pallas/tuned.json
   python benchmarks/bench_expert_ffn.py --tiny --out DIR  # CPU smoke mode (interpret=True), what the test runs
+
+--tune times every candidate BlockSizes on this device at each benchmarked T, per shape: the decode candidates
+over the decode T's (T ≤ decode_max_tokens), the prefill candidates over the others; the fastest in total of each
+regime are merged into one BlockSizes per (D, F) and written to the tuned table (kernels_pallas.tuned_table), keyed
+by this device's kind, which kernels_pallas.expert_ffn reads at import. Interpret-mode timings are not a device's:
+they go to DIR/tuned_interpret.json (--tuned-out), never into the package's table.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import BlockSizes, expert_ffn, expert_ffn_ragged_dot, expert_ffn_reference
+from kernels_pallas import BlockSizes, expert_ffn, expert_ffn_ragged_dot, expert_ffn_reference, tuned_table
 from results_io import git_commit, write_results
 
 SHAPES = {  # name: (D, F, K, S)
@@ -35,6 +41,8 @@ TOKENS = (1, 4, 16, 256, 2048)
 TUNE_DECODE = [BlockSizes(decode_block_f=bf, decode_block_d=bd) for bf in (32, 64, 128) for bd in (128, 256, 512)]
 TUNE_PREFILL = [BlockSizes(block_m=bm, block_f=bf, block_d=bd, num_warps=w)
                 for bm in (64, 128) for bf in (64, 128) for bd in (64, 128) for w in (4, 8)]
+DECODE_FIELDS = ("decode_block_f", "decode_block_d")  # what TUNE_DECODE varies; TUNE_PREFILL varies the rest
+PREFILL_FIELDS = ("block_m", "block_f", "block_d", "num_warps")
 
 
 def timeit(fn, args, repeats: int) -> float:
@@ -74,16 +82,37 @@ def time_impl(fn, args, repeats: int):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def tune(args, T: int, repeats: int, interpret: bool):
-    """Best BlockSizes for the Pallas kernel at this shape and T (decode or prefill candidates)."""
-    cands = TUNE_DECODE if T <= BlockSizes().decode_max_tokens else TUNE_PREFILL
-    best = (float("inf"), None)
-    for bs in cands:
+def tune(args, T: int, repeats: int, interpret: bool, candidates) -> dict[BlockSizes, float]:
+    """Seconds per call of each candidate BlockSizes that runs at this shape and T (a failing one is left out)."""
+    times = {}
+    for bs in candidates:
         t, _ = time_impl(jax.jit(lambda *a, bs=bs: expert_ffn(*a, block_sizes=bs, interpret=interpret)), args,
                          repeats)
-        if t is not None and t < best[0]:
-            best = (t, bs)
-    return best
+        if t is not None:
+            times[bs] = t
+    return times
+
+
+def best_block_sizes(decode: list[dict], prefill: list[dict]) -> tuple[dict, dict]:
+    """decode / prefill: per T of that regime, {candidate: seconds}. The candidate of each regime fastest in total
+    over the T's it ran at all of, merged into one set of BlockSizes fields; and the totals (ms) behind it."""
+    def fastest(per_t, candidates):
+        if not per_t:
+            return None, None
+        ok = [c for c in candidates if all(c in times for times in per_t)]
+        if not ok:
+            return None, None
+        total = {c: sum(times[c] for times in per_t) for c in ok}
+        best = min(ok, key=total.get)
+        return best, total[best] * 1e3
+    fields, measured = {}, {}
+    for per_t, cands, names, regime in ((decode, TUNE_DECODE, DECODE_FIELDS, "decode"),
+                                        (prefill, TUNE_PREFILL, PREFILL_FIELDS, "prefill")):
+        best, ms = fastest(per_t, cands)
+        if best is not None:
+            fields.update({n: getattr(best, n) for n in names})
+            measured[f"{regime}_ms_total"] = ms
+    return fields, measured
 
 
 def bench_shape(name, shape, tokens, impls, dtype, repeats, max_gather_bytes, hbm, flops, rs, do_tune, interpret):
@@ -91,6 +120,7 @@ def bench_shape(name, shape, tokens, impls, dtype, repeats, max_gather_bytes, hb
     item = jnp.dtype(dtype).itemsize
     pools = [jnp.asarray(rs.randn(*s) * 0.02, dtype) for s in ((S, D, F), (S, D, F), (S, F, D))]
     rows = []
+    tuned = {True: [], False: []}  # decode regime? → per T, {candidate: seconds}
     for T in tokens:
         slot_ids = routing(rs, T, K, S)
         args = (jnp.asarray(rs.randn(T, D), dtype), slot_ids, jnp.asarray(rs.rand(T, K), jnp.float32), *pools)
@@ -113,12 +143,15 @@ def bench_shape(name, shape, tokens, impls, dtype, repeats, max_gather_bytes, hb
             print(f"{name:17s} T={T:5d} {impl:12s} " + (f"{t * 1e3:9.3f} ms {row['hbm_gb_per_s']:8.1f} GB/s "
                   f"{row['tflop_per_s']:7.2f} TFLOP/s ({row['pct_of_peak']:.0f}% of peak)" if t else err), flush=True)
         if do_tune:
-            t, bs = tune(args, T, repeats, interpret)
-            if bs is not None:
-                rows.append({"shape": name, "D": D, "F": F, "T": T, "impl": "pallas_tuned", "median_s": t,
+            decode = T <= BlockSizes().decode_max_tokens
+            times = tune(args, T, repeats, interpret, TUNE_DECODE if decode else TUNE_PREFILL)
+            tuned[decode].append(times)
+            if times:
+                bs = min(times, key=times.get)
+                rows.append({"shape": name, "D": D, "F": F, "T": T, "impl": "pallas_tuned", "median_s": times[bs],
                              "block_sizes": dataclasses.asdict(bs)})
-                print(f"{name:17s} T={T:5d} best BlockSizes {bs} {t * 1e3:.3f} ms", flush=True)
-    return rows
+                print(f"{name:17s} T={T:5d} best BlockSizes {bs} {times[bs] * 1e3:.3f} ms", flush=True)
+    return rows, best_block_sizes(tuned[True], tuned[False]) if do_tune else None
 
 
 def markdown(meta, rows) -> str:
@@ -143,7 +176,11 @@ def markdown(meta, rows) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, interpret=True: a CPU smoke run")
-    ap.add_argument("--tune", action="store_true", help="also sweep BlockSizes for the Pallas kernel")
+    ap.add_argument("--tune", action="store_true",
+                    help="also tune BlockSizes for the Pallas kernel and write them to the tuned table")
+    ap.add_argument("--tuned-out", default=None,
+                    help="tuned table to write (default: kernels_pallas/tuned.json on a GPU, "
+                         "OUT/tuned_interpret.json in interpret mode)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
@@ -165,11 +202,25 @@ def main(argv=None) -> int:
     impls = {"pallas": jax.jit(lambda *a: expert_ffn(*a, interpret=interpret)),
              "pallas_atomic": jax.jit(lambda *a: expert_ffn(*a, block_sizes=atomic, interpret=interpret)),
              "take_einsum": jax.jit(expert_ffn_reference), "ragged_dot": jax.jit(expert_ffn_ragged_dot)}
+    tuned_path = args.tuned_out or (os.path.join(args.out, "tuned_interpret.json") if interpret
+                                    else tuned_table.DEFAULT_PATH)
+    if interpret and os.path.abspath(tuned_path) == tuned_table.DEFAULT_PATH:
+        ap.error("--tuned-out: interpret-mode timings are not a device's; write them elsewhere")
     rs = np.random.RandomState(0)
-    rows = []
+    rows, found, measured = [], {}, {}
     for name, shape in shapes.items():
-        rows += bench_shape(name, shape, tokens, impls, dtype, repeats, args.max_gather_gb * 1e9, hbm, flops, rs,
-                            args.tune, interpret)
+        shape_rows, best = bench_shape(name, shape, tokens, impls, dtype, repeats, args.max_gather_gb * 1e9, hbm,
+                                       flops, rs, args.tune, interpret)
+        rows += shape_rows
+        if best is not None and best[0]:
+            D, F = shape[:2]
+            found[(D, F)] = best[0]
+            measured[(D, F)] = {**best[1], "tokens": list(tokens), "dtype": jnp.dtype(dtype).name,
+                                "repeats": repeats, "interpret": interpret, "jax": jax.__version__,
+                                "commit": git_commit()}
+    if found:
+        tuned_table.write_entries(tuned_path, device, found, measured)
+        print(f"wrote {len(found)} tuned BlockSizes for {device} to {tuned_path}", flush=True)
     meta = {"device": device, "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "interpret": interpret,
             "hbm_peak_gb_per_s": hbm / 1e9, "matmul_peak_tflop_per_s": flops / 1e12, "commit": git_commit(),
             "repeats": repeats, "shapes": {n: dict(zip("DFKS", s)) for n, s in shapes.items()}}

@@ -48,7 +48,7 @@ def part_expert_ffn(part, args) -> None:
             continue
         try:
             rec["rows"] += bef.bench_shape(name, shape, tokens, impls, dtype, repeats, 16e9, hbm, flops, rs, False,
-                                           interpret)
+                                           interpret)[0]
         except Exception as e:  # noqa: BLE001
             part.error(f"shape {name}", e)
         part.save()

@@ -45,6 +45,16 @@ class Model:
     generation: GenerationDefaults = GenerationDefaults()  # the checkpoint's generation_config.json defaults
     expert_quant: QuantSpec | None = None  # None: experts in `dtype`; else how they were quantized
     mesh: Any = None  # a jax Mesh with an `expert` axis (ef_jax.mesh): params replicated, experts split over it
+    # How this model's routed experts are multiplied ("xla" | "pallas" | "pallas-interpret", ef_jax.models.moe
+    # EXPERT_KERNELS): a static argument of every program that computes its experts, resident or offloaded. The
+    # model owns it (not OffloadConfig, which says where experts live, and which a resident run has none of), so
+    # two models in one process may use different kernels (dataclasses.replace(model, expert_kernel=...) shares
+    # the params and the host experts; each Model object builds its own device pools and pinned store on first use).
+    expert_kernel: str = "xla"
+
+    def __post_init__(self):
+        from ef_jax.models.moe import check_expert_kernel
+        check_expert_kernel(self.expert_kernel)
 
     def place(self, tree):
         """A device pytree the engine creates (a KV cache) placed where the params are: replicated over the mesh, or
@@ -88,7 +98,7 @@ def load_tokenizer(path: str):
 
 
 def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, expert_dtype=None,
-         group_size: int | None = None, mesh=None, quant_cache: bool = True) -> Model:
+         group_size: int | None = None, mesh=None, quant_cache: bool = True, expert_kernel: str = "xla") -> Model:
     """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors), or a store written by
     `ef-jax convert` (then the experts are read already quantized and packed).
 
@@ -106,17 +116,23 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
       quant_cache: with expert_dtype int8/int4, keep the quantized experts in the user cache (EF_JAX_CACHE_DIR,
         default ~/.cache/ef_jax; keyed by the checkpoint's identity, method and group size) so the next load reads
         them instead of quantizing again; False quantizes into a temporary file removed with the model.
+      expert_kernel: how the routed experts are multiplied, in every run of this model (resident, offloaded, on a
+        mesh): "xla" (default: XLA's gather / ragged_dot), "pallas" (kernels_pallas.expert_ffn with the tile
+        sizes tuned for the device, kernels_pallas/tuned.json; an NVIDIA GPU) or "pallas-interpret" (the same
+        kernel interpreted: tests on a CPU). Stored as Model.expert_kernel.
 
     Routed experts are not read here (see the module docstring); float experts keep the checkpoint's dtype on the
     host when it is narrower than `dtype` (bf16 experts under float32 compute: the expert FFN upcasts them).
     """
     from ef_jax import hub
+    from ef_jax.models.moe import check_expert_kernel
+    check_expert_kernel(expert_kernel)  # before any other work
     path = hub.resolve(path)  # a Hub id → its snapshot directory, before any other work
     if mesh is not None:
         from ef_jax.mesh import check_axes, on_mesh
         check_axes(mesh)  # before reading any weight
         return on_mesh(load(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size,
-                            quant_cache=quant_cache), mesh)
+                            quant_cache=quant_cache, expert_kernel=expert_kernel), mesh)
     if path is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
             raise FileNotFoundError(
@@ -127,7 +143,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
     if quant_store.is_store(os.fspath(path)):  # a converted store keeps the dtype it was written in
         path = os.path.abspath(os.fspath(path))
         parts = quant_store.load_store(path, dtype=dtype, expert_dtype=expert_dtype, group_size=group_size)
-        return from_parts(path, *parts, load_tokenizer(path))
+        return from_parts(path, *parts, load_tokenizer(path), expert_kernel=expert_kernel)
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
@@ -137,17 +153,17 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
     if spec is not None and experts is not None:
         from ef_jax.quant.cache import quantized_rows
         experts = quantized_rows(path, experts, spec, cache=quant_cache)
-    return from_parts(path, cfg, params, experts, dtype, spec, load_tokenizer(path))
+    return from_parts(path, cfg, params, experts, dtype, spec, load_tokenizer(path), expert_kernel=expert_kernel)
 
 
 def from_parts(path: str, cfg: ModelConfig, params, experts, dtype: str, spec: QuantSpec | None,
-               tokenizer) -> Model:
+               tokenizer, *, expert_kernel: str = "xla") -> Model:
     """A Model from its parts: params go to the device; experts is an ExpertRows reader, or per layer host arrays
     (None for dense layers: a float dict or a QuantExpertPool), which are read through an ArrayRows."""
     generation = read_generation_config(path) if os.path.isdir(path) else GenerationDefaults()
     device_params = jax.tree.map(jnp.asarray, params)
     return Model(config=cfg, params=device_params, experts=as_rows(experts), dtype=dtype,
-                 tokenizer=tokenizer, path=path, expert_quant=spec, generation=generation)
+                 tokenizer=tokenizer, path=path, expert_quant=spec, generation=generation, expert_kernel=expert_kernel)
 
 
 def as_rows(experts) -> ExpertRows | None:

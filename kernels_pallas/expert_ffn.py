@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from kernels_pallas import tuned_table
+
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
@@ -73,13 +75,25 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, device_kind: str | None = None, d: int | None = None, f: int | None = None) -> "BlockSizes":
-        """Tuned sizes for (device kind, D, F), else for the device kind, else the untuned defaults above."""
-        return _TUNED.get((device_kind, d, f)) or _TUNED.get((device_kind, None, None)) or cls()
+        """The sizes tuned on this device kind for (D, F) (kernels_pallas/tuned.json), else the untuned defaults."""
+        return _TUNED.get((device_kind, d, f)) or cls()
 
 
-# (device kind, D, F) or (device kind, None, None) → BlockSizes. Empty: the defaults above are first guesses for
-# an H100 (bf16, Triton) that no GPU run has checked yet; a tune mode of benchmarks/bench_expert_ffn.py fills this.
-_TUNED: dict[tuple, BlockSizes] = {}
+def tuned_block_sizes(path: str = tuned_table.DEFAULT_PATH) -> dict[tuple[str, int, int], BlockSizes]:
+    """{(device kind, D, F): BlockSizes} read from a tuned table (kernels_pallas.tuned_table); {} without the file.
+    A field BlockSizes does not have, or a value it refuses, is a ValueError naming the file and the entry."""
+    out = {}
+    for key, fields in tuned_table.read_table(path).items():
+        try:
+            out[key] = BlockSizes(**fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: the entry for (device_kind, D, F) = {key}: {e}") from None
+    return out
+
+
+# (device kind, D, F) → BlockSizes, written by `benchmarks/bench_expert_ffn.py --tune` on the device it names.
+# Absent: the defaults above, first guesses for an H100 (bf16, Triton).
+_TUNED: dict[tuple[str, int, int], BlockSizes] = tuned_block_sizes()
 
 
 # ---- plain-jnp formulations ----------------------------------------------------------------------------------

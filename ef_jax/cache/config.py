@@ -72,6 +72,8 @@ class OffloadConfig:
         host from its pinned weights: no copy, no eviction) or "auto" (per miss, whichever ends the layer sooner
         by the cost model of ef_jax.cache.host_compute; hosted experts are also copied in behind the layer while
         the copy stream idles). Layer mode only. Counted in stats (host_computed, host_s, bytes_not_moved).
+    How the experts are multiplied is not here: it is the model's (ef_jax.load(expert_kernel=...)), the same for
+    a resident and an offloaded run of it.
     """
     expert_memory: int | str | None = None
     slots_per_layer: int | None = None

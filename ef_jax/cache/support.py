@@ -1,6 +1,7 @@
 """The support table: every combination ef_jax refuses, in one place, checked before any weight loads.
 
-request (OffloadConfig + the run's other choices: mesh size, route override, CLI-only flags) → Request
+request (OffloadConfig + the run's other choices: mesh size, route override, the model's expert kernel, CLI-only
+flags) → Request
 → check(request) → ValueError naming the argument and the fix (the API) | UsageError naming the flag (the CLI)
 
 Each row is (argument, condition, message). The API (OffloadConfig, Forward and so ef_jax.generate / logits /
@@ -48,6 +49,9 @@ class Request:
     hybrid: bool = False            # CLI --hybrid (the predictor of expertflow)
     predictor_dir: bool = False     # CLI --predictor (the predictor of predictive)
     where: str = "engine"           # "engine" | "batched-replay"
+    expert_kernel: str = "xla"      # the model's expert FFN (Model.expert_kernel, CLI --expert-kernel)
+    platform: str | None = None     # jax's backend ("cpu", "gpu", ...; None: not checked here)
+    expert_dims: tuple[int, int] | None = None  # (D, F) of one routed expert (None: not checked here)
 
     @classmethod
     def of(cls, offload: Any, **kw) -> "Request":
@@ -190,6 +194,14 @@ ROWS: tuple[Row, ...] = (
         "has no host share per device (not built): use <host_compute=never> or one device"),
     Row("route_override", lambda r: _MESH(r) and r.route_override,
         "route_override is not applied on a mesh of <devices={r.devices}>: use one device"),
+    # the expert kernel (any source, resident or offloaded: every program that computes experts takes it)
+    Row("expert_kernel", lambda r: r.expert_kernel == "pallas" and r.platform not in (None, "gpu"),
+        "<expert_kernel=pallas> lowers kernels_pallas.expert_ffn with Triton for an NVIDIA GPU, and this run's "
+        "platform is {r.platform}: use <expert_kernel=xla>"),
+    Row("expert_kernel", lambda r: r.expert_kernel == "pallas" and r.expert_dims is not None
+        and any(n % 16 for n in r.expert_dims),
+        "<expert_kernel=pallas> tiles the model width D and the expert width F in multiples of 16 (Triton's dot "
+        "minimum); this model has (D, F) = {r.expert_dims}: use <expert_kernel=xla>"),
 )
 
 API_NAMES = {"offload": "offload=OffloadConfig(...)"}

@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
                        resident=not args.no_resident)
     except ValueError as e:
         raise UsageError(f"--budgets: {e}") from None
+    from ef_jax.cli.support import check_run  # the kernel's rows (each config's own are checked by the Forward)
+    check_run(offloaded=False, policy="resident", num_experts=pf.config.num_experts,
+              num_moe_layers=pf.config.num_moe_layers, expert_kernel=args.expert_kernel,
+              expert_dims=(pf.config.hidden_size, pf.config.moe_intermediate))
     model = ef_jax.load(pf.path, dtype=args.dtype, **load_kwargs(args))
     record = bench(model, cfgs, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                    repetitions=args.repetitions)

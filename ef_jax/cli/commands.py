@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="dtype the bytes are counted at")
     i.add_argument("--expert-memory", default=None, metavar="BYTES",
                    help="a device budget for experts (e.g. 1GiB): prints the slots per MoE layer it buys")
-    add_load_args(i)
+    add_load_args(i, decodes=False)
     i.set_defaults(fn=_cmd_info)
 
     t = sub.add_parser("trace", help="record per-token routing of a text to an .npz trace")

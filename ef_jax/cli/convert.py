@@ -10,8 +10,9 @@ import argparse
 from ef_jax.quant.formats import BITS, DEFAULT_GROUP_SIZE
 
 
-def add_load_args(p: argparse.ArgumentParser) -> None:
-    """--expert-dtype / --group-size for a command that loads a model; pass `load_kwargs(args)` to ef_jax.load."""
+def add_load_args(p: argparse.ArgumentParser, decodes: bool = True) -> None:
+    """--expert-dtype / --group-size (and, for a command that decodes, --expert-kernel) for a command that loads a
+    model; pass `load_kwargs(args)` to ef_jax.load."""
     p.add_argument("--expert-dtype", choices=["bf16", *sorted(BITS)], default=None,
                    help="routed experts: bf16 (as --dtype), int8 or int4 (quantized at load; default: not quantized)")
     p.add_argument("--group-size", type=int, default=None,
@@ -19,6 +20,11 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-quant-cache", dest="quant_cache", action="store_false",
                    help="quantize at load without reading or writing the cache of quantized experts "
                         "(EF_JAX_CACHE_DIR, default ~/.cache/ef_jax)")
+    if decodes:  # ef_jax.load(expert_kernel=...): the model's expert FFN in every program that computes experts
+        p.add_argument("--expert-kernel", choices=["xla", "pallas"], default="xla",
+                       help="how routed experts are multiplied: xla (gather / ragged_dot) or pallas "
+                            "(kernels_pallas.expert_ffn, Triton on an NVIDIA GPU, tile sizes from "
+                            "kernels_pallas/tuned.json)")
 
 
 def load_kwargs(args: argparse.Namespace) -> dict:
@@ -27,6 +33,8 @@ def load_kwargs(args: argparse.Namespace) -> dict:
     kw = {"expert_dtype": None if dt == "bf16" else dt, "group_size": args.group_size}
     if not args.quant_cache:
         kw["quant_cache"] = False
+    if "expert_kernel" in vars(args):  # add_load_args(decodes=False) declares no kernel
+        kw["expert_kernel"] = args.expert_kernel
     return kw
 
 

@@ -94,7 +94,8 @@ def _check_args(args, pf) -> tuple[dict | None, dict | None]:
     check_run(offloaded=args.policy != "resident", policy=args.policy, num_experts=pf.config.num_experts,
               num_moe_layers=pf.config.num_moe_layers, step=args.step, devices=args.devices,
               hybrid=args.hybrid is not None, auto_budget=args.expert_memory == "auto", routing=args.routing,
-              timing=args.timing != "none", host_compute=args.host_compute)
+              timing=args.timing != "none", host_compute=args.host_compute, expert_kernel=args.expert_kernel,
+              expert_dims=(pf.config.hidden_size, pf.config.moe_intermediate))
     if args.hybrid:
         input_dir("--hybrid", args.hybrid, "config.json", "`ef-jax train-hybrid --out`")
     if args.policy == "resident":

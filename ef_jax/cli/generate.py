@@ -181,7 +181,8 @@ def plan(args) -> Plan:
               num_moe_layers=pf.config.num_moe_layers, step=args.step, devices=args.devices,
               timeline=args.timeline is not None, predictor=args.predictor is not None,
               hybrid=args.hybrid is not None, auto_budget=args.expert_memory == "auto",
-              host_memory=args.host_memory, host_compute=args.host_compute)
+              host_memory=args.host_memory, host_compute=args.host_compute, expert_kernel=args.expert_kernel,
+              expert_dims=(pf.config.hidden_size, pf.config.moe_intermediate))
     budget, auto = None, None
     if name != "resident":
         budget, auto = offload_budget(args, pf, dtype, (1, cache_slots(len(ids), req.max_new_tokens)))

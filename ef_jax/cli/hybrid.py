@@ -51,6 +51,10 @@ def run_record(args: argparse.Namespace) -> int:
         ids = parse_ids("--text (this checkpoint has no tokenizer, so it must hold token ids)", text,
                         pf.config.vocab_size)
     out = output_file("--out", args.out, ".npz")  # numpy's savez appends .npz: report the real name
+    from ef_jax.cli.support import check_run
+    check_run(offloaded=False, policy="resident", num_experts=pf.config.num_experts,
+              num_moe_layers=pf.config.num_moe_layers, expert_kernel=args.expert_kernel,
+              expert_dims=(pf.config.hidden_size, pf.config.moe_intermediate))
     from ef_jax.hybrid.record import record
     model = ef_jax.load(pf.path, dtype=args.dtype, **load_kwargs(args))
     rec = record(model, ids, seq_len=args.seq_len, max_tokens=args.max_tokens, point=args.point)

@@ -103,7 +103,9 @@ def _check_budget(args: argparse.Namespace) -> dict | None:
     pf = preflight("--model", args.model, with_tokenizer=False)
     check_run(offloaded=offloaded, policy=(args.policy or "lru") if offloaded else "resident",
               num_experts=pf.config.num_experts, num_moe_layers=pf.config.num_moe_layers, step=args.step,
-              devices=args.devices, auto_budget=args.expert_memory == "auto", host_compute=args.host_compute)
+              devices=args.devices, auto_budget=args.expert_memory == "auto", host_compute=args.host_compute,
+              expert_kernel=args.expert_kernel,
+              expert_dims=(pf.config.hidden_size, pf.config.moe_intermediate))
     if not offloaded:
         return None
     mpe = pf.config.max_position_embeddings

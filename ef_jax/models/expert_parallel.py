@@ -35,9 +35,9 @@ class MeshPool:
     axis: str = struct.field(pytree_node=False)
     owner: tuple = struct.field(pytree_node=False)  # owner[e]: the device index on `axis` that owns expert e
 
-    def expert_ffn(self, x, experts, slots, weights):
+    def expert_ffn(self, x, experts, slots, weights, kernel: str):
         """moe_combine's routed FFN for this pool (see expert_parallel_ffn)."""
-        return expert_parallel_ffn(x, experts, slots, weights, self)
+        return expert_parallel_ffn(x, experts, slots, weights, self, kernel)
 
 
 def _local_view(pool, layer, pairs: int):
@@ -53,9 +53,10 @@ def _local_view(pool, layer, pairs: int):
 
 
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, slots: jax.Array, weights: jax.Array,
-                        mp: MeshPool) -> jax.Array:
+                        mp: MeshPool, kernel: str) -> jax.Array:
     """Σ_k weights[n,k] · FFN_{experts[n,k]}(x[n]) with each expert read on the device that owns it.
-    x [N, D]; experts, slots i32[N, K] (slot within the owner's block); weights f32[N, K] (0 = leave out) → [N, D]."""
+    x [N, D]; experts, slots i32[N, K] (slot within the owner's block); weights f32[N, K] (0 = leave out) → [N, D].
+    kernel: each device's expert FFN (ef_jax.models.moe.EXPERT_KERNELS, static)."""
     owner = jnp.asarray(mp.owner, jnp.int32)
     stacked = mp.layer is not None
     block = P(None, mp.axis) if stacked else P(mp.axis)
@@ -64,10 +65,12 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, slots: jax.Array, weig
         mine = owner[experts] == jax.lax.axis_index(mp.axis)  # bool[N, K]: pairs this device computes
         view, offset = _local_view(pool, layer if stacked else None, slots.size)
         y = expert_ffn(x, jnp.where(mine, slots + offset, 0), jnp.where(mine, weights, 0.0), view,
-                       out_dtype=jnp.float32)
+                       out_dtype=jnp.float32, kernel=kernel)
         return jax.lax.psum(y, mp.axis)
 
     layer = mp.layer if stacked else jnp.int32(0)
+    # A pallas_call's outputs carry no varying-axes type, which shard_map's check requires (jax asks for
+    # check_vma=False there); the xla formulation keeps the check.
     run = jax.shard_map(local, mesh=mp.mesh, in_specs=(P(), P(), P(), P(), jax.tree.map(lambda _: block, mp.pool),
-                                                         P()), out_specs=P())
+                                                         P()), out_specs=P(), check_vma=kernel == "xla")
     return run(x, experts, slots, weights, mp.pool, layer).astype(x.dtype)

@@ -16,8 +16,6 @@ between the two and make them resident.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -105,33 +103,35 @@ def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, po
 
 
 EXPERT_KERNELS = ("xla", "pallas", "pallas-interpret")
-# "xla": gather/ragged_dot formulations below (default; verified everywhere). "pallas": kernels_pallas.expert_ffn
-# compiled for the GPU (opt-in until its GPU run is recorded). "pallas-interpret": the kernel in interpret mode
-# (CPU tests of the integration).
-_expert_kernel = os.environ.get("EF_JAX_EXPERT_KERNEL", "xla")
+# How the routed experts are multiplied: a static argument of every program that computes experts (each model
+# carries its own: ef_jax.load(expert_kernel=...) → Model.expert_kernel; two models in one process may differ).
+#   "xla": the gather / ragged_dot formulations above (default; verified everywhere).
+#   "pallas": kernels_pallas.expert_ffn lowered with Triton (an NVIDIA GPU; ef_jax.cache.support refuses others).
+#   "pallas-interpret": the same kernel in Pallas interpret mode (CPU tests of the integration; slow).
 
 
-def set_expert_kernel(name: str) -> None:
-    """Chooses the expert FFN implementation for every later trace (clears jit caches so it takes effect)."""
-    global _expert_kernel
+def check_expert_kernel(name) -> str:
+    """name, or a ValueError naming the choices (the API's boundary check, before any work)."""
     if name not in EXPERT_KERNELS:
-        raise ValueError(f"expert kernel {name!r} is not one of {EXPERT_KERNELS}")
-    _expert_kernel = name
-    jax.clear_caches()
+        raise ValueError(f"expert_kernel={name!r} must be one of {EXPERT_KERNELS}")
+    return name
 
 
-def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_dtype=None) -> jax.Array:
-    """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]), choosing the formulation by problem size (static).
+def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_dtype=None, *,
+               kernel: str) -> jax.Array:
+    """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]). x [N, D], slot_ids i32[N, K], weights f32[N, K] → [N, D].
     pool: ExpertPool, or QuantExpertPool (dequantized inside this computation). out_dtype: of the sum (default
-    x's; an expert-parallel caller asks for float32 partial sums, so adding them across devices rounds once)."""
-    if _expert_kernel != "xla" and isinstance(pool, QuantExpertPool):
-        from kernels_pallas import quant_pool_expert_ffn
-        y = quant_pool_expert_ffn(x, slot_ids, weights, pool, interpret=_expert_kernel == "pallas-interpret")
-        return y.astype(out_dtype or x.dtype)
-    if _expert_kernel != "xla":
-        from kernels_pallas import expert_ffn as pallas_expert_ffn
-        y = pallas_expert_ffn(x, slot_ids, weights, *(a.astype(x.dtype) for a in (pool.gate, pool.up, pool.down)),
-                              interpret=_expert_kernel == "pallas-interpret")
+    x's; an expert-parallel caller asks for float32 partial sums, so adding them across devices rounds once).
+    kernel: one of EXPERT_KERNELS (static); "xla" chooses its formulation by problem size."""
+    if kernel != "xla":
+        interpret = check_expert_kernel(kernel) == "pallas-interpret"
+        if isinstance(pool, QuantExpertPool):
+            from kernels_pallas import quant_pool_expert_ffn
+            y = quant_pool_expert_ffn(x, slot_ids, weights, pool, interpret=interpret)
+        else:
+            from kernels_pallas import expert_ffn as pallas_expert_ffn
+            y = pallas_expert_ffn(x, slot_ids, weights, *(a.astype(x.dtype) for a in (pool.gate, pool.up, pool.down)),
+                                  interpret=interpret)
         return y.astype(out_dtype or x.dtype)
     if slot_ids.size <= GATHER_MAX_PAIRS:
         return expert_ffn_gather(x, slot_ids, weights, pool, out_dtype)
@@ -139,16 +139,17 @@ def expert_ffn(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_
 
 
 def moe_combine(p: dict, cfg: ModelConfig, x: jax.Array, routing: Routing, pool: ExpertPool,
-                slot_of_expert: jax.Array, include_shared: bool = True) -> jax.Array:
+                slot_of_expert: jax.Array, include_shared: bool = True, *, kernel: str) -> jax.Array:
     """The block's output for normalised input x [N, D] given its routing; slot_of_expert i32[E] maps each
     chosen expert to the pool slot holding it (pool: an ExpertPool, a QuantExpertPool, or a MeshPool whose slots are
     split over devices, ef_jax.models.expert_parallel: then the slot within the owning device's block) (the caller guarantees every chosen expert with a non-zero weight
-    is resident). include_shared=False leaves out the shared expert (for the 2nd+ pass of a split layer)."""
+    is resident). include_shared=False leaves out the shared expert (for the 2nd+ pass of a split layer).
+    kernel: the expert FFN's implementation, one of EXPERT_KERNELS (static in the caller's jit)."""
     slots = slot_of_expert[routing.experts]
     if not isinstance(pool, (ExpertPool, QuantExpertPool)):  # a MeshPool: the experts are split over devices
-        y = pool.expert_ffn(x, routing.experts, slots, routing.weights)  # (ef_jax.models.expert_parallel)
+        y = pool.expert_ffn(x, routing.experts, slots, routing.weights, kernel)  # (ef_jax.models.expert_parallel)
     else:
-        y = expert_ffn(x, slots, routing.weights, pool)
+        y = expert_ffn(x, slots, routing.weights, pool, kernel=kernel)
     if cfg.shared_intermediate and include_shared:
         s = p["shared"]
         shared = swiglu(x, s["gate"], s["up"], s["down"])

@@ -64,10 +64,13 @@ def layer_attention_and_route(p: dict, cfg: ModelConfig, kind: LayerKind, x: jax
 
 
 def layer_finish(p: dict, cfg: ModelConfig, kind: LayerKind, h: jax.Array, normed: jax.Array,
-                 routing: Routing | None, pool: ExpertPool | None, slot_of_expert: jax.Array | None) -> jax.Array:
-    """Second half of a layer: the dense MLP or the MoE block, added to the residual stream h [B, T, D]."""
+                 routing: Routing | None, pool: ExpertPool | None, slot_of_expert: jax.Array | None,
+                 kernel: str | None = None) -> jax.Array:
+    """Second half of a layer: the dense MLP or the MoE block, added to the residual stream h [B, T, D].
+    kernel: the MoE block's expert FFN (ef_jax.models.moe.EXPERT_KERNELS; a dense layer has none, and a MoE layer
+    without one is refused by moe.expert_ffn: no silent default)."""
     if kind.moe:
-        y = moe_combine(p["mlp"], cfg, normed, routing, pool, slot_of_expert)
+        y = moe_combine(p["mlp"], cfg, normed, routing, pool, slot_of_expert, kernel=kernel)
     else:
         m = p["mlp"]
         y = swiglu(normed, m["gate"], m["up"], m["down"])
@@ -79,17 +82,19 @@ def make_context(cfg: ModelConfig, positions: jax.Array, write_idx: jax.Array, v
     return attn_lib.AttnContext(cos=cos, sin=sin, write_idx=write_idx, valid=valid)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kinds"), donate_argnames=("caches",))
+@functools.partial(jax.jit, static_argnames=("cfg", "kinds", "kernel"), donate_argnames=("caches",))
 def run_group(cfg: ModelConfig, kinds: tuple[LayerKind, ...], params: tuple, pools: tuple, slot_maps: tuple,
-              x: jax.Array, caches: tuple, positions: jax.Array, write_idx: jax.Array, valid: jax.Array):
+              x: jax.Array, caches: tuple, positions: jax.Array, write_idx: jax.Array, valid: jax.Array, *,
+              kernel: str):
     """Runs consecutive layers with all their experts available in `pools` (resident, or made resident by the
-    caller beforehand). x [B, T, D]; positions i32[B, T]; valid bool[B, S].
+    caller beforehand). x [B, T, D]; positions i32[B, T]; valid bool[B, S]; kernel: the expert FFN
+    (ef_jax.models.moe.EXPERT_KERNELS).
     Returns (x, caches, routings: tuple of Routing (MoE layers) / None)."""
     ctx = make_context(cfg, positions, write_idx, valid)
     new_caches, routings = [], []
     for p, kind, pool, smap, cache in zip(params, kinds, pools, slot_maps, caches):
         h, normed, routing, cache = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
-        x = layer_finish(p, cfg, kind, h, normed, routing, pool, smap)
+        x = layer_finish(p, cfg, kind, h, normed, routing, pool, smap, kernel)
         new_caches.append(cache)
         routings.append(routing)
     return x, tuple(new_caches), tuple(routings)

@@ -48,7 +48,8 @@ def layer_states(model, tokens: np.ndarray):
         inputs.append(np.asarray(x).reshape(B * T, -1))
         cache = attn_lib.init_layer_cache(cfg, B, T, x.dtype)
         h, normed, routing, _ = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
-        x = layer_finish(p, cfg, kind, h, normed, routing, pool, identity if kind.moe else None)
+        x = layer_finish(p, cfg, kind, h, normed, routing, pool, identity if kind.moe else None,
+                         model.expert_kernel)
         experts.append(np.asarray(routing.experts) if routing is not None else None)
     return inputs, experts
 

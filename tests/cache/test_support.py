@@ -53,6 +53,8 @@ REQUESTS = [
     mesh(host_memory="mapped"),
     mesh(host_compute="auto"),
     mesh(route_override=True),
+    R(offloaded=False, expert_kernel="pallas", platform="cpu"),
+    R(offloaded=False, expert_kernel="pallas", platform="gpu", expert_dims=(32, 24)),
 ]
 
 
@@ -151,3 +153,24 @@ def test_batched_replay_refuses_an_oracle():
 def test_no_moe_layers_row():
     with pytest.raises(Unsupported, match="no MoE layers"):
         support.check(Request.of(OffloadConfig(slots_per_layer=2), num_moe_layers=0))
+
+
+def test_expert_kernel_rows():
+    """pallas is refused off a GPU and for widths Triton cannot tile; pallas-interpret and xla run anywhere."""
+    assert problems(R(offloaded=False, expert_kernel="pallas", platform="gpu", expert_dims=(2048, 1408))) == []
+    assert problems(R(offloaded=True, expert_kernel="pallas-interpret", platform="cpu", expert_dims=(32, 24))) == []
+    assert "--expert-kernel xla" in problems(R(offloaded=False, expert_kernel="pallas", platform="cpu"), {})[0][1]
+
+
+def test_expert_kernel_is_checked_before_any_work(tiny_checkpoint):
+    """An unknown kernel name is one ValueError from load, before the path is read; pallas on this CPU is refused
+    by the Forward (so by generate) before any program runs."""
+    import dataclasses
+    with pytest.raises(ValueError, match="expert_kernel='triton' must be one of"):
+        ef_jax.load("/nonexistent/checkpoint", expert_kernel="triton")
+    model = ef_jax.load(tiny_checkpoint("qwen3moe-norm"))
+    with pytest.raises(ValueError, match="must be one of"):
+        dataclasses.replace(model, expert_kernel="Pallas")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(Unsupported, match="expert_kernel='pallas' lowers .* platform is cpu"):
+            ef_jax.generate(dataclasses.replace(model, expert_kernel="pallas"), [[1, 2]], max_new_tokens=1)

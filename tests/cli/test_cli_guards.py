@@ -150,6 +150,12 @@ SUPPORT_CASES = [
     (["serve", "--step", "device"], ["--step device", "--slots-per-layer"]),
     (["serve", "--devices", "2"] + S8 + ["--step", "device"], ["--devices 2", "--step layer"]),
     (["serve", "--devices", "2", "--expert-memory", "auto"], ["--devices 2", "--expert-memory auto"]),
+    # the kernel's row on a CPU (the tests' platform), through every command that decodes
+    (G + ["--expert-kernel", "pallas"], ["--expert-kernel pallas", "platform is cpu", "--expert-kernel xla"]),
+    (EP + ["--expert-kernel", "pallas", "--policy", "resident"], ["--expert-kernel pallas", "--expert-kernel xla"]),
+    (["serve", "--expert-kernel", "pallas"], ["--expert-kernel pallas", "--expert-kernel xla"]),
+    (["bench", "--expert-kernel", "pallas"], ["--expert-kernel pallas", "--expert-kernel xla"]),
+    (["record", "--text", "TEXT", "--out", "OUT", "--expert-kernel", "pallas"], ["--expert-kernel pallas"]),
 ]
 CASES += SUPPORT_CASES
 

@@ -194,3 +194,14 @@ def test_refusals_name_the_fix(runs, kw, match):
                                                                                   **kw))
     with pytest.raises(ValueError, match="step='gpu' must be one of"):
         OffloadConfig(slots_per_layer=4, step="gpu")
+
+
+def test_pallas_kernel_inside_the_step(runs):
+    """The step program's expert FFN through kernels_pallas (interpret mode; a StepPlan field, so a static argument)
+    decodes the XLA path's tokens (a partial budget, batch 3: the prefill's grouped regime and decode's)."""
+    import dataclasses
+    model = dataclasses.replace(runs.model("qwen3moe-norm"), expert_kernel="pallas-interpret")
+    ref = runs("qwen3moe-norm", "half", 3, "lfu")
+    offload = OffloadConfig(slots_per_layer=max(model.config.top_k, model.config.num_experts // 2), policy="lfu",
+                            step="device")
+    assert ef_jax.generate(model, PROMPTS[:3], max_new_tokens=NEW, offload=offload).tokens == ref.tokens

@@ -188,3 +188,15 @@ def test_quantized_experts_on_a_mesh(tiny_checkpoint):
     ref = ef_jax.generate(model, PROMPTS, max_new_tokens=NEW).tokens
     offload = OffloadConfig(slots_per_layer=2, policy="lru", check=True)
     assert ef_jax.generate(on_mesh(model, expert_mesh(2)), PROMPTS, max_new_tokens=NEW, offload=offload).tokens == ref
+
+
+def test_pallas_kernel_on_a_mesh(tiny_checkpoint):
+    """Each device's expert FFN through kernels_pallas (interpret mode) inside the shard_map, resident and
+    offloaded, decodes the one-device XLA path's tokens."""
+    path = tiny_checkpoint("qwen3moe-norm")
+    ref = ef_jax.generate(ef_jax.load(path), PROMPTS[:2], max_new_tokens=3).tokens
+    model = ef_jax.load(path, mesh=expert_mesh(2), expert_kernel="pallas-interpret")
+    assert model.expert_kernel == "pallas-interpret"
+    assert ef_jax.generate(model, PROMPTS[:2], max_new_tokens=3).tokens == ref
+    offload = OffloadConfig(slots_per_layer=2, policy="lru")
+    assert ef_jax.generate(model, PROMPTS[:2], max_new_tokens=3, offload=offload).tokens == ref

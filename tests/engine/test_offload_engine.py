@@ -218,18 +218,25 @@ def test_prefetching_policy_keeps_tokens_and_counts(model):
     assert policy.hidden_shapes and all(h[-1] == cfg.hidden_size for h in policy.hidden_shapes)
 
 
-def test_pallas_kernel_inside_the_engine(tiny_checkpoint):
-    """The engine's expert compute through kernels_pallas (interpret mode) gives the XLA path's tokens."""
-    from ef_jax.models import moe
-    model = ef_jax.load(tiny_checkpoint("qwen3moe-norm"))
-    offload = OffloadConfig(slots_per_layer=model.config.top_k)
-    ref = ef_jax.generate(model, PROMPTS[:2], max_new_tokens=3, offload=offload).tokens
-    try:
-        moe.set_expert_kernel("pallas-interpret")
-        got = ef_jax.generate(model, PROMPTS[:2], max_new_tokens=3, offload=offload).tokens
-    finally:
-        moe.set_expert_kernel("xla")
-    assert got == ref
+def test_pallas_kernel_inside_the_engine(tiny_checkpoint, monkeypatch):
+    """The layer mode's expert programs through kernels_pallas (interpret mode) give the XLA path's tokens, and two
+    models with different kernels in one process each trace their own: every program traced for the pallas model
+    calls the kernel, none traced for the xla model does (a new prompt length is a new trace for both, after the
+    other model ran)."""
+    import kernels_pallas
+    traced = []  # one entry per trace of the Pallas kernel (calls inside a jit happen at trace time)
+    kernel = kernels_pallas.expert_ffn
+    monkeypatch.setattr(kernels_pallas, "expert_ffn", lambda *a, **kw: traced.append(kw) or kernel(*a, **kw))
+    path = tiny_checkpoint("qwen3moe-norm")
+    xla, pallas = ef_jax.load(path), ef_jax.load(path, expert_kernel="pallas-interpret")
+    offload = OffloadConfig(slots_per_layer=xla.config.top_k)
+    for prompts in (PROMPTS[:2], [PROMPTS[0][:5]]):
+        ref = ef_jax.generate(xla, prompts, max_new_tokens=3, offload=offload).tokens
+        assert traced == []
+        got = ef_jax.generate(pallas, prompts, max_new_tokens=3, offload=offload).tokens
+        assert got == ref and traced and all(kw["interpret"] for kw in traced)
+        traced.clear()
+    assert ef_jax.generate(xla, [PROMPTS[2]], max_new_tokens=2, offload=offload).tokens and traced == []
 
 
 def test_pregate_prediction_matches_the_router(model):

@@ -159,3 +159,60 @@ def test_bench_tiny_mode_runs(tmp_path):
     assert {r["impl"] for r in rows} == {"pallas", "pallas_atomic", "take_einsum", "ragged_dot"}
     assert all(r["median_s"] > 0 for r in rows if r["median_s"] is not None)
     assert (tmp_path / "expert_ffn_tiny.md").read_text().startswith("# expert_ffn")
+
+
+def test_tuned_table_round_trips(tmp_path, monkeypatch):
+    """What the tuner's writer stores, the kernel's lookup returns, for that device kind and (D, F) only; a second
+    write replaces its own entries and keeps the others."""
+    import sys
+    from kernels_pallas import tuned_block_sizes, tuned_table
+    path = str(tmp_path / "tuned.json")
+    assert tuned_block_sizes(path) == {}  # no file: an empty table, the defaults apply
+    h100 = BlockSizes(decode_block_f=32, decode_block_d=512, block_m=128, block_f=64, block_d=64, num_warps=4)
+    fields = {n: getattr(h100, n) for n in ("decode_block_f", "decode_block_d", "block_m", "block_f", "block_d",
+                                            "num_warps")}
+    tuned_table.write_entries(path, "NVIDIA H100", {(2048, 1408): fields}, {(2048, 1408): {"decode_ms": 0.1}})
+    tuned_table.write_entries(path, "NVIDIA H200", {(2048, 1408): {"block_m": 128}})
+    tuned_table.write_entries(path, "NVIDIA H200", {(2048, 1408): {"block_m": 32}, (4096, 14336): {}})
+    table = tuned_block_sizes(path)
+    assert table == {("NVIDIA H100", 2048, 1408): h100, ("NVIDIA H200", 2048, 1408): BlockSizes(block_m=32),
+                     ("NVIDIA H200", 4096, 14336): BlockSizes()}
+    monkeypatch.setattr(sys.modules["kernels_pallas.expert_ffn"], "_TUNED", table)
+    assert BlockSizes.get_default("NVIDIA H100", 2048, 1408) == h100
+    assert BlockSizes.get_default("NVIDIA H100", 2048, 768) == BlockSizes()
+    assert BlockSizes.get_default("cpu", 2048, 1408) == BlockSizes()
+
+
+@pytest.mark.parametrize("text,words", [
+    ("{not json", "is not JSON"),
+    ('{"format": 2, "entries": []}', "must be"),
+    ('{"format": 1, "entries": [{"device_kind": "x", "D": 8}]}', "lacks"),
+    ('{"format": 1, "entries": [{"device_kind": "x", "D": 8, "F": 0, "block_sizes": {}}]}', "F=0"),
+    ('{"format": 1, "entries": [{"device_kind": "x", "D": 8, "F": 8, "block_sizes": {"tile": 16}}]}', "tile"),
+    ('{"format": 1, "entries": [{"device_kind": "x", "D": 8, "F": 8, "block_sizes": {"block_m": 12}}]}',
+     "power of two"),
+    ('{"format": 1, "entries": [' + ','.join(['{"device_kind": "x", "D": 8, "F": 8, "block_sizes": {}}'] * 2)
+     + ']}', "repeats"),
+])
+def test_malformed_tuned_table_is_a_clear_error(tmp_path, text, words):
+    from kernels_pallas import tuned_block_sizes
+    path = tmp_path / "tuned.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=words) as e:
+        tuned_block_sizes(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_tuner_merges_the_fastest_of_each_regime():
+    """bench_expert_ffn --tune: per regime the candidate fastest in total over its T's (only candidates that ran at
+    every T count), merged into one set of BlockSizes fields."""
+    bench = load_benchmark("bench_expert_ffn")
+    d0, d1 = bench.TUNE_DECODE[:2]
+    p0, p1 = bench.TUNE_PREFILL[:2]
+    decode = [{d0: 1.0, d1: 2.0}, {d0: 3.0, d1: 1.5}]        # totals: d0 4.0, d1 3.5
+    prefill = [{p0: 1.0, p1: 5.0}, {p1: 1.0}]                # p0 failed at the second T
+    fields, measured = bench.best_block_sizes(decode, prefill)
+    assert fields == {**{n: getattr(d1, n) for n in bench.DECODE_FIELDS},
+                      **{n: getattr(p1, n) for n in bench.PREFILL_FIELDS}}
+    assert measured == {"decode_ms_total": 3500.0, "prefill_ms_total": 6000.0}
+    assert bench.best_block_sizes([], []) == ({}, {})

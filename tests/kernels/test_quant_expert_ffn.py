@@ -3,6 +3,8 @@ interpret mode on CPU (natively on a GPU: the `gpu` test), and the reference aga
 
 Axes: T tokens, K experts per token, S slots, D model width, F expert FFN width, G group rows.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,16 +91,16 @@ def test_invalid_inputs_name_the_fix():
 
 
 def test_quantized_pallas_kernel_inside_the_engine(tiny_checkpoint):
-    model = ef_jax.load(tiny_checkpoint("qwen3moe-norm"), expert_dtype="int4", group_size=8)
+    """The fused quantized kernel (interpret mode) in the layer mode and in the resident model's fused groups gives
+    the XLA path's tokens: the kernel is the model's (load(expert_kernel=...)), whatever the source."""
+    path = tiny_checkpoint("qwen3moe-norm")
+    model = ef_jax.load(path, expert_dtype="int4", group_size=8)
+    kernel = dataclasses.replace(model, expert_kernel="pallas-interpret")  # the same weights
     prompts = [[5, 17, 3, 9], [11, 2]]
     offload = OffloadConfig(slots_per_layer=model.config.top_k)
     ref = ef_jax.generate(model, prompts, max_new_tokens=3, offload=offload).tokens
-    moe.set_expert_kernel("pallas-interpret")
-    try:
-        got = ef_jax.generate(model, prompts, max_new_tokens=3, offload=offload).tokens
-        resident = ef_jax.generate(model, prompts, max_new_tokens=3).tokens
-    finally:
-        moe.set_expert_kernel("xla")
+    got = ef_jax.generate(kernel, prompts, max_new_tokens=3, offload=offload).tokens
+    resident = ef_jax.generate(kernel, prompts, max_new_tokens=3).tokens
     assert got == ref and resident == ref
 
 

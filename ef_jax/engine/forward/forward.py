@@ -85,7 +85,9 @@ class Forward:
         support.check(support.Request.of(offload, num_moe_layers=cfg.num_moe_layers,
                                          devices=1 if model.mesh is None else model.mesh.size,
                                          layers_per_group=grouping is not None,
-                                         route_override=route_override is not None))
+                                         route_override=route_override is not None,
+                                         expert_kernel=model.expert_kernel, platform=jax.default_backend(),
+                                         expert_dims=(cfg.hidden_size, cfg.moe_intermediate)))
         layers_per_group = DEFAULT_LAYERS_PER_GROUP if grouping is None else grouping
         self.model, self.cfg, self.layers_per_group = model, cfg, layers_per_group
         self.kinds = layer_kinds(cfg)
@@ -197,7 +199,8 @@ class Forward:
         params = self.model.params["layers"]
         pick = (lambda seq: tuple(seq[i] for i in g)) if pools is not None else (lambda seq: (None,) * len(g))
         x, new, r = run_group(self.cfg, tuple(self.kinds[i] for i in g), tuple(params[i] for i in g),
-                              pick(pools), pick(slot_maps), x, tuple(caches[i] for i in g), pos, widx, vld)
+                              pick(pools), pick(slot_maps), x, tuple(caches[i] for i in g), pos, widx, vld,
+                              kernel=self.model.expert_kernel)
         self.counters.dispatches += 1
         for i, c, ri in zip(g, new, r):
             caches[i], routings[i] = c, ri

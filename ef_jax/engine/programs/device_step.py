@@ -41,22 +41,24 @@ class StepPlan:
     policy: dp.DevicePolicy = dp.DevicePolicy()  # the device policy (ef_jax.engine.programs.device_policies)
     record: bool = False      # return the pre-gate scores the policy acted on (for the host twin)
     tolerance: float | None = None  # cache-aware routing's δ (ef_jax.engine.programs.device_routing); None: exact
+    kernel: str = "xla"       # the expert FFN (ef_jax.models.moe.EXPERT_KERNELS): the model's expert_kernel
 
     @classmethod
     def for_tokens(cls, n: int, num_experts: int, top_k: int, slots: int, hint_width: int, flush: bool,
                    hidden_point: str | None, policy: dp.DevicePolicy | None = None,
-                   record: bool = False, tolerance: float | None = None) -> "StepPlan":
+                   record: bool = False, tolerance: float | None = None, *, kernel: str) -> "StepPlan":
         pairs = min(num_experts, n * top_k)
         return cls(slots=slots, max_misses=min(slots, pairs), max_passes=-(-pairs // slots), hint_width=hint_width,
                    flush=flush, hidden_point=hidden_point, policy=policy or dp.DevicePolicy(), record=record,
-                   tolerance=tolerance)
+                   tolerance=tolerance, kernel=kernel)
 
 
-def _expert_share(cfg, j: int, p: dict, normed, routing: Routing, keep, pool, state: dc.DeviceCache, include_shared):
+def _expert_share(cfg, plan: StepPlan, j: int, p: dict, normed, routing: Routing, keep, pool, state: dc.DeviceCache,
+                  include_shared):
     """Layer j's MoE output for the (token, expert) pairs with keep f32[N, K] = 1, read through its slot map."""
     view, smap = layer_view(pool, state.slot_of_expert, j, routing.experts.size)  # absent experts have keep 0
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
-    return moe_combine(p, cfg, normed, masked, view, smap, include_shared)
+    return moe_combine(p, cfg, normed, masked, view, smap, include_shared, kernel=plan.kernel)
 
 
 def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing, real, pool, state: dc.DeviceCache,
@@ -70,7 +72,7 @@ def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing,
     before = state.misses[j] + state.prefetch_used[j]
     if plan.max_passes == 1:  # N·K ≤ S: the union always fits
         state, pool = dc.demand(state, pool, stack, j, needed, plan.max_misses, policy)
-        x = h + _expert_share(cfg, j, p, normed, routing, keep_real, pool, state, True).reshape(h.shape)
+        x = h + _expert_share(cfg, plan, j, p, normed, routing, keep_real, pool, state, True).reshape(h.shape)
         return x, pool, _after_demand(plan, j, state, before)
     rank = jnp.cumsum(needed, dtype=jnp.int32) - 1                       # i32[E]: position among the needed
     chunk_of = jnp.where(needed, rank // S, -1)                          # i32[E]: the pass that computes it
@@ -79,7 +81,7 @@ def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing,
         chunk = chunk_of == k
         state, pool = dc.demand(state, pool, stack, j, chunk, plan.max_misses, policy)
         keep = keep_real * chunk[routing.experts].astype(jnp.float32)
-        return x + _expert_share(cfg, j, p, normed, routing, keep, pool, state, include_shared).reshape(h.shape), \
+        return x + _expert_share(cfg, plan, j, p, normed, routing, keep, pool, state, include_shared).reshape(h.shape), \
             pool, state
 
     x, pool, state = one_pass(0, h, pool, state, True)

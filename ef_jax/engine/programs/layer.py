@@ -87,13 +87,15 @@ def attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache
                          scorer)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "include_shared"))
-def expert_pass(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool, slot_map):
+@functools.partial(jax.jit, static_argnames=("cfg", "include_shared", "kernel"))
+def expert_pass(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool, slot_map, *,
+                kernel: str):
     """h [B, T, D] + this pass's share of the MoE output. keep f32[N, K]: 1 where (token, expert) is computed
     in this pass (real token, expert resident in this pass), else 0 (that pair contributes exactly zero).
-    slot_map i32[E]: slot of each expert, -1 = not resident (clamped: such pairs have keep = 0)."""
+    slot_map i32[E]: slot of each expert, -1 = not resident (clamped: such pairs have keep = 0).
+    kernel: the expert FFN (ef_jax.models.moe.EXPERT_KERNELS; the model's expert_kernel)."""
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
-    y = moe_combine(p, cfg, normed, masked, pool, jnp.maximum(slot_map, 0), include_shared)
+    y = moe_combine(p, cfg, normed, masked, pool, jnp.maximum(slot_map, 0), include_shared, kernel=kernel)
     return h + y.reshape(h.shape)
 
 
@@ -125,7 +127,7 @@ def layer_view(pool, slot_of_expert, j, pairs: int):
 
 
 def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs, moves,
-                           reset):
+                           reset, kernel):
     n = len(bufs)  # moves' first n rows place the buffers, the rest update the table (one host→device transfer)
     for i, b in enumerate(bufs):  # row moves[i, 2] of host array b [n, W]: a slice, then a move (an async copy)
         row = jax.lax.dynamic_slice(b, (moves[i, 2], 0), (1, b.shape[1]))[0]
@@ -133,13 +135,14 @@ def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, poo
     soe = _apply_table_updates(slot_of_expert, moves[n:], reset)
     view, smap = layer_view(pool, soe, j, routing.experts.size)
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
-    y = moe_combine(p, cfg, normed, masked, view, smap, include_shared)
+    y = moe_combine(p, cfg, normed, masked, view, smap, include_shared, kernel=kernel)
     return h + y.reshape(h.shape), pool, soe
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "include_shared"), donate_argnames=("pool", "slot_of_expert"))
+@functools.partial(jax.jit, static_argnames=("cfg", "include_shared", "kernel"),
+                   donate_argnames=("pool", "slot_of_expert"))
 def offloaded_expert_pass(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool,
-                          slot_of_expert, j, bufs, moves, reset):
+                          slot_of_expert, j, bufs, moves, reset, *, kernel: str):
     """One MoE layer's expert program in the offloaded engine, with its copies inside it.
 
     h [B, T, D], normed [N, D], routing of layer j; keep f32[N, K] (0 for padding and for experts left to another
@@ -149,22 +152,23 @@ def offloaded_expert_pass(cfg, include_shared, p, h, normed, routing: Routing, k
     ef_jax.engine.transfer.store) whose row moves[i, 2] is moved to the device here, so XLA overlaps the copies
     with this program's compute; moves i32[n + m, 4]: rows 0..n−1 (layer, slot, row, ·) of each
     buffer (any layer: a prefetch for a later layer travels in this program), then m rows (layer, expert, slot,
-    evicted) of slot-table changes since the last program; reset: bool, clear the table first (a flushing policy).
+    evicted) of slot-table changes since the last program; reset: bool, clear the table first (a flushing policy);
+    kernel: the expert FFN (ef_jax.models.moe.EXPERT_KERNELS, static).
     Returns (h + this pass's MoE output, pool, slot_of_expert)."""
     return _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs,
-                                  moves, reset)
+                                  moves, reset, kernel)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "include_shared", "dense_kinds", "kind"),
+@functools.partial(jax.jit, static_argnames=("cfg", "include_shared", "dense_kinds", "kind", "kernel"),
                    donate_argnames=("pool", "slot_of_expert", "dense_caches", "cache"))
 def offloaded_expert_pass_then_attend(cfg, include_shared, p, h, normed, routing: Routing, keep, pool: ExpertPool,
                                       slot_of_expert, j, bufs, moves, reset, dense_kinds, kind, then: AttentionInputs,
-                                      dense_caches, cache):
+                                      dense_caches, cache, *, kernel: str):
     """offloaded_expert_pass of MoE layer j, then attend_route of the next MoE layer (`then`; the KV caches of it
     and of the dense layers before it donated) on its output, in one program: one dispatch per MoE layer instead
     of two. Returns (x: layer j's output [B, T, D], pool, slot_of_expert, the next layer's Attended)."""
     x, pool, soe = _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j,
-                                          bufs, moves, reset)
+                                          bufs, moves, reset, kernel)
     nxt = _attend_route(cfg, dense_kinds, kind, then.dense_params, then.params, x, dense_caches, cache,
                         then.positions, then.write_idx, then.valid, then.scorer)
     return x, pool, soe, nxt

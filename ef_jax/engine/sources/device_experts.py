@@ -47,6 +47,7 @@ class DeviceStepExperts(SourceDefaults):
                  kv_shape: tuple[int, int] | None = None):
         cfg = model.config
         self.cfg, self.config, self.counters = cfg, offload, counters
+        self.kernel = model.expert_kernel  # the expert FFN, part of every StepPlan (a static argument)
         self.stacks = store_for(model)  # the same pinned [E, W] per-layer arrays as the layer mode
         L, E = len(cfg.moe_layer_ids), cfg.num_experts
         # budget_auto: with expert_memory="auto", what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
@@ -154,7 +155,7 @@ class DeviceStepExperts(SourceDefaults):
     def _plan_for(self, tokens: int) -> StepPlan:
         tol = self.config.tolerance if self.config.routing == "cache-aware" else None
         return StepPlan.for_tokens(tokens, self.cfg.num_experts, self.cfg.top_k, self.slots, 0, self.flush, None,
-                                   self.policy, self.recording, tol)
+                                   self.policy, self.recording, tol, kernel=self.kernel)
 
     def _real_device(self) -> jax.Array:
         key = self._real.tobytes()

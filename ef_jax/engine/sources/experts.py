@@ -84,6 +84,7 @@ class ResidentExperts(SourceDefaults):
     def __init__(self, model: Model, counters: HostCounters):
         cfg = model.config
         self.cfg, self.counters = cfg, counters
+        self.kernel = model.expert_kernel  # the expert FFN of every program here (static)
         self.pools = resident_pools(model)
         identity = jnp.arange(cfg.num_experts, dtype=jnp.int32)
         self.slot_maps = tuple(identity if cfg.moe_layers[i] else None for i in range(cfg.num_layers))
@@ -95,7 +96,8 @@ class ResidentExperts(SourceDefaults):
         """The split path (a hidden-state tap asked to see between routing and experts): one expert pass."""
         keep = jnp.ones(routing.experts.shape, jnp.float32)
         self.counters.dispatches += 1
-        return expert_pass(self.cfg, True, p["mlp"], h, normed, routing, keep, self.pools[i], self.slot_maps[i]), routing
+        return expert_pass(self.cfg, True, p["mlp"], h, normed, routing, keep, self.pools[i], self.slot_maps[i],
+                           kernel=self.kernel), routing
 
     def end_step(self) -> None:
         pass
@@ -123,6 +125,7 @@ class OffloadedExperts(SourceDefaults):
                  kv_shape: tuple[int, int] | None = None):
         cfg = model.config
         self.cfg, self.config, self.counters = cfg, offload, counters
+        self.kernel = model.expert_kernel  # the expert FFN of every expert program (static)
         self.store = store_for(model, offload.host_memory)
         L, E = len(cfg.moe_layer_ids), cfg.num_experts
         # budget_auto: with expert_memory="auto", what it chose and why (ef_jax.cache.auto_budget.AutoBudget)
@@ -335,11 +338,11 @@ class OffloadedExperts(SourceDefaults):
         args = (self.cfg, include_shared, p["mlp"], h, normed, routing, keep, self.copier.pool, self.slot_of_expert,
                 self._layer_index[j], bufs, moves, self._flag[self._reset])
         if then is None:
-            h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(*args)
+            h, self.copier.pool, self.slot_of_expert = offloaded_expert_pass(*args, kernel=self.kernel)
             nxt = None
         else:
             h, self.copier.pool, self.slot_of_expert, nxt = offloaded_expert_pass_then_attend(
-                *args, then.dense_kinds, then.kind, then.inputs, then.dense_caches, then.cache)
+                *args, then.dense_kinds, then.kind, then.inputs, then.dense_caches, then.cache, kernel=self.kernel)
             if self.scorer is not None:
                 nxt.scores.copy_to_host_async()  # read with the next layer's routing
             elif self._tap == "attention":

@@ -106,6 +106,7 @@ class MeshResidentExperts(ResidentExperts):
     def __init__(self, model: Model, counters: HostCounters):
         cfg = model.config
         self.cfg, self.counters = cfg, counters
+        self.kernel = model.expert_kernel  # each device's expert FFN (static)
         self.partition = check_mesh(model.mesh, cfg.num_experts)
         self.pools = mesh_resident_pools(model)
         local = jax.device_put(self.partition.local, replicated(model.mesh))  # i32[E]: slot in the owner's block
@@ -143,6 +144,7 @@ class MeshOffloadedExperts(SourceDefaults):
                  kv_shape: tuple[int, int] | None = None):
         cfg = model.config
         self.cfg, self.config, self.counters, self.mesh = cfg, offload, counters, model.mesh
+        self.kernel = model.expert_kernel  # each device's expert FFN (static)
         self.partition = part = check_mesh(model.mesh, cfg.num_experts)
         self.stores = mesh_stores(model)
         self.devices = mesh_devices(model.mesh)
@@ -215,7 +217,7 @@ class MeshOffloadedExperts(SourceDefaults):
                 self.counters.dispatches += 1
             table = np.concatenate([c.table.slot_row(j) for c in self.caches])  # i32[E]: slot on the owner
             out["h"] = expert_pass(self.cfg, p.first, params["mlp"], out["h"], normed,
-                                   routing, keep, self._pool(j), jnp.asarray(table))
+                                   routing, keep, self._pool(j), jnp.asarray(table), kernel=self.kernel)
             self.counters.dispatches += 1
             if self.config.check:
                 self._verify()
