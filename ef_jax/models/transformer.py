@@ -44,7 +44,10 @@ class KVCache:
     valid: jax.Array   # bool[B, S]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "batch", "slots", "dtype"))
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype) -> KVCache:
+    """The zeroed cache of every layer, as ONE program (op by op it is a zeros program per shape and dtype, each
+    a compile, or a compilation-cache load, on a CLI run's way to its first token)."""
     layers = tuple(attn_lib.init_layer_cache(cfg, batch, slots, dtype) for _ in range(cfg.num_layers))
     return KVCache(layers=layers, valid=jnp.zeros((batch, slots), bool))
 
