@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from ef_jax import pytree
 
 from ef_jax.config import ModelConfig
 from ef_jax.models import attention as attn_lib
@@ -37,7 +37,7 @@ def layer_kinds(cfg: ModelConfig) -> tuple[LayerKind, ...]:
     return tuple(LayerKind(cfg.moe_layers[i], cfg.sliding_windows[i]) for i in range(cfg.num_layers))
 
 
-@struct.dataclass
+@pytree.dataclass
 class KVCache:
     """Explicit decode state: one cache dict per layer plus which slots hold real tokens."""
     layers: tuple      # per layer: {"k","v"} [B, S, Hkv, Dh] or {"ckv" [B, S, r], "kpe" [B, S, dr]}

@@ -14,14 +14,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from ef_jax import pytree
 
 from ef_jax.quant.codes import QTensor, QuantSpec, quantize
 
 MATRICES = ("gate", "up", "down")
 
 
-@struct.dataclass
+@pytree.dataclass
 class QuantExpertPool:
     """Routed expert weights of S slots, quantized group-wise along each matrix's input axis."""
     gate: jax.Array               # u8[S, D·b/8, F] codes (int4: planar-packed halves of D)
@@ -33,7 +33,7 @@ class QuantExpertPool:
     gate_offset: jax.Array | None  # f16[S, D/G, F]; None when symmetric (then w = (u − 2^(b−1))·s)
     up_offset: jax.Array | None    # f16[S, D/G, F]
     down_offset: jax.Array | None  # f16[S, F/G, D]
-    bits: int = struct.field(pytree_node=False, default=4)
+    bits: int = pytree.field(pytree_node=False, default=4)
 
     @property
     def num_slots(self) -> int:
