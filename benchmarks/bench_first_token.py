@@ -16,6 +16,8 @@ and after each run, jax version, commit).
 
   python benchmarks/bench_first_token.py                   # 3 rounds, 2 warm runs each
   python benchmarks/bench_first_token.py --rounds 5 --warm-runs 3
+  python benchmarks/bench_first_token.py --burn 2 --stem first_token_cpu_burn2   # + 2 busy processes (a loaded
+                                                                                 # machine, reproducibly)
 """
 from __future__ import annotations
 
@@ -77,6 +79,20 @@ def run_once(cmd: list[str], env: dict, prompt: str, timeout: float = 600.0) -> 
             "stats": stderr.strip().splitlines()[-1] if stderr.strip() else ""}
 
 
+def _burn() -> None:
+    while True:
+        pass
+
+
+def burners(n: int) -> list:
+    """n processes spinning on a core each: the load of the machine's other jobs, made reproducible."""
+    import multiprocessing
+    procs = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
 def measure(rounds: int, warm_runs: int, max_new_tokens: int) -> list[dict]:
     runs = []
     base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the CLI's own cache
@@ -120,7 +136,7 @@ def markdown(record: dict) -> str:
     lines = [f"# First generated text of `ef-jax generate` ({record['device']})", "",
              f"`{record['command']}` on the shipped model; {record['machine']}; jax {record['jax']}; "
              f"commit {record['commit']}; load average (1 min) {record['load_range'][0]:.2f}–"
-             f"{record['load_range'][1]:.2f} before the runs; {record['rounds']} rounds × (1 cold + "
+             f"{record['load_range'][1]:.2f} before the runs ({record['burn']} busy processes beside them); {record['rounds']} rounds × (1 cold + "
              f"{record['warm_runs']} warm) per torch setting, interleaved.", "",
              "| torch | run | n | first text median (min–max) | whole command median | its CPU time median | load before runs |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -137,18 +153,26 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warm-runs", type=int, default=2, help="warm runs after each cold run")
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--burn", type=int, default=0, help="busy processes running beside the runs (load)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--stem", default=None, help="result file name (default: first_token_<device>)")
     args = ap.parse_args(argv)
     import jax
-    runs = measure(args.rounds, args.warm_runs, args.max_new_tokens)
+    procs = burners(args.burn)
+    try:
+        if procs:
+            time.sleep(5)  # let the load average see them
+        runs = measure(args.rounds, args.warm_runs, args.max_new_tokens)
+    finally:
+        for p in procs:
+            p.terminate()
     device = jax.default_backend()
     record = {
         "device": device, "machine": f"{platform.node()}, {platform.processor() or platform.machine()}, "
                                      f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "jax": jax.__version__, "commit": git_commit(), "rounds": args.rounds, "warm_runs": args.warm_runs,
+        "jax": jax.__version__, "commit": git_commit(), "rounds": args.rounds, "burn": args.burn, "warm_runs": args.warm_runs,
         "command": f'ef-jax generate "{PROMPT}" --max-new-tokens {args.max_new_tokens}',
-        "reproduce": "python benchmarks/bench_first_token.py" + (
+        "reproduce": "python benchmarks/bench_first_token.py" + (f" --burn {args.burn}" if args.burn else "") + (
             f" --rounds {args.rounds}" if args.rounds != 3 else "") + (
             f" --warm-runs {args.warm_runs}" if args.warm_runs != 2 else ""),
         "load_range": [min(r["load_before"] for r in runs), max(r["load_before"] for r in runs)],
