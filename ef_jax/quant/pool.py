@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ef_jax import pytree
 
+from ef_jax import pytree
 from ef_jax.quant.codes import QTensor, QuantSpec, quantize
 
 MATRICES = ("gate", "up", "down")
@@ -115,6 +115,22 @@ def write_expert(pool: QuantExpertPool, flat: jax.Array, layer: jax.Array, slot:
         vals = raw if dt == jnp.uint8 else jax.lax.bitcast_convert_type(raw.reshape(-1, dt.itemsize), dt)
         out[name] = jax.lax.dynamic_update_slice(buf, vals.reshape(1, 1, *shape), (layer, slot) + (0,) * len(shape))
     assert off == flat.shape[0], (off, flat.shape)
+    return pool.replace(**out)
+
+
+def write_experts(pool: QuantExpertPool, flats: jax.Array, layers: jax.Array, slots: jax.Array) -> QuantExpertPool:
+    """write_expert of n experts in one scatter per leaf: flats u8[n, B]; layers, slots i32[n] (an index out of
+    range is dropped: ef_jax.engine.transfer.store.put_experts marks superseded rows so)."""
+    out, off = {}, 0
+    n = flats.shape[0]
+    for name, buf in pool.leaves():
+        shape, dt = buf.shape[2:], jnp.dtype(buf.dtype)
+        size = int(np.prod(shape)) * dt.itemsize
+        raw = flats[:, off:off + size]
+        off += size
+        vals = raw if dt == jnp.uint8 else jax.lax.bitcast_convert_type(raw.reshape(n, -1, dt.itemsize), dt)
+        out[name] = buf.at[layers, slots].set(vals.reshape(n, *shape), mode="drop")
+    assert off == flats.shape[1], (off, flats.shape)
     return pool.replace(**out)
 
 
