@@ -18,7 +18,6 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ef_jax.checkpoint import DTYPES, iter_param_leaves, load_checkpoint
@@ -149,7 +148,9 @@ def load(path: str | os.PathLike | None = None, *, dtype: str | None = None, exp
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
     path = os.fspath(path)
     spec = spec_for(expert_dtype, group_size, dtype, at_load=True)
-    cfg, params, experts = load_checkpoint(path, dtype, put=jnp.asarray)  # each leaf to the device as it is read
+    # each leaf to the device as it is read; device_put, not jnp.asarray: asarray runs (and on a first run
+    # compiles, on a warm one loads from the cache) one `stage` program per leaf shape, device_put is a plain copy
+    cfg, params, experts = load_checkpoint(path, dtype, put=jax.device_put)
     if spec is not None and experts is not None:
         from ef_jax.quant.cache import quantized_rows
         experts = quantized_rows(path, experts, spec, cache=quant_cache)
@@ -161,7 +162,7 @@ def from_parts(path: str, cfg: ModelConfig, params, experts, dtype: str, spec: Q
     """A Model from its parts: params go to the device; experts is an ExpertRows reader, or per layer host arrays
     (None for dense layers: a float dict or a QuantExpertPool), which are read through an ArrayRows."""
     generation = read_generation_config(path) if os.path.isdir(path) else GenerationDefaults()
-    device_params = jax.tree.map(jnp.asarray, params)
+    device_params = jax.device_put(params)  # a copy per leaf, no program (see load)
     return Model(config=cfg, params=device_params, experts=as_rows(experts), dtype=dtype,
                  tokenizer=tokenizer, path=path, expert_quant=spec, generation=generation, expert_kernel=expert_kernel)
 

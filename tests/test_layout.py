@@ -17,7 +17,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "ef_jax")
 # Lower layers never import higher ones. A package's own modules may import each other (acyclically).
 LAYERS = [
     {"config", "trace", "generation_config", "lazy", "hub", "tokenizer_fast", "compile_cache", "interrupt",
-     "progress", "plot"},
+     "progress", "plot", "pytree"},
     {"policies", "checkpoint", "models", "quant", "host_experts"},
     {"cache", "sched", "model", "mesh"},
     {"sim", "random_model", "random_checkpoint", "predict"},

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from ef_jax import pytree
 
 from ef_jax.config import ModelConfig
 from ef_jax.models.layers import apply_rope, rms_norm
 
 
-@struct.dataclass
+@pytree.dataclass
 class AttnContext:
     """Per-call inputs shared by every layer of a step."""
     cos: jax.Array        # f32[B, T, dr/2 or Dh/2]

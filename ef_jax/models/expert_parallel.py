@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from ef_jax import pytree
 from jax.sharding import PartitionSpec as P
 
 from ef_jax.models.moe import GATHER_MAX_PAIRS, expert_ffn
 
 
-@struct.dataclass
+@pytree.dataclass
 class MeshPool:
     """A slot pool split over the mesh's `axis` (see the module docstring for the two layouts)."""
     pool: object             # ExpertPool | QuantExpertPool: leaves [n·S, ...] or stacked [L, n·S, ...]
     layer: jax.Array | None  # i32[] the MoE layer to read in a stacked pool; None for a per-layer pool
-    mesh: object = struct.field(pytree_node=False)
-    axis: str = struct.field(pytree_node=False)
-    owner: tuple = struct.field(pytree_node=False)  # owner[e]: the device index on `axis` that owns expert e
+    mesh: object = pytree.field(pytree_node=False)
+    axis: str = pytree.field(pytree_node=False)
+    owner: tuple = pytree.field(pytree_node=False)  # owner[e]: the device index on `axis` that owns expert e
 
     def expert_ffn(self, x, experts, slots, weights, kernel: str):
         """moe_combine's routed FFN for this pool (see expert_parallel_ffn)."""

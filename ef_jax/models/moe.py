@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from ef_jax import pytree
 
 from ef_jax.config import ModelConfig
 from ef_jax.models.layers import swiglu
@@ -29,7 +29,7 @@ from ef_jax.quant.pool import QuantExpertPool
 GATHER_MAX_PAIRS = 64
 
 
-@struct.dataclass
+@pytree.dataclass
 class ExpertPool:
     """Routed expert weights held in S slots (S = E when all experts are resident)."""
     gate: jax.Array  # [S, D, F]
@@ -37,7 +37,7 @@ class ExpertPool:
     down: jax.Array  # [S, F, D]
 
 
-@struct.dataclass
+@pytree.dataclass
 class Routing:
     """The router's decision for N tokens."""
     logits: jax.Array   # f32[N, E] raw router logits

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from ef_jax import pytree
 
 from ef_jax.config import ModelConfig
 from ef_jax.models import attention as attn_lib
@@ -37,14 +37,17 @@ def layer_kinds(cfg: ModelConfig) -> tuple[LayerKind, ...]:
     return tuple(LayerKind(cfg.moe_layers[i], cfg.sliding_windows[i]) for i in range(cfg.num_layers))
 
 
-@struct.dataclass
+@pytree.dataclass
 class KVCache:
     """Explicit decode state: one cache dict per layer plus which slots hold real tokens."""
     layers: tuple      # per layer: {"k","v"} [B, S, Hkv, Dh] or {"ckv" [B, S, r], "kpe" [B, S, dr]}
     valid: jax.Array   # bool[B, S]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "batch", "slots", "dtype"))
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype) -> KVCache:
+    """The zeroed cache of every layer, as ONE program (op by op it is a zeros program per shape and dtype, each
+    a compile, or a compilation-cache load, on a CLI run's way to its first token)."""
     layers = tuple(attn_lib.init_layer_cache(cfg, batch, slots, dtype) for _ in range(cfg.num_layers))
     return KVCache(layers=layers, valid=jnp.zeros((batch, slots), bool))
 

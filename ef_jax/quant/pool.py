@@ -14,14 +14,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from ef_jax import pytree
 from ef_jax.quant.codes import QTensor, QuantSpec, quantize
 
 MATRICES = ("gate", "up", "down")
 
 
-@struct.dataclass
+@pytree.dataclass
 class QuantExpertPool:
     """Routed expert weights of S slots, quantized group-wise along each matrix's input axis."""
     gate: jax.Array               # u8[S, D·b/8, F] codes (int4: planar-packed halves of D)
@@ -33,7 +33,7 @@ class QuantExpertPool:
     gate_offset: jax.Array | None  # f16[S, D/G, F]; None when symmetric (then w = (u − 2^(b−1))·s)
     up_offset: jax.Array | None    # f16[S, D/G, F]
     down_offset: jax.Array | None  # f16[S, F/G, D]
-    bits: int = struct.field(pytree_node=False, default=4)
+    bits: int = pytree.field(pytree_node=False, default=4)
 
     @property
     def num_slots(self) -> int:
@@ -115,6 +115,22 @@ def write_expert(pool: QuantExpertPool, flat: jax.Array, layer: jax.Array, slot:
         vals = raw if dt == jnp.uint8 else jax.lax.bitcast_convert_type(raw.reshape(-1, dt.itemsize), dt)
         out[name] = jax.lax.dynamic_update_slice(buf, vals.reshape(1, 1, *shape), (layer, slot) + (0,) * len(shape))
     assert off == flat.shape[0], (off, flat.shape)
+    return pool.replace(**out)
+
+
+def write_experts(pool: QuantExpertPool, flats: jax.Array, layers: jax.Array, slots: jax.Array) -> QuantExpertPool:
+    """write_expert of n experts in one scatter per leaf: flats u8[n, B]; layers, slots i32[n] (an index out of
+    range is dropped: ef_jax.engine.transfer.store.put_experts marks superseded rows so)."""
+    out, off = {}, 0
+    n = flats.shape[0]
+    for name, buf in pool.leaves():
+        shape, dt = buf.shape[2:], jnp.dtype(buf.dtype)
+        size = int(np.prod(shape)) * dt.itemsize
+        raw = flats[:, off:off + size]
+        off += size
+        vals = raw if dt == jnp.uint8 else jax.lax.bitcast_convert_type(raw.reshape(n, -1, dt.itemsize), dt)
+        out[name] = buf.at[layers, slots].set(vals.reshape(n, *shape), mode="drop")
+    assert off == flats.shape[1], (off, flats.shape)
     return pool.replace(**out)
 
 

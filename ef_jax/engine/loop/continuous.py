@@ -106,7 +106,6 @@ class RowPool:
         self.window = any(w is not None for w in self.cfg.sliding_windows)
         self.holes = False                          # some live row skipped a step since the last repack
         self.repacks = 0
-        self._key0 = jax.random.key(0)
 
     # ---- rows ------------------------------------------------------------------------------------------------
     def free_rows(self) -> list[int]:
@@ -183,7 +182,7 @@ class RowPool:
         out = np.zeros(len(rows), np.int32)
         greedy = [i for i, sp in enumerate(params) if sp.greedy]
         if greedy:
-            top = self.forward.counters.to_host("sample", sample(logits, self._key0, SamplingParams()))
+            top = self.forward.counters.to_host("sample", sample(logits, None, SamplingParams()))
             out[greedy] = top[[rows[i] for i in greedy]]
         for i, sp in enumerate(params):
             if not sp.greedy:

@@ -73,7 +73,7 @@ def sample_rows(forward: Forward, batch: PromptBatch, sp: SamplingParams, seed: 
     to warmup_s; tokens_per_s counts only the steps that compiled nothing."""
     B, P = batch.tokens.shape
     cfg = forward.cfg
-    key = jax.random.key(seed)
+    key = None if sp.greedy else jax.random.key(seed)  # greedy draws nothing: no key, no seeding program
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
     seen = SeenTokens(batch.tokens, batch.valid, cfg.vocab_size) if repetition_penalty != 1.0 else None
@@ -81,7 +81,7 @@ def sample_rows(forward: Forward, batch: PromptBatch, sp: SamplingParams, seed: 
     def next_token(logits, step: int) -> np.ndarray:
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen.mask, np.float32(repetition_penalty))
-        step_k = key if sp.greedy else step_key(key, step)  # greedy draws nothing: no key to make
+        step_k = None if sp.greedy else step_key(key, step)
         return forward.counters.to_host("sample", sample(logits, step_k, sp))
 
     def emit(tok: np.ndarray):

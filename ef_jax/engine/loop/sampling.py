@@ -38,8 +38,9 @@ def step_key(key: jax.Array, step) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("params",))
-def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
-    """logits f32[B, V] → token ids i32[B]. Each row draws from its own fold of `key`."""
+def sample(logits: jax.Array, key: jax.Array | None, params: SamplingParams) -> jax.Array:
+    """logits f32[B, V] → token ids i32[B]. Each row draws from its own fold of `key` (None when greedy: argmax
+    draws nothing)."""
     if params.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / params.temperature

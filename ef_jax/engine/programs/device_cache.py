@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from ef_jax import pytree
 
 from ef_jax.engine.programs import device_policies as dp
 from ef_jax.engine.transfer.store import put_expert
@@ -33,7 +33,7 @@ from ef_jax.engine.transfer.store import put_expert
 _NEVER = np.iinfo(np.int32).max  # LRU score of a slot that must not be evicted
 
 
-@struct.dataclass
+@pytree.dataclass
 class DeviceCache:
     """Residency and counters of every MoE layer's slots; threaded through the step program and donated."""
     slot_of_expert: jax.Array  # i32[L, E]: slot holding each expert, -1 = not resident

@@ -30,7 +30,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from ef_jax import pytree
 
 UNIT = 1 << 10          # one use in the use counts (fixed point: decay c − c >> shift is exact)
 DECAY_SHIFT = 5         # expertflow: c ← c − c >> 5 (γ ≈ 0.969; the layer mode's decayed count uses γ = 0.97)
@@ -78,7 +78,7 @@ class DevicePolicy:
         return DECAY_SHIFT if self.kind == "expertflow" else 0
 
 
-@struct.dataclass
+@pytree.dataclass
 class PolicyState:
     """A device policy's state, part of the DeviceCache (donated with it)."""
     count: jax.Array     # i32[L, E]: use counts, UNIT per use (expertflow: decayed per layer and step)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ef_jax.engine.transfer.store import put_expert
+from ef_jax.engine.transfer.store import put_experts
 from ef_jax.models.moe import GATHER_MAX_PAIRS, ExpertPool, Routing, moe_combine
 from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
 
@@ -129,9 +129,10 @@ def layer_view(pool, slot_of_expert, j, pairs: int):
 def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs, moves,
                            reset, kernel):
     n = len(bufs)  # moves' first n rows place the buffers, the rest update the table (one host→device transfer)
-    for i, b in enumerate(bufs):  # row moves[i, 2] of host array b [n, W]: a slice, then a move (an async copy)
-        row = jax.lax.dynamic_slice(b, (moves[i, 2], 0), (1, b.shape[1]))[0]
-        pool = put_expert(pool, jax.device_put(row, jax.memory.Space.Device), moves[i, 0], moves[i, 1])
+    if n:  # row moves[i, 2] of host array bufs[i] [n_i, W]: a slice, then a move (an async copy); one scatter
+        rows = [jax.device_put(jax.lax.dynamic_slice(b, (moves[i, 2], 0), (1, b.shape[1])), jax.memory.Space.Device)
+                for i, b in enumerate(bufs)]
+        pool = put_experts(pool, jnp.concatenate(rows), moves[:n, 0], moves[:n, 1])
     soe = _apply_table_updates(slot_of_expert, moves[n:], reset)
     view, smap = layer_view(pool, soe, j, routing.experts.size)
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)

@@ -65,8 +65,9 @@ def resident_pools(model: Model) -> tuple:
                 pools.append(None)
                 continue
             ex = unpack_rows(rows.rows(next(moe)), rows.layout)
-            pools.append(jax.tree.map(jnp.asarray, ex) if rows.layout.quant is not None
-                         else ExpertPool(**{k: jnp.asarray(v) for k, v in ex.items()}))
+            # device_put: a copy, where jnp.asarray would run a `stage` program per array shape
+            pools.append(jax.device_put(ex) if rows.layout.quant is not None
+                         else ExpertPool(**jax.device_put(dict(ex))))
             del ex
         return tuple(pools)
     return residency.cached(model, "resident", build)
@@ -86,7 +87,7 @@ class ResidentExperts(SourceDefaults):
         self.cfg, self.counters = cfg, counters
         self.kernel = model.expert_kernel  # the expert FFN of every program here (static)
         self.pools = resident_pools(model)
-        identity = jnp.arange(cfg.num_experts, dtype=jnp.int32)
+        identity = jax.device_put(np.arange(cfg.num_experts, dtype=np.int32))  # a copy, not an iota program
         self.slot_maps = tuple(identity if cfg.moe_layers[i] else None for i in range(cfg.num_layers))
 
     def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:

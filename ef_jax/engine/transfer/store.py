@@ -25,6 +25,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
@@ -202,6 +203,23 @@ def put_expert(pool, flat: jax.Array, layer: jax.Array, slot: jax.Array):
     g, u, d = unpack(flat, D, F)
     put = lambda buf, w: jax.lax.dynamic_update_slice(buf, w[None, None].astype(buf.dtype), (layer, slot, 0, 0))
     return ExpertPool(gate=put(pool.gate, g), up=put(pool.up, u), down=put(pool.down, d))
+
+
+def put_experts(pool, flats: jax.Array, layers: jax.Array, slots: jax.Array):
+    """put_expert of n experts as one scatter per pool leaf (n dynamic_update_slices before: a program whose size
+    grew with the misses). flats [n, W] (float, or u8 for a QuantExpertPool); layers, slots i32[n], traced. Rows
+    are written as if in order: a row that a later row overwrites at the same (layer, slot) is dropped (its layer
+    set out of range), since a scatter with duplicate indices may keep either."""
+    L = pool.gate.shape[0]
+    same = (layers[:, None] == layers[None, :]) & (slots[:, None] == slots[None, :])  # bool[n, n]
+    layers = jnp.where(jnp.triu(same, k=1).any(axis=1), L, layers)
+    if isinstance(pool, qpool.QuantExpertPool):
+        return qpool.write_experts(pool, flats, layers, slots)
+    n, (_, _, D, F) = flats.shape[0], pool.gate.shape
+    put = lambda buf, w: buf.at[layers, slots].set(w.astype(buf.dtype), mode="drop")
+    return ExpertPool(gate=put(pool.gate, flats[:, :D * F].reshape(n, D, F)),
+                      up=put(pool.up, flats[:, D * F:2 * D * F].reshape(n, D, F)),
+                      down=put(pool.down, flats[:, 2 * D * F:].reshape(n, F, D)))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
