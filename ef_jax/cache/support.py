@@ -24,8 +24,8 @@ from ef_jax.policies.registry import POLICIES, PolicySpec, policy_label
 DEVICE_POLICIES = ("nocache", "lru", "lfu", "pregate", "expertflow", "predictive")
 MESH_POLICIES = ("lru", "lfu", "nocache")   # a device's cache sees only its own experts: no predictor
 # step="device" on a mesh (ef_jax.engine.programs.mesh_step): each device's policy decides from its own experts'
-# routing alone, with no state shared across devices
-MESH_DEVICE_POLICIES = ("lru", "lfu", "nocache")
+# routing (and, scoring, its own columns of every router's top-k), with no state shared across devices
+MESH_DEVICE_POLICIES = ("nocache", "lru", "lfu", "pregate", "expertflow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +178,8 @@ ROWS: tuple[Row, ...] = (
         and not (r.policy_by_name and r.policy in MESH_DEVICE_POLICIES),
         "<step=device> on a mesh of <devices={r.devices}> runs one cache per device inside one shard_map, each "
         "deciding from its own experts' routing, so the policy is one of "
-        f"{', '.join(MESH_DEVICE_POLICIES)}; <policy={{r.policy}}> predicts from every expert's history or "
-        "scores, which one device's cache holds: use one device (drop <devices>)"),
+        f"{', '.join(MESH_DEVICE_POLICIES)}; <policy={{r.policy}}> keeps one routing-path table over every expert "
+        "(no device holds it): use one device (drop <devices>)"),
     Row("routing", lambda r: _MESH(r) and r.routing != "exact",
         "<routing=cache-aware> reads one device's cache: use <routing=exact> on a mesh of <devices={r.devices}>"),
     Row("timing", lambda r: _MESH(r) and r.timing,

@@ -1,6 +1,7 @@
 """OffloadConfig(step="device") on an expert mesh (ef_jax.engine.sources.mesh_device_experts): every device's cache in
 one shard_mapped step program. Greedy tokens equal one device's resident decoding; each device's hits and misses
-equal its cache replayed by the simulator on the same routing; stats per device and in total; the refusals.
+equal its cache replayed by the simulator on the same routing (lru, nocache); lfu, pregate and expertflow decode the
+resident tokens, the scoring ones prefetching on every device; stats per device and in total; the refusals.
 Four CPU devices come from XLA_FLAGS set in tests/conftest.py.
 
 Each run compiles its own step program, so the runs form a pairwise design over mesh {2, 4} × batch {1, 3} ×
@@ -88,6 +89,20 @@ def test_lfu_keeps_the_tokens():
     offload = OffloadConfig(slots_per_layer=2, policy="lfu", step="device")
     assert ef_jax.generate(on_mesh(model, expert_mesh(2)), PROMPTS[:1], max_new_tokens=NEW,
                            offload=offload).tokens == ref
+
+
+@pytest.mark.parametrize("policy", ["pregate", PolicySpec("expertflow", max_horizon=2)], ids=["pregate", "expertflow"])
+def test_scoring_policies_prefetch_on_every_device(policy):
+    """Each device keeps its own columns of every later router's top-k and prefetches them into its own slots
+    (batch 2, 2 of 8 slots per device): the resident tokens, and every device's prefetches land and are used."""
+    model = _model("random16", None)
+    ref = ef_jax.generate(model, PROMPTS[:2], max_new_tokens=NEW).tokens
+    offload = OffloadConfig(slots_per_layer=2, policy=policy, step="device", check=True)
+    res = ef_jax.generate(on_mesh(model, expert_mesh(2)), PROMPTS[:2], max_new_tokens=NEW, offload=offload)
+    assert res.tokens == ref
+    per = res.stats["per_device"]
+    assert all(p["cache_prefetch_issued"] > 0 and p["cache_prefetch_used"] > 0 for p in per), per
+    assert sum(p["cache_prefetch_issued"] for p in per) == res.stats["cache_prefetch_issued"]
 
 
 def test_refusals(tiny_checkpoint):

@@ -111,13 +111,13 @@ def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, pool, stacks, layers: r
 
 
 def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.DeviceCache, pool, stacks,
-             after=None):
+             after=None, local=None):
     """Pre-gate predictions from MoE layer j's hidden state [B, T, D] (j = −1: the embeddings) and their
-    prefetches. Returns (state, pool, scores f32[L, B, E])."""
+    prefetches (local: a mesh device's columns, dp.predict_from). Returns (state, pool, scores f32[L, B, E])."""
     scores = pregate_scores(scorer, hidden)
     p = state.policy
     floor = dp.precision_floor(plan.policy, p, state.hits.sum(), state.misses.sum())
-    p, want, rank = dp.predict_from(plan.policy, p, j, scores, rows_real, cfg.top_k, floor)
+    p, want, rank = dp.predict_from(plan.policy, p, j, scores, rows_real, cfg.top_k, floor, local)
     layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, len(stacks)))
     state, pool = _prefetch_all(plan, state.replace(policy=p), pool, stacks, layers, want, rank, after)
     return state, pool, scores

@@ -11,8 +11,10 @@ Everything on the host side (the held outputs, the routing log, begin_step) is t
 (DeviceStepExperts); what differs is where the state lives (a leading device axis), the program, and the stats
 (totals and `per_device`, as the layer-mode mesh reports them).
 
-Policies: those whose decisions on a device depend on that device's experts alone — lru, lfu, nocache
-(ef_jax.cache.support.MESH_DEVICE_POLICIES; the support table refuses the rest, naming the fix). The budget
+Policies: lru, lfu, nocache, pregate, expertflow — each device decides from its own experts' routing and its own
+columns of the pre-gate top-k (ef_jax.cache.support.MESH_DEVICE_POLICIES); predictive's routing-path table is one
+over every expert, refused by the support table, naming the fix. A calibrated copy/layer ratio (expertflow) is
+measured on the first device and sent to every device. The budget
 (expert_memory bytes or slots_per_layer) applies to each device, as in the layer-mode mesh. One process (a mesh
 over several hosts runs step="layer").
 
@@ -29,7 +31,8 @@ from ef_jax.engine.programs import device_cache as dc
 from ef_jax.engine.programs.device_step import StepPlan
 from ef_jax.engine.programs.mesh_step import MeshLayout, mesh_layer, mesh_step
 from ef_jax.engine.sources.base import Capabilities, SourceStats
-from ef_jax.engine.sources.calibrate import device_policy_for
+from ef_jax.engine.sources.calibrate import RatioClock, copy_seconds, device_policy_for
+from ef_jax.engine.sources.context import policy_context
 from ef_jax.engine.sources.device_experts import DeviceStepExperts
 from ef_jax.engine.sources.mesh_experts import mesh_slots, mesh_stores
 from ef_jax.engine.telemetry.counters import HostCounters
@@ -38,6 +41,7 @@ from ef_jax.engine.transfer.store import ExpertStore
 from ef_jax.mesh import EXPERT_AXIS, check_mesh, mesh_devices, replicated
 from ef_jax.model import Model
 from ef_jax.models.moe import Routing
+from ef_jax.policies.pregate import PregateScorer
 
 
 def mesh_step_stores(model: Model, layout: MeshLayout) -> list[ExpertStore]:
@@ -77,18 +81,28 @@ class MeshDeviceStepExperts(DeviceStepExperts):
         n, L, E_max = part.num_devices, len(cfg.moe_layer_ids), part.max_size
         self.bytes_per_expert = bpe = self.stores[0].bytes_per_expert
         self.slots, self.budget_auto = mesh_slots(offload, L, cfg.top_k, part, bpe), None
-        self.policy, _ = device_policy_for(offload.policy, cfg.top_k, cfg.vocab_size)
+        self.policy, fixed_ratio = device_policy_for(offload.policy, cfg.top_k, cfg.vocab_size)
         self.policy_name, self.flush = self.policy.kind, self.policy.kind == "nocache"
         self.hint_width, self.hidden_point, self.scorer_args, self.ratio_clock, self._ratio = 0, None, None, None, 0.0
         self._replicated = replicated(model.mesh)
+        self._split = NamedSharding(self.mesh, P(EXPERT_AXIS))
+        if self.policy.scoring:  # every later layer's router, replicated: each device keeps its own experts' top-k
+            self.scorer_args = jax.device_put(PregateScorer.from_context(
+                self.policy.kind, policy_context(model)).stacked(), self._replicated)
+        if self.policy.adaptive:  # one copy/layer time ratio for every device (the same kind of device and link)
+            if fixed_ratio is None:
+                st = self.stores[0]
+                self.ratio_clock = RatioClock(copy_seconds(bpe, st.device_sharding, st.host_sharding), L)
+            else:
+                self._ratio = float(fixed_ratio)
         self.stacks = tuple(_assemble(self.mesh, P(EXPERT_AXIS), (n * E_max,) + self.stores[0].arrays[j].shape[1:],
                                       [st.arrays[j] for st in self.stores], "pinned_host") for j in range(L))
         pools = [st.empty_pools(self.slots) for st in self.stores]
         self.pool = jax.tree.map(lambda *a: _assemble(self.mesh, P(None, EXPERT_AXIS),
                                                       (L, n * self.slots) + a[0].shape[2:], a), *pools)
-        one = jax.device_get(dc.init_cache(L, E_max, self.slots, SingleDeviceSharding(self.devices[0]), self.policy))
-        self.state = jax.device_put(jax.tree.map(lambda a: np.stack([a] * n), one),
-                                    NamedSharding(self.mesh, P(EXPERT_AXIS)))
+        one = jax.device_get(dc.init_cache(L, E_max, self.slots, SingleDeviceSharding(self.devices[0]), self.policy,
+                                           self._ratio))
+        self.state = jax.device_put(jax.tree.map(lambda a: np.stack([a] * n), one), self._split)
         self.recording, self._record, self._routing_log = False, [], []
         self.counts = np.zeros((n, len(dc.COUNTERS), L), np.int64)  # the latest counters read back, per device
         self._step_counts: list[np.ndarray] = []  # per step: counters i32[n, C, L] after it (cumulative)
@@ -105,10 +119,29 @@ class MeshDeviceStepExperts(DeviceStepExperts):
             raise ValueError("recording the device policy's inputs (the host twin) runs on one device")
 
     # ---- the step --------------------------------------------------------------------------------------------
+    def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
+        """real bool[N]: which of the step's tokens are not padding; a moved copy/layer ratio goes to every device."""
+        if len(self._pending) >= 256:
+            self._collect()
+        self._real = np.asarray(real, bool)
+        self._tokens = np.asarray(last_tokens, np.int32).reshape(-1)
+        if self.ratio_clock is not None:
+            self.ratio_clock.finished()
+            new = self.ratio_clock.update()
+            if new is not None:
+                self._ratio = float(np.float32(new))
+                p = self.state.policy
+                ratio = jax.device_put(np.full(self.num_devices, self._ratio, np.float32), self._split)
+                self.state = self.state.replace(policy=p.replace(ratio=ratio))
+                self.counters.dispatches += 1
+
     def step(self, kinds, params, x, caches, positions, write_idx, valid, tokens=None):
         """Every layer of the step in one program over the mesh. Returns (x, caches, routings per layer)."""
+        if self.ratio_clock is not None:
+            self.ratio_clock.started()
         out = mesh_step(self.cfg, kinds, self._plan(), self.layout, tuple(params["layers"]), x, tuple(caches),
-                        positions, write_idx, valid, self._real_device(), self.pool, self.state, self.stacks)
+                        positions, write_idx, valid, self._real_device(), self.pool, self.state, self.stacks,
+                        self.scorer_args)
         x, caches, routings, routed, self.pool, self.state, counters = out
         self.counters.dispatches += 1
         self._hold(routed, counters, None)
@@ -180,7 +213,9 @@ class MeshDeviceStepExperts(DeviceStepExperts):
         c = np.stack(self._step_counts).sum(1)                     # [steps, C, L] cumulative
         d = np.diff(c, axis=0, prepend=np.zeros_like(c[:1]))
         i = {k: n for n, k in enumerate(dc.COUNTERS)}
-        return {"demand_misses": d[:, i["misses"]].sum(-1).tolist(),
+        per = lambda k: d[:, i[k]].sum(-1).tolist()  # noqa: E731
+        return {"demand_misses": per("misses"), "prefetch_issued": per("prefetches"),
+                "prefetch_used": per("prefetch_used"), "prefetch_wasted": per("wasted"), "late": per("late"),
                 "h2d_bytes": ((d[:, i["misses"]] + d[:, i["prefetches"]]).sum(-1)
                               * self.bytes_per_expert).tolist()}
 
@@ -200,15 +235,18 @@ class MeshDeviceStepExperts(DeviceStepExperts):
     def stats(self) -> SourceStats:
         """Totals over the devices and `per_device` (hits, misses, copies of each device's own cache)."""
         self._collect()
+        c = {k: n for n, k in enumerate(dc.COUNTERS)}
         per = tuple(self._stats_of(self.counts[d], detail={
-            "device": str(dev), "experts": self.layout.sizes[d], "extra_passes": int(self.counts[d][4].sum())})
+            "device": str(dev), "experts": self.layout.sizes[d], "extra_passes": int(self.counts[d][c["passes"]].sum()),
+            "horizon": int(self.counts[d][c["horizon"], 0])})  # the horizon in force on this device (expertflow)
             for d, dev in enumerate(self.devices))
-        total = self.counts.sum(0)
+        total = self.counts.sum(0)                                   # i32[C, L] (the horizon row: meaningless)
         host = {k: sum(st.host_bytes()[k] for st in self.stores) for k in ("host_bytes_pinned", "host_bytes_mapped")}
         detail = {"extra_passes": int(total[dc.COUNTERS.index("passes")].sum()),
                   "layer_hits": total[dc.COUNTERS.index("hits")].tolist(),
                   "layer_misses": total[dc.COUNTERS.index("misses")].tolist(),
                   "step_readbacks": self.readbacks, "readback_waits": self.readback_waits,
+                  "cache_prefetch_wasted": int(total[c["wasted"]].sum()), "late_misses": int(total[c["late"]].sum()),
                   "policy_on_device": True, "experts_per_device": list(self.layout.sizes),
                   "device_steps": self.per_step(), **host}
         return self._stats_of(total, devices=self.num_devices, per_device=per, detail=detail)
