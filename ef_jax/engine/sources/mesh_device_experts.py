@@ -119,21 +119,9 @@ class MeshDeviceStepExperts(DeviceStepExperts):
             raise ValueError("recording the device policy's inputs (the host twin) runs on one device")
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def begin_step(self, last_tokens: np.ndarray, real: np.ndarray) -> None:
-        """real bool[N]: which of the step's tokens are not padding; a moved copy/layer ratio goes to every device."""
-        if len(self._pending) >= 256:
-            self._collect()
-        self._real = np.asarray(real, bool)
-        self._tokens = np.asarray(last_tokens, np.int32).reshape(-1)
-        if self.ratio_clock is not None:
-            self.ratio_clock.finished()
-            new = self.ratio_clock.update()
-            if new is not None:
-                self._ratio = float(np.float32(new))
-                p = self.state.policy
-                ratio = jax.device_put(np.full(self.num_devices, self._ratio, np.float32), self._split)
-                self.state = self.state.replace(policy=p.replace(ratio=ratio))
-                self.counters.dispatches += 1
+    def _ratio_on_device(self) -> jax.Array:
+        """The calibrated copy/layer ratio for every device's policy state: f32[n]."""
+        return jax.device_put(np.full(self.num_devices, self._ratio, np.float32), self._split)
 
     def step(self, kinds, params, x, caches, positions, write_idx, valid, tokens=None):
         """Every layer of the step in one program over the mesh. Returns (x, caches, routings per layer)."""
