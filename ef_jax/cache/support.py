@@ -23,6 +23,9 @@ from ef_jax.policies.registry import POLICIES, PolicySpec, policy_label
 # KINDS; tests/cache/test_support.py checks the two agree)
 DEVICE_POLICIES = ("nocache", "lru", "lfu", "pregate", "expertflow", "predictive")
 MESH_POLICIES = ("lru", "lfu", "nocache")   # a device's cache sees only its own experts: no predictor
+# step="device" on a mesh (ef_jax.engine.programs.mesh_step): each device's policy decides from its own experts'
+# routing (and, scoring, its own columns of every router's top-k), with no state shared across devices
+MESH_DEVICE_POLICIES = ("nocache", "lru", "lfu", "pregate", "expertflow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,11 +171,15 @@ ROWS: tuple[Row, ...] = (
     Row("devices", lambda r: r.num_experts is not None and r.devices > r.num_experts,
         "<devices={r.devices}>: the model has {r.num_experts} experts per MoE layer, and every device must own at "
         "least one: use <devices={r.num_experts}> or fewer"),
-    Row("policy", lambda r: _MESH(r) and not (r.policy_by_name and r.policy in MESH_POLICIES),
+    Row("policy", lambda r: _MESH(r) and r.step != "device" and not (r.policy_by_name and r.policy in MESH_POLICIES),
         "on a mesh of <devices={r.devices}> each device caches only its own experts, so the offload policy is one "
         f"of {', '.join(MESH_POLICIES)} by name; <policy={{r.policy}}> runs on one device"),
-    Row("step", lambda r: _MESH(r) and r.step == "device",
-        "<step=device> runs on one device: on a mesh of <devices={r.devices}> use <step=layer>"),
+    Row("policy", lambda r: _MESH(r) and r.step == "device"
+        and not (r.policy_by_name and r.policy in MESH_DEVICE_POLICIES),
+        "<step=device> on a mesh of <devices={r.devices}> runs one cache per device inside one shard_map, each "
+        "deciding from its own experts' routing, so the policy is one of "
+        f"{', '.join(MESH_DEVICE_POLICIES)}; <policy={{r.policy}}> keeps one routing-path table over every expert "
+        "(no device holds it): use one device (drop <devices>)"),
     Row("routing", lambda r: _MESH(r) and r.routing != "exact",
         "<routing=cache-aware> reads one device's cache: use <routing=exact> on a mesh of <devices={r.devices}>"),
     Row("timing", lambda r: _MESH(r) and r.timing,

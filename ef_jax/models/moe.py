@@ -151,9 +151,15 @@ def moe_combine(p: dict, cfg: ModelConfig, x: jax.Array, routing: Routing, pool:
     else:
         y = expert_ffn(x, slots, routing.weights, pool, kernel=kernel)
     if cfg.shared_intermediate and include_shared:
-        s = p["shared"]
-        shared = swiglu(x, s["gate"], s["up"], s["down"])
-        if cfg.shared_expert_gate:
-            shared = jax.nn.sigmoid(x @ p["shared_gate"]) * shared
-        y = y + shared
+        y = y + shared_output(p, cfg, x)
     return y
+
+
+def shared_output(p: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The shared expert's output (gated where the family gates it) for normalised x [N, D] → [N, D]; the caller
+    checks cfg.shared_intermediate."""
+    s = p["shared"]
+    shared = swiglu(x, s["gate"], s["up"], s["down"])
+    if cfg.shared_expert_gate:
+        shared = jax.nn.sigmoid(x @ p["shared_gate"]) * shared
+    return shared

@@ -44,7 +44,7 @@ REQUESTS = [
     R(offloaded=False, devices=8, devices_available=4),
     R(offloaded=False, devices=4, devices_available=4, num_experts=2),
     mesh(policy="expertflow"),
-    mesh(step="device"),
+    mesh(step="device", policy="predictive", predictor=True),
     mesh(routing="cache-aware"),
     mesh(timing=True),
     mesh(timeline=True),
@@ -121,7 +121,7 @@ MODEL_ROWS = [  # refused by the Forward (so by generate, logits, evaluate_polic
     (False, dict(step="device"), dict(layers_per_group=2), "runs every layer in one program"),
     (True, dict(policy="expertflow"), {}, "runs on one device"),
     (True, dict(policy=LRU()), {}, "by name"),  # one object cannot be every device's policy
-    (True, dict(step="device"), {}, "on a mesh of 2 devices use step='layer'"),
+    (True, dict(step="device", policy=PolicySpec("predictive", predictor="online")), {}, "runs one cache per device"),
     (True, dict(routing="cache-aware"), {}, "reads one device's cache"),
     (True, dict(timing="h100"), {}, "models one copy stream"),
     (True, dict(record_timeline="t.json"), {}, "records one device's engine"),

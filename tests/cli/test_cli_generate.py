@@ -145,14 +145,15 @@ def test_step_device_prints_the_resident_text(tiny_checkpoint, capsys):
 
 
 def test_devices_split_the_experts_and_keep_the_text(tiny_checkpoint, capsys):
-    """--devices 2 (two of the four host devices tests/conftest.py makes), offloaded: the same tokens as one device,
-    the stats per device (resident meshes: tests/test_mesh.py)."""
+    """--devices 2 (two of the four host devices tests/conftest.py makes), offloaded in the layer mode and in the
+    device step: the same tokens as one device, the stats per device (resident meshes: tests/test_mesh.py)."""
     argv = ["generate", "--model", tiny_checkpoint("qwen3moe-norm"), "--prompt-ids", "3 4 5", "--max-new-tokens", "4"]
     assert cli.main(argv) == 0
     one = capsys.readouterr().out
-    assert cli.main(argv + ["--devices", "2", "--slots-per-layer", "2"]) == 0
-    got = capsys.readouterr()
-    assert got.out == one and "per device | cpu:0: hit rate" in got.err and "cpu:1: hit rate" in got.err
+    for step in ("layer", "device"):
+        assert cli.main(argv + ["--devices", "2", "--slots-per-layer", "2", "--step", step]) == 0
+        got = capsys.readouterr()
+        assert got.out == one and "per device | cpu:0: hit rate" in got.err and "cpu:1: hit rate" in got.err, step
 
 
 def _tiny_trace(path: str, model_cfg, n_prompts: int = 5, n_tokens: int = 24) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ef_jax
-from ef_jax import OffloadConfig
+from ef_jax import OffloadConfig, PolicySpec
 from ef_jax.cache.partition import ExpertPartition
 from ef_jax.mesh import EXPERT_AXIS, expert_mesh, on_mesh
 from ef_jax.model import DEFAULT_MODEL_DIR
@@ -164,7 +164,9 @@ def test_mesh_refusals(tiny_checkpoint):
         expert_mesh(64)
     mm = on_mesh(model, expert_mesh(2))
     for offload, match in ((OffloadConfig(slots_per_layer=2, policy="expertflow"), "runs on one device"),
-                           (OffloadConfig(slots_per_layer=2, step="device"), "step='device' runs on one device"),
+                           (OffloadConfig(slots_per_layer=2, step="device",
+                                          policy=PolicySpec("predictive", predictor="online")),
+                            "runs one cache per device"),
                            (OffloadConfig(expert_memory="auto"), "per device"),
                            (OffloadConfig(slots_per_layer=2, routing="cache-aware"), "routing='exact'")):
         with pytest.raises(ValueError, match=match):

@@ -9,7 +9,7 @@ tokens → embed → per segment:
        chains_attention runs the next MoE layer's attend_route at the end of this layer's expert program
        (experts_then_attend): one dispatch per MoE layer, not two
    device step (OffloadConfig(step="device"), untapped): every layer and the expert cache in one program
-       (ef_jax.engine.programs.device_step)
+       (ef_jax.engine.programs.device_step; on a mesh, every device's cache in one shard_map: mesh_step)
 → hidden [B, T, D]   (the decode loop, ef_jax.engine.loop.decode, applies the head)
 
 `Forward(model, offload=None)` builds the resident source, `Forward(model, OffloadConfig(...))` the offloaded one:
@@ -27,6 +27,7 @@ from ef_jax.engine.programs.layer import Attended, AttentionInputs, NextAttentio
 from ef_jax.engine.sources.base import ExpertSource, RouteOverride
 from ef_jax.engine.sources.device_experts import DeviceStepExperts
 from ef_jax.engine.sources.experts import OffloadedExperts, ResidentExperts
+from ef_jax.engine.sources.mesh_device_experts import MeshDeviceStepExperts
 from ef_jax.engine.sources.mesh_experts import MeshOffloadedExperts, MeshResidentExperts
 from ef_jax.engine.telemetry.counters import HostCounters
 from ef_jax.model import Model
@@ -230,8 +231,11 @@ def make_source(model: Model, offload: OffloadConfig | None, counters: HostCount
     """The expert source of a run: the one place a mode becomes a class (the Forward reads only its capabilities).
     ef_jax.support has refused what no source can do before this is called."""
     if model.mesh is not None:  # several devices: each holds its share of the experts (ef_jax.mesh)
-        return (MeshResidentExperts(model, counters) if offload is None
-                else MeshOffloadedExperts(model, offload, counters, kv_shape))
+        if offload is None:
+            return MeshResidentExperts(model, counters)
+        if offload.step == "device":
+            return MeshDeviceStepExperts(model, offload, counters, kv_shape)
+        return MeshOffloadedExperts(model, offload, counters, kv_shape)
     if offload is None:
         return ResidentExperts(model, counters)
     if offload.step == "device":

@@ -200,14 +200,17 @@ def gate_pass(policy: DevicePolicy, p: PolicyState, floor):
     return (n == 0) | (p.pred_hit.astype(jnp.float32) >= floor * n.astype(jnp.float32))
 
 
-def predict_from(policy: DevicePolicy, p: PolicyState, j: int, scores, rows_real, top_k: int, floor):
+def predict_from(policy: DevicePolicy, p: PolicyState, j: int, scores, rows_real, top_k: int, floor, local=None):
     """Predictions from MoE layer j's hidden state (j = −1: the embeddings) for layers j+1..j+H_max, all at once.
-    scores f32[L, B, E]. Returns (state, want bool[L, E]: the predictions within the horizon S that pass the gate
-    (kept, and prefetched where not resident), rank i32[L, E]: their priority)."""
+    scores f32[L, B, E]. local(a, fill): a mesh device's columns of an [L, E] array (its own experts' predictions
+    as its cache's ids), or None. Returns (state, want bool[L, E]: the predictions within the horizon S that pass
+    the gate (kept, and prefetched where not resident), rank i32[L, E]: their priority)."""
     L = p.count.shape[0]
     d = np.arange(L) - j
     reach = jnp.asarray((d >= 1) & (d <= policy.max_horizon))[:, None]  # bool[L, 1] (static)
     union, rank = top_union(scores, rows_real, top_k)                   # [L, E]
+    if local is not None:  # the top-k is over every expert; a mesh device keeps the ones it owns
+        union, rank = local(union, False), local(rank, scores.shape[-1])
     union = union & reach
     inside = (jnp.asarray(d)[:, None] <= p.horizon)                      # bool[L, 1]
     take = union & inside & gate_pass(policy, p, floor)[:, None]

@@ -62,17 +62,18 @@ def _expert_share(cfg, plan: StepPlan, j: int, p: dict, normed, routing: Routing
 
 
 def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing, real, pool, state: dc.DeviceCache,
-              stack):
+              stack, share=_expert_share):
     """h [B, T, D] + layer j's MoE output, its experts made resident first. real bool[N]: not padding.
+    share: what one pass adds (_expert_share's signature; a mesh device adds its own experts' partial sum).
     Returns (x, pool, state)."""
-    E, S, policy = cfg.num_experts, plan.slots, plan.policy
+    E, S, policy = state.slot_of_expert.shape[1], plan.slots, plan.policy  # E: the experts this cache holds
     needed = dc.needed_experts(routing.experts, real, E)               # bool[E]
     keep_real = jnp.broadcast_to(real[:, None], routing.experts.shape).astype(jnp.float32)
     state = state.replace(policy=dp.on_route(policy, state.policy, j, needed, state.slot_of_expert[j] >= 0))
     before = state.misses[j] + state.prefetch_used[j]
     if plan.max_passes == 1:  # N·K ≤ S: the union always fits
         state, pool = dc.demand(state, pool, stack, j, needed, plan.max_misses, policy)
-        x = h + _expert_share(cfg, plan, j, p, normed, routing, keep_real, pool, state, True).reshape(h.shape)
+        x = h + share(cfg, plan, j, p, normed, routing, keep_real, pool, state, True).reshape(h.shape)
         return x, pool, _after_demand(plan, j, state, before)
     rank = jnp.cumsum(needed, dtype=jnp.int32) - 1                       # i32[E]: position among the needed
     chunk_of = jnp.where(needed, rank // S, -1)                          # i32[E]: the pass that computes it
@@ -81,7 +82,7 @@ def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing,
         chunk = chunk_of == k
         state, pool = dc.demand(state, pool, stack, j, chunk, plan.max_misses, policy)
         keep = keep_real * chunk[routing.experts].astype(jnp.float32)
-        return x + _expert_share(cfg, plan, j, p, normed, routing, keep, pool, state, include_shared).reshape(h.shape), \
+        return x + share(cfg, plan, j, p, normed, routing, keep, pool, state, include_shared).reshape(h.shape), \
             pool, state
 
     x, pool, state = one_pass(0, h, pool, state, True)
@@ -110,13 +111,13 @@ def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, pool, stacks, layers: r
 
 
 def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.DeviceCache, pool, stacks,
-             after=None):
+             after=None, local=None):
     """Pre-gate predictions from MoE layer j's hidden state [B, T, D] (j = −1: the embeddings) and their
-    prefetches. Returns (state, pool, scores f32[L, B, E])."""
+    prefetches (local: a mesh device's columns, dp.predict_from). Returns (state, pool, scores f32[L, B, E])."""
     scores = pregate_scores(scorer, hidden)
     p = state.policy
     floor = dp.precision_floor(plan.policy, p, state.hits.sum(), state.misses.sum())
-    p, want, rank = dp.predict_from(plan.policy, p, j, scores, rows_real, cfg.top_k, floor)
+    p, want, rank = dp.predict_from(plan.policy, p, j, scores, rows_real, cfg.top_k, floor, local)
     layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, len(stacks)))
     state, pool = _prefetch_all(plan, state.replace(policy=p), pool, stacks, layers, want, rank, after)
     return state, pool, scores

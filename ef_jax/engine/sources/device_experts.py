@@ -104,10 +104,12 @@ class DeviceStepExperts(SourceDefaults):
             new = self.ratio_clock.update()
             if new is not None:  # the calibrated ratio moved: the device's copy of it is replaced (no sync)
                 self._ratio = float(np.float32(new))
-                p = self.state.policy
-                self.state = self.state.replace(policy=p.replace(ratio=jax.device_put(
-                    np.float32(new), self.stacks.device_sharding)))
+                self.state = self.state.replace(policy=self.state.policy.replace(ratio=self._ratio_on_device()))
                 self.counters.dispatches += 1
+
+    def _ratio_on_device(self) -> jax.Array:
+        """The policy state's ratio f32[] as the device holds it."""
+        return jax.device_put(np.float32(self._ratio), self.stacks.device_sharding)
 
     def step(self, kinds, params, x, caches, positions, write_idx, valid, tokens=None):
         """Every layer of the step in one program. tokens i32[B, T] on the device (the predictive policy reads
