@@ -7,7 +7,8 @@ Axes: N tokens (B·T flattened), D model, E experts, K top-k, S slots, F expert 
 
 Quantized experts (ef_jax.quant): the pool is then a QuantExpertPool (int8/int4 codes + float16 scales), and the
 expert FFN dequantizes inside its own jitted computation only the weights it reads (the K gathered slots per token
-in decode, the pool in prefill). The float ExpertPool path is unchanged.
+in decode, the pool in prefill), a block at a time when that would write more than a bound (expert_blocks); bf16
+experts under float32 compute are upcast the same way.
 
 The block is a pure function of (block params, routing, slot pool, slot_of_expert), so the same code runs
 all-resident (pool = every expert, slot_of_expert = identity) and offloaded (pool = a few device slots that the
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from ef_jax import pytree
 
 from ef_jax.config import ModelConfig
+from ef_jax.models import expert_blocks
 from ef_jax.models.layers import swiglu
 from ef_jax.quant.pool import QuantExpertPool
 
@@ -66,30 +68,30 @@ def route(p: dict, cfg: ModelConfig, x: jax.Array) -> Routing:
     return Routing(logits=logits, experts=experts.astype(jnp.int32), weights=weights)
 
 
-def _matrices(pool, slot_ids, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(gate, up, down) of `slot_ids` (None: every slot): [*idx, D, F], [*idx, D, F], [*idx, F, D]. A float pool
-    is indexed as it is; a quantized one is dequantized to `dtype` here, inside the caller's jit."""
-    if isinstance(pool, QuantExpertPool):
-        return tuple(pool.matrix(m, slot_ids, dtype) for m in ("gate", "up", "down"))
-    # experts are held in their stored dtype (bf16 under float32 compute): upcast what is read, here (exact)
-    pick = (lambda a: a) if slot_ids is None else (lambda a: a[slot_ids])
-    return tuple(pick(a).astype(dtype) for a in (pool.gate, pool.up, pool.down))
-
-
 def expert_ffn_gather(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_dtype=None) -> jax.Array:
     """Decode regime: gather the K selected slots per token, then SwiGLU. x [N, D], slot_ids i32[N, K] → [N, D]
-    (out_dtype, default x's). pool: ExpertPool or QuantExpertPool."""
-    g, u, d = _matrices(pool, slot_ids, x.dtype)  # [N, K, D, F] / [N, K, F, D]
+    (out_dtype, default x's). pool: ExpertPool or QuantExpertPool. When converting the N·K gathered slots
+    (dequantizing, or upcasting bf16 to f32) would write more than expert_blocks.CONVERT_BLOCK_BYTES, the pairs run
+    in blocks (expert_blocks.gather_blocked)."""
+    per = expert_blocks.per_block(pool, x.dtype)
+    if per is not None and slot_ids.size > per:
+        return expert_blocks.gather_blocked(x, slot_ids, weights, pool, per, out_dtype)
+    g, u, d = expert_blocks.matrices(pool, slot_ids, x.dtype)  # [N, K, D, F] / [N, K, F, D]
     h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, g)) * jnp.einsum("nd,nkdf->nkf", x, u)
     y = jnp.einsum("nkf,nkfd->nkd", h, d, preferred_element_type=jnp.float32)
     return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32)).astype(out_dtype or x.dtype)
 
 
 def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_dtype=None) -> jax.Array:
-    """Prefill regime: sort the N·K (token, slot) pairs by slot and run grouped matmuls. Same contract."""
+    """Prefill regime: sort the N·K (token, slot) pairs by slot and run grouped matmuls. Same contract. When
+    converting the whole pool (dequantizing, or upcasting bf16 to f32) would write more than
+    expert_blocks.CONVERT_BLOCK_BYTES, the slots run in blocks instead (expert_blocks.dense_blocked)."""
     N, K = slot_ids.shape
     S = pool.gate.shape[0]
-    gate, up, down = _matrices(pool, None, x.dtype)                # [S, D, F], [S, D, F], [S, F, D]
+    per = expert_blocks.per_block(pool, x.dtype)
+    if per is not None and S > per:
+        return expert_blocks.dense_blocked(x, slot_ids, weights, pool, per, out_dtype)
+    gate, up, down = expert_blocks.matrices(pool, None, x.dtype)   # [S, D, F], [S, D, F], [S, F, D]
     flat = slot_ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token_of_pair = order // K
