@@ -8,15 +8,19 @@ slots, more than the int4 pool itself (0.3 GB), and on the CPU backend that "dev
 CONVERT_BLOCK_BYTES the two formulations of ef_jax.models.moe run as a loop whose body converts one block:
 
   gather (decode):  pairs (n, k) in blocks of c → convert c slots [c, D, F] → SwiGLU per pair → y[n, k] → Σ_k w·y
-  dense (prefill):  slots in blocks of b → convert b slots [b, D, F] → SwiGLU of every token through each of them
-                    → Σ over the block's slots with the combine weights comb[n, s] = Σ_k w[n, k]·[slot[n, k] = s]
+  dense (prefill):  the distinct slots the pairs use, in blocks of b → convert b slots [b, D, F] → SwiGLU of every
+                    token through each of them → Σ over the block with the combine weights
+                    w[n, s] = Σ_k w[n, k]·[slot[n, k] = s] (0 for a slot token n did not choose)
 
-A lax loop (not a Python one, and each body under a cond: see _loop) so that XLA reuses one block's buffers: the program's temporaries stay about one
-block whatever the pool size. The dense form multiplies every token by every slot of the block (S·N products,
-no grouping): where ragged_dot is lowered densely (the CPU backend: G·N·K products) it is also K× less work.
+A lax loop (not a Python one; each body under a cond, see _loop) so that XLA reuses one block's buffers: the
+program's temporaries stay about one block whatever the pool size. The dense form multiplies every token by every used slot (U·N products, U ≤ S, no
+grouping): where ragged_dot is lowered densely (the CPU backend: S·N·K products) it is also less work. Neither form
+needs one layer's slots apart, so a caller holding a stacked pool [L, S, ...] passes it seen as [L·S, ...]
+(ef_jax.engine.programs.layer.layer_view) instead of copying the layer out.
 Pools read in their own dtype (bf16 under bf16 compute) convert nothing and never come here.
 
-Axes: N tokens, K top-k, P = N·K pairs, S slots, D model, F expert FFN width, c pairs / b slots per block.
+Axes: N tokens, K top-k, P = N·K pairs, S slots, U distinct slots used, D model, F expert FFN width,
+c pairs / b slots per block.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def per_block(pool, dtype, limit: int = CONVERT_BLOCK_BYTES) -> int | None:
     return None if per_slot == 0 else max(1, limit // per_slot)
 
 
-def _loop(n: int, body, init):
+def _loop(n, body, init):
     """lax.fori_loop(0, n, body, init), each body under a cond on i < n (always true). XLA's CPU backend computes a
     bf16 gather in f32, and in a bare loop body it hoists that upcast of the loop-invariant pool out of the loop:
     the whole pool converted once (2.3 GB for a DeepSeek-V2-Lite layer of bf16 experts under f32; an optimization
@@ -88,26 +92,38 @@ def gather_blocked(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, 
     return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32)).astype(out_dtype or x.dtype)
 
 
+def used_slots(slot_ids: jax.Array, weights: jax.Array, num_slots: int, pad: int) -> tuple[jax.Array, jax.Array]:
+    """The distinct slots that pairs with a non-zero weight read, ascending: (i32[U + pad], zeros after the first
+    `count`; i32[] count), U = min(N·K, num_slots) (at most that many can differ)."""
+    U = min(slot_ids.size, num_slots)
+    flat = jnp.where(weights.reshape(-1) != 0, slot_ids.reshape(-1), num_slots)  # num_slots: a pair left out
+    srt = jnp.sort(flat)
+    first = jnp.concatenate([jnp.ones(1, bool), srt[1:] != srt[:-1]]) & (srt < num_slots)
+    at = jnp.where(first, jnp.cumsum(first) - 1, U + pad)  # out of range: dropped
+    return jnp.zeros(U + pad, jnp.int32).at[at].set(srt, mode="drop"), first.sum(dtype=jnp.int32)
+
+
 def dense_blocked(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, slots_per_block: int,
                   out_dtype=None) -> jax.Array:
-    """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]) with the pool's S slots in blocks of `slots_per_block`: each
-    block converts its slots and runs every token through them, weighted by the combine weights (0 for a slot a
-    token did not choose). x [N, D], slot_ids i32[N, K], weights f32[N, K] → [N, D] (out_dtype, default x's)."""
+    """Σ_k weights[n,k] · FFN_{slot_ids[n,k]}(x[n]) over the slots the pairs use, `slots_per_block` at a time:
+    each block converts its slots and runs every token through them, weighted by the combine weights (0 for a slot
+    a token did not choose). Slots no pair reads (with a non-zero weight) are never converted, so `pool` may be a
+    stacked pool seen as [L·S, ...] (no copy of one layer's slots) with slot_ids pointing into one layer's block.
+    x [N, D], slot_ids i32[N, K], weights f32[N, K] → [N, D] (out_dtype, default x's)."""
     N, K = slot_ids.shape
-    S = pool.gate.shape[0]
-    b = min(slots_per_block, S)
-    comb = jnp.zeros((N, S), jnp.float32).at[jnp.arange(N)[:, None], slot_ids].add(weights.astype(jnp.float32))
+    b = min(slots_per_block, N * K, pool.gate.shape[0])
+    used, count = used_slots(slot_ids, weights, pool.gate.shape[0], b)  # i32[U + b], i32[]
+    weights = weights.astype(jnp.float32)
 
     def body(i, acc):
-        # the last block is shifted back to end at S; slots an earlier block already counted get weight 0
-        start = jnp.minimum(i * b, S - b)
-        ids = start + jnp.arange(b, dtype=jnp.int32)                        # i32[b]
-        w = jnp.where(ids >= i * b, jax.lax.dynamic_slice_in_dim(comb, start, b, axis=1), 0.0)  # f32[N, b]
-        g, u, d = matrices(pool, ids, x.dtype)                              # [b, D, F], [b, D, F], [b, F, D]
+        ids = jax.lax.dynamic_slice_in_dim(used, i * b, b)                 # i32[b]
+        live = i * b + jnp.arange(b) < count                               # bool[b]: past `count` is padding
+        hit = (slot_ids[:, :, None] == ids) & live                         # bool[N, K, b]
+        w = jnp.where(hit, weights[:, :, None], 0.0).sum(axis=1)           # f32[N, b] combine weights
+        g, u, d = matrices(pool, ids, x.dtype)                             # [b, D, F], [b, D, F], [b, F, D]
         h = jax.nn.silu(jnp.einsum("nd,bdf->bnf", x, g)) * jnp.einsum("nd,bdf->bnf", x, u)
         y = jnp.einsum("bnf,bfd->bnd", h, d, preferred_element_type=jnp.float32)
         return acc + jnp.einsum("bnd,nb->nd", y, w)
 
-    acc = _loop(-(-S // b), body, jnp.zeros((N, x.shape[-1]), jnp.float32))
+    acc = _loop((count + b - 1) // b, body, jnp.zeros((N, x.shape[-1]), jnp.float32))
     return acc.astype(out_dtype or x.dtype)
-

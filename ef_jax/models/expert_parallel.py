@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from ef_jax import pytree
 from jax.sharding import PartitionSpec as P
 
-from ef_jax.models.moe import GATHER_MAX_PAIRS, expert_ffn
+from ef_jax.models.moe import expert_ffn, slices_layer
 
 
 @pytree.dataclass
@@ -40,14 +40,15 @@ class MeshPool:
         return expert_parallel_ffn(x, experts, slots, weights, self, kernel)
 
 
-def _local_view(pool, layer, pairs: int):
+def _local_view(pool, layer, pairs: int, dtype):
     """A device's block → (pool to read, slot offset): per-layer blocks are read as they are; a stacked [L, S, ...]
-    block is flattened to [L·S, ...] for decode (a gather needs no copy of the layer's slots) or sliced at `layer`
-    for prefill (grouped matmuls over the layer's S slots)."""
+    block is flattened to [L·S, ...] for decode and for a pool converted in blocks (neither needs a copy of the
+    layer's slots, see moe.slices_layer) or sliced at `layer` for an unblocked prefill (grouped matmuls over the
+    layer's S slots)."""
     if layer is None:
         return pool, 0
     L, S = jax.tree.leaves(pool)[0].shape[:2]
-    if pairs <= GATHER_MAX_PAIRS:
+    if not slices_layer(pool, S, pairs, dtype):
         return jax.tree.map(lambda a: a.reshape((L * S,) + a.shape[2:]), pool), layer * S
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), pool), 0
 
@@ -63,7 +64,7 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, slots: jax.Array, weig
 
     def local(x, experts, slots, weights, pool, layer):
         mine = owner[experts] == jax.lax.axis_index(mp.axis)  # bool[N, K]: pairs this device computes
-        view, offset = _local_view(pool, layer if stacked else None, slots.size)
+        view, offset = _local_view(pool, layer if stacked else None, slots.size, x.dtype)
         y = expert_ffn(x, jnp.where(mine, slots + offset, 0), jnp.where(mine, weights, 0.0), view,
                        out_dtype=jnp.float32, kernel=kernel)
         return jax.lax.psum(y, mp.axis)

@@ -82,10 +82,21 @@ def expert_ffn_gather(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, poo
     return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32)).astype(out_dtype or x.dtype)
 
 
+def slices_layer(pool, slots: int, pairs: int, dtype) -> bool:
+    """Whether expert_ffn over `pairs` (token, expert) pairs of a layer's `slots` slots, computed in `dtype`, reads
+    the layer's pool whole (the grouped formulation, unblocked). Only then does a caller holding a stacked pool
+    [L, S, ...] (`pool`) slice the layer out; the gather and the blocked forms read just the slots they need from
+    the stacked pool seen as [L·S, ...], and slicing it would copy the layer (0.3 GB of int4 DeepSeek-V2-Lite
+    experts, 1.1 GB of bf16 ones) for nothing."""
+    per = expert_blocks.per_block(pool, dtype)
+    return pairs > GATHER_MAX_PAIRS and (per is None or slots <= per)
+
+
 def expert_ffn_grouped(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, out_dtype=None) -> jax.Array:
     """Prefill regime: sort the N·K (token, slot) pairs by slot and run grouped matmuls. Same contract. When
     converting the whole pool (dequantizing, or upcasting bf16 to f32) would write more than
-    expert_blocks.CONVERT_BLOCK_BYTES, the slots run in blocks instead (expert_blocks.dense_blocked)."""
+    expert_blocks.CONVERT_BLOCK_BYTES, the slots the pairs use run in blocks instead (expert_blocks.dense_blocked).
+    (slices_layer says which of the two a given pool and size takes.)"""
     N, K = slot_ids.shape
     S = pool.gate.shape[0]
     per = expert_blocks.per_block(pool, x.dtype)

@@ -56,7 +56,7 @@ class StepPlan:
 def _expert_share(cfg, plan: StepPlan, j: int, p: dict, normed, routing: Routing, keep, pool, state: dc.DeviceCache,
                   include_shared):
     """Layer j's MoE output for the (token, expert) pairs with keep f32[N, K] = 1, read through its slot map."""
-    view, smap = layer_view(pool, state.slot_of_expert, j, routing.experts.size)  # absent experts have keep 0
+    view, smap = layer_view(pool, state.slot_of_expert, j, routing.experts.size, normed.dtype)  # absent: keep 0
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
     return moe_combine(p, cfg, normed, masked, view, smap, include_shared, kernel=plan.kernel)
 

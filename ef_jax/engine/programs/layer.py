@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ef_jax.engine.transfer.store import put_experts
-from ef_jax.models.moe import GATHER_MAX_PAIRS, ExpertPool, Routing, moe_combine
+from ef_jax.models.moe import ExpertPool, Routing, moe_combine, slices_layer
 from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
 
 
@@ -115,13 +115,14 @@ def _apply_table_updates(slot_of_expert, updates, reset):
     return jax.lax.fori_loop(0, updates.shape[0], body, soe)
 
 
-def layer_view(pool, slot_of_expert, j, pairs: int):
+def layer_view(pool, slot_of_expert, j, pairs: int, dtype):
     """MoE layer j of the stacked pool [L, S, ...] as (pool view, slot map i32[E]) for moe_combine. pairs: the
-    (token, expert) pairs routed (static). Decode gathers straight from the pool seen as [L·S, ...] (no copy of
-    layer j's slots: the map points into layer j's block); prefill runs grouped matmuls over layer j's S slots."""
+    (token, expert) pairs routed (static); dtype: of the compute (static). Decode, and a pool converted in blocks
+    (ef_jax.models.expert_blocks), read straight from the pool seen as [L·S, ...] (no copy of layer j's slots: the
+    map points into layer j's block); an unblocked prefill runs grouped matmuls over layer j's S slots."""
     L, S = pool.gate.shape[:2]
     smap = jnp.maximum(jax.lax.dynamic_index_in_dim(slot_of_expert, j, keepdims=False), 0)  # i32[E]
-    if pairs <= GATHER_MAX_PAIRS:
+    if not slices_layer(pool, S, pairs, dtype):
         return jax.tree.map(lambda a: a.reshape((L * S,) + a.shape[2:]), pool), smap + j * S
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False), pool), smap
 
@@ -134,7 +135,7 @@ def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, poo
                 for i, b in enumerate(bufs)]
         pool = put_experts(pool, jnp.concatenate(rows), moves[:n, 0], moves[:n, 1])
     soe = _apply_table_updates(slot_of_expert, moves[n:], reset)
-    view, smap = layer_view(pool, soe, j, routing.experts.size)
+    view, smap = layer_view(pool, soe, j, routing.experts.size, normed.dtype)
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
     y = moe_combine(p, cfg, normed, masked, view, smap, include_shared, kernel=kernel)
     return h + y.reshape(h.shape), pool, soe

@@ -86,7 +86,7 @@ def _local_share(cfg, plan: StepPlan, j: int, p: dict, normed, routing: Routing,
                  include_shared):
     """device_step._expert_share for one device of the mesh: its own pairs' f32 partial sum, no shared expert
     (added once, after the psum). An id E_max (a pair of another device) reads a clamped slot with weight 0."""
-    view, smap = layer_view(pool, state.slot_of_expert, j, routing.experts.size)
+    view, smap = layer_view(pool, state.slot_of_expert, j, routing.experts.size, normed.dtype)
     slots = smap[jnp.minimum(routing.experts, smap.shape[0] - 1)]
     return expert_ffn(normed, slots, routing.weights * keep, view, out_dtype=jnp.float32, kernel=plan.kernel)
 
