@@ -56,10 +56,13 @@ def _timed(cmd: list[str], env: dict) -> dict:
 
 def _stats(stdout: str) -> dict:
     try:
-        s = json.loads(stdout.strip().splitlines()[-1]).get("stats", {})
+        out = json.loads(stdout.strip().splitlines()[-1])
+        s = out.get("stats", {})
     except (ValueError, IndexError, AttributeError):
         return {}
-    return {k: s.get(k) for k in ("host_bytes_pinned", "host_bytes_mapped", "slots_per_layer", "bytes_per_expert")}
+    # the tokens too: a memory change must not change them (compare the rows of two runs)
+    return {"tokens": out.get("tokens"),
+            **{k: s.get(k) for k in ("host_bytes_pinned", "host_bytes_mapped", "slots_per_layer", "bytes_per_expert")}}
 
 
 def run_shape(shape: str, moe_layers: int, cases: list[str], work: str) -> dict:
