@@ -130,10 +130,10 @@ def layer_view(pool, slot_of_expert, j, pairs: int, dtype):
 def _offloaded_expert_pass(cfg, include_shared, p, h, normed, routing, keep, pool, slot_of_expert, j, bufs, moves,
                            reset, kernel):
     n = len(bufs)  # moves' first n rows place the buffers, the rest update the table (one host→device transfer)
-    if n:  # row moves[i, 2] of host array bufs[i] [n_i, W]: a slice, then a move (an async copy); one scatter
+    if n:  # row moves[i, 2] of host array bufs[i] [n_i, W]: a slice, then a move (an async copy); then written
         rows = [jax.device_put(jax.lax.dynamic_slice(b, (moves[i, 2], 0), (1, b.shape[1])), jax.memory.Space.Device)
                 for i, b in enumerate(bufs)]
-        pool = put_experts(pool, jnp.concatenate(rows), moves[:n, 0], moves[:n, 1])
+        pool = put_experts(pool, rows, moves[:n, 0], moves[:n, 1])
     soe = _apply_table_updates(slot_of_expert, moves[n:], reset)
     view, smap = layer_view(pool, soe, j, routing.experts.size, normed.dtype)
     masked = Routing(logits=routing.logits, experts=routing.experts, weights=routing.weights * keep)
