@@ -29,9 +29,10 @@ def test_host_timing_grows_with_tokens():
 
 
 def test_static_rules_and_refusal():
-    assert decide_layer("never", [3, 1], {}, None) == ([3, 1], [], [])
-    assert decide_layer("always", [3, 1], {}, None) == ([], [3, 1], [])
-    assert decide_layer("auto", [3, 1], {}, None) == ([3, 1], [], [])  # no clocks known: load, as without hosting
+    assert decide_layer("never", [3, 1], {}, None) == ([3, 1], [], [], [])
+    assert decide_layer("always", [3, 1], {}, None) == ([], [3, 1], [], [])
+    # no clocks known: load, and prefetch at once, as without hosting
+    assert decide_layer("auto", [3, 1], {}, None, wanted=[(2, 5)]) == ([3, 1], [], [], [(2, 5)])
     with pytest.raises(ValueError, match="host_compute='sometimes'"):
         decide_layer("sometimes", [1], {}, None)
 
@@ -59,7 +60,7 @@ def test_auto_hosts_what_hides_behind_compute_and_copies_it_in_the_idle_stream()
 
 def test_auto_loads_when_the_host_is_slow():
     slow = costs(host=HostTiming(bytes_per_s=10.0))  # 10 s per expert on the host
-    assert decide_layer("auto", [0, 1], {}, slow) == ([0, 1], [], [])
+    assert decide_layer("auto", [0, 1], {}, slow) == ([0, 1], [], [], [])
 
 
 def test_auto_hosts_the_experts_with_fewest_tokens():
@@ -91,8 +92,8 @@ def test_plan_layer_never_touches_resident_experts():
     cache.release(0)
     cache.end_step()
     cache.begin_step()
-    device, host, behind = plan_layer(cache, 0, [1, 2, 3], {}, "always", lambda r: None)
-    assert device == [1, 2] and host == [3] and behind == []
+    device, host, behind, fill = plan_layer(cache, 0, [1, 2, 3], {}, "always", lambda r: None)
+    assert device == [1, 2] and host == [3] and behind == [] and fill == []
 
 
 def test_replay_host_modes_count_and_time():

@@ -80,9 +80,9 @@ def test_engine_and_simulator_agree_on_every_decision(tiny_checkpoint, mode, pol
     sim_log = []
     sim = replay(trace, slots_per_layer=slots, policy=policy, timing="equal-rates", num_experts=cfg.num_experts,
                  host_compute=mode, decisions=sim_log)
-    norm = lambda log: [(j, sorted(a), sorted(b), sorted(c)) for j, a, b, c in log]  # the sim keeps router order
+    norm = lambda log: [(j, sorted(a), sorted(b), sorted(c), f) for j, a, b, c, f in log]  # sim: router order
     assert norm(engine_log) == norm(sim_log)
-    assert sum(len(h) for _, _, h, _ in sim_log) > 0
+    assert sum(len(h) for _, _, h, _, _ in sim_log) > 0
     assert (sim.hits, sim.misses, sim.host_computed) == (s["hits"], s["misses"], s["host_computed"])
     assert sim.stall_s == pytest.approx(s["stall_s"], rel=1e-9, abs=1e-12)
 
