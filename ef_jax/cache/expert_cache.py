@@ -164,6 +164,9 @@ class ExpertCache:
         among the layer's experts. behind: those of `host` the policy predicts to be reused: they are also
         copied into a slot, behind the demand loads, as a prefetch the layer does not wait for. fill: held
         prefetch requests (hold_prefetches; from held()) to load now, behind those."""
+        for l, e in fill:
+            if (l, e) not in self._held:
+                raise ValueError(f"fill: ({l}, {e}) is not a held prefetch request; take them from held()")
         loads = self.require(layer, experts)
         if host:
             self._on_host(layer, host)
@@ -172,8 +175,6 @@ class ExpertCache:
             self.host_behind += len(copied)
             loads += copied
         for l, e in fill:
-            if (l, e) not in self._held:
-                raise ValueError(f"fill: ({l}, {e}) is not a held prefetch request; take them from held()")
             del self._held[(l, e)]
             loads += self.prefetch(l, [e])
         loads += self._issue(self.policy.on_route(layer, self._last_required, self.view))
