@@ -114,12 +114,13 @@ class Split(NamedTuple):
     load: list    # copied into a slot; the layer waits for them
     host: list    # computed on the host this time
     behind: list  # of `host`: also copied into a slot, behind the layer, for its next use (the layer does not wait)
-    fill: list    # held prefetch requests (layer, expert) of later layers, copied now, behind `behind`
+    fill: list    # held prefetch requests (layer, expert) of later layers, copied now, ahead of `behind`
+    spare: int    # further copies that fit before the layer ends: for the requests the policy makes during it
 
 
 def decide_layer(mode: str, misses: Sequence[int], tokens: dict[int, int], costs: LayerCosts | None,
-                 reused: Iterable[int] = (), wanted: Sequence[tuple[int, int]] = ()) -> Split:
-    """Split a layer's misses into Split(load, host, behind, fill).
+                 reused: Iterable[int] = (), wanted: Sequence[tuple[int, int]] = (), room: int = 0) -> Split:
+    """Split a layer's misses into Split(load, host, behind, fill, spare).
 
     Args:
         mode: "never" | "auto" | "always".
@@ -129,27 +130,30 @@ def decide_layer(mode: str, misses: Sequence[int], tokens: dict[int, int], costs
         reused: experts the policy predicts to be needed again within its horizon.
         wanted: the policy's held prefetch requests (layer, expert) for later layers (auto holds them:
             ExpertCache(hold_prefetches=True)), in request order.
+        room: the most copies `spare` may offer to the requests the policy makes during this layer.
     """
     if mode not in HOST_COMPUTE_MODES:
         raise ValueError(f"host_compute={mode!r} must be one of {HOST_COMPUTE_MODES}")
     if mode == "never":
-        return Split(list(misses), [], [], list(wanted))
+        return Split(list(misses), [], [], list(wanted), room)
     if mode == "always":
-        return Split([], list(misses), [], list(wanted))
+        return Split([], list(misses), [], list(wanted), room)
     if costs is None or costs.host is None:  # no clocks: load everything and prefetch at once, as without hosting
-        return Split(list(misses), [], [], list(wanted))
+        return Split(list(misses), [], [], list(wanted), room)
     host_set, copy_at, end = _split_misses(costs, misses, tokens)
     # The copy stream idles from its last load until the layer ends (the next routing): copies that fit there
-    # delay no demand load. The policy's held prefetches go first (they are for the next layers, the hosted
-    # experts' next use is a step away), then the hosted experts, predicted reuse first. A copy that would end
-    # after `end` is not issued: on the FIFO stream it would queue ahead of the next layer's demand loads.
+    # delay no demand load. The policy's held prefetches go first (they are for the next layers; the hosted
+    # experts' next use is a step away), then the hosted experts, predicted reuse first, then what the policy
+    # asks for during the layer. A copy that would end after `end` is not issued: on the FIFO stream it would
+    # queue ahead of the next layer's demand loads.
     hosted = [e for e in misses if e in host_set]
-    n = _fits(copy_at, end, costs.copy_s, len(wanted) + len(hosted))
+    n = _fits(copy_at, end, costs.copy_s, len(wanted) + len(hosted) + room)
     fill = list(wanted[:n])
     reused = set(reused)
     order = sorted(hosted, key=lambda e: (e not in reused, -tokens.get(e, 1), e))
     behind = set(order[:n - len(fill)])
-    return Split([e for e in misses if e not in host_set], hosted, [e for e in hosted if e in behind], fill)
+    return Split([e for e in misses if e not in host_set], hosted, [e for e in hosted if e in behind], fill,
+                 n - len(fill) - len(behind))
 
 
 def _split_misses(c: LayerCosts, misses: Sequence[int], tokens: dict[int, int]) -> tuple[set, float, float]:
@@ -201,31 +205,37 @@ class LayerPlan(NamedTuple):
     host: list    # experts the host computes
     behind: list  # of `host`, the ones also copied in behind the layer
     fill: list    # held prefetch requests (layer, expert) to load now (ExpertCache.route(..., fill=))
+    spare: int    # copies the policy's requests made during the layer may still start (route(..., spare=))
 
 
 def plan_layer(cache, layer: int, needed: Sequence[int], tokens: dict[int, int], mode: str,
                costs_for, log: list | None = None) -> LayerPlan:
     """The engine's and the simulator's one call, before cache.route: `needed` experts of `layer` (unique) →
-    LayerPlan. cache: an ExpertCache (under auto with a clock, built with hold_prefetches=True: its held
-    prefetch requests get the copy stream's idle time); costs_for(resident needed experts) → LayerCosts | None,
-    asked only under auto. log: a list to append (layer, loads, host, behind, fill) to for every layer with a
-    miss or a held request."""
+    LayerPlan. cache: an ExpertCache (under auto with a clock, built with hold_prefetches=True: held prefetch
+    requests get the copy stream's idle time); costs_for(resident needed experts) → LayerCosts | None, asked only
+    under auto. log: a list to append (layer, loads, host, behind, fill, spare) to for every layer with a miss, a
+    held request, or a policy that may ask for copies during the layer (Policy.layer_prefetches) — the layers the
+    engine plans too (it dispatches the others before any decision)."""
     if mode == "never":
-        return LayerPlan(list(needed), [], [], [])
+        return LayerPlan(list(needed), [], [], [], 0)
     soe = cache.table.slot_row(layer)
     misses = [int(e) for e in needed if soe[e] < 0]
     wanted = cache.held(layer) if cache.hold_prefetches else []
-    if not misses and not wanted:
-        return LayerPlan(list(needed), [], [], [])
+    # a policy that may ask for copies during the layer (on_route, hidden states) gets room for a layer's worth
+    asks = cache.hold_prefetches and cache.policy.layer_prefetches
+    if not misses and not wanted and not asks:
+        return LayerPlan(list(needed), [], [], [], 0)
     costs = reused = None
     if mode == "auto":
         costs = costs_for([int(e) for e in needed if soe[e] >= 0])
         reused = [e for e in misses if cache.predicts_reuse(layer, e)]
-    split = decide_layer(mode, misses, tokens, costs, reused or (), wanted)
+    split = decide_layer(mode, misses, tokens, costs, reused or (), wanted,
+                         cache.table.slots_per_layer if asks else 0)
     if log is not None:
-        log.append((layer, list(split.load), list(split.host), list(split.behind), list(split.fill)))
+        log.append((layer, list(split.load), list(split.host), list(split.behind), list(split.fill), split.spare))
     on_host = set(split.host)
-    return LayerPlan([int(e) for e in needed if int(e) not in on_host], split.host, split.behind, split.fill)
+    return LayerPlan([int(e) for e in needed if int(e) not in on_host], split.host, split.behind, split.fill,
+                     split.spare)
 
 
 def host_layer_s(timing: HostTiming | None, expert_bytes: int, host: Sequence[int], tokens: dict[int, int]) -> float:

@@ -34,10 +34,10 @@ def test_host_timing_grows_with_tokens():
 
 
 def test_static_rules_and_refusal():
-    assert decide_layer("never", [3, 1], {}, None) == ([3, 1], [], [], [])
-    assert decide_layer("always", [3, 1], {}, None) == ([], [3, 1], [], [])
+    assert decide_layer("never", [3, 1], {}, None) == ([3, 1], [], [], [], 0)
+    assert decide_layer("always", [3, 1], {}, None) == ([], [3, 1], [], [], 0)
     # no clocks known: load, and prefetch at once, as without hosting
-    assert decide_layer("auto", [3, 1], {}, None, wanted=[(2, 5)]) == ([3, 1], [], [], [(2, 5)])
+    assert decide_layer("auto", [3, 1], {}, None, wanted=[(2, 5)], room=4) == ([3, 1], [], [], [(2, 5)], 4)
     with pytest.raises(ValueError, match="host_compute='sometimes'"):
         decide_layer("sometimes", [1], {}, None)
 
@@ -65,7 +65,7 @@ def test_auto_hosts_what_hides_behind_compute_and_copies_it_in_the_idle_stream()
 
 def test_auto_loads_when_the_host_is_slow():
     slow = costs(host=HostTiming(bytes_per_s=10.0))  # 10 s per expert on the host
-    assert decide_layer("auto", [0, 1], {}, slow) == ([0, 1], [], [], [])
+    assert decide_layer("auto", [0, 1], {}, slow) == ([0, 1], [], [], [], 0)
 
 
 def test_auto_hosts_the_experts_with_fewest_tokens():
@@ -78,11 +78,14 @@ def test_auto_gives_held_prefetches_only_the_idle_copy_time():
     # 2 misses on equal streams (1 s each): one loaded, one hosted; the layer ends at 1.5 s (compute 0.5 s after
     # the load lands), so the stream, free at 1 s, has no room for a 1 s copy: the prefetch waits
     wanted = [(3, 9), (4, 2)]
-    split = decide_layer("auto", [0, 1], {}, costs(), wanted=wanted)
-    assert len(split.load) == 1 and split.fill == [] and split.behind == []
+    split = decide_layer("auto", [0, 1], {}, costs(), wanted=wanted, room=2)
+    assert len(split.load) == 1 and split.fill == [] and split.behind == [] and split.spare == 0
     # no misses and a 2.5 s layer: two copies fit before it ends, the first requested first
     split = decide_layer("auto", [], {}, costs(compute_s=2.5), wanted=wanted + [(5, 1), (5, 4)])
-    assert split == ([], [], [], [(3, 9), (4, 2)])
+    assert split == ([], [], [], [(3, 9), (4, 2)], 0)
+    # one held request and a 3.5 s layer: two further copies fit, for what the policy asks during the layer
+    split = decide_layer("auto", [], {}, costs(compute_s=3.5), wanted=wanted[:1], room=8)
+    assert split.fill == [(3, 9)] and split.spare == 2
     # the held prefetches (next layers) go before the hosted experts' copies behind (next step)
     split = decide_layer("auto", [7], {}, costs(compute_s=2.0, host=HostTiming(bytes_per_s=200.0)),
                          reused=[7], wanted=[(3, 9)])
@@ -100,12 +103,19 @@ def test_cache_holds_prefetches_until_filled():
     assert cache.prefetch_expired == 1
     loads = cache.route(0, [3], fill=[(1, 7)])
     assert [(ld.layer, ld.expert, ld.kind) for ld in loads] == [(0, 3, "demand"), (1, 7, "prefetch")]
-    assert cache.held(0) == [(2, 7)]           # on_route(0) asked for layer 2: held
+    assert cache.held(0) == [(2, 7)]           # on_route(0) asked for layer 2: held (no spare idle time)
+    cache.close_idle()
+    cache.release(0)
+    loads = cache.route(1, [3], spare=1)       # idle time for one copy: on_route(1)'s request goes out at once
+    assert [(ld.layer, ld.expert, ld.kind) for ld in loads] == [(1, 3, "demand"), (3, 7, "prefetch")]
+    cache.close_idle()
+    assert cache.hidden(1, np.zeros(1)) == []  # after close_idle() a request would be held (none here)
+    cache.release(1)
     with pytest.raises(ValueError, match="not a held prefetch request"):
-        cache.route(1, [], fill=[(3, 7)])
+        cache.route(2, [], fill=[(3, 6)])
     cache.end_step()                           # the step's held requests expire with it
     assert cache.held(-1) == [] and cache.prefetch_held == 3 and cache.prefetch_expired == 2
-    assert cache.prefetch_issued == 1
+    assert cache.prefetch_issued == 2
 
 
 def test_auto_holds_prefetches_and_halves_a_synthetic_stall_under_equal_rates():
@@ -156,8 +166,7 @@ def test_plan_layer_never_touches_resident_experts():
     cache.release(0)
     cache.end_step()
     cache.begin_step()
-    device, host, behind, fill = plan_layer(cache, 0, [1, 2, 3], {}, "always", lambda r: None)
-    assert device == [1, 2] and host == [3] and behind == [] and fill == []
+    assert plan_layer(cache, 0, [1, 2, 3], {}, "always", lambda r: None) == ([1, 2], [3], [], [], 0)
 
 
 def test_replay_host_modes_count_and_time():

@@ -82,7 +82,8 @@ def test_held_prefetches_keep_tokens_equal_to_resident(tiny_checkpoint):
 def test_engine_and_simulator_agree_on_every_decision(tiny_checkpoint, mode, policy):
     """The engine under a virtual clock and a replay of the routing it recorded make the same load / host /
     copy-behind / held-prefetch decision at every layer of every step, and so count and stall the same.
-    predictive: fixed random scores per step, so both sides prefetch the same experts."""
+    predictive: fixed random scores per step, so both sides prefetch the same experts; on h100-measured, whose
+    layer compute outlasts a copy, so auto's idle copy time is handed out too."""
     from ef_jax.engine.loop.batch import make_batch
     from ef_jax.engine.loop.decode import sample_rows
     from ef_jax.engine.loop.sampling import SamplingParams
@@ -93,20 +94,21 @@ def test_engine_and_simulator_agree_on_every_decision(tiny_checkpoint, mode, pol
     if policy == "predictive":
         scores = np.random.default_rng(0).random((64, len(cfg.moe_layer_ids), cfg.num_experts), np.float32)
         policy = PolicySpec("predictive", scores=scores, top_k=cfg.top_k)
-    off = OffloadConfig(slots_per_layer=slots, policy=policy, host_compute=mode, timing="equal-rates")
+    timing = "equal-rates" if isinstance(policy, str) else "h100-measured"
+    off = OffloadConfig(slots_per_layer=slots, policy=policy, host_compute=mode, timing=timing)
     with Forward(model, off) as fwd:
         sample_rows(fwd, make_batch([[7]], 16), SamplingParams(), 0, set(), 16)
         trace = np.concatenate(fwd.source.routing_log)  # [steps, L_moe, K]
         engine_log = list(fwd.source.host.log)
         s = fwd.stats()
     sim_log = []
-    sim = replay(trace, slots_per_layer=slots, policy=policy, timing="equal-rates", num_experts=cfg.num_experts,
+    sim = replay(trace, slots_per_layer=slots, policy=policy, timing=timing, num_experts=cfg.num_experts,
                  host_compute=mode, decisions=sim_log)
-    norm = lambda log: [(j, sorted(a), sorted(b), sorted(c), f) for j, a, b, c, f in log]  # sim: router order
+    norm = lambda log: [(j, sorted(a), sorted(b), sorted(c), f, n) for j, a, b, c, f, n in log]  # sim: router order
     assert norm(engine_log) == norm(sim_log)
-    assert sum(len(h) for _, _, h, _, _ in sim_log) > 0
-    if mode == "auto" and not isinstance(policy, str):  # held prefetches were handed out (and agreed on)
-        assert sum(len(f) for *_, f in sim_log) > 0
+    assert sum(len(h) for _, _, h, *_ in sim_log) > 0
+    if mode == "auto" and not isinstance(policy, str):  # held prefetches and idle time were handed out (agreed on)
+        assert sum(len(f) for *_, f, _ in sim_log) > 0 and sum(n for *_, n in sim_log) > 0
     assert (sim.hits, sim.misses, sim.host_computed) == (s["hits"], s["misses"], s["host_computed"])
     assert sim.stall_s == pytest.approx(s["stall_s"], rel=1e-9, abs=1e-12)
 

@@ -267,10 +267,11 @@ class OffloadedExperts(SourceDefaults):
         Returns (h, the next layer's attend_route outputs or None)."""
         K, params = experts.shape[1], p
         out = {"h": h, "nxt": None}
-        host = behind = fill = []
+        host, hosted = [], None
         deferred = y_host = None
         if self.host is not None:  # each miss: load it, or compute it on the host (started here, async)
-            needed, host, behind, fill = self.host.plan(self.cache, self.clock, j, needed, experts, real)
+            needed, *hosted = self.host.plan(self.cache, self.clock, j, needed, experts, real)
+            host = hosted[0]
             if host:
                 y_host = self.host.start(j, normed, routing, experts, real, host)
                 self.clock.hosted(self.host.layer_s(host, experts, real))
@@ -300,7 +301,7 @@ class OffloadedExperts(SourceDefaults):
         layer_plan.run_layer([self.cache], j, [needed], issue=lambda _, loads: self._issue(loads), compute=compute,
                              observe=None if observed is None else observe,
                              poll=lambda _, p: self.clock.poll(self.copier) if not p.first else None,
-                             wait=lambda _, chunk: self.clock.wait(j, chunk, self.copier), hosted=[(host, behind, fill)])
+                             wait=lambda _, chunk: self.clock.wait(j, chunk, self.copier), hosted=[hosted] if hosted else None)
         if host:
             return self._join(j, out["h"], y_host, deferred)
         return out["h"], out["nxt"]
