@@ -7,14 +7,17 @@
           where the layer ends sooner, given what is already queued on each (the clocks' backlogs), where
           layer end = max(device ready + layer compute, host done): the device computes the resident and loaded
           experts while the host computes its share, and the host's sum joins at the layer's end.
-          The copy stream then idles until the layer ends (the next routing). Only that idle time is given to
-          copies no layer waits for: first the policy's prefetches — under auto the cache *holds* them
-          (ExpertCache(hold_prefetches=True)) instead of queueing them at once, where on the FIFO stream they
-          would delay the next layers' demand loads and push misses onto the host — then the hosted experts,
-          copied *behind* the layer for their next use, those the policy predicts to be needed again within its
-          horizon (Policy.predicts_reuse) first: the cache keeps what a load would have brought, at no cost.
-→ Split(load, host, behind, fill) — the cache loads `load` (waited for), `fill` (held prefetches) and `behind`
-  (not waited for), the host computes `host` (ef_jax.engine.programs.host_ffn)
+          When the host takes none of the layer's misses, the policy's prefetches go out as under `never`.
+          Otherwise the copy stream idles from its last load until the layer ends (the next routing), and only
+          that idle time is given to copies no layer waits for: first the policy's prefetches — under auto the
+          cache *holds* them (ExpertCache(hold_prefetches=True)) instead of queueing them at once, where on the
+          FIFO stream they would delay the next layers' demand loads and push misses onto the host — then the
+          hosted experts, copied *behind* the layer for their next use, those the policy predicts to be needed
+          again within its horizon (Policy.predicts_reuse) first: the cache keeps what a load would have
+          brought, at no cost. What the policy asks for during the layer gets the idle time left (`spare`) at
+          once; the rest is held for a later layer's idle time, or expires when its layer is routed.
+→ Split(load, host, behind, fill, spare) — the cache loads `load` (waited for), `fill` (held prefetches) and
+  `behind` (not waited for), the host computes `host` (ef_jax.engine.programs.host_ffn)
 
 Timing of the host action (HostTiming): one expert over n tokens takes expert_bytes / bytes_per_s ·
 (1 + token_cost · (n − 1)) on one host stream (experts of a layer run one after another, ⟂ the copy stream
@@ -141,6 +144,8 @@ def decide_layer(mode: str, misses: Sequence[int], tokens: dict[int, int], costs
     if costs is None or costs.host is None:  # no clocks: load everything and prefetch at once, as without hosting
         return Split(list(misses), [], [], list(wanted), room)
     host_set, copy_at, end = _split_misses(costs, misses, tokens)
+    if not host_set:  # the host takes nothing here: the copy stream is not shared, prefetch as `never` does
+        return Split(list(misses), [], [], list(wanted), room)
     # The copy stream idles from its last load until the layer ends (the next routing): copies that fit there
     # delay no demand load. The policy's held prefetches go first (they are for the next layers; the hosted
     # experts' next use is a step away), then the hosted experts, predicted reuse first, then what the policy

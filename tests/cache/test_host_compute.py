@@ -80,12 +80,15 @@ def test_auto_gives_held_prefetches_only_the_idle_copy_time():
     wanted = [(3, 9), (4, 2)]
     split = decide_layer("auto", [0, 1], {}, costs(), wanted=wanted, room=2)
     assert len(split.load) == 1 and split.fill == [] and split.behind == [] and split.spare == 0
-    # no misses and a 2.5 s layer: two copies fit before it ends, the first requested first
-    split = decide_layer("auto", [], {}, costs(compute_s=2.5), wanted=wanted + [(5, 1), (5, 4)])
-    assert split == ([], [], [], [(3, 9), (4, 2)], 0)
-    # one held request and a 3.5 s layer: two further copies fit, for what the policy asks during the layer
-    split = decide_layer("auto", [], {}, costs(compute_s=3.5), wanted=wanted[:1], room=8)
-    assert split.fill == [(3, 9)] and split.spare == 2
+    # the host takes nothing (no misses, or a slow host): the stream is not shared, prefetches go as under never
+    assert decide_layer("auto", [], {}, costs(), wanted=wanted, room=3) == ([], [], [], wanted, 3)
+    slow = costs(host=HostTiming(bytes_per_s=10.0))
+    assert decide_layer("auto", [0], {}, slow, wanted=wanted, room=3) == ([0], [], [], wanted, 3)
+    # a hosted miss (0.5 s) and a 3.5 s layer: three copies fit before it ends — the held request, the hosted
+    # expert behind, and one for what the policy asks during the layer
+    split = decide_layer("auto", [7], {}, costs(compute_s=3.5, host=HostTiming(bytes_per_s=200.0)),
+                         wanted=wanted[:1], room=8)
+    assert split == ([], [7], [7], [(3, 9)], 1)
     # the held prefetches (next layers) go before the hosted experts' copies behind (next step)
     split = decide_layer("auto", [7], {}, costs(compute_s=2.0, host=HostTiming(bytes_per_s=200.0)),
                          reused=[7], wanted=[(3, 9)])
