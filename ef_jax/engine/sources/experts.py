@@ -136,8 +136,8 @@ class OffloadedExperts(SourceDefaults):
         policy = get_policy(offload.policy, policy_context(model))
         # host_compute="auto" under the virtual clock holds the policy's prefetches for the copy stream's idle time
         # (ef_jax.cache.host_compute); the wall clock knows no copy backlog to find it in, so prefetches go at once
-        self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check,
-                                 bytes_per_expert=self.timing.expert_bytes if self.timing else self.store.bytes_per_expert,
+        expert_bytes = self.timing.expert_bytes if self.timing else self.store.bytes_per_expert
+        self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check, bytes_per_expert=expert_bytes,
                                  hold_prefetches=offload.host_compute == "auto" and self.timing is not None)
         self.timeline = Timeline() if offload.record_timeline else None
         self.copier = COPIERS[offload.copies](self.store, self.slots, counters, self.timeline)
@@ -301,7 +301,8 @@ class OffloadedExperts(SourceDefaults):
         layer_plan.run_layer([self.cache], j, [needed], issue=lambda _, loads: self._issue(loads), compute=compute,
                              observe=None if observed is None else observe,
                              poll=lambda _, p: self.clock.poll(self.copier) if not p.first else None,
-                             wait=lambda _, chunk: self.clock.wait(j, chunk, self.copier), hosted=[hosted] if hosted else None)
+                             wait=lambda _, chunk: self.clock.wait(j, chunk, self.copier),
+                             hosted=[hosted] if hosted else None)
         if host:
             return self._join(j, out["h"], y_host, deferred)
         return out["h"], out["nxt"]
