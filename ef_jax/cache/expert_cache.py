@@ -95,6 +95,10 @@ class ExpertCache:
             (the engine and the simulator build theirs with ef_jax.policies.registry.get_policy and a context).
         bytes_per_expert: bytes one Load copies (for the `bytes_h2d` counter).
         check: verify every invariant after each call (slow; for tests and debugging).
+        hold_prefetches: keep the policy's prefetch requests instead of loading them at once; the caller hands
+            them out with route(..., fill=) when the copy stream has idle time for them (host_compute="auto",
+            ef_jax.cache.host_compute): a prefetch issued at once queues ahead of the next layers' demand loads
+            on the FIFO copy stream.
         **policy_kw: passed to the policy constructor when `policy` is a name.
 
     One step (the engine and the simulator make exactly these calls; every returned Load must be performed):
@@ -113,7 +117,7 @@ class ExpertCache:
     """
 
     def __init__(self, num_layers: int, num_experts: int, slots_per_layer: int, policy: str | Policy = "lru", *,
-                 bytes_per_expert: int = 0, check: bool = False, **policy_kw):
+                 bytes_per_expert: int = 0, check: bool = False, hold_prefetches: bool = False, **policy_kw):
         self.table = SlotTable(num_layers, num_experts, slots_per_layer)
         self.policy = get_policy(policy, **policy_kw)
         self.bytes_per_expert = int(bytes_per_expert)
@@ -133,6 +137,11 @@ class ExpertCache:
         self.host_computed = 0  # misses computed on the host instead of loaded (route(..., host=))
         self.host_behind = 0    # of those, copied in behind their layer anyway (route(..., behind=))
         self.prefetch_issued = self.prefetch_used = self.prefetch_wasted = self.prefetch_dropped = 0
+        self.hold_prefetches = hold_prefetches
+        self._held: dict[tuple[int, int], None] = {}  # held prefetch requests (layer, expert), in request order
+        self._spare = 0            # requests still loaded at once in the routed layer's idle copy time
+        self.prefetch_held = 0     # requests held (hold_prefetches)
+        self.prefetch_expired = 0  # of those, never handed out: their layer was routed first, or the step ended
         self.policy.reset(num_layers, num_experts, slots_per_layer)
 
     # ---- step / layer events (the engine's and simulator's call sequence) ---------------------------------
@@ -145,23 +154,35 @@ class ExpertCache:
         if self.policy.flush_each_step:
             self.flush()
         self._pad_history(self._step * self.table.num_layers)
+        self._spare = 0
         return self._issue(self.policy.on_step_start(self._step, token_ids, self.view))
 
     def route(self, layer: int, experts: Sequence[int], host: Sequence[int] = (),
-              behind: Sequence[int] = ()) -> list[Load]:
+              behind: Sequence[int] = (), fill: Sequence[tuple[int, int]] = (), spare: int = 0) -> list[Load]:
         """The router chose `experts` (unique; batch > 1: the union) at `layer`: `require` them, then ask the
         policy for prefetches. Returns the demand Loads first (the layer waits for them), then the prefetches.
         host: further needed experts, not resident, that the host computes this time (ef_jax.cache.host_compute):
         each counts as a miss and an access, is neither loaded nor pinned, and the policy's on_route sees them
         among the layer's experts. behind: those of `host` the policy predicts to be reused: they are also
-        copied into a slot, behind the demand loads, as a prefetch the layer does not wait for."""
+        copied into a slot, behind the demand loads, as a prefetch the layer does not wait for. fill: held
+        prefetch requests (hold_prefetches; from held()) to load now, after the demand loads, ahead of `behind`.
+        spare: how many of the
+        requests the policy makes from now until close_idle() (on_route, and hidden/scores at the attention
+        point) are loaded at once rather than held: the copy stream's idle time left in this layer."""
+        for l, e in fill:
+            if (l, e) not in self._held:
+                raise ValueError(f"fill: ({l}, {e}) is not a held prefetch request; take them from held()")
         loads = self.require(layer, experts)
         if host:
             self._on_host(layer, host)
+        for l, e in fill:  # for the next layers: ahead of `behind` (the next step)
+            del self._held[(l, e)]
+            loads += self.prefetch(l, [e])
         if behind:
             copied = self.prefetch(layer, behind)
             self.host_behind += len(copied)
             loads += copied
+        self._spare = spare
         loads += self._issue(self.policy.on_route(layer, self._last_required, self.view))
         return loads
 
@@ -177,6 +198,20 @@ class ExpertCache:
             self.policy.on_access(layer, e, False)
         self.layer_misses[layer] += len(exps)
         self.host_computed += len(exps)
+
+    def close_idle(self) -> None:
+        """The layer's compute starts: requests from now on are held (route(..., spare=) gave the idle time)."""
+        self._spare = 0
+
+    def held(self, layer: int) -> list[tuple[int, int]]:
+        """The held prefetch requests still worth a copy when `layer` is being routed, in request order: for a
+        later layer of this step and not resident. The others are dropped (counted in prefetch_expired)."""
+        soe = self.table.slot_row
+        stale = [(l, e) for l, e in self._held if l <= layer or soe(l)[e] >= 0]
+        for k in stale:
+            del self._held[k]
+        self.prefetch_expired += len(stale)
+        return list(self._held)
 
     def predicts_reuse(self, layer: int, expert: int) -> bool:
         """The policy's prediction that `expert` is needed again at `layer` within its horizon."""
@@ -201,6 +236,9 @@ class ExpertCache:
         """The step is done; releases every pin. Returns prefetch Loads from on_step_end (for the next step)."""
         for pins in self._pinned:
             pins.clear()
+        self.prefetch_expired += len(self._held)  # requests for this step's layers: their layers are done
+        self._held.clear()
+        self._spare = 0
         return self._issue(self.policy.on_step_end(self._step, self.view))
 
     def measure(self, *, layer_compute_s: float | None = None, copy_s: float | None = None) -> None:
@@ -335,6 +373,7 @@ class ExpertCache:
             "bytes_h2d": self.loads * self.bytes_per_expert,
             "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
             "prefetch_wasted": self.prefetch_wasted, "prefetch_dropped": self.prefetch_dropped,
+            "prefetch_held": self.prefetch_held, "prefetch_expired": self.prefetch_expired,
             "host_computed": self.host_computed, "host_behind": self.host_behind,
             "layer_hits": list(self.layer_hits), "layer_misses": list(self.layer_misses),
         }
@@ -396,12 +435,29 @@ class ExpertCache:
     def _issue(self, requests: list[Prefetch] | None) -> list[Load]:
         if not requests:
             return []
+        if self.hold_prefetches:
+            return self._hold(requests)
         by_layer: dict[int, list[int]] = {}
         for layer, expert in requests:
             by_layer.setdefault(int(layer), []).append(int(expert))
         loads = []
         for layer, exps in by_layer.items():
             loads += self.prefetch(layer, list(dict.fromkeys(exps)))
+        return loads
+
+    def _hold(self, requests: list[Prefetch]) -> list[Load]:
+        """hold_prefetches: requests for a later layer are loaded while the routed layer's idle copy time lasts
+        (`_spare`), the rest are held for plan_layer to hand out (route(..., fill=))."""
+        loads = []
+        for layer, expert in requests:
+            key = (int(layer), int(expert))
+            if self._spare > 0 and key[0] > self._layer and key not in self._held:
+                got = self.prefetch(key[0], [key[1]])
+                self._spare -= len(got)
+                loads += got
+            elif key not in self._held:
+                self._held[key] = None
+                self.prefetch_held += 1
         return loads
 
     def _validate(self, layer: int, experts: Sequence[int], what: str) -> list[int]:

@@ -3,21 +3,28 @@
 [routing of layer j: needed experts, tokens per expert] → misses (not resident) → decide_layer
   never:  every miss is loaded (a copy into a slot, as without host compute)
   always: every miss is computed on the host, from its pinned-host weights (no copy, no eviction)
-  auto:   greedy over the misses (most tokens first): the choice that ends the layer sooner, where
+  auto:   list scheduling over two resources, the copy stream and the host: each miss (most tokens first) goes
+          where the layer ends sooner, given what is already queued on each (the clocks' backlogs), where
           layer end = max(device ready + layer compute, host done): the device computes the resident and loaded
           experts while the host computes its share, and the host's sum joins at the layer's end.
-          Hosted experts are then also copied into a slot *behind* the layer (not waited for) while the copy
-          stream would otherwise idle until the layer ends, those the policy predicts to be needed again within
-          its horizon (Policy.predicts_reuse) first: the cache keeps what a load would have brought, at no cost.
-→ Split(load, host, behind) — the cache loads `load` (waited for) and `behind` (not), the host computes `host`
-  (ef_jax.engine.programs.host_ffn)
+          When the host takes none of the layer's misses, the policy's prefetches go out as under `never`.
+          Otherwise the copy stream idles from its last load until the layer ends (the next routing), and only
+          that idle time is given to copies no layer waits for: first the policy's prefetches — under auto the
+          cache *holds* them (ExpertCache(hold_prefetches=True)) instead of queueing them at once, where on the
+          FIFO stream they would delay the next layers' demand loads and push misses onto the host — then the
+          hosted experts, copied *behind* the layer for their next use, those the policy predicts to be needed
+          again within its horizon (Policy.predicts_reuse) first: the cache keeps what a load would have
+          brought, at no cost. What the policy asks for during the layer gets the idle time left (`spare`) at
+          once; the rest is held for a later layer's idle time, or expires when its layer is routed.
+→ Split(load, host, behind, fill, spare) — the cache loads `load` (waited for), `fill` (held prefetches) and
+  `behind` (not waited for), the host computes `host` (ef_jax.engine.programs.host_ffn)
 
 Timing of the host action (HostTiming): one expert over n tokens takes expert_bytes / bytes_per_s ·
 (1 + token_cost · (n − 1)) on one host stream (experts of a layer run one after another, ⟂ the copy stream
 and the device). The presets come from benchmarks/bench_host_experts.py (host_rates.json beside this file).
 
 Axes: L MoE layers, E experts per layer, n tokens routed to one expert.
-Plain Python, no jax: the engine (either clock) and the simulator call the same decide_layer.
+Plain Python, no jax: the engine (either clock) and the simulator call the same plan_layer → decide_layer.
 """
 from __future__ import annotations
 
@@ -106,15 +113,17 @@ class LayerCosts:
 
 
 class Split(NamedTuple):
-    """decide_layer's answer, each list in the order of the misses."""
+    """decide_layer's answer, each list in the order of the misses (fill: in request order)."""
     load: list    # copied into a slot; the layer waits for them
     host: list    # computed on the host this time
     behind: list  # of `host`: also copied into a slot, behind the layer, for its next use (the layer does not wait)
+    fill: list    # held prefetch requests (layer, expert) of later layers, copied now, ahead of `behind`
+    spare: int    # further copies that fit before the layer ends: for the requests the policy makes during it
 
 
 def decide_layer(mode: str, misses: Sequence[int], tokens: dict[int, int], costs: LayerCosts | None,
-                 reused: Iterable[int] = ()) -> Split:
-    """Split a layer's misses into Split(load, host, behind).
+                 reused: Iterable[int] = (), wanted: Sequence[tuple[int, int]] = (), room: int = 0) -> Split:
+    """Split a layer's misses into Split(load, host, behind, fill, spare).
 
     Args:
         mode: "never" | "auto" | "always".
@@ -122,16 +131,42 @@ def decide_layer(mode: str, misses: Sequence[int], tokens: dict[int, int], costs
         tokens: expert → real tokens routed to it at this layer.
         costs: the clocks' state (auto only; None: no timing known, so auto loads everything).
         reused: experts the policy predicts to be needed again within its horizon.
+        wanted: the policy's held prefetch requests (layer, expert) for later layers (auto holds them:
+            ExpertCache(hold_prefetches=True)), in request order.
+        room: the most copies `spare` may offer to the requests the policy makes during this layer.
     """
     if mode not in HOST_COMPUTE_MODES:
         raise ValueError(f"host_compute={mode!r} must be one of {HOST_COMPUTE_MODES}")
-    if mode == "never" or not misses:
-        return Split(list(misses), [], [])
+    if mode == "never":
+        return Split(list(misses), [], [], list(wanted), room)
     if mode == "always":
-        return Split([], list(misses), [])
-    if costs is None or costs.host is None:
-        return Split(list(misses), [], [])
-    c, h = costs, costs.host
+        return Split([], list(misses), [], list(wanted), room)
+    if costs is None or costs.host is None:  # no clocks: load everything and prefetch at once, as without hosting
+        return Split(list(misses), [], [], list(wanted), room)
+    host_set, copy_at, end = _split_misses(costs, misses, tokens)
+    if not host_set:  # the host takes nothing here: the copy stream is not shared, prefetch as `never` does
+        return Split(list(misses), [], [], list(wanted), room)
+    # The copy stream idles from its last load until the layer ends (the next routing): copies that fit there
+    # delay no demand load. The policy's held prefetches go first (they are for the next layers; the hosted
+    # experts' next use is a step away), then the hosted experts, predicted reuse first, then what the policy
+    # asks for during the layer. A copy that would end after `end` is not issued: on the FIFO stream it would
+    # queue ahead of the next layer's demand loads.
+    hosted = [e for e in misses if e in host_set]
+    n = _fits(copy_at, end, costs.copy_s, len(wanted) + len(hosted) + room)
+    fill = list(wanted[:n])
+    reused = set(reused)
+    order = sorted(hosted, key=lambda e: (e not in reused, -tokens.get(e, 1), e))
+    behind = set(order[:n - len(fill)])
+    return Split([e for e in misses if e not in host_set], hosted, [e for e in hosted if e in behind], fill,
+                 n - len(fill) - len(behind))
+
+
+def _split_misses(c: LayerCosts, misses: Sequence[int], tokens: dict[int, int]) -> tuple[set, float, float]:
+    """List scheduling over two resources: each miss (most tokens first) goes where the layer ends sooner, where
+    layer end = max(device ready + layer compute, host done) — the device computes the resident and loaded
+    experts while the host computes its share, and the host's sum joins at the layer's end.
+    Returns (hosted experts, when the copy stream is free after the loads, when the layer ends)."""
+    h = c.host
     copy_at, host_at = c.copy_free, c.host_free
     ready = c.device_ready
     host_set = set()
@@ -147,17 +182,16 @@ def decide_layer(mode: str, misses: Sequence[int], tokens: dict[int, int], costs
         else:
             copy_at = load_arrive
             ready = max(ready, load_arrive)
-    # The copy stream idles from its last load until the layer ends (the next routing): copies that fit there
-    # delay nothing, so hosted experts are also copied in for their next use, predicted reuse first.
-    reused = set(reused)
-    hosted = [e for e in misses if e in host_set]
-    end = max(ready + c.compute_s, host_done)
-    behind = set()
-    for e in sorted(hosted, key=lambda e: (e not in reused, -tokens.get(e, 1), e)):
-        if copy_at + c.copy_s <= end:
-            behind.add(e)
-            copy_at += c.copy_s
-    return Split([e for e in misses if e not in host_set], hosted, [e for e in hosted if e in behind])
+    return host_set, copy_at, max(ready + c.compute_s, host_done)
+
+
+def _fits(copy_at: float, end: float, copy_s: float, most: int) -> int:
+    """How many copies (at most `most`), queued on the copy stream from `copy_at`, finish by `end`."""
+    n = 0
+    while n < most and copy_at + copy_s <= end:
+        copy_at += copy_s
+        n += 1
+    return n
 
 
 def tokens_per_expert(experts_nk) -> dict[int, int]:
@@ -170,27 +204,43 @@ def tokens_per_expert(experts_nk) -> dict[int, int]:
     return out
 
 
+class LayerPlan(NamedTuple):
+    """plan_layer's answer."""
+    device: list  # experts the device computes: resident or to load, in `needed` order
+    host: list    # experts the host computes
+    behind: list  # of `host`, the ones also copied in behind the layer
+    fill: list    # held prefetch requests (layer, expert) to load now (ExpertCache.route(..., fill=))
+    spare: int    # copies the policy's requests made during the layer may still start (route(..., spare=))
+
+
 def plan_layer(cache, layer: int, needed: Sequence[int], tokens: dict[int, int], mode: str,
-               costs_for, log: list | None = None) -> tuple[list[int], list[int], list[int]]:
-    """The engine's and the simulator's one call: `needed` experts of `layer` (unique) → (experts the device
-    computes: resident or to load, in `needed` order; experts the host computes; of those, the ones also copied
-    in behind the layer). cache: an ExpertCache; costs_for(resident needed experts) → LayerCosts | None, asked
-    only under auto. log: a list to append (layer, loads, host, behind) to for every layer with a miss."""
+               costs_for, log: list | None = None) -> LayerPlan:
+    """The engine's and the simulator's one call, before cache.route: `needed` experts of `layer` (unique) →
+    LayerPlan. cache: an ExpertCache (under auto with a clock, built with hold_prefetches=True: held prefetch
+    requests get the copy stream's idle time); costs_for(resident needed experts) → LayerCosts | None, asked only
+    under auto. log: a list to append (layer, loads, host, behind, fill, spare) to for every layer with a miss, a
+    held request, or a policy that may ask for copies during the layer (Policy.layer_prefetches) — the layers the
+    engine plans too (it dispatches the others before any decision)."""
     if mode == "never":
-        return list(needed), [], []
+        return LayerPlan(list(needed), [], [], [], 0)
     soe = cache.table.slot_row(layer)
     misses = [int(e) for e in needed if soe[e] < 0]
-    if not misses:
-        return list(needed), [], []
+    wanted = cache.held(layer) if cache.hold_prefetches else []
+    # a policy that may ask for copies during the layer (on_route, hidden states) gets room for a layer's worth
+    asks = cache.hold_prefetches and cache.policy.layer_prefetches
+    if not misses and not wanted and not asks:
+        return LayerPlan(list(needed), [], [], [], 0)
     costs = reused = None
     if mode == "auto":
         costs = costs_for([int(e) for e in needed if soe[e] >= 0])
         reused = [e for e in misses if cache.predicts_reuse(layer, e)]
-    split = decide_layer(mode, misses, tokens, costs, reused or ())
+    split = decide_layer(mode, misses, tokens, costs, reused or (), wanted,
+                         cache.table.slots_per_layer if asks else 0)
     if log is not None:
-        log.append((layer, list(split.load), list(split.host), list(split.behind)))
+        log.append((layer, list(split.load), list(split.host), list(split.behind), list(split.fill), split.spare))
     on_host = set(split.host)
-    return [int(e) for e in needed if int(e) not in on_host], split.host, split.behind
+    return LayerPlan([int(e) for e in needed if int(e) not in on_host], split.host, split.behind, split.fill,
+                     split.spare)
 
 
 def host_layer_s(timing: HostTiming | None, expert_bytes: int, host: Sequence[int], tokens: dict[int, int]) -> float:

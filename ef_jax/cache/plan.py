@@ -57,7 +57,7 @@ def run_layer(caches: Sequence[ExpertCache], layer: int, shares: Sequence[np.nda
               issue: Callable[[int, list[Load]], None], compute: Callable[[Pass], None],
               observe: Callable[[int], list[Load]] | None = None, poll: Callable[[int, Pass], None] | None = None,
               wait: Callable[[int, np.ndarray], None] | None = None,
-              hosted: Sequence[tuple[list, list]] | None = None) -> int:
+              hosted: Sequence[tuple] | None = None) -> int:
     """Drives one MoE layer through its passes (module docstring). Callbacks, per cache index d:
       issue(d, loads): perform the Loads (copier, clock; the simulator's copy stream)
       observe(d): the policy's look at the layer input (cache.hidden / cache.scores), after the first pass's
@@ -65,8 +65,9 @@ def run_layer(caches: Sequence[ExpertCache], layer: int, shares: Sequence[np.nda
       poll(d, pass): before the pass's decisions (land finished copies)
       wait(d, chunk): after them (the pass's experts are in their slots)
       compute(pass): runs the pass; unless it is the last, it has finished reading its experts when it returns
-    hosted[d]: (experts computed on the host, those of them copied in behind the layer) for cache d's first route
-    (host_compute; ef_jax.cache.host_compute), or None
+    hosted[d]: (experts computed on the host, those of them copied in behind the layer, held prefetch requests
+    loaded ahead of those, spare idle copies) for cache d's first route (host_compute;
+    ef_jax.cache.host_compute.plan_layer), or None
     Returns the number of passes; the caller releases the caches after the last (release_all)."""
     plan = passes(shares, [c.table.slots_per_layer for c in caches])
     for p in plan:
@@ -80,6 +81,8 @@ def run_layer(caches: Sequence[ExpertCache], layer: int, shares: Sequence[np.nda
                 issue(d, cache.require(layer, chunk))
             if p.first and observe is not None:
                 issue(d, observe(d))
+            if p.first:
+                cache.close_idle()  # the layer's idle copy time (host_compute) is for requests made before here
             if wait is not None:
                 wait(d, chunk)
         compute(p)

@@ -81,7 +81,8 @@ def replay_layer(cache: ExpertCache, stream: CopyStream, layer: int, need, t: fl
                  host_done: float | None = None) -> tuple[float, float]:
     """One MoE layer through the engine's layer plan (ef_jax.cache.plan: passes of ≤ S experts when the union is
     larger) at compute-clock time t. compute_s: the layer's compute time (split over its passes), None without a
-    timing model. hosted: (experts computed on the host, those copied in behind), as plan_layer decided;
+    timing model. hosted: (experts computed on the host, those copied in behind, held prefetch requests to load,
+    spare idle copies), as plan_layer decided;
     host_done: when the host's share (started at t beside the device's) finishes — it joins the layer's sum at
     its end. Returns (t after the layer, its stall)."""
     now = {"t": t, "stall": 0.0}
@@ -142,8 +143,10 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
         raise ValueError(f"host_compute={host_compute!r} needs a timing preset with a host FFN timing "
                          "(Timing.host); this one has none")
     pol = get_policy(policy, PolicyContext(future=experts, batch_size=batch_size))
-    cache = ExpertCache(L, E, slots_per_layer, pol, check=check,
-                        bytes_per_expert=timing.expert_bytes if timing else 0)
+    # auto holds the policy's prefetches for the copy stream's idle time (ef_jax.cache.host_compute), as the
+    # engine's virtual clock does
+    cache = ExpertCache(L, E, slots_per_layer, pol, check=check, bytes_per_expert=timing.expert_bytes if timing else 0,
+                        hold_prefetches=host_compute == "auto" and timing is not None)
     stream = CopyStream(cache, L, E, timing)
     hstream = HostStream(timing.host if timing else None)
     compute_s = timing.layer_compute_s if timing else 0.0
@@ -159,10 +162,10 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
             if host_compute != "never":  # a miss is loaded or computed on the host (ef_jax.cache.host_compute)
                 stream.advance(t)
                 tokens = tokens_per_expert(tok[l] for tok in block)
-                need, host, behind = plan_layer(cache, l, need, tokens, host_compute,
-                                                lambda res: layer_costs(stream, hstream, timing, l, res, t),
-                                                decisions)
-                hosted = (host, behind)
+                need, host, behind, fill, spare = plan_layer(
+                    cache, l, need, tokens, host_compute, lambda res: layer_costs(stream, hstream, timing, l, res, t),
+                    decisions)
+                hosted = (host, behind, fill, spare)
                 if host and timing is not None:
                     host_done = hstream.run(t, host_layer_s(timing.host, expert_bytes, host, tokens))
             t, waited = replay_layer(cache, stream, l, need, t, compute_s if timing is not None else None,

@@ -60,29 +60,55 @@ def test_host_compute_equals_resident_on_the_default_model_and_int8():
     check_equal_resident(ef_jax.load(DEFAULT_MODEL_DIR, dtype="float32", expert_dtype="int8"), "int8")
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_held_prefetches_keep_tokens_equal_to_resident(tiny_checkpoint):
+    """auto with a prefetching policy: held prefetches are loaded into later layers' slots from an earlier
+    layer's program; greedy tokens still equal all-resident decoding (batch 1 and 3)."""
+    from ef_jax.policies.registry import PolicySpec
+    model = ef_jax.load(tiny_checkpoint("qwen3moe-norm"))
+    cfg = model.config
+    scores = np.random.default_rng(1).random((64, len(cfg.moe_layer_ids), cfg.num_experts), np.float32)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        ref = ef_jax.generate(model, prompts, max_new_tokens=5).tokens
+        res = ef_jax.generate(model, prompts, max_new_tokens=5, offload=OffloadConfig(
+            slots_per_layer=cfg.top_k + 1, policy=PolicySpec("predictive", scores=scores, top_k=cfg.top_k,
+                                                             batch_size=len(prompts)),
+            host_compute="auto", timing="equal-rates", check=True))
+        assert res.tokens == ref, len(prompts)
+        assert res.stats["cache_prefetch_issued"] > 0, res.stats
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive"])
 @pytest.mark.parametrize("mode", ["always", "auto"])
 def test_engine_and_simulator_agree_on_every_decision(tiny_checkpoint, mode, policy):
     """The engine under a virtual clock and a replay of the routing it recorded make the same load / host /
-    copy-behind decision at every layer of every step, and so count and stall the same."""
+    copy-behind / held-prefetch decision at every layer of every step, and so count and stall the same.
+    predictive: fixed random scores per step, so both sides prefetch the same experts; on h100-measured, whose
+    layer compute outlasts a copy, so auto's idle copy time is handed out too."""
     from ef_jax.engine.loop.batch import make_batch
     from ef_jax.engine.loop.decode import sample_rows
     from ef_jax.engine.loop.sampling import SamplingParams
+    from ef_jax.policies.registry import PolicySpec
     model = ef_jax.load(tiny_checkpoint("qwen3moe-norm"))
     cfg = model.config
     slots = cfg.top_k + 1
-    off = OffloadConfig(slots_per_layer=slots, policy=policy, host_compute=mode, timing="equal-rates")
+    if policy == "predictive":
+        scores = np.random.default_rng(0).random((64, len(cfg.moe_layer_ids), cfg.num_experts), np.float32)
+        policy = PolicySpec("predictive", scores=scores, top_k=cfg.top_k)
+    timing = "equal-rates" if isinstance(policy, str) else "h100-measured"
+    off = OffloadConfig(slots_per_layer=slots, policy=policy, host_compute=mode, timing=timing)
     with Forward(model, off) as fwd:
         sample_rows(fwd, make_batch([[7]], 16), SamplingParams(), 0, set(), 16)
         trace = np.concatenate(fwd.source.routing_log)  # [steps, L_moe, K]
         engine_log = list(fwd.source.host.log)
         s = fwd.stats()
     sim_log = []
-    sim = replay(trace, slots_per_layer=slots, policy=policy, timing="equal-rates", num_experts=cfg.num_experts,
+    sim = replay(trace, slots_per_layer=slots, policy=policy, timing=timing, num_experts=cfg.num_experts,
                  host_compute=mode, decisions=sim_log)
-    norm = lambda log: [(j, sorted(a), sorted(b), sorted(c)) for j, a, b, c in log]  # the sim keeps router order
+    norm = lambda log: [(j, sorted(a), sorted(b), sorted(c), f, n) for j, a, b, c, f, n in log]  # sim: router order
     assert norm(engine_log) == norm(sim_log)
-    assert sum(len(h) for _, _, h, _ in sim_log) > 0
+    assert sum(len(h) for _, _, h, *_ in sim_log) > 0
+    if mode == "auto" and not isinstance(policy, str):  # held prefetches and idle time were handed out (agreed on)
+        assert sum(len(f) for *_, f, _ in sim_log) > 0 and sum(n for *_, n in sim_log) > 0
     assert (sim.hits, sim.misses, sim.host_computed) == (s["hits"], s["misses"], s["host_computed"])
     assert sim.stall_s == pytest.approx(s["stall_s"], rel=1e-9, abs=1e-12)
 

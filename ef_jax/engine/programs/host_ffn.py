@@ -178,16 +178,16 @@ class HostShare:
         self.expert_bytes = timing.expert_bytes if timing is not None else store.bytes_per_expert
         self._calibrated = None  # (copy_s, HostTiming) measured on this machine (wall clock)
         self.estimated_s = 0.0   # host time by the cost model (the wall clock does not wait on it)
-        self.log: list[tuple] = []  # (MoE layer, loads, host experts, copied behind) per layer with a miss
+        self.log: list[tuple] = []  # (MoE layer, loads, host, behind, fill, spare) (plan_layer)
 
     def plan(self, cache, clock, j: int, needed: np.ndarray, experts: np.ndarray, real: np.ndarray):
-        """(device experts, host experts, host experts also copied behind) for layer j's needed experts."""
+        """(device experts, host experts, host experts also copied behind, held prefetches to load now, spare idle
+        copies) for layer j's needed experts (ef_jax.cache.host_compute.LayerPlan)."""
         from ef_jax.cache.host_compute import plan_layer, tokens_per_expert
         self._tokens = tokens_per_expert(experts[real])
         costs_for = lambda res: clock.costs(j, res) or self._wall_costs()
-        device, host, behind = plan_layer(cache, j, [int(e) for e in needed], self._tokens,
-                                          self.mode, costs_for, self.log)
-        return np.asarray(device, np.int64), host, behind
+        plan = plan_layer(cache, j, [int(e) for e in needed], self._tokens, self.mode, costs_for, self.log)
+        return (np.asarray(plan.device, np.int64), *plan[1:])
 
     def layer_s(self, host: list[int], experts: np.ndarray, real: np.ndarray) -> float:
         """The cost model's host time for these experts (the virtual clock charges it)."""

@@ -134,8 +134,11 @@ class OffloadedExperts(SourceDefaults):
                                                       self.store.device)
         self.timing = get_timing(offload.timing)  # a virtual clock stands for its preset's expert size too
         policy = get_policy(offload.policy, policy_context(model))
-        self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check,
-                                 bytes_per_expert=self.timing.expert_bytes if self.timing else self.store.bytes_per_expert)
+        # host_compute="auto" under the virtual clock holds the policy's prefetches for the copy stream's idle time
+        # (ef_jax.cache.host_compute); the wall clock knows no copy backlog to find it in, so prefetches go at once
+        expert_bytes = self.timing.expert_bytes if self.timing else self.store.bytes_per_expert
+        self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check, bytes_per_expert=expert_bytes,
+                                 hold_prefetches=offload.host_compute == "auto" and self.timing is not None)
         self.timeline = Timeline() if offload.record_timeline else None
         self.copier = COPIERS[offload.copies](self.store, self.slots, counters, self.timeline)
         self.clock = (VirtualClock(self.cache, self.timing, L, E) if self.timing
@@ -264,10 +267,11 @@ class OffloadedExperts(SourceDefaults):
         Returns (h, the next layer's attend_route outputs or None)."""
         K, params = experts.shape[1], p
         out = {"h": h, "nxt": None}
-        host = behind = []
+        host, hosted = [], None
         deferred = y_host = None
         if self.host is not None:  # each miss: load it, or compute it on the host (started here, async)
-            needed, host, behind = self.host.plan(self.cache, self.clock, j, needed, experts, real)
+            needed, *hosted = self.host.plan(self.cache, self.clock, j, needed, experts, real)
+            host = hosted[0]
             if host:
                 y_host = self.host.start(j, normed, routing, experts, real, host)
                 self.clock.hosted(self.host.layer_s(host, experts, real))
@@ -297,7 +301,8 @@ class OffloadedExperts(SourceDefaults):
         layer_plan.run_layer([self.cache], j, [needed], issue=lambda _, loads: self._issue(loads), compute=compute,
                              observe=None if observed is None else observe,
                              poll=lambda _, p: self.clock.poll(self.copier) if not p.first else None,
-                             wait=lambda _, chunk: self.clock.wait(j, chunk, self.copier), hosted=[(host, behind)])
+                             wait=lambda _, chunk: self.clock.wait(j, chunk, self.copier),
+                             hosted=[hosted] if hosted else None)
         if host:
             return self._join(j, out["h"], y_host, deferred)
         return out["h"], out["nxt"]
