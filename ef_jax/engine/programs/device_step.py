@@ -103,8 +103,8 @@ def _after_demand(plan: StepPlan, j: int, state: dc.DeviceCache, before) -> dc.D
 
 
 def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, pool, stacks, layers: range, want, prio, after=None):
-    """Prefetches want bool[L, E] (priority i32[L, E]) into the layers of `layers` (static); their copies wait
-    for `after` (the output of the layer whose experts last read the pool)."""
+    """Prefetches want bool[L', E] (priority i32[L', E]; one row per layer of `layers`, static) into those
+    layers; their copies wait for `after` (the output of the layer whose experts last read the pool)."""
     if len(layers) == 0:
         return state, pool
     return dc.prefetch(state, pool, stacks, layers, want, prio, plan.max_misses, plan.policy, after)
@@ -113,14 +113,19 @@ def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, pool, stacks, layers: r
 def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.DeviceCache, pool, stacks,
              after=None, local=None):
     """Pre-gate predictions from MoE layer j's hidden state [B, T, D] (j = −1: the embeddings) and their
-    prefetches (local: a mesh device's columns, dp.predict_from). Returns (state, pool, scores f32[L, B, E])."""
-    scores = pregate_scores(scorer, hidden)
+    prefetches (local: a mesh device's columns, dp.predict_from). Only the H' = min(H_max, L − 1 − j) layers
+    the site reaches are scored. Returns (state, pool, scores f32[L, B, E] with those rows, zero elsewhere (the
+    host twin reads only the rows a site reaches), or None unless plan.record)."""
+    L = len(stacks)
+    layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, L))
+    scores = pregate_scores(scorer, hidden, layers)                     # f32[H', B, E]
     p = state.policy
     floor = dp.precision_floor(plan.policy, p, state.hits.sum(), state.misses.sum())
     p, want, rank = dp.predict_from(plan.policy, p, j, scores, rows_real, cfg.top_k, floor, local)
-    layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, len(stacks)))
     state, pool = _prefetch_all(plan, state.replace(policy=p), pool, stacks, layers, want, rank, after)
-    return state, pool, scores
+    if not plan.record:
+        return state, pool, None
+    return state, pool, jnp.pad(scores, ((layers.start, L - layers.stop), (0, 0), (0, 0)))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds", "plan"), donate_argnames=("caches", "pool", "state"))
@@ -149,7 +154,8 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
         route, route_rank = dp.route_predict(policy, state.policy, token_ids, rows_real, plan.slots)
         p = state.policy
         state = state.replace(policy=p.replace(live=route, pred=route))
-        state, pool = _prefetch_all(plan, state, pool, stacks, range(min(policy.predict_h, L)), route, route_rank)
+        h0 = range(min(policy.predict_h, L))
+        state, pool = _prefetch_all(plan, state, pool, stacks, h0, route[:h0.stop], route_rank[:h0.stop])
 
     def moe(j, p, h, normed, routing, carry):
         pool, state, scored, hidden = carry
@@ -159,8 +165,9 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
         if policy.kind == "predictive":
             needed = dc.needed_experts(routing.experts, real, cfg.num_experts)
             state = state.replace(policy=dp.predictive_observe(state.policy, j, needed, token_ids, B == 1))
-            t = j + policy.predict_h
-            state, pool = _prefetch_all(plan, state, pool, stacks, range(t, min(t + 1, L)), route, route_rank, x)
+            t = range(j + policy.predict_h, min(j + policy.predict_h + 1, L))   # layer j + h, if there is one
+            rows = slice(t.start, t.stop)
+            state, pool = _prefetch_all(plan, state, pool, stacks, t, route[rows], route_rank[rows], x)
         if policy.scoring and j + 1 < L:
             state, pool, sc = _predict(cfg, plan, j, h, rows_real, scorer, state, pool, stacks, x)
             scored = scored + (sc,)

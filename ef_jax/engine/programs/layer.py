@@ -56,10 +56,14 @@ class NextAttention(NamedTuple):
     cache: dict           # donated
 
 
-def pregate_scores(scorer, h):
-    """Every MoE layer's router on h's newest position, as ef_jax.policies.pregate.PregateScorer.scores computes
-    them on the host: scorer (norms f32[L, D], routers f32[L, D, E], eps f32[]), h [B, T, D] → f32[L, B, E]."""
+def pregate_scores(scorer, h, layers: range | None = None):
+    """The MoE layers' routers on h's newest position, as ef_jax.policies.pregate.PregateScorer.scores computes
+    them on the host: scorer (norms f32[L, D], routers f32[L, D, E], eps f32[]), h [B, T, D] → f32[L', B, E].
+    layers: the rows scored (static; None: all L) — a step's prediction site reaches only H_max later layers,
+    so it scores those routers, not all L."""
     norms, routers, eps = scorer
+    if layers is not None:
+        norms, routers = norms[layers.start:layers.stop], routers[layers.start:layers.stop]
     x = h[:, -1].astype(jnp.float32)
     x = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)  # [B, D]
     return jnp.einsum("lbd,lde->lbe", x[None] * norms[:, None], routers, precision=jax.lax.Precision.HIGHEST)
