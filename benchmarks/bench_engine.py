@@ -216,7 +216,9 @@ def device_policy_rows(model, low_slots: int, new_tokens: int, rounds: int, piec
     E = model.config.num_experts
     off = lambda pol, step: ef_jax.OffloadConfig(slots_per_layer=low_slots, policy=pol, step=step)
     confs = {"layer expertflow": off("expertflow", "layer"), "device lru": off("lru", "device"),
-             "device expertflow": off("expertflow", "device"), "device predictive": off("predictive", "device")}
+             "device expertflow": off("expertflow", "device"),
+             # the device step's predictor is its on-device routing-path table (the support table asks for it)
+             "device predictive": off(ef_jax.PolicySpec("predictive", predictor="online"), "device")}
     out = {k: {"tokens_per_s": []} for k in confs}
     for r in range(rounds + 1):
         for name, o in confs.items():

@@ -162,7 +162,8 @@ def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.
 def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.Array, priority: jax.Array,
              max_loads: int, policy: dp.DevicePolicy, after: jax.Array | None = None):
     """A device policy's prefetches into every layer of `layers` (static) at once: per layer t the experts
-    want[t] bool[L, E] not resident, best priority i32[L, E] first (then lower id), into free or unkept slots
+    want[t − layers.start] (want bool[L', E], one row per layer of `layers`) not resident, best priority
+    i32[L', E] first (then lower id), into free or unkept slots
     (victims as make_resident orders them; a prefetch never takes a kept or pinned slot, so fewer may load). The
     loaded ones enter as most recent (touched in ascending id order) and fresh; counted in `prefetches`.
     Vectorised over the rows of `layers` (a static contiguous range: only those rows are computed), the table
@@ -176,7 +177,7 @@ def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.A
     S = state.expert_of_slot.shape[1]
     L = hi - lo
     cut = lambda a: a[lo:hi]
-    want, priority = cut(want), cut(priority)
+    assert want.shape[0] == priority.shape[0] == L, (want.shape, priority.shape, layers)
     soe, eos, last = cut(state.slot_of_expert), cut(state.expert_of_slot), cut(state.last_use)
     miss = want & (soe < 0)                                              # bool[L', E]
     e_of = jnp.maximum(eos, 0)

@@ -201,20 +201,19 @@ def gate_pass(policy: DevicePolicy, p: PolicyState, floor):
 
 
 def predict_from(policy: DevicePolicy, p: PolicyState, j: int, scores, rows_real, top_k: int, floor, local=None):
-    """Predictions from MoE layer j's hidden state (j = −1: the embeddings) for layers j+1..j+H_max, all at once.
-    scores f32[L, B, E]. local(a, fill): a mesh device's columns of an [L, E] array (its own experts' predictions
-    as its cache's ids), or None. Returns (state, want bool[L, E]: the predictions within the horizon S that pass
-    the gate (kept, and prefetched where not resident), rank i32[L, E]: their priority)."""
-    L = p.count.shape[0]
-    d = np.arange(L) - j
-    reach = jnp.asarray((d >= 1) & (d <= policy.max_horizon))[:, None]  # bool[L, 1] (static)
-    union, rank = top_union(scores, rows_real, top_k)                   # [L, E]
+    """Predictions from MoE layer j's hidden state (j = −1: the embeddings) for the layers it reaches, all at
+    once. scores f32[H', B, E]: the routers of layers j+1 .. j+H' (H' ≤ H_max, static; pregate_scores' rows).
+    local(a, fill): a mesh device's columns of an [H', E] array (its own experts' predictions as its cache's
+    ids), or None. Returns (state, want bool[H', E]: the predictions within the horizon S that pass the gate
+    (kept, and prefetched where not resident), rank i32[H', E]: their priority)."""
+    lo, hi = j + 1, j + 1 + scores.shape[0]                             # the rows reached (static)
+    union, rank = top_union(scores, rows_real, top_k)                   # [H', E]
     if local is not None:  # the top-k is over every expert; a mesh device keeps the ones it owns
         union, rank = local(union, False), local(rank, scores.shape[-1])
-    union = union & reach
-    inside = (jnp.asarray(d)[:, None] <= p.horizon)                      # bool[L, 1]
-    take = union & inside & gate_pass(policy, p, floor)[:, None]
-    p = p.replace(pred=p.pred | (union & inside), far=p.far | (union & ~inside), live=p.live | take)
+    inside = jnp.asarray(np.arange(1, hi - lo + 1))[:, None] <= p.horizon  # bool[H', 1]: distance ≤ S
+    take = union & inside & gate_pass(policy, p, floor)[lo:hi, None]
+    rows = lambda a, v: a.at[lo:hi].set(a[lo:hi] | v)
+    p = p.replace(pred=rows(p.pred, union & inside), far=rows(p.far, union & ~inside), live=rows(p.live, take))
     return p, take, rank
 
 

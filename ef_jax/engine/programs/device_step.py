@@ -24,9 +24,9 @@ from ef_jax.engine.programs import device_cache as dc
 from ef_jax.engine.programs import device_policies as dp
 from ef_jax.engine.programs.device_routing import cache_aware
 from ef_jax.engine.programs.layer import pregate_scores
-from ef_jax.engine.programs.layer import layer_view
+from ef_jax.engine.programs.layer import layer_view, walk_layers
 from ef_jax.models.moe import Routing, moe_combine
-from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
+from ef_jax.models.transformer import make_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +103,8 @@ def _after_demand(plan: StepPlan, j: int, state: dc.DeviceCache, before) -> dc.D
 
 
 def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, pool, stacks, layers: range, want, prio, after=None):
-    """Prefetches want bool[L, E] (priority i32[L, E]) into the layers of `layers` (static); their copies wait
-    for `after` (the output of the layer whose experts last read the pool)."""
+    """Prefetches want bool[L', E] (priority i32[L', E]; one row per layer of `layers`, static) into those
+    layers; their copies wait for `after` (the output of the layer whose experts last read the pool)."""
     if len(layers) == 0:
         return state, pool
     return dc.prefetch(state, pool, stacks, layers, want, prio, plan.max_misses, plan.policy, after)
@@ -113,14 +113,19 @@ def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, pool, stacks, layers: r
 def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.DeviceCache, pool, stacks,
              after=None, local=None):
     """Pre-gate predictions from MoE layer j's hidden state [B, T, D] (j = −1: the embeddings) and their
-    prefetches (local: a mesh device's columns, dp.predict_from). Returns (state, pool, scores f32[L, B, E])."""
-    scores = pregate_scores(scorer, hidden)
+    prefetches (local: a mesh device's columns, dp.predict_from). Only the H' = min(H_max, L − 1 − j) layers
+    the site reaches are scored. Returns (state, pool, scores f32[L, B, E] with those rows, zero elsewhere (the
+    host twin reads only the rows a site reaches), or None unless plan.record)."""
+    L = len(stacks)
+    layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, L))
+    scores = pregate_scores(scorer, hidden, layers)                     # f32[H', B, E]
     p = state.policy
     floor = dp.precision_floor(plan.policy, p, state.hits.sum(), state.misses.sum())
     p, want, rank = dp.predict_from(plan.policy, p, j, scores, rows_real, cfg.top_k, floor, local)
-    layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, len(stacks)))
     state, pool = _prefetch_all(plan, state.replace(policy=p), pool, stacks, layers, want, rank, after)
-    return state, pool, scores
+    if not plan.record:
+        return state, pool, None
+    return state, pool, jnp.pad(scores, ((layers.start, L - layers.stop), (0, 0), (0, 0)))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds", "plan"), donate_argnames=("caches", "pool", "state"))
@@ -140,44 +145,42 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
     if hints is not None:  # first, so the copies depend on nothing this step computes
         for j, stack in enumerate(stacks):
             state, pool = dc.apply_hints(state, pool, stack, j, hints[j])
-    scored = []
+    scored = ()  # f32[L, B, E] per scoring site, in step order
     if policy.scoring:  # step start: the embeddings stand in for the hidden state of "layer −1"
         state, pool, sc = _predict(cfg, plan, -1, x, rows_real, scorer, state, pool, stacks)
-        scored.append(sc)
+        scored = (sc,)
+    route = route_rank = None
     if policy.kind == "predictive":
         route, route_rank = dp.route_predict(policy, state.policy, token_ids, rows_real, plan.slots)
         p = state.policy
         state = state.replace(policy=p.replace(live=route, pred=route))
-        state, pool = _prefetch_all(plan, state, pool, stacks, range(min(policy.predict_h, L)), route, route_rank)
-    new_caches, routings, routed, hidden = [], [], [], []
-    j = 0
-    for p, kind, cache in zip(params, kinds, caches):
-        h, normed, routing, cache = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
-        new_caches.append(cache)
-        routings.append(routing)
-        if not kind.moe:
-            x = layer_finish(p, cfg, kind, h, normed, None, None, None)
-            continue
+        h0 = range(min(policy.predict_h, L))
+        state, pool = _prefetch_all(plan, state, pool, stacks, h0, route[:h0.stop], route_rank[:h0.stop])
+
+    def moe(j, p, h, normed, routing, carry):
+        pool, state, scored, hidden = carry
         if plan.tolerance is not None:  # cache-aware routing: prefer resident experts within δ
             routing, _ = cache_aware(cfg, routing, state.slot_of_expert[j] >= 0, plan.tolerance, real)
-            routings[-1] = routing
         x, pool, state = moe_layer(cfg, plan, j, p["mlp"], h, normed, routing, real, pool, state, stacks[j])
         if policy.kind == "predictive":
             needed = dc.needed_experts(routing.experts, real, cfg.num_experts)
             state = state.replace(policy=dp.predictive_observe(state.policy, j, needed, token_ids, B == 1))
-            t = j + policy.predict_h
-            state, pool = _prefetch_all(plan, state, pool, stacks, range(t, min(t + 1, L)), route, route_rank, x)
+            t = range(j + policy.predict_h, min(j + policy.predict_h + 1, L))   # layer j + h, if there is one
+            rows = slice(t.start, t.stop)
+            state, pool = _prefetch_all(plan, state, pool, stacks, t, route[rows], route_rank[rows], x)
         if policy.scoring and j + 1 < L:
             state, pool, sc = _predict(cfg, plan, j, h, rows_real, scorer, state, pool, stacks, x)
-            scored.append(sc)
-        routed.append(routing.experts)
+            scored = scored + (sc,)
         if plan.hidden_point is not None:
-            hidden.append((h if plan.hidden_point == "attention" else x)[:, -1])
-        j += 1
+            hidden = hidden + ((h if plan.hidden_point == "attention" else x)[:, -1],)
+        return x, routing, (pool, state, scored, hidden)
+
+    x, new_caches, routings, routed, (pool, state, scored, hidden) = walk_layers(
+        cfg, kinds, params, x, caches, ctx, moe, (pool, state, scored, ()))
     state = state.replace(policy=dp.end_step(policy, state.policy, L))
     scores = jnp.stack(scored) if plan.record and scored else None
-    return (x, tuple(new_caches), tuple(routings), jnp.stack(routed), jnp.stack(hidden) if hidden else None,
-            pool, state, state.counters(), scores)
+    return (x, new_caches, routings, routed, jnp.stack(hidden) if hidden else None, pool, state, state.counters(),
+            scores)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan", "j", "first"), donate_argnames=("pool", "state"))

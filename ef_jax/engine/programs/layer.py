@@ -7,6 +7,8 @@ offloaded_expert_pass(layer i): the same over the stacked offload pool, with the
   updates inside the program (so copies overlap its compute, and no separate dispatch moves bytes or maps)
 offloaded_expert_pass_then_attend(layer i): offloaded_expert_pass, then attend_route of the next MoE layer on its
   output (the dense layers between them included): one dispatch per MoE layer
+walk_layers: every layer of a one-program step (device_step, mesh_step): attention and router, then the dense
+  MLP or the caller's MoE layer (its own cache, pool and counters threaded through a carry)
 
 Axes: B rows, T new tokens, N = B·T tokens, D model, K top-k, E experts, S slots.
 """
@@ -54,13 +56,38 @@ class NextAttention(NamedTuple):
     cache: dict           # donated
 
 
-def pregate_scores(scorer, h):
-    """Every MoE layer's router on h's newest position, as ef_jax.policies.pregate.PregateScorer.scores computes
-    them on the host: scorer (norms f32[L, D], routers f32[L, D, E], eps f32[]), h [B, T, D] → f32[L, B, E]."""
+def pregate_scores(scorer, h, layers: range | None = None):
+    """The MoE layers' routers on h's newest position, as ef_jax.policies.pregate.PregateScorer.scores computes
+    them on the host: scorer (norms f32[L, D], routers f32[L, D, E], eps f32[]), h [B, T, D] → f32[L', B, E].
+    layers: the rows scored (static; None: all L) — a step's prediction site reaches only H_max later layers,
+    so it scores those routers, not all L."""
     norms, routers, eps = scorer
+    if layers is not None:
+        norms, routers = norms[layers.start:layers.stop], routers[layers.start:layers.stop]
     x = h[:, -1].astype(jnp.float32)
     x = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)  # [B, D]
     return jnp.einsum("lbd,lde->lbe", x[None] * norms[:, None], routers, precision=jax.lax.Precision.HIGHEST)
+
+
+def walk_layers(cfg, kinds, params: tuple, x, caches: tuple, ctx, moe, carry):
+    """Every layer of a one-program step, in order. x [B, T, D]; caches: per layer KV cache; ctx: the step's
+    attention context (make_context). For MoE layer j (0, 1, … over the MoE layers only; a Python int, so each
+    layer's code is specialised) calls moe(j, p, h, normed, routing, carry) → (x, routing, carry): the layer's
+    output, the routing it acted on (cache-aware routing may replace the router's), and the caller's carry (its
+    pool, cache state, …). Dense layers finish here.
+    Returns (x, new caches, routings per layer (None for dense ones), routed i32[L, N, K], carry)."""
+    new_caches, routings, routed, j = [], [], [], 0
+    for p, kind, cache in zip(params, kinds, caches):
+        h, normed, routing, cache = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
+        new_caches.append(cache)
+        if kind.moe:
+            x, routing, carry = moe(j, p, h, normed, routing, carry)
+            routed.append(routing.experts)
+            j += 1
+        else:
+            x = layer_finish(p, cfg, kind, h, normed, None, None, None)
+        routings.append(routing)
+    return x, tuple(new_caches), tuple(routings), jnp.stack(routed), carry
 
 
 def _attend_route(cfg, dense_kinds, kind, dense_params, p, x, dense_caches, cache, positions, write_idx, valid,

@@ -39,9 +39,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 from ef_jax.engine.programs import device_cache as dc
 from ef_jax.engine.programs import device_policies as dp
 from ef_jax.engine.programs.device_step import StepPlan, _predict, moe_layer
-from ef_jax.engine.programs.layer import layer_view
+from ef_jax.engine.programs.layer import layer_view, walk_layers
 from ef_jax.models.moe import Routing, expert_ffn, shared_output
-from ef_jax.models.transformer import layer_attention_and_route, layer_finish, make_context
+from ef_jax.models.transformer import make_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,23 +135,20 @@ def mesh_step(cfg, kinds, plan: StepPlan, layout: MeshLayout, params: tuple, x, 
         rows_real = real.reshape(x.shape[0], -1)[:, -1]                  # bool[B]: the newest position is real
         if plan.policy.scoring:  # step start: the embeddings stand in for the hidden state of "layer −1"
             state, pool, _ = _predict(cfg, plan, -1, x, rows_real, scorer, state, pool, stacks, local=local)
-        new_caches, routings, routed, j = [], [], [], 0
-        for p, kind, cache in zip(params, kinds, caches):
-            h, normed, routing, cache = layer_attention_and_route(p, cfg, kind, x, cache, ctx)
-            new_caches.append(cache)
-            routings.append(routing)
-            if not kind.moe:
-                x = layer_finish(p, cfg, kind, h, normed, None, None, None)
-                continue
+
+        def moe(j, p, h, normed, routing, carry):
+            pool, state = carry
             x, pool, state = mesh_moe(cfg, plan, layout, j, p["mlp"], h, normed, routing, real, pool, state,
                                       stacks[j])
             if plan.policy.scoring and j + 1 < L:  # this layer's hidden state scores the next layers' routers
                 state, pool, _ = _predict(cfg, plan, j, h, rows_real, scorer, state, pool, stacks, x, local)
-            routed.append(routing.experts)
-            j += 1
+            return x, routing, (pool, state)
+
+        x, new_caches, routings, routed, (pool, state) = walk_layers(cfg, kinds, params, x, caches, ctx, moe,
+                                                                     (pool, state))
         state = state.replace(policy=dp.end_step(plan.policy, state.policy, L))
         counters = jax.lax.all_gather(state.counters(), layout.axis)    # i32[n, C, L] on every device
-        return x, tuple(new_caches), tuple(routings), jnp.stack(routed), pool, _all(state), counters
+        return x, new_caches, routings, routed, pool, _all(state), counters
 
     # check_vma=False: a pallas_call carries no varying-axes type (as ef_jax.models.expert_parallel)
     run = jax.shard_map(body, mesh=layout.mesh, in_specs=(rep, rep, rep, rep, rep, rep, rep, pooled, per, per, rep),
