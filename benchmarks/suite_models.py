@@ -234,7 +234,9 @@ def part_deepseek(parts: dict, args) -> None:
     if not ds:
         return
     # a dry run walks every kind of row once (each budget, both batches), not the whole grid
-    sweep(ds, 1, (0.25,) if dry else (0.25, 1.0), ("lru",) if dry else POLICIES)
+    # (dry: lru and expertflow, the layer-mode rows device_rows' dry policies are compared with when no trace
+    # is found — with one, device_rows runs its own "own routing" rows)
+    sweep(ds, 1, (0.25,) if dry else (0.25, 1.0), ("lru", "expertflow") if dry else POLICIES)
     run(ds, "resident", None, 8, "resident", 1.0)
     release(model)
     sweep(ds, 8, (0.5,) if dry else (0.5, 0.25, 1.0), ("lru",) if dry else POLICIES)
