@@ -178,21 +178,17 @@ def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.A
     L = hi - lo
     cut = lambda a: a[lo:hi]
     assert want.shape[0] == priority.shape[0] == L, (want.shape, priority.shape, layers)
-    rows = (cut(state.slot_of_expert), cut(state.expert_of_slot), cut(state.last_use), cut(state.clock),
-            cut(state.prefetches), cut(state.fresh))
-    miss = want & (rows[0] < 0)                                          # bool[L', E]
+    soe, eos, last = cut(state.slot_of_expert), cut(state.expert_of_slot), cut(state.last_use)
+    miss = want & (soe < 0)                                              # bool[L', E]
+    e_of = jnp.maximum(eos, 0)
+    held = lambda m: (eos >= 0) & jnp.take_along_axis(m, e_of, axis=1)  # bool[L', E] → bool[L', S] by slot
+    keep, kept = cut(state.pinned) | held(want), held(cut(state.policy.live))
+    count = (jnp.where(eos >= 0, jnp.take_along_axis(cut(state.policy.count), e_of, axis=1), 0) if policy.counted
+             else jnp.zeros_like(eos))
+
     M = max_loads
 
-    def place(rows):  # everything but the copies, only when something is missing: on the CPU each small op
-        # outside a cond runs at every site of every step, and a site whose predictions are all resident (the
-        # common case) then costs one compare and one branch. The copies run after the cond (a pool through a
-        # cond may be copied).
-        soe, eos, last, clock, prefetches, fresh = rows
-        e_of = jnp.maximum(eos, 0)
-        held = lambda m: (eos >= 0) & jnp.take_along_axis(m, e_of, axis=1)  # bool[L', E] → bool[L', S] by slot
-        keep, kept = cut(state.pinned) | held(want), held(cut(state.policy.live))
-        count = (jnp.where(eos >= 0, jnp.take_along_axis(cut(state.policy.count), e_of, axis=1), 0)
-                 if policy.counted else jnp.zeros_like(eos))
+    def place(_):  # the table updates; the copies run after the cond (a pool through a cond may be copied)
         victims, free = jax.vmap(lambda *a: dp.victim_order(*a, M))(eos, last, keep, kept, count)
         m = jnp.minimum(miss.sum(-1, dtype=jnp.int32), free)            # i32[L']
         ids = jnp.arange(E, dtype=jnp.int32)
@@ -203,29 +199,30 @@ def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.A
         gone = ok & (jnp.take_along_axis(eos, victims, axis=1)[:, :, None] == ids)
         new_eos = jnp.where(to_slot.any(1), (to_slot * experts[:, :, None]).sum(1), eos)
         new_soe = jnp.where(is_new.any(1), (is_new * victims[:, :, None]).sum(1), jnp.where(gone.any(1), -1, soe))
-        new = is_new.any(1)                                              # bool[L', E]: loaded now
-        rank = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1              # the loaded ones, ascending id
-        ne = jnp.maximum(new_eos, 0)
-        touched = (new_eos >= 0) & jnp.take_along_axis(new, ne, axis=1)
-        new_last = jnp.where(touched, clock[:, None] + jnp.take_along_axis(rank, ne, axis=1), last)
-        rows = (new_soe, new_eos, new_last, clock + new.sum(-1, dtype=jnp.int32), prefetches + m,
-                fresh | to_slot.any(1))
-        return rows, victims.astype(jnp.int32), experts.astype(jnp.int32), m
+        return new_soe, new_eos, victims.astype(jnp.int32), experts.astype(jnp.int32), m, to_slot.any(1), \
+            is_new.any(1)
 
-    def nothing(rows):
+    def nothing(_):
         z = jnp.zeros((L, M), jnp.int32)
-        return rows, z, z, jnp.zeros(L, jnp.int32)
+        return soe, eos, z, z, jnp.zeros(L, jnp.int32), jnp.zeros((L, S), bool), jnp.zeros((L, E), bool)
 
-    rows, victims, experts, m = jax.lax.cond(miss.any(), place, nothing, rows)
+    soe, new_eos, victims, experts, m, loaded, new = jax.lax.cond(miss.any(), place, nothing, None)
+    rank = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1                  # the loaded ones, ascending id
+    ne = jnp.maximum(new_eos, 0)
+    touched = (new_eos >= 0) & jnp.take_along_axis(new, ne, axis=1)
+    clock = cut(state.clock)
+    new_last = jnp.where(touched, clock[:, None] + jnp.take_along_axis(rank, ne, axis=1), last)
     if after is not None:
         m = m + jnp.minimum(jnp.isnan(after.reshape(-1)[0]).astype(jnp.int32), 0)
     for t in layers:
         pool = copy_rows(pool, stacks[t], t, experts[t - lo], victims[t - lo], m[t - lo])
     put = lambda a, v: a.at[lo:hi].set(v)
-    soe, eos, last, clock, prefetches, fresh = rows
-    state = state.replace(slot_of_expert=put(state.slot_of_expert, soe), expert_of_slot=put(state.expert_of_slot, eos),
-                          last_use=put(state.last_use, last), clock=put(state.clock, clock),
-                          prefetches=put(state.prefetches, prefetches), fresh=put(state.fresh, fresh))
+    state = state.replace(slot_of_expert=put(state.slot_of_expert, soe),
+                          expert_of_slot=put(state.expert_of_slot, new_eos),
+                          last_use=put(state.last_use, new_last),
+                          clock=put(state.clock, clock + new.sum(-1, dtype=jnp.int32)),
+                          prefetches=put(state.prefetches, cut(state.prefetches) + m),
+                          fresh=put(state.fresh, cut(state.fresh) | loaded))
     return state, pool
 
 
