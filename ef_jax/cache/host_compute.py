@@ -112,6 +112,14 @@ class LayerCosts:
     host: HostTiming | None
 
 
+def holds_prefetches(mode: str, clocked: bool) -> bool:
+    """Whether the cache holds the policy's prefetches for the copy stream's idle time (ExpertCache(
+    hold_prefetches=)): under auto with a clock that knows the copy backlog (the virtual clock, the simulator); the
+    wall clock has no backlog to find idle time in, so there prefetches go out at once. The engine and the
+    simulator both ask here, so they build the same cache."""
+    return mode == "auto" and clocked
+
+
 class Split(NamedTuple):
     """decide_layer's answer, each list in the order of the misses (fill: in request order)."""
     load: list    # copied into a slot; the layer waits for them

@@ -12,10 +12,10 @@ CONVERT_BLOCK_BYTES the two formulations of ef_jax.models.moe run as a loop whos
                     token through each of them → Σ over the block with the combine weights
                     w[n, s] = Σ_k w[n, k]·[slot[n, k] = s] (0 for a slot token n did not choose)
 
-A lax loop (not a Python one; each body under a cond, see _loop) so that XLA reuses one block's buffers: the
-program's temporaries stay about one block whatever the pool size. The dense form multiplies every token by every used slot (U·N products, U ≤ S, no
-grouping): where ragged_dot is lowered densely (the CPU backend: S·N·K products) it is also less work. Neither form
-needs one layer's slots apart, so a caller holding a stacked pool [L, S, ...] passes it seen as [L·S, ...]
+A lax loop (not a Python one; each body under a cond, see guarded_loop) so that XLA reuses one block's buffers:
+the program's temporaries stay about one block whatever the pool size. The dense form multiplies every token by
+every used slot (U·N products, U ≤ S, no grouping): where ragged_dot is lowered densely (the CPU backend: S·N·K
+products) it is also less work. Neither form needs one layer's slots apart, so a caller holding a stacked pool [L, S, ...] passes it seen as [L·S, ...]
 (ef_jax.engine.programs.layer.layer_view) instead of copying the layer out.
 Pools read in their own dtype (bf16 under bf16 compute) convert nothing and never come here.
 
@@ -58,12 +58,13 @@ def per_block(pool, dtype, limit: int = CONVERT_BLOCK_BYTES) -> int | None:
     return None if per_slot == 0 else max(1, limit // per_slot)
 
 
-def _loop(n, body, init):
+def guarded_loop(n, body, init):
     """lax.fori_loop(0, n, body, init), each body under a cond on i < n (always true). XLA's CPU backend computes a
     bf16 gather in f32, and in a bare loop body it hoists that upcast of the loop-invariant pool out of the loop:
     the whole pool converted once (2.3 GB for a DeepSeek-V2-Lite layer of bf16 experts under f32; an optimization
     barrier between gather and convert does not stop it), which is what the blocks are there to avoid. Nothing is
-    hoisted out of a conditional's branch (the device step's row copies do the same, engine/programs/device_cache)."""
+    hoisted out of a conditional's branch. The device step's row copies (engine/programs/device_cache) loop the same
+    way, for the same reason."""
     return jax.lax.fori_loop(0, n, lambda i, c: jax.lax.cond(i < n, body, lambda i, c: c, i, c), init)
 
 
@@ -88,7 +89,8 @@ def gather_blocked(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, 
         s, t = (jax.lax.dynamic_slice_in_dim(a, i * c, c) for a in (slots, tokens))  # i32[c], i32[c]
         return jax.lax.dynamic_update_slice_in_dim(y, _swiglu_pairs(x[t], *matrices(pool, s, x.dtype)), i * c, 0)
 
-    y = _loop(blocks, body, jnp.zeros((blocks * c, x.shape[-1]), jnp.float32))[:P].reshape(N, K, -1)  # f32[N, K, D]
+    y = guarded_loop(blocks, body, jnp.zeros((blocks * c, x.shape[-1]), jnp.float32))
+    y = y[:P].reshape(N, K, -1)                                          # f32[N, K, D]
     return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32)).astype(out_dtype or x.dtype)
 
 
@@ -125,5 +127,5 @@ def dense_blocked(x: jax.Array, slot_ids: jax.Array, weights: jax.Array, pool, s
         y = jnp.einsum("bnf,bfd->bnd", h, d, preferred_element_type=jnp.float32)
         return acc + jnp.einsum("bnd,nb->nd", y, w)
 
-    acc = _loop((count + b - 1) // b, body, jnp.zeros((N, x.shape[-1]), jnp.float32))
+    acc = guarded_loop((count + b - 1) // b, body, jnp.zeros((N, x.shape[-1]), jnp.float32))
     return acc.astype(out_dtype or x.dtype)

@@ -22,7 +22,8 @@ import numpy as np
 
 from ef_jax.cache import plan as layer_plan
 from ef_jax.cache.expert_cache import ExpertCache
-from ef_jax.cache.host_compute import HOST_COMPUTE_MODES, HostStream, host_layer_s, plan_layer, tokens_per_expert
+from ef_jax.cache.host_compute import (HOST_COMPUTE_MODES, HostStream, holds_prefetches, host_layer_s, plan_layer,
+                                      tokens_per_expert)
 from ef_jax.cache.timing import (DEEPSEEK_V2_LITE_EXPERT_BYTES, TIMING_PRESETS, CopyStream, Timing,  # noqa: F401
                                  get_timing, layer_costs)
 from ef_jax.policies.base import Policy, PolicyContext
@@ -143,10 +144,8 @@ def replay(experts: np.ndarray, *, slots_per_layer: int, policy: str | Policy = 
         raise ValueError(f"host_compute={host_compute!r} needs a timing preset with a host FFN timing "
                          "(Timing.host); this one has none")
     pol = get_policy(policy, PolicyContext(future=experts, batch_size=batch_size))
-    # auto holds the policy's prefetches for the copy stream's idle time (ef_jax.cache.host_compute), as the
-    # engine's virtual clock does
     cache = ExpertCache(L, E, slots_per_layer, pol, check=check, bytes_per_expert=timing.expert_bytes if timing else 0,
-                        hold_prefetches=host_compute == "auto" and timing is not None)
+                        hold_prefetches=holds_prefetches(host_compute, timing is not None))
     stream = CopyStream(cache, L, E, timing)
     hstream = HostStream(timing.host if timing else None)
     compute_s = timing.layer_compute_s if timing else 0.0

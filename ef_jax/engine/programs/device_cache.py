@@ -29,6 +29,7 @@ from ef_jax import pytree
 
 from ef_jax.engine.programs import device_policies as dp
 from ef_jax.engine.transfer.store import put_expert
+from ef_jax.models.expert_blocks import guarded_loop
 
 _NEVER = np.iinfo(np.int32).max  # LRU score of a slot that must not be evicted
 
@@ -102,7 +103,7 @@ def copy_rows(pool, stack: jax.Array, j: int, experts: jax.Array, slots: jax.Arr
         row = jax.lax.dynamic_slice(stack, (experts[i], 0), (1, W))[0]
         return put_expert(pool, jax.device_put(row, jax.memory.Space.Device), jnp.int32(j), slots[i])
 
-    return jax.lax.fori_loop(0, n, lambda i, pool: jax.lax.cond(i < n, copy, lambda i, p: p, i, pool), pool)
+    return guarded_loop(n, copy, pool)
 
 
 def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.Array, touch: jax.Array | None,

@@ -34,6 +34,7 @@ from ef_jax.cache import plan as layer_plan
 from ef_jax.cache import routing as routing_rules
 from ef_jax.cache.config import OffloadConfig
 from ef_jax.cache.expert_cache import ExpertCache
+from ef_jax.cache.host_compute import holds_prefetches
 from ef_jax.cache.timing import get_timing
 from ef_jax.engine.transfer.clock import VirtualClock, WallClock
 from ef_jax.engine.sources.context import policy_context
@@ -134,11 +135,9 @@ class OffloadedExperts(SourceDefaults):
                                                       self.store.device)
         self.timing = get_timing(offload.timing)  # a virtual clock stands for its preset's expert size too
         policy = get_policy(offload.policy, policy_context(model))
-        # host_compute="auto" under the virtual clock holds the policy's prefetches for the copy stream's idle time
-        # (ef_jax.cache.host_compute); the wall clock knows no copy backlog to find it in, so prefetches go at once
         expert_bytes = self.timing.expert_bytes if self.timing else self.store.bytes_per_expert
         self.cache = ExpertCache(L, E, self.slots, policy, check=offload.check, bytes_per_expert=expert_bytes,
-                                 hold_prefetches=offload.host_compute == "auto" and self.timing is not None)
+                                 hold_prefetches=holds_prefetches(offload.host_compute, self.timing is not None))
         self.timeline = Timeline() if offload.record_timeline else None
         self.copier = COPIERS[offload.copies](self.store, self.slots, counters, self.timeline)
         self.clock = (VirtualClock(self.cache, self.timing, L, E) if self.timing
