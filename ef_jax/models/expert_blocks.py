@@ -15,8 +15,9 @@ CONVERT_BLOCK_BYTES the two formulations of ef_jax.models.moe run as a loop whos
 A lax loop (not a Python one; each body under a cond, see guarded_loop) so that XLA reuses one block's buffers:
 the program's temporaries stay about one block whatever the pool size. The dense form multiplies every token by
 every used slot (U·N products, U ≤ S, no grouping): where ragged_dot is lowered densely (the CPU backend: S·N·K
-products) it is also less work. Neither form needs one layer's slots apart, so a caller holding a stacked pool [L, S, ...] passes it seen as [L·S, ...]
-(ef_jax.engine.programs.layer.layer_view) instead of copying the layer out.
+products) it is also less work. Neither form needs one layer's slots apart, so a caller holding a stacked pool
+[L, S, ...] passes it seen as [L·S, ...] (ef_jax.engine.programs.layer.layer_view) instead of copying the layer
+out.
 Pools read in their own dtype (bf16 under bf16 compute) convert nothing and never come here.
 
 Axes: N tokens, K top-k, P = N·K pairs, S slots, U distinct slots used, D model, F expert FFN width,
