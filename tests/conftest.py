@@ -113,3 +113,23 @@ def _fresh_compile_caches():
     import gc
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def random_hybrid():
+    """(model, point) → a hybrid head (ef_jax.hybrid.HybridPredictor) on the model's routers with random non-zero
+    parameters, every pair distance the model has: what the device step's head must equal the host's on."""
+    def make(model, point: str, seed: int = 0):
+        import numpy as np
+        from ef_jax.engine.sources.context import policy_context
+        from ef_jax.hybrid import model as hm
+        from ef_jax.hybrid.predictor import HybridPredictor
+        cfg, ctx = model.config, policy_context(model)
+        L = len(cfg.moe_layer_ids)
+        hc = hm.HybridConfig(num_layers=L, num_experts=cfg.num_experts, top_k=cfg.top_k, hidden=cfg.hidden_size,
+                             vocab=cfg.vocab_size, max_distance=L - 1, token_dim=8, eps=cfg.rms_norm_eps,
+                             point=point)
+        rng = np.random.default_rng(seed)
+        params = {k: rng.normal(0, 0.5, np.shape(v)).astype(np.float32) for k, v in hm.init_params(hc).items()}
+        return HybridPredictor(hc, params, ctx.routers, ctx.norms)
+    return make

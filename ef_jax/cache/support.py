@@ -34,7 +34,7 @@ class Request:
     offloaded: bool                 # an OffloadConfig (or a CLI budget) was given
     policy: str = "resident"        # the policy's name ("resident" when nothing is offloaded)
     policy_by_name: bool = True     # a name or PolicySpec (False: a Policy object)
-    predictor: bool = False         # policy "predictive" has a predictor (or scores) of its own
+    predictor: bool = False         # the PolicySpec carries a predictor (or scores) of its own
     step: str = "layer"
     routing: str = "exact"
     timing: bool = False            # a virtual clock
@@ -138,9 +138,6 @@ ROWS: tuple[Row, ...] = (
     Row("policy", lambda r: _DEVICE(r) and not (r.policy_by_name and r.policy in DEVICE_POLICIES),
         "<step=device> runs its policies as array operations inside the step program, by name ("
         f"{', '.join(DEVICE_POLICIES)}); <policy={{r.policy}}> decides evictions on the host: use <step=layer>"),
-    Row("hybrid", lambda r: _DEVICE(r) and r.hybrid,
-        "<step=device> scores later layers with their routers on the device; the hybrid head <hybrid> runs on the "
-        "host: use <step=layer>"),
     Row("predictor", lambda r: _DEVICE(r) and r.predictor_dir,
         "<step=device> predicts with its routing-path table on the device; a trained <predictor> runs on the host: "
         "use <step=layer>"),
@@ -180,6 +177,9 @@ ROWS: tuple[Row, ...] = (
         "deciding from its own experts' routing, so the policy is one of "
         f"{', '.join(MESH_DEVICE_POLICIES)}; <policy={{r.policy}}> keeps one routing-path table over every expert "
         "(no device holds it): use one device (drop <devices>)"),
+    Row("hybrid", lambda r: _MESH(r) and r.step == "device" and r.policy == "expertflow" and (r.hybrid or r.predictor),
+        "<step=device> on a mesh of <devices={r.devices}> scores with plain pre-gating on each device; expertflow's "
+        "hybrid head <hybrid> runs inside the step on one device only: drop <devices>, or the head"),
     Row("routing", lambda r: _MESH(r) and r.routing != "exact",
         "<routing=cache-aware> reads one device's cache: use <routing=exact> on a mesh of <devices={r.devices}>"),
     Row("timing", lambda r: _MESH(r) and r.timing,
@@ -211,7 +211,8 @@ ROWS: tuple[Row, ...] = (
         "minimum); this model has (D, F) = {r.expert_dims}: use <expert_kernel=xla>"),
 )
 
-API_NAMES = {"offload": "offload=OffloadConfig(...)"}
+API_NAMES = {"offload": "offload=OffloadConfig(...)",
+             "hybrid": "PolicySpec('expertflow', predictor=HybridPredictor(...))"}  # the API's --hybrid
 
 
 def _render(text: str, flags: dict[str, str] | None) -> str:

@@ -17,6 +17,8 @@ from ef_jax.hybrid.record import Record
 
 
 class HybridPredictor:
+    device_head = True  # the device step runs this head inside its program (ef_jax.engine.programs.device_hybrid)
+
     def __init__(self, cfg: hm.HybridConfig, params: dict, routers: list, norms: list):
         self.cfg, self.p = cfg, {k: np.asarray(v, np.float32) for k, v in params.items()}
         self.routers = [np.asarray(r, np.float32) for r in routers]

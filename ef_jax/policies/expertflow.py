@@ -237,7 +237,8 @@ class ExpertFlow(BasePolicy):
     # ---- prediction and prefetch -------------------------------------------------------------------------------
     @property
     def device_scorer(self) -> PregateScorer | None:
-        """Plain pre-gating runs on the device in the engine (a hybrid head stays on the host)."""
+        """Plain pre-gating runs on the device in the layer mode (a hybrid head scores on the host there; the
+        device step runs it inside its program: ef_jax.engine.programs.device_hybrid)."""
         return self.predictor if type(self.predictor) is PregateScorer else None
 
     def on_hidden(self, layer: int, hidden: np.ndarray, view) -> list[tuple[int, int]]:

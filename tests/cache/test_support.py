@@ -31,7 +31,6 @@ REQUESTS = [
     R(offloaded=False, host_compute="auto"),
     R(offloaded=False, step="device"),
     dev(policy="LRU", policy_by_name=False),
-    dev(policy="expertflow", hybrid=True),
     dev(policy="predictive", predictor_dir=True),
     dev(timing=True),
     dev(timeline=True),
@@ -45,6 +44,7 @@ REQUESTS = [
     R(offloaded=False, devices=4, devices_available=4, num_experts=2),
     mesh(policy="expertflow"),
     mesh(step="device", policy="predictive", predictor=True),
+    mesh(step="device", policy="expertflow", hybrid=True),
     mesh(routing="cache-aware"),
     mesh(timing=True),
     mesh(timeline=True),
@@ -122,6 +122,7 @@ MODEL_ROWS = [  # refused by the Forward (so by generate, logits, evaluate_polic
     (True, dict(policy="expertflow"), {}, "runs on one device"),
     (True, dict(policy=LRU()), {}, "by name"),  # one object cannot be every device's policy
     (True, dict(step="device", policy=PolicySpec("predictive", predictor="online")), {}, "runs one cache per device"),
+    (True, dict(step="device", policy=PolicySpec("expertflow", predictor=object())), {}, "on one device only"),
     (True, dict(routing="cache-aware"), {}, "reads one device's cache"),
     (True, dict(timing="h100"), {}, "models one copy stream"),
     (True, dict(record_timeline="t.json"), {}, "records one device's engine"),

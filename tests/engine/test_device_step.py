@@ -95,6 +95,24 @@ def test_every_prefetching_policy(runs, budget, batch, policy):
     check_prefetch_counters(res.stats, policy)
 
 
+@pytest.fixture(scope="module")
+def hybrid_spec(runs, random_hybrid):
+    """expertflow with a hybrid head (random non-zero parameters, at the layer-output point) on qwen3moe-norm: one
+    spec object, so the module's memo runs it once per batch."""
+    return PolicySpec("expertflow", predictor=random_hybrid(runs.model("qwen3moe-norm"), "moe"))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_hybrid_head_inside_the_step(runs, hybrid_spec, batch):
+    """The head's logits pick the prefetches inside the step; tokens stay those of resident decoding (minimum
+    budget, so most experts are copied), with no host sync beyond the sampled token."""
+    res = runs("qwen3moe-norm", "min", batch, hybrid_spec, check=False)
+    assert res.tokens == runs("qwen3moe-norm", batch=batch).tokens, batch
+    s = res.stats
+    check_prefetch_counters(s, "expertflow")
+    assert s["host_syncs_per_step"] == 1.0 and s["readback_waits"] == 0, s["sync_points"]
+
+
 @pytest.mark.parametrize("family", ["olmoe", "deepseek-qlora-grouped-yarn"])
 def test_one_host_sync_per_token(runs, family):
     """Without check (whose slot verification reads the device), the sampled token is the step's only sync."""

@@ -103,6 +103,11 @@ def test_record_train_and_use_through_the_cli(tiny, tmp_path, capsys):
     res = ef_jax.generate(model, prompts, max_new_tokens=5,
                           offload=ef_jax.OffloadConfig(slots_per_layer=2, policy=pol, check=True))
     assert res.tokens == ref and res.stats["cache_prefetch_issued"] > 0
+    # the same trained head inside the one-program step (ef_jax.engine.programs.device_hybrid)
+    head = ef_jax.PolicySpec("expertflow", predictor=HybridPredictor.load(out, model))
+    dev = ef_jax.generate(model, prompts, max_new_tokens=5,
+                          offload=ef_jax.OffloadConfig(slots_per_layer=2, policy=head, step="device"))
+    assert dev.tokens == ref and dev.stats["step"] == "device" and dev.stats["cache_prefetch_issued"] > 0
     assert main(["eval-policy", "--model", d, "--text", str(text), "--slots-per-layer", "3", "--hybrid", out,
                  "--max-tokens", "40", "--seq-len", "40", "--timing", "h100", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["policy"] == "expertflow"

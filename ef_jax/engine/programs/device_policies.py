@@ -6,7 +6,8 @@ step start: clear the step's predictions → [expertflow / pregate: the new toke
             layer from the token ids; prefetch layers 0..h−1]
 MoE layer j: route → on_route: use counts, precision window, late count → demand (victims by `victim_order`)
             → after_demand: prefetches of j left unused are counted and forgotten
-            → [expertflow / pregate: pregate_scores(h_j) for layers j+1..j+H_max → top-K per real row → union
+            → [expertflow / pregate: pregate_scores(h_j) for layers j+1..j+H_max (expertflow with a hybrid head:
+               device_hybrid.head_scores, h_j at the head's point) → top-K per real row → union
                → within the horizon S and past the precision gate: kept (never evicted by a prefetch) and, when
                not resident, prefetched into their layer now] → [predictive: prefetch layer j+h]
 step end:   [expertflow: k ← k + sign(late − unused); S ← clip(ceil(2^(k/4) · N_e · ratio), 1, H_max)]
@@ -48,7 +49,8 @@ class DevicePolicy:
     kind: one of KINDS. max_horizon: H_max, how many later layers a hidden state is scored for (pregate: its
     fixed distance). adaptive: expertflow's horizon S moves in [1, H_max] (else S = H_max). gate: the precision
     gate. min_precision: its floor. predict_m / predict_h / table_rows: predictive's experts per row and layer,
-    layers ahead, and token-id rows of its table (ids modulo it)."""
+    layers ahead, and token-id rows of its table (ids modulo it). head: expertflow's hybrid head
+    (ef_jax.engine.programs.device_hybrid.HeadSpec; None: plain pre-gating, the step compiled without it)."""
     kind: str = "lru"
     max_horizon: int = 1
     adaptive: bool = False
@@ -57,10 +59,13 @@ class DevicePolicy:
     predict_m: int = 0
     predict_h: int = 2
     table_rows: int = 0
+    head: object = None  # HeadSpec | None (a static option: its parameters are a step argument)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"device policy kind={self.kind!r} must be one of {KINDS}")
+        if self.head is not None and self.kind != "expertflow":
+            raise ValueError(f"a hybrid head is expertflow's predictor, not {self.kind!r}'s: use kind='expertflow'")
         if self.max_horizon < 1:
             raise ValueError(f"max_horizon={self.max_horizon} must be ≥ 1")
 
@@ -98,7 +103,7 @@ class PolicyState:
     step_fetch: jax.Array   # i32[]: this step's misses + used prefetches
     horizon_sum: jax.Array  # i32[]: Σ S over steps (mean horizon = horizon_sum / steps)
     table: jax.Array     # i32[V', L, E]: predictive: routes seen after each token id (V' = 0 otherwise)
-    prev: jax.Array      # bool[L, E]: predictive: the last step's route
+    prev: jax.Array      # bool[L, E]: the last step's route (predictive, and expertflow's hybrid head)
 
 
 def init_policy(policy: DevicePolicy, num_layers: int, num_experts: int, ratio: float, sharding) -> PolicyState:
@@ -254,10 +259,15 @@ def route_predict(policy: DevicePolicy, p: PolicyState, token_ids, rows_real, sl
     return want, rank
 
 
+def remember_route(p: PolicyState, j: int, needed) -> PolicyState:
+    """Layer j's route this step (needed bool[E]) becomes its last route, read at j by the next step."""
+    return p.replace(prev=p.prev.at[j].set(needed))
+
+
 def predictive_observe(p: PolicyState, j: int, needed, token_ids, single_row: bool) -> PolicyState:
     """Layer j's route into the predictor: the last route, and (single-row steps only: a union over rows belongs
     to no token) the token's table row."""
-    p = p.replace(prev=p.prev.at[j].set(needed))
+    p = remember_route(p, j, needed)
     if single_row and p.table.shape[0]:
         row = jnp.mod(token_ids[0], p.table.shape[0])
         p = p.replace(table=p.table.at[row, j].add(needed.astype(jnp.int32)))

@@ -4,7 +4,9 @@ x → [apply every MoE layer's prefetch hints] → per layer: attention (+ KV ca
     → MoE layer: needed = ∪ real tokens' experts → misses, LRU victims (never a slot this pass needs) → copy the
       misses from the layer's pinned-host stack into the slot pool → expert FFN through the slot map
     → (union > S slots: further passes of ≤ S experts, each adding its share, inside the same program)
-→ (x, caches, routings, routed i32[L, N, K], hidden [L, B, D] for hint policies, pool, cache state, counters)
+    → [a scoring policy: the later layers' scores from this layer's hidden state — pre-gating, or with expertflow's
+      hybrid head (device_hybrid) the head's logits at its point — → predictions and prefetches]
+→ (x, caches, routings, routed i32[L, N, K], hidden [L, B, D] when asked, pool, cache state, counters)
 
 Nothing in the step returns to the host: the pool, the cache state (ef_jax.engine.programs.device_cache.DeviceCache) and the
 KV cache are donated and threaded to the next step; routed experts, hidden states and counters are small outputs
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ef_jax.engine.programs import device_cache as dc
+from ef_jax.engine.programs import device_hybrid as dh
 from ef_jax.engine.programs import device_policies as dp
 from ef_jax.engine.programs.device_routing import cache_aware
 from ef_jax.engine.programs.layer import pregate_scores
@@ -37,7 +40,7 @@ class StepPlan:
     max_passes: int           # passes a layer may need: ceil(min(E, N·K) / S)
     hint_width: int           # H: hints per layer (0: the policy sends none)
     flush: bool               # empty every slot at step start (the nocache baseline)
-    hidden_point: str | None  # "attention" | "moe": the hidden state hint policies read; None: not returned
+    hidden_point: str | None  # "attention" | "moe": the hidden state returned (recording a hybrid head's sites)
     policy: dp.DevicePolicy = dp.DevicePolicy()  # the device policy (ef_jax.engine.programs.device_policies)
     record: bool = False      # return the pre-gate scores the policy acted on (for the host twin)
     tolerance: float | None = None  # cache-aware routing's δ (ef_jax.engine.programs.device_routing); None: exact
@@ -111,14 +114,21 @@ def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, pool, stacks, layers: r
 
 
 def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.DeviceCache, pool, stacks,
-             after=None, local=None):
+             after=None, local=None, head=None):
     """Pre-gate predictions from MoE layer j's hidden state [B, T, D] (j = −1: the embeddings) and their
     prefetches (local: a mesh device's columns, dp.predict_from). Only the H' = min(H_max, L − 1 − j) layers
-    the site reaches are scored. Returns (state, pool, scores f32[L, B, E] with those rows, zero elsewhere (the
-    host twin reads only the rows a site reaches), or None unless plan.record)."""
+    the site reaches are scored. head: (the hybrid head's parameters, cur bool[E] layer j's experts this step,
+    token_ids i32[B]) when plan.policy.head is set: its logits replace the pre-gate scores (device_hybrid).
+    Returns (state, pool, scores f32[L, B, E] with those rows, zero elsewhere (the host twin reads only the rows
+    a site reaches), or None unless plan.record)."""
     L = len(stacks)
     layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, L))
-    scores = pregate_scores(scorer, hidden, layers)                     # f32[H', B, E]
+    if plan.policy.head is None:
+        scores = pregate_scores(scorer, hidden, layers)                 # f32[H', B, E]
+    else:
+        params, cur, token_ids = head
+        scores = dh.head_scores(plan.policy.head, scorer, params, hidden, j, layers, cur, state.policy.prev,
+                                token_ids)
     p = state.policy
     floor = dp.precision_floor(plan.policy, p, state.hits.sum(), state.misses.sum())
     p, want, rank = dp.predict_from(plan.policy, p, j, scores, rows_real, cfg.top_k, floor, local)
@@ -130,12 +140,13 @@ def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.D
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds", "plan"), donate_argnames=("caches", "pool", "state"))
 def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, positions, write_idx, valid, real,
-                pool, state: dc.DeviceCache, stacks: tuple, hints, scorer=None, token_ids=None):
+                pool, state: dc.DeviceCache, stacks: tuple, hints, scorer=None, token_ids=None, head=None):
     """Every layer of one step. x [B, T, D]; caches: per layer KV cache (donated); real bool[N]; pool: stacked slot
     pool [L, S, ...] (donated); state: DeviceCache (donated); stacks: per MoE layer pinned-host [E, W];
     hints i32[L, H] or None; scorer: the pre-gate routers (norms f32[L, D], routers f32[L, D, E], eps) of a
-    scoring device policy; token_ids i32[B]: the newest token of each row (predictive). Returns (x, caches,
-    routings per layer, routed i32[L, N, K], hidden [L, B, D] or None, pool, state, counters i32[8, L],
+    scoring device policy; token_ids i32[B]: the newest token of each row (predictive, the hybrid head); head:
+    the hybrid head's parameters (device_hybrid.head_args) when plan.policy.head is set, else None. Returns (x,
+    caches, routings per layer, routed i32[L, N, K], hidden [L, B, D] or None, pool, state, counters i32[8, L],
     scores f32[L + 1, L, B, E] the policy acted on (plan.record) or None)."""
     ctx = make_context(cfg, positions, write_idx, valid)
     state = dc.begin_step(state, plan.flush)
@@ -147,7 +158,8 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
             state, pool = dc.apply_hints(state, pool, stack, j, hints[j])
     scored = ()  # f32[L, B, E] per scoring site, in step order
     if policy.scoring:  # step start: the embeddings stand in for the hidden state of "layer −1"
-        state, pool, sc = _predict(cfg, plan, -1, x, rows_real, scorer, state, pool, stacks)
+        state, pool, sc = _predict(cfg, plan, -1, x, rows_real, scorer, state, pool, stacks,
+                                   head=None if policy.head is None else (head, None, token_ids))
         scored = (sc,)
     route = route_rank = None
     if policy.kind == "predictive":
@@ -168,8 +180,13 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
             t = range(j + policy.predict_h, min(j + policy.predict_h + 1, L))   # layer j + h, if there is one
             rows = slice(t.start, t.stop)
             state, pool = _prefetch_all(plan, state, pool, stacks, t, route[rows], route_rank[rows], x)
+        site, head_in = h, None
+        if policy.head is not None:  # the hybrid head reads j's experts now, and next step as j's last route
+            needed = dc.needed_experts(routing.experts, real, cfg.num_experts)
+            state = state.replace(policy=dp.remember_route(state.policy, j, needed))  # sites read rows > j only
+            site, head_in = (x if policy.head.point == "moe" else h), (head, needed, token_ids)
         if policy.scoring and j + 1 < L:
-            state, pool, sc = _predict(cfg, plan, j, h, rows_real, scorer, state, pool, stacks, x)
+            state, pool, sc = _predict(cfg, plan, j, site, rows_real, scorer, state, pool, stacks, x, head=head_in)
             scored = scored + (sc,)
         if plan.hidden_point is not None:
             hidden = hidden + ((h if plan.hidden_point == "attention" else x)[:, -1],)

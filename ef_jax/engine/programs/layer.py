@@ -64,9 +64,14 @@ def pregate_scores(scorer, h, layers: range | None = None):
     norms, routers, eps = scorer
     if layers is not None:
         norms, routers = norms[layers.start:layers.stop], routers[layers.start:layers.stop]
-    x = h[:, -1].astype(jnp.float32)
-    x = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)  # [B, D]
+    x = newest_normed(h, eps)                                            # [B, D]
     return jnp.einsum("lbd,lde->lbe", x[None] * norms[:, None], routers, precision=jax.lax.Precision.HIGHEST)
+
+
+def newest_normed(h, eps):
+    """h [B, T, D] → f32[B, D]: the newest position, RMS-normalised without a scale (the host's hybrid.model.rms)."""
+    x = h[:, -1].astype(jnp.float32)
+    return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
 def walk_layers(cfg, kinds, params: tuple, x, caches: tuple, ctx, moe, carry):

@@ -1,6 +1,7 @@
 """What the device step's policy is, and the copy/layer time ratio its adaptive horizon starts from.
 
 OffloadConfig.policy (a name or PolicySpec) → device_policy_for → (DevicePolicy, fixed ratio or None)
+  (expertflow's predictor= a HybridPredictor → DevicePolicy.head; hybrid_predictor hands its arrays to the source)
 copy time of one expert (timed once: a pinned-host buffer of a few experts moved to the device)
   + one MoE layer's time (each step's wall time ÷ MoE layers, steps that compiled left out, an EMA)
   → RatioClock.ratio = E_s / (C_s · T_l), sent to the device when it moves by more than a quarter
@@ -14,13 +15,14 @@ import time
 import jax
 import numpy as np
 
+from ef_jax.engine.programs.device_hybrid import head_spec
 from ef_jax.engine.programs.device_policies import DevicePolicy
 from ef_jax.engine.telemetry.compile_time import compile_seconds
 from ef_jax.policies.registry import PolicySpec
 
 # per policy: the PolicySpec arguments the device runs (anything else is a host-only option: refused)
 _ARGS = {"nocache": (), "lru": (), "lfu": (), "pregate": ("distance",),
-         "expertflow": ("max_horizon", "horizon", "min_precision", "ratio"),
+         "expertflow": ("max_horizon", "horizon", "min_precision", "ratio", "predictor"),
          "predictive": ("prefetch", "horizon", "table_rows", "predictor")}
 DEFAULT_MAX_HORIZON = 4  # device expertflow: layers ahead scored (each is a prefetch site in the program)
 
@@ -48,8 +50,10 @@ def device_policy_for(spec, top_k: int = 1, vocab: int = 0) -> tuple[DevicePolic
     if name == "expertflow":
         fixed = kw.get("horizon")
         H = int(fixed or kw.get("max_horizon", DEFAULT_MAX_HORIZON))
+        head = hybrid_predictor(spec)
         return DevicePolicy("expertflow", max_horizon=H, adaptive=fixed is None, gate=True,
-                            min_precision=float(kw.get("min_precision", 0.3))), kw.get("ratio")
+                            min_precision=float(kw.get("min_precision", 0.3)),
+                            head=None if head is None else head_spec(head, H)), kw.get("ratio")
     if name == "predictive":
         if kw.get("predictor", "online") != "online":  # its predictor is the on-device routing-path table
             raise ValueError("step='device' predicts with a routing-path table on the device (predictor='online'); "
@@ -58,6 +62,21 @@ def device_policy_for(spec, top_k: int = 1, vocab: int = 0) -> tuple[DevicePolic
         return DevicePolicy("predictive", predict_m=int(kw.get("prefetch", top_k)),
                             predict_h=int(kw.get("horizon", 2)), table_rows=rows), None
     return DevicePolicy(name), None
+
+
+def hybrid_predictor(spec):
+    """expertflow's hybrid head (ef_jax.hybrid.HybridPredictor) when `spec` passes one as predictor=, else None.
+    ValueError for any other predictor: only a predictor declaring `device_head` (the hybrid head: its arrays are
+    what device_hybrid computes with) has a device version. (A capability, not a type check: ef_jax.hybrid sits
+    above the engine.)"""
+    pred = spec.kwargs.get("predictor") if isinstance(spec, PolicySpec) else None
+    if pred is None:
+        return None
+    if not getattr(pred, "device_head", False):  # a predictor that declares nothing has no device version
+        raise ValueError(f"PolicySpec('expertflow') arguments ['predictor'] have no device version for a "
+                         f"{type(pred).__name__} (the device step runs a hybrid head, ef_jax.hybrid.HybridPredictor, "
+                         "or plain pre-gating): drop predictor= or use step='layer'")
+    return pred
 
 
 def copy_seconds(bytes_per_expert: int, device_sharding, pinned_sharding, experts: int = 4, reps: int = 3) -> float:

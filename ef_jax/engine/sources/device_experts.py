@@ -7,9 +7,11 @@ per step (the Forward calls begin_step, then step, then end_step):
   experts:    a tapped step (hidden states seen between layers): device_layer per MoE layer, same eviction
 
 Every policy runs on the device (ef_jax.engine.programs.device_policies): lru, lfu, nocache, pregate, expertflow
-(pre-gate scores of later layers from each layer's hidden state, adaptive horizon, precision gate) and predictive
-(a routing-path predictor's route for every layer from the token ids). The earlier host hints one token behind
-are gone: the device versions beat them (README, "Device-resident step"). A Policy object, belady, a hybrid
+(pre-gate scores of later layers from each layer's hidden state, adaptive horizon, precision gate; with a hybrid
+head, PolicySpec("expertflow", predictor=HybridPredictor), the head's logits at its point instead:
+ef_jax.engine.programs.device_hybrid, its parameters put on the device once and passed to every step) and
+predictive (a routing-path predictor's route for every layer from the token ids). The earlier host hints one token
+behind are gone: the device versions beat them (README, "Device-resident step"). A Policy object, belady, another
 predictor or other host-only arguments are refused with a ValueError naming step="layer".
 
 Axes: L MoE layers, E experts, S slots, K top-k, N tokens of a step (B·T), H hints per layer, D model.
@@ -24,8 +26,9 @@ import jax.numpy as jnp
 from ef_jax.cache import plan as layer_plan
 from ef_jax.cache.config import OffloadConfig
 from ef_jax.engine.programs import device_cache as dc
+from ef_jax.engine.programs import device_hybrid as dh
 from ef_jax.engine.programs import device_policies as dp
-from ef_jax.engine.sources.calibrate import RatioClock, copy_seconds, device_policy_for
+from ef_jax.engine.sources.calibrate import RatioClock, copy_seconds, device_policy_for, hybrid_predictor
 from ef_jax.engine.sources.context import policy_context
 from ef_jax.engine.transfer.device_memory import resolve_budget
 from ef_jax.engine.programs.device_step import StepPlan, device_layer, device_step
@@ -57,8 +60,11 @@ class DeviceStepExperts(SourceDefaults):
         self.policy_name = self.policy.kind
         self.flush = self.policy.kind == "nocache"
         self.hint_width, self.hidden_point = 0, None
-        self.scorer_args = None
-        if self.policy.scoring:  # the later layers' routers, applied on the device (layer.pregate_scores)
+        self.scorer_args = self.head_args = None
+        if self.policy.head is not None:  # the hybrid head's routers and parameters, on the device once
+            scorer, head = dh.head_args(hybrid_predictor(offload.policy), self.policy.head, L, E, cfg.hidden_size)
+            self.scorer_args, self.head_args = jax.device_put((scorer, head), self.stacks.device_sharding)
+        elif self.policy.scoring:  # the later layers' routers, applied on the device (layer.pregate_scores)
             self.scorer_args = jax.device_put(PregateScorer.from_context(
                 self.policy.kind, policy_context(model)).stacked(), self.stacks.device_sharding)
         self.ratio_clock = None
@@ -89,7 +95,8 @@ class DeviceStepExperts(SourceDefaults):
 
     def record(self, on: bool = True) -> None:
         """Keep, per step, the routing, pre-gate scores, token ids and ratio the device policy acted on (the host
-        twin's inputs, `decisions_log`). Recording returns the scores from the step: a different program."""
+        twin's inputs, `decisions_log`), and with a hybrid head the hidden states its sites read (so the host
+        predictor can recompute the scores). Recording returns them from the step: a different program."""
         self.recording = on
 
     # ---- the step --------------------------------------------------------------------------------------------
@@ -115,18 +122,19 @@ class DeviceStepExperts(SourceDefaults):
         """Every layer of the step in one program. tokens i32[B, T] on the device (the predictive policy reads
         the newest of each row). Returns (x, caches, routings per layer)."""
         plan = self._plan()
-        token_ids = tokens[:, -1] if self.policy.kind == "predictive" else None
+        reads_ids = self.policy.kind == "predictive" or self.policy.head is not None
+        token_ids = tokens[:, -1] if reads_ids else None
         args = (tuple(params["layers"]), x, tuple(caches), positions, write_idx, valid, self._real_device(),
-                self.pool, self.state, self.stacks.arrays, None, self.scorer_args, token_ids)
+                self.pool, self.state, self.stacks.arrays, None, self.scorer_args, token_ids, self.head_args)
         if plan not in self._shapes:  # for step_hlo(): shapes, dtypes and memory kinds of each plan's arguments
             self._shapes[plan] = (kinds, jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), args))
         if self.ratio_clock is not None:
             self.ratio_clock.started()
         out = device_step(self.cfg, kinds, plan, *args)
-        x, caches, routings, routed, _, self.pool, self.state, counters, scores = out
+        x, caches, routings, routed, hidden, self.pool, self.state, counters, scores = out
         self.counters.dispatches += 1
-        self._hold(routed, counters, scores)
+        self._hold(routed, counters, scores, hidden)
         return x, caches, routings
 
     def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
@@ -156,7 +164,9 @@ class DeviceStepExperts(SourceDefaults):
 
     def _plan_for(self, tokens: int) -> StepPlan:
         tol = self.config.tolerance if self.config.routing == "cache-aware" else None
-        return StepPlan.for_tokens(tokens, self.cfg.num_experts, self.cfg.top_k, self.slots, 0, self.flush, None,
+        head = self.policy.head
+        point = head.point if self.recording and head is not None else None  # the hybrid sites' states, recorded
+        return StepPlan.for_tokens(tokens, self.cfg.num_experts, self.cfg.top_k, self.slots, 0, self.flush, point,
                                    self.policy, self.recording, tol, kernel=self.kernel)
 
     def _real_device(self) -> jax.Array:
@@ -170,10 +180,10 @@ class DeviceStepExperts(SourceDefaults):
         return arr
 
     # ---- what comes back once per step -------------------------------------------------------------------------
-    def _hold(self, routed, counters, scores) -> None:
+    def _hold(self, routed, counters, scores, hidden=None) -> None:
         """Holds the step's small outputs for the host (read when stats, the routing log or the decisions log are
         asked for: the sampled token already waited for the step, so reading them waits for nothing)."""
-        inputs = {"tokens": self._tokens, "ratio": self._ratio} if self.recording else None
+        inputs = {"tokens": self._tokens, "ratio": self._ratio, "hidden": hidden} if self.recording else None
         self._pending.append((routed, counters, scores, self._real, inputs))
 
     def _collect(self) -> None:
@@ -188,8 +198,10 @@ class DeviceStepExperts(SourceDefaults):
             self._step_counts.append(self.counts)
             self._routing_log.append(np.transpose(experts[:, real], (1, 0, 2)))
             if inputs is not None:
+                hidden = inputs["hidden"]
                 self._record.append(dict(inputs, routed=experts, real=real, counters=self.counts,
-                                         scores=None if scores is None else np.asarray(scores)))
+                                         scores=None if scores is None else np.asarray(scores),
+                                         hidden=None if hidden is None else np.asarray(hidden, np.float32)))
 
     @property
     def routing_log(self) -> list[np.ndarray]:
@@ -200,7 +212,8 @@ class DeviceStepExperts(SourceDefaults):
     @property
     def decisions_log(self) -> list[dict]:
         """Per recorded step: routed i32[L, N, K], real bool[N], scores f32[L + 1, L, B, E] or None, tokens i32[B],
-        ratio (the device's f32 value), counters i32[C, L] after the step (see record())."""
+        ratio (the device's f32 value), counters i32[C, L] after the step, hidden f32[L, B, D] (with a hybrid
+        head: each MoE layer's newest hidden state at the head's point) or None (see record())."""
         self._collect()
         return self._record
 
