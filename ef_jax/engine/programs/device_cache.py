@@ -2,10 +2,12 @@
 
 per MoE layer j, inside the step program:
   [routing] → needed bool[E] (union over the real tokens) → demand: hits / misses → victims among slots not
-              holding a needed expert (ef_jax.engine.programs.device_policies.victim_order) → copy the misses →
-              touch the needed experts (ascending id) → pinned
+              holding a needed expert (ef_jax.engine.programs.device_policies.victim_order) → touch the needed
+              experts (ascending id) → pinned → copy every stale slot of j (its misses, and the prefetches decided
+              for j earlier in the step) → the expert FFN reads the slots
   [a device policy's predictions] → prefetch: every later layer's predicted experts not resident, into free or
-              unkept slots, vectorised over layers under one cond (device_policies.py decides what is predicted)
+              unkept slots, vectorised over layers under one cond (device_policies.py decides what is predicted);
+              the tables change now, the slots are marked stale and copied by their layer's demand
 
 With lru the decisions are those of ef_jax.cache.ExpertCache with the LRU policy, made with array ops: a layer's
 misses are the needed experts not resident; the victims are the n oldest evictable slots (free slots first), the
@@ -13,9 +15,16 @@ set ExpertCache picks one miss at a time; every needed expert is touched in asce
 expert when it loads. So on the same routing the hits and misses equal the simulator's
 (tests/engine/test_device_step.py); every device policy equals its numpy twin (tests/sim/test_device_twin.py).
 
-Copies: a static bound M on the misses of one pass (min(S, N·K, E)) sizes the victim and miss arrays; the copies
-themselves run in a `fori_loop` over the real count n ≤ M, so a hit copies nothing. On CPU the loop is free; on a
-GPU a loop with a device-valued trip count waits once per layer for that count (see the README's limits).
+Copies: a static bound M on the misses of one pass (min(S, N·K, E)) sizes the victim and miss arrays. A decided
+load only marks its slot stale; the copies run in one `fori_loop` per demand pass over the layer's stale slots
+(n ≤ S), so a hit copies nothing and a step has as many copy loops as MoE layers, whatever its policy predicts.
+Why the prefetches' copies wait for their layer: each copy loop and its guards are a few dozen XLA thunks, and
+with one loop per layer a prediction site reaches, expertflow's sites doubled the step's executed thunks on the
+CPU (profiled: ~1,100 more per token than lru, the loops a fifth of them); copied at the site or before the
+layer's experts run, the bytes reach the slots before anything reads them, so every decision and counter is the
+same. The step runs on one stream, so the copies cost the same wherever they sit in it; a prefetch whose slot is
+evicted again before its layer runs is never copied. On CPU the loop is free; on a GPU a loop with a
+device-valued trip count waits once per layer for that count (see the README's limits).
 
 Axes: L MoE layers, E experts per layer, S slots per layer, H hints per layer, M max misses of one pass,
 N tokens of the step, K top-k, W elements of one flat expert.
@@ -43,6 +52,7 @@ class DeviceCache:
     clock: jax.Array           # i32[L]: the next clock value of each layer (touches so far)
     pinned: jax.Array          # bool[L, S]: slots the step in flight holds at that layer (never evicted there)
     fresh: jax.Array           # bool[L, S]: loaded by a hint and not needed since (a prefetch not yet used)
+    stale: jax.Array           # bool[L, S]: the slot's bytes are not yet its expert's (copied by the layer's demand)
     hits: jax.Array            # i32[L]: needed experts found resident (cumulative)
     misses: jax.Array          # i32[L]: needed experts copied on demand
     prefetches: jax.Array      # i32[L]: experts copied because of a hint
@@ -70,7 +80,8 @@ def init_cache(num_layers: int, num_experts: int, slots: int, sharding, policy: 
     return DeviceCache(slot_of_expert=put(np.full((L, E), -1, np.int32)),
                        expert_of_slot=put(np.full((L, S), -1, np.int32)),
                        last_use=put(np.full((L, S), -1, np.int32)), clock=zeros(),
-                       pinned=put(np.zeros((L, S), bool)), fresh=put(np.zeros((L, S), bool)), hits=zeros(),
+                       pinned=put(np.zeros((L, S), bool)), fresh=put(np.zeros((L, S), bool)),
+                       stale=put(np.zeros((L, S), bool)), hits=zeros(),
                        misses=zeros(), prefetches=zeros(), prefetch_used=zeros(), passes=zeros(),
                        policy=dp.init_policy(policy or dp.DevicePolicy(), L, E, ratio, sharding))
 
@@ -84,7 +95,8 @@ def begin_step(state: DeviceCache, flush: bool) -> DeviceCache:
     if flush:
         state = state.replace(slot_of_expert=jnp.full_like(state.slot_of_expert, -1),
                               expert_of_slot=jnp.full_like(state.expert_of_slot, -1),
-                              last_use=jnp.full_like(state.last_use, -1), fresh=jnp.zeros_like(state.fresh))
+                              last_use=jnp.full_like(state.last_use, -1), fresh=jnp.zeros_like(state.fresh),
+                              stale=jnp.zeros_like(state.stale))
     return state
 
 
@@ -106,15 +118,17 @@ def copy_rows(pool, stack: jax.Array, j: int, experts: jax.Array, slots: jax.Arr
     return guarded_loop(n, copy, pool)
 
 
-def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.Array, touch: jax.Array | None,
+def make_resident(state: DeviceCache, j: int, want: jax.Array, touch: jax.Array | None,
                   max_loads: int, policy: dp.DevicePolicy | None = None, priority: jax.Array | None = None,
-                  prefetch: bool = False):
+                  prefetch: bool = False, mark_stale: bool = True):
     """Makes the experts `want` bool[E] of layer j resident (at most S of them). Victims (dp.victim_order): free
     slots first, then the policy's least valuable, never a slot whose expert is wanted or pinned. touch bool[E]:
     experts whose LRU clock is set, ascending id order, after the loads (None: the ones loaded). prefetch=True:
     only free or unkept slots are taken (a prefetch never evicts a prediction), so fewer may load; priority
-    i32[E] (lower first, then lower id) picks which. Returns (state, pool, hit bool[E] (wanted and already
-    resident), n loaded, the slots loaded bool[S]).
+    i32[E] (lower first, then lower id) picks which. mark_stale: the loaded slots are marked stale, for
+    `copy_stale` (a layer's demand, before its experts run); else the caller copies the loads itself. Returns
+    (state, hit bool[E] (wanted and already resident), n loaded, the slots loaded bool[S], experts i32[M] and
+    victims i32[M]: load i brings experts[i] into slot victims[i], i < n).
     Written with compares and reductions over [M, E] / [M, S] rather than scatters (they fuse into a few kernels);
     the victim choice runs under a `cond` on "anything missing", so an all-hit layer only counts and touches. On a
     GPU that cond, like the copy loop's trip count, is a device-valued predicate (see the module docstring)."""
@@ -152,16 +166,30 @@ def make_resident(state: DeviceCache, pool, stack: jax.Array, j: int, want: jax.
     rank = jnp.cumsum(touch, dtype=jnp.int32) - 1                        # i32[E]: touch order
     e_of = jnp.maximum(new_eos, 0)
     last = jnp.where((new_eos >= 0) & touch[e_of], state.clock[j] + rank[e_of], last)
-    pool = copy_rows(pool, stack, j, experts, victims, n)
     state = state.replace(slot_of_expert=state.slot_of_expert.at[j].set(soe),
                           expert_of_slot=state.expert_of_slot.at[j].set(new_eos),
                           last_use=state.last_use.at[j].set(last),
                           clock=state.clock.at[j].add(touch.sum(dtype=jnp.int32)))
-    return state, pool, hit, n, loaded
+    if mark_stale:
+        state = state.replace(stale=state.stale.at[j].set(state.stale[j] | loaded))
+    return state, hit, n, loaded, experts, victims
 
 
-def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.Array, priority: jax.Array,
-             max_loads: int, policy: dp.DevicePolicy, after: jax.Array | None = None):
+def copy_stale(state: DeviceCache, pool, stack: jax.Array, j: int):
+    """Copies every stale slot of layer j (its expert's row of the pinned-host stack [E, W]) and clears the marks.
+    One loop over the stale slots in ascending slot order, n ≤ S. Returns (state, pool)."""
+    stale = state.stale[j]
+    S = stale.shape[0]
+    pos = jnp.cumsum(stale, dtype=jnp.int32) - 1                          # i32[S]: rank among the stale
+    ids = jnp.arange(S, dtype=jnp.int32)
+    slots = jnp.where(stale[None, :] & (pos[None, :] == ids[:, None]), ids[None, :], 0).sum(1)  # i32[S]: k-th stale
+    experts = jnp.maximum(state.expert_of_slot[j][slots], 0)
+    pool = copy_rows(pool, stack, j, experts, slots, stale.sum(dtype=jnp.int32))
+    return state.replace(stale=state.stale.at[j].set(False)), pool
+
+
+def prefetch(state: DeviceCache, layers: range, want: jax.Array, priority: jax.Array, max_loads: int,
+             policy: dp.DevicePolicy) -> DeviceCache:
     """A device policy's prefetches into every layer of `layers` (static) at once: per layer t the experts
     want[t − layers.start] (want bool[L', E], one row per layer of `layers`) not resident, best priority
     i32[L', E] first (then lower id), into free or unkept slots
@@ -169,10 +197,7 @@ def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.A
     loaded ones enter as most recent (touched in ascending id order) and fresh; counted in `prefetches`.
     Vectorised over the rows of `layers` (a static contiguous range: only those rows are computed), the table
     updates under one `cond` on "anything to load": a source whose predictions are all resident costs a few
-    compares.
-    after: an array the copies must wait for — the output of the layer whose experts last read the pool. Without
-    that data dependence XLA cannot order the read before the loops that write the pool, and copies the whole pool
-    instead (seen in the CPU HLO: three pool-sized copies per prefetch site)."""
+    compares. The loaded slots are marked stale; each layer's demand copies them (module docstring: why)."""
     lo, hi = layers.start, layers.stop                                   # only these rows are computed
     E = state.slot_of_expert.shape[1]
     S = state.expert_of_slot.shape[1]
@@ -189,7 +214,7 @@ def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.A
 
     M = max_loads
 
-    def place(_):  # the table updates; the copies run after the cond (a pool through a cond may be copied)
+    def place(_):  # the table updates (a site whose predictions are all resident skips them)
         victims, free = jax.vmap(lambda *a: dp.victim_order(*a, M))(eos, last, keep, kept, count)
         m = jnp.minimum(miss.sum(-1, dtype=jnp.int32), free)            # i32[L']
         ids = jnp.arange(E, dtype=jnp.int32)
@@ -200,53 +225,54 @@ def prefetch(state: DeviceCache, pool, stacks: tuple, layers: range, want: jax.A
         gone = ok & (jnp.take_along_axis(eos, victims, axis=1)[:, :, None] == ids)
         new_eos = jnp.where(to_slot.any(1), (to_slot * experts[:, :, None]).sum(1), eos)
         new_soe = jnp.where(is_new.any(1), (is_new * victims[:, :, None]).sum(1), jnp.where(gone.any(1), -1, soe))
-        return new_soe, new_eos, victims.astype(jnp.int32), experts.astype(jnp.int32), m, to_slot.any(1), \
-            is_new.any(1)
+        return new_soe, new_eos, m, to_slot.any(1), is_new.any(1)
 
     def nothing(_):
-        z = jnp.zeros((L, M), jnp.int32)
-        return soe, eos, z, z, jnp.zeros(L, jnp.int32), jnp.zeros((L, S), bool), jnp.zeros((L, E), bool)
+        return soe, eos, jnp.zeros(L, jnp.int32), jnp.zeros((L, S), bool), jnp.zeros((L, E), bool)
 
-    soe, new_eos, victims, experts, m, loaded, new = jax.lax.cond(miss.any(), place, nothing, None)
+    soe, new_eos, m, loaded, new = jax.lax.cond(miss.any(), place, nothing, None)
     rank = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1                  # the loaded ones, ascending id
     ne = jnp.maximum(new_eos, 0)
     touched = (new_eos >= 0) & jnp.take_along_axis(new, ne, axis=1)
     clock = cut(state.clock)
     new_last = jnp.where(touched, clock[:, None] + jnp.take_along_axis(rank, ne, axis=1), last)
-    if after is not None:
-        m = m + jnp.minimum(jnp.isnan(after.reshape(-1)[0]).astype(jnp.int32), 0)
-    for t in layers:
-        pool = copy_rows(pool, stacks[t], t, experts[t - lo], victims[t - lo], m[t - lo])
     put = lambda a, v: a.at[lo:hi].set(v)
-    state = state.replace(slot_of_expert=put(state.slot_of_expert, soe),
-                          expert_of_slot=put(state.expert_of_slot, new_eos),
-                          last_use=put(state.last_use, new_last),
-                          clock=put(state.clock, clock + new.sum(-1, dtype=jnp.int32)),
-                          prefetches=put(state.prefetches, cut(state.prefetches) + m),
-                          fresh=put(state.fresh, cut(state.fresh) | loaded))
-    return state, pool
+    return state.replace(slot_of_expert=put(state.slot_of_expert, soe),
+                         expert_of_slot=put(state.expert_of_slot, new_eos),
+                         last_use=put(state.last_use, new_last),
+                         clock=put(state.clock, clock + new.sum(-1, dtype=jnp.int32)),
+                         prefetches=put(state.prefetches, cut(state.prefetches) + m),
+                         fresh=put(state.fresh, cut(state.fresh) | loaded),
+                         stale=put(state.stale, cut(state.stale) | loaded))
 
 
-def apply_hints(state: DeviceCache, pool, stack: jax.Array, j: int, hints: jax.Array):
+def apply_hints(state: DeviceCache, j: int, hints: jax.Array) -> DeviceCache:
     """Prefetch hints i32[H] for layer j (-1 = none): the hinted experts not resident are loaded (entering as most
     recent, as a host prefetch does); the hinted ones stay pinned until layer j routes, so hints never evict each
-    other or an expert predicted for this step."""
+    other or an expert predicted for this step. Their copies wait for layer j's demand (copy_stale)."""
     E = state.slot_of_expert.shape[1]
     want = jnp.any(jax.nn.one_hot(hints, E, dtype=bool), axis=0)        # bool[E] (-1 rows are all false)
     miss = want & (state.slot_of_expert[j] < 0)
-    state, pool, _, n, loaded = make_resident(state, pool, stack, j, want, miss, min(hints.shape[0], E))
+    state, _, n, loaded, _, _ = make_resident(state, j, want, miss, min(hints.shape[0], E))
     eos = state.expert_of_slot[j]
     held = (eos >= 0) & want[jnp.maximum(eos, 0)]
     return state.replace(pinned=state.pinned.at[j].set(held), prefetches=state.prefetches.at[j].add(n),
-                         fresh=state.fresh.at[j].set(state.fresh[j] | loaded)), pool
+                         fresh=state.fresh.at[j].set(state.fresh[j] | loaded))
 
 
 def demand(state: DeviceCache, pool, stack: jax.Array, j: int, needed: jax.Array, max_loads: int,
-           policy: dp.DevicePolicy | None = None):
+           policy: dp.DevicePolicy | None = None, deferred: bool = False):
     """One pass of layer j: make `needed` bool[E] (≤ S experts) resident, count hits and misses, touch them all,
-    pin them for this pass (a previous pass's pins are released first)."""
+    pin them for this pass (a previous pass's pins are released first), then copy: deferred (a policy that
+    prefetches, or hints), every stale slot of j — these misses and the prefetches decided for j before; else just
+    these misses, from the load list (no stale slot can exist). Returns (state, pool)."""
     state = state.replace(pinned=state.pinned.at[j].set(False))
-    state, pool, hit, n, loaded = make_resident(state, pool, stack, j, needed, needed, max_loads, policy)
+    state, hit, n, loaded, experts, victims = make_resident(state, j, needed, needed, max_loads, policy,
+                                                            mark_stale=deferred)
+    if deferred:
+        state, pool = copy_stale(state, pool, stack, j)
+    else:
+        pool = copy_rows(pool, stack, j, experts, victims, n)
     eos = state.expert_of_slot[j]
     held = (eos >= 0) & needed[jnp.maximum(eos, 0)]
     fresh = state.fresh[j] & ~loaded                                     # a demand load is no prefetch

@@ -74,6 +74,11 @@ class DevicePolicy:
         return self.kind in SCORING
 
     @property
+    def prefetches(self) -> bool:
+        """Decides loads ahead of a layer's routing (predictions), whose copies wait for the layer's demand."""
+        return self.kind in SCORING or self.kind == "predictive"
+
+    @property
     def counted(self) -> bool:
         """Eviction by use counts (lfu, expertflow) rather than by recency alone."""
         return self.kind in ("lfu", "expertflow")
@@ -130,9 +135,17 @@ def victim_order(eos, last, keep, kept, count, max_loads: int):
     wanted expert); kept bool[S] slots whose expert is predicted for this layer (a prefetch never takes them);
     count i32[S] the slot's expert's use count (0: LRU). Returns (victims i32[M], evictable i32[] (class ≤ 1))."""
     cls = jnp.where(keep, 3, jnp.where(eos < 0, 0, jnp.where(kept, 2, 1))).astype(jnp.int32)
-    slots = jnp.arange(eos.shape[0], dtype=jnp.int32)
-    *_, order = jax.lax.sort((cls, count, last, slots), num_keys=4)
-    return order[:max_loads], (cls <= 1).sum(dtype=jnp.int32)
+    S = eos.shape[0]
+    slots = jnp.arange(S, dtype=jnp.int32)
+    # the order of a sort on (cls, count, last, slot), as ranks from pairwise compares: a few fused elementwise
+    # kernels instead of a sort and its slices (each an XLA thunk; a step runs this per layer and per site)
+    c = lambda a: (a[:, None], a[None, :])                              # [S, 1] (this slot), [1, S] (another)
+    (k0, o0), (k1, o1), (k2, o2), (k3, o3) = c(cls), c(count), c(last), c(slots)
+    before = (o0 < k0) | ((o0 == k0) & ((o1 < k1) | ((o1 == k1) & ((o2 < k2) | ((o2 == k2) & (o3 < k3))))))
+    rank = before.sum(1, dtype=jnp.int32)                               # i32[S]: a permutation of 0..S−1
+    M = min(max_loads, S)
+    order = jnp.where(rank[None, :] == jnp.arange(M, dtype=jnp.int32)[:, None], slots[None, :], 0).sum(1)
+    return order, (cls <= 1).sum(dtype=jnp.int32)
 
 
 def slot_counts(policy: DevicePolicy, pstate: PolicyState | None, j: int, eos):
@@ -169,11 +182,6 @@ def after_demand(p: PolicyState, fresh_j, used: jax.Array):
     unused = fresh_j.sum(dtype=jnp.int32)
     return p.replace(step_unused=p.step_unused + unused, step_fetch=p.step_fetch + used), jnp.zeros_like(fresh_j), \
         unused
-
-
-def clear_layer(p: PolicyState, j: int) -> PolicyState:
-    """Layer j has routed: its predictions are spent."""
-    return p.replace(live=p.live.at[j].set(False), pred=p.pred.at[j].set(False), far=p.far.at[j].set(False))
 
 
 # ---- prediction ---------------------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 x → [apply every MoE layer's prefetch hints] → per layer: attention (+ KV cache) → router
     → MoE layer: needed = ∪ real tokens' experts → misses, LRU victims (never a slot this pass needs) → copy the
-      misses from the layer's pinned-host stack into the slot pool → expert FFN through the slot map
+      misses (and the prefetches decided for this layer earlier in the step: device_cache.copy_stale) from the
+      layer's pinned-host stack into the slot pool → expert FFN through the slot map
     → (union > S slots: further passes of ≤ S experts, each adding its share, inside the same program)
     → [a scoring policy: the later layers' scores from this layer's hidden state — pre-gating, or with expertflow's
-      hybrid head (device_hybrid) the head's logits at its point — → predictions and prefetches]
+      hybrid head (device_hybrid) the head's logits at its point — → predictions and prefetches (tables now,
+      bytes with the target layer's demand copies)]
 → (x, caches, routings, routed i32[L, N, K], hidden [L, B, D] when asked, pool, cache state, counters)
 
 Nothing in the step returns to the host: the pool, the cache state (ef_jax.engine.programs.device_cache.DeviceCache) and the
@@ -70,12 +72,13 @@ def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing,
     share: what one pass adds (_expert_share's signature; a mesh device adds its own experts' partial sum).
     Returns (x, pool, state)."""
     E, S, policy = state.slot_of_expert.shape[1], plan.slots, plan.policy  # E: the experts this cache holds
+    deferred = policy.prefetches or plan.hint_width > 0  # stale slots may wait for this demand (device_cache)
     needed = dc.needed_experts(routing.experts, real, E)               # bool[E]
     keep_real = jnp.broadcast_to(real[:, None], routing.experts.shape).astype(jnp.float32)
     state = state.replace(policy=dp.on_route(policy, state.policy, j, needed, state.slot_of_expert[j] >= 0))
     before = state.misses[j] + state.prefetch_used[j]
     if plan.max_passes == 1:  # N·K ≤ S: the union always fits
-        state, pool = dc.demand(state, pool, stack, j, needed, plan.max_misses, policy)
+        state, pool = dc.demand(state, pool, stack, j, needed, plan.max_misses, policy, deferred)
         x = h + share(cfg, plan, j, p, normed, routing, keep_real, pool, state, True).reshape(h.shape)
         return x, pool, _after_demand(plan, j, state, before)
     rank = jnp.cumsum(needed, dtype=jnp.int32) - 1                       # i32[E]: position among the needed
@@ -83,7 +86,7 @@ def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing,
 
     def one_pass(k, x, pool, state, include_shared):
         chunk = chunk_of == k
-        state, pool = dc.demand(state, pool, stack, j, chunk, plan.max_misses, policy)
+        state, pool = dc.demand(state, pool, stack, j, chunk, plan.max_misses, policy, deferred)
         keep = keep_real * chunk[routing.experts].astype(jnp.float32)
         return x + share(cfg, plan, j, p, normed, routing, keep, pool, state, include_shared).reshape(h.shape), \
             pool, state
@@ -101,27 +104,26 @@ def _after_demand(plan: StepPlan, j: int, state: dc.DeviceCache, before) -> dc.D
         return state
     used = state.misses[j] + state.prefetch_used[j] - before
     p, fresh, unused = dp.after_demand(state.policy, state.fresh[j], used)
-    p = dp.clear_layer(p.replace(wasted=p.wasted.at[j].add(unused)), j)
+    p = p.replace(wasted=p.wasted.at[j].add(unused))  # (j's predictions stay: nothing reads row j again)
     return state.replace(policy=p, fresh=state.fresh.at[j].set(fresh))
 
 
-def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, pool, stacks, layers: range, want, prio, after=None):
+def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, layers: range, want, prio) -> dc.DeviceCache:
     """Prefetches want bool[L', E] (priority i32[L', E]; one row per layer of `layers`, static) into those
-    layers; their copies wait for `after` (the output of the layer whose experts last read the pool)."""
+    layers (their copies are made by each layer's demand: device_cache.copy_stale)."""
     if len(layers) == 0:
-        return state, pool
-    return dc.prefetch(state, pool, stacks, layers, want, prio, plan.max_misses, plan.policy, after)
+        return state
+    return dc.prefetch(state, layers, want, prio, plan.max_misses, plan.policy)
 
 
-def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.DeviceCache, pool, stacks,
-             after=None, local=None, head=None):
+def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.DeviceCache, L: int,
+             local=None, head=None):
     """Pre-gate predictions from MoE layer j's hidden state [B, T, D] (j = −1: the embeddings) and their
-    prefetches (local: a mesh device's columns, dp.predict_from). Only the H' = min(H_max, L − 1 − j) layers
+    prefetches (local: a mesh device's columns, dp.predict_from); L: MoE layers. Only the H' = min(H_max, L − 1 − j) layers
     the site reaches are scored. head: (the hybrid head's parameters, cur bool[E] layer j's experts this step,
     token_ids i32[B]) when plan.policy.head is set: its logits replace the pre-gate scores (device_hybrid).
-    Returns (state, pool, scores f32[L, B, E] with those rows, zero elsewhere (the host twin reads only the rows
+    Returns (state, scores f32[L, B, E] with those rows, zero elsewhere (the host twin reads only the rows
     a site reaches), or None unless plan.record)."""
-    L = len(stacks)
     layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, L))
     if plan.policy.head is None:
         scores = pregate_scores(scorer, hidden, layers)                 # f32[H', B, E]
@@ -132,10 +134,10 @@ def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.D
     p = state.policy
     floor = dp.precision_floor(plan.policy, p, state.hits.sum(), state.misses.sum())
     p, want, rank = dp.predict_from(plan.policy, p, j, scores, rows_real, cfg.top_k, floor, local)
-    state, pool = _prefetch_all(plan, state.replace(policy=p), pool, stacks, layers, want, rank, after)
+    state = _prefetch_all(plan, state.replace(policy=p), layers, want, rank)
     if not plan.record:
-        return state, pool, None
-    return state, pool, jnp.pad(scores, ((layers.start, L - layers.stop), (0, 0), (0, 0)))
+        return state, None
+    return state, jnp.pad(scores, ((layers.start, L - layers.stop), (0, 0), (0, 0)))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds", "plan"), donate_argnames=("caches", "pool", "state"))
@@ -153,13 +155,13 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
     policy, L = plan.policy, len(stacks)
     B = x.shape[0]
     rows_real = real.reshape(B, -1)[:, -1]                              # bool[B]: the newest position is real
-    if hints is not None:  # first, so the copies depend on nothing this step computes
-        for j, stack in enumerate(stacks):
-            state, pool = dc.apply_hints(state, pool, stack, j, hints[j])
+    if hints is not None:  # first (copied by each layer's demand)
+        for j in range(L):
+            state = dc.apply_hints(state, j, hints[j])
     scored = ()  # f32[L, B, E] per scoring site, in step order
     if policy.scoring:  # step start: the embeddings stand in for the hidden state of "layer −1"
-        state, pool, sc = _predict(cfg, plan, -1, x, rows_real, scorer, state, pool, stacks,
-                                   head=None if policy.head is None else (head, None, token_ids))
+        state, sc = _predict(cfg, plan, -1, x, rows_real, scorer, state, L,
+                             head=None if policy.head is None else (head, None, token_ids))
         scored = (sc,)
     route = route_rank = None
     if policy.kind == "predictive":
@@ -167,7 +169,7 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
         p = state.policy
         state = state.replace(policy=p.replace(live=route, pred=route))
         h0 = range(min(policy.predict_h, L))
-        state, pool = _prefetch_all(plan, state, pool, stacks, h0, route[:h0.stop], route_rank[:h0.stop])
+        state = _prefetch_all(plan, state, h0, route[:h0.stop], route_rank[:h0.stop])
 
     def moe(j, p, h, normed, routing, carry):
         pool, state, scored, hidden = carry
@@ -179,14 +181,14 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
             state = state.replace(policy=dp.predictive_observe(state.policy, j, needed, token_ids, B == 1))
             t = range(j + policy.predict_h, min(j + policy.predict_h + 1, L))   # layer j + h, if there is one
             rows = slice(t.start, t.stop)
-            state, pool = _prefetch_all(plan, state, pool, stacks, t, route[rows], route_rank[rows], x)
+            state = _prefetch_all(plan, state, t, route[rows], route_rank[rows])
         site, head_in = h, None
         if policy.head is not None:  # the hybrid head reads j's experts now, and next step as j's last route
             needed = dc.needed_experts(routing.experts, real, cfg.num_experts)
             state = state.replace(policy=dp.remember_route(state.policy, j, needed))  # sites read rows > j only
             site, head_in = (x if policy.head.point == "moe" else h), (head, needed, token_ids)
         if policy.scoring and j + 1 < L:
-            state, pool, sc = _predict(cfg, plan, j, site, rows_real, scorer, state, pool, stacks, x, head=head_in)
+            state, sc = _predict(cfg, plan, j, site, rows_real, scorer, state, L, head=head_in)
             scored = scored + (sc,)
         if plan.hidden_point is not None:
             hidden = hidden + ((h if plan.hidden_point == "attention" else x)[:, -1],)
@@ -209,6 +211,6 @@ def device_layer(cfg, plan: StepPlan, j: int, first: bool, p: dict, h, normed, r
     if first:
         state = dc.begin_step(state, plan.flush)
     if hints is not None:
-        state, pool = dc.apply_hints(state, pool, stack, j, hints)
+        state = dc.apply_hints(state, j, hints)
     x, pool, state = moe_layer(cfg, plan, j, p, h, normed, routing, real, pool, state, stack)
     return x, pool, state, state.counters()

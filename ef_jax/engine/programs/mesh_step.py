@@ -134,14 +134,14 @@ def mesh_step(cfg, kinds, plan: StepPlan, layout: MeshLayout, params: tuple, x, 
         L, local = len(stacks), functools.partial(local_columns, layout)
         rows_real = real.reshape(x.shape[0], -1)[:, -1]                  # bool[B]: the newest position is real
         if plan.policy.scoring:  # step start: the embeddings stand in for the hidden state of "layer −1"
-            state, pool, _ = _predict(cfg, plan, -1, x, rows_real, scorer, state, pool, stacks, local=local)
+            state, _ = _predict(cfg, plan, -1, x, rows_real, scorer, state, len(stacks), local=local)
 
         def moe(j, p, h, normed, routing, carry):
             pool, state = carry
             x, pool, state = mesh_moe(cfg, plan, layout, j, p["mlp"], h, normed, routing, real, pool, state,
                                       stacks[j])
             if plan.policy.scoring and j + 1 < L:  # this layer's hidden state scores the next layers' routers
-                state, pool, _ = _predict(cfg, plan, j, h, rows_real, scorer, state, pool, stacks, x, local)
+                state, _ = _predict(cfg, plan, j, h, rows_real, scorer, state, len(stacks), local)
             return x, routing, (pool, state)
 
         x, new_caches, routings, routed, (pool, state) = walk_layers(cfg, kinds, params, x, caches, ctx, moe,
