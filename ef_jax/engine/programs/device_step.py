@@ -136,7 +136,8 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
     hints i32[L, H] or None; scorer: the pre-gate routers (norms f32[L, D], routers f32[L, D, E], eps) of a
     scoring device policy; token_ids i32[B]: the newest token of each row (predictive). Returns (x, caches,
     routings per layer, routed i32[L, N, K], hidden [L, B, D] or None, pool, state, counters i32[8, L],
-    scores f32[L + 1, L, B, E] the policy acted on (plan.record) or None)."""
+    scores f32[L, L, B, E] the policy acted on, one row per scoring site (the embeddings, then MoE layers
+    0 .. L − 2), with plan.record, or None)."""
     ctx = make_context(cfg, positions, write_idx, valid)
     state = dc.begin_step(state, plan.flush)
     policy, L = plan.policy, len(stacks)
