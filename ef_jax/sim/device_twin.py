@@ -4,6 +4,10 @@ per recorded step (DeviceStepExperts.record(): routed i32[L, N, K], real bool[N]
 token ids i32[B], the ratio in force) → the same decisions as ef_jax.engine.programs.device_cache /
 device_policies, one layer at a time → counters i32[C, L] after each step (device_cache.COUNTERS order).
 
+One device of an expert mesh (MeshDeviceStepExperts.record()) is the same twin over its own cache's columns
+(`columns`: the global expert of each, -1 where it owns none): it needs the routed pairs of its own experts, and
+takes each real row's top-k of the scores over every expert, then keeps its own columns (mesh_step.local_columns).
+
 Written from the same rules, not the same code: loops and sorts over one layer where the device vectorises, so a
 test comparing the two (tests/sim/test_device_twin.py) checks the device's array formulation decision for
 decision — hits, misses, prefetches issued / used / wasted, late misses, the horizon, every slot's expert.
@@ -24,11 +28,17 @@ COUNTERS = ("hits", "misses", "prefetches", "prefetch_used", "passes", "wasted",
 
 class DeviceTwin:
     """policy: the DevicePolicy's fields (kind, max_horizon, adaptive, gate, min_precision, predict_m, predict_h,
-    table_rows) as an object with those attributes."""
+    table_rows) as an object with those attributes. num_experts: the columns of the cache (E). columns i32[E]: the
+    global expert id of each column, -1 for a column its device does not own (a mesh device's cache; None: one
+    device, column e is expert e)."""
 
-    def __init__(self, policy, num_layers: int, num_experts: int, slots: int, top_k: int):
+    def __init__(self, policy, num_layers: int, num_experts: int, slots: int, top_k: int,
+                 columns: np.ndarray | None = None):
         L, E, S = num_layers, num_experts, slots
         self.pol, self.L, self.E, self.S, self.K = policy, L, E, S, top_k
+        if columns is not None and len(columns) != E:
+            raise ValueError(f"columns has {len(columns)} entries: give one per cache column ({num_experts=})")
+        self.cols = None if columns is None else np.asarray(columns, np.int64)
         self.scoring = policy.kind in ("pregate", "expertflow")
         self.counted = policy.kind in ("lfu", "expertflow")
         self.shift = DECAY_SHIFT if policy.kind == "expertflow" else 0
@@ -124,20 +134,37 @@ class DeviceTwin:
         w = (self.n_fetch * ratio) * (np.float32(1) + h)
         return max(np.float32(self.pol.min_precision), w / (np.float32(1) + w))
 
+    def _mine(self, a, fill):
+        """This cache's columns of a [..., E_all] array over every expert (`fill` where it owns none)."""
+        if self.cols is None:
+            return a
+        return np.where(self.cols >= 0, a[..., np.maximum(self.cols, 0)], fill)
+
+    def _needed(self, experts):
+        """bool[E]: the columns the routed experts i32[N', K] (global ids) need."""
+        ids = np.unique(experts)
+        if self.cols is None:
+            needed = np.zeros(self.E, bool)
+            needed[ids] = True
+            return needed
+        return (self.cols >= 0) & np.isin(self.cols, ids)
+
     def _predict(self, j, scores, rows_real, ratio):
-        """scores f32[L, B, E] from MoE layer j's hidden state (−1: the embeddings)."""
-        L, E, K = self.L, self.E, self.K
+        """scores f32[L, B, E_all] (every expert) from MoE layer j's hidden state (−1: the embeddings)."""
+        L, E, K, E_all = self.L, self.E, self.K, scores.shape[-1]
         floor = self._floor(ratio)
-        want, rank = np.zeros((L, E), bool), np.full((L, E), E, np.int32)
+        want, rank = np.zeros((L, E), bool), np.full((L, E), E_all, np.int32)
         for t in range(L):
             d = t - j
             if not 1 <= d <= self.pol.max_horizon:
                 continue
+            best = np.full(E_all, E_all, np.int32)  # the best rank any real row gives each expert
             for b in np.flatnonzero(rows_real):
                 top = np.argsort(-scores[t, b], kind="stable")[:K]
                 for r, e in enumerate(top):
-                    rank[t, e] = min(rank[t, e], r)
-            union = rank[t] < E
+                    best[e] = min(best[e], r)
+            rank[t] = self._mine(best, E_all)
+            union = rank[t] < E_all
             inside = d <= self.horizon
             n = self.pred_n[t]
             ok = (not self.pol.gate or n == 0
@@ -192,8 +219,7 @@ class DeviceTwin:
             self.live[:], self.pred[:] = route, route
             self._prefetch(range(min(self.pol.predict_h, L)), route, rank)
         for j in range(L):
-            needed = np.zeros(E, bool)
-            needed[np.unique(routed[j][real])] = True
+            needed = self._needed(routed[j][real])
             self._on_route(j, needed)
             before = self.c["misses"][j] + self.c["prefetch_used"][j]
             idx = np.flatnonzero(needed)

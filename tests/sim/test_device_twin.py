@@ -35,10 +35,14 @@ def test_device_decisions_equal_the_host_twin(model, name):
         log = fwd.source.decisions_log
         policy, state = fwd.source.policy, jax.device_get(fwd.source.state)
     twin = DeviceTwin(policy, len(cfg.moe_layer_ids), cfg.num_experts, slots, cfg.top_k)
+    # a mesh device's twin (its own columns) owning every expert is the one-device twin
+    every = DeviceTwin(policy, len(cfg.moe_layer_ids), cfg.num_experts, slots, cfg.top_k, np.arange(cfg.num_experts))
     prefetched = 0
     for n, rec in enumerate(log):
         got = twin.step(rec["routed"], rec["real"], rec["scores"], rec["tokens"], rec["ratio"])
         np.testing.assert_array_equal(got, rec["counters"], err_msg=f"{name}: step {n}")
+        np.testing.assert_array_equal(every.step(rec["routed"], rec["real"], rec["scores"], rec["tokens"],
+                                                 rec["ratio"]), got, err_msg=f"{name}: step {n}, columns")
         prefetched = int(got[2].sum())
     np.testing.assert_array_equal(twin.eos, np.asarray(state.expert_of_slot))
     assert (prefetched > 0) == (name in ("pregate", "expertflow", "predictive"))

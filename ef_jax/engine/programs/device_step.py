@@ -119,8 +119,8 @@ def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, layers: range, want, pr
 def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.DeviceCache, L: int,
              local=None, head=None):
     """Pre-gate predictions from MoE layer j's hidden state [B, T, D] (j = −1: the embeddings) and their
-    prefetches (local: a mesh device's columns, dp.predict_from); L: MoE layers. Only the H' = min(H_max, L − 1 − j) layers
-    the site reaches are scored. head: (the hybrid head's parameters, cur bool[E] layer j's experts this step,
+    prefetches (local: a mesh device's columns, dp.predict_from); L: MoE layers. Only the H' = min(H_max,
+    L − 1 − j) layers the site reaches are scored. head: (the hybrid head's parameters, cur bool[E] layer j's experts this step,
     token_ids i32[B]) when plan.policy.head is set: its logits replace the pre-gate scores (device_hybrid).
     Returns (state, scores f32[L, B, E] with those rows, zero elsewhere (the host twin reads only the rows
     a site reaches), or None unless plan.record)."""
@@ -149,7 +149,8 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
     scoring device policy; token_ids i32[B]: the newest token of each row (predictive, the hybrid head); head:
     the hybrid head's parameters (device_hybrid.head_args) when plan.policy.head is set, else None. Returns (x,
     caches, routings per layer, routed i32[L, N, K], hidden [L, B, D] or None, pool, state, counters i32[8, L],
-    scores f32[L + 1, L, B, E] the policy acted on (plan.record) or None)."""
+    scores f32[L, L, B, E] the policy acted on, one row per scoring site (the embeddings, then MoE layers
+    0 .. L − 2), with plan.record, or None)."""
     ctx = make_context(cfg, positions, write_idx, valid)
     state = dc.begin_step(state, plan.flush)
     policy, L = plan.policy, len(stacks)

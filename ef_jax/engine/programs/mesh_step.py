@@ -4,12 +4,13 @@
 x (replicated) → [pregate / expertflow: predictions from the embeddings] → every device, per layer: attention
     (+ KV cache) and router, the same on every device
     → MoE layer j: the routing seen by device d = the (token, expert) pairs it owns, as local ids (others: weight 0,
-      id E_d, which needs nothing) → device_step.moe_layer on d's DeviceCache, slot pool and pinned-host stack:
+      id E_max, which needs nothing) → device_step.moe_layer on d's DeviceCache, slot pool and pinned-host stack:
       needed → hits / misses / victims by d's policy → copy d's misses into d's slots → d's experts' f32 partial
       sum (more passes when d's share exceeds its S slots, each device as many as it needs)
     → psum over the mesh (the one collective per MoE layer) → + the shared expert (replicated) → h + y
     → [pregate / expertflow: score later layers from h, keep this device's columns, prefetch into its slots]
-→ (x, caches, routings, routed i32[L, N, K], pool, cache state, counters i32[n, C, L] gathered on every device)
+→ (x, caches, routings, routed i32[L, N, K], pool, cache state, counters i32[n, C, L] gathered on every device
+   [, plan.record: what each device's policy acted on — its scores, ratio and slot table — for its host twin])
 
 Device d owns the contiguous block `starts[d] .. starts[d] + sizes[d]` of every MoE layer's experts
 (ef_jax.cache.partition, as the layer-mode mesh splits them). Its host stack and its cache hold E_max rows /
@@ -125,35 +126,51 @@ def mesh_step(cfg, kinds, plan: StepPlan, layout: MeshLayout, params: tuple, x, 
     device's stacked slot pool as one array [L, n·S, ...] (donated); state: every device's DeviceCache with a
     leading device axis [n, ...] (donated); stacks: per MoE layer pinned-host [n·E_max, W] split over the mesh;
     scorer: the pre-gate routers of a scoring policy (replicated; device_step.device_step's), or None.
-    Returns (x, caches, routings per layer, routed i32[L, N, K], pool, state, counters i32[n, C, L])."""
+    Returns (x, caches, routings per layer, routed i32[L, N, K], pool, state, counters i32[n, C, L]), and with
+    plan.record one more: what each device's policy acted on (`_recorded`, every leaf with a leading axis n)."""
     rep, pooled, per = _specs(layout)
 
     def body(params, x, caches, positions, write_idx, valid, real, pool, state, stacks, scorer):
         ctx = make_context(cfg, positions, write_idx, valid)
         state = dc.begin_step(_one(state), plan.flush)
+        ratio = state.policy.ratio                                       # f32[]: this device's, for the record
         L, local = len(stacks), functools.partial(local_columns, layout)
         rows_real = real.reshape(x.shape[0], -1)[:, -1]                  # bool[B]: the newest position is real
+        scored = ()  # plan.record: f32[L, B, E] per scoring site, in step order
         if plan.policy.scoring:  # step start: the embeddings stand in for the hidden state of "layer −1"
-            state, _ = _predict(cfg, plan, -1, x, rows_real, scorer, state, len(stacks), local=local)
+            state, sc = _predict(cfg, plan, -1, x, rows_real, scorer, state, L, local=local)
+            scored = scored + (sc,) if plan.record else scored
 
         def moe(j, p, h, normed, routing, carry):
-            pool, state = carry
+            pool, state, scored = carry
             x, pool, state = mesh_moe(cfg, plan, layout, j, p["mlp"], h, normed, routing, real, pool, state,
                                       stacks[j])
             if plan.policy.scoring and j + 1 < L:  # this layer's hidden state scores the next layers' routers
-                state, _ = _predict(cfg, plan, j, h, rows_real, scorer, state, len(stacks), local)
-            return x, routing, (pool, state)
+                state, sc = _predict(cfg, plan, j, h, rows_real, scorer, state, L, local)
+                scored = scored + (sc,) if plan.record else scored
+            return x, routing, (pool, state, scored)
 
-        x, new_caches, routings, routed, (pool, state) = walk_layers(cfg, kinds, params, x, caches, ctx, moe,
-                                                                     (pool, state))
+        x, new_caches, routings, routed, (pool, state, scored) = walk_layers(cfg, kinds, params, x, caches, ctx, moe,
+                                                                             (pool, state, scored))
         state = state.replace(policy=dp.end_step(plan.policy, state.policy, L))
         counters = jax.lax.all_gather(state.counters(), layout.axis)    # i32[n, C, L] on every device
-        return x, new_caches, routings, routed, pool, _all(state), counters
+        out = (x, new_caches, routings, routed, pool, _all(state), counters)
+        return out + (_all(_recorded(scored, ratio, state)),) if plan.record else out
 
     # check_vma=False: a pallas_call carries no varying-axes type (as ef_jax.models.expert_parallel)
+    out_specs = (rep, rep, rep, rep, pooled, per, rep) + ((per,) if plan.record else ())
     run = jax.shard_map(body, mesh=layout.mesh, in_specs=(rep, rep, rep, rep, rep, rep, rep, pooled, per, per, rep),
-                        out_specs=(rep, rep, rep, rep, pooled, per, rep), check_vma=False)
+                        out_specs=out_specs, check_vma=False)
     return run(params, x, caches, positions, write_idx, valid, real, pool, state, stacks, scorer)
+
+
+def _recorded(scored: tuple, ratio, state: dc.DeviceCache) -> dict:
+    """What this device's policy acted on in the step, for its host twin (ef_jax.sim.device_twin with this
+    device's `columns`): scores f32[L, L, B, E] per scoring site, over every expert (each device takes the top-k
+    over all E, then keeps its own columns; None: a policy that scores nothing), the copy/layer ratio f32[] in
+    force, and its slot table i32[L, S] after the step (the evictions, checked step by step)."""
+    return {"scores": jnp.stack(scored) if scored else None, "ratio": ratio,
+            "expert_of_slot": state.expert_of_slot}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan", "layout", "j", "first"),

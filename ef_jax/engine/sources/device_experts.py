@@ -134,7 +134,7 @@ class DeviceStepExperts(SourceDefaults):
         out = device_step(self.cfg, kinds, plan, *args)
         x, caches, routings, routed, hidden, self.pool, self.state, counters, scores = out
         self.counters.dispatches += 1
-        self._hold(routed, counters, scores, hidden)
+        self._hold(routed, counters, {"scores": scores, "hidden": hidden})
         return x, caches, routings
 
     def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
@@ -180,28 +180,31 @@ class DeviceStepExperts(SourceDefaults):
         return arr
 
     # ---- what comes back once per step -------------------------------------------------------------------------
-    def _hold(self, routed, counters, scores, hidden=None) -> None:
+    def _hold(self, routed, counters, recorded=None) -> None:
         """Holds the step's small outputs for the host (read when stats, the routing log or the decisions log are
-        asked for: the sampled token already waited for the step, so reading them waits for nothing)."""
-        inputs = {"tokens": self._tokens, "ratio": self._ratio, "hidden": hidden} if self.recording else None
-        self._pending.append((routed, counters, scores, self._real, inputs))
+        asked for: the sampled token already waited for the step, so reading them waits for nothing). recorded:
+        while recording, what the policy acted on beyond the routing (a dict of device arrays: this step's
+        pre-gate scores and, with a hybrid head, the hidden states its sites read; on a mesh each device's scores,
+        ratio and slot table)."""
+        inputs = {"tokens": self._tokens, "ratio": self._ratio} if self.recording else None
+        self._pending.append((routed, counters, recorded, self._real, inputs))
 
     def _collect(self) -> None:
         """Reads the held steps' outputs (readback_waits counts any read that found them not ready)."""
         pending, self._pending = self._pending, []
-        for routed, counters, scores, real, inputs in pending:
+        for routed, counters, recorded, real, inputs in pending:
             self.readbacks += 1
-            if not all(a.is_ready() for a in (routed, counters, scores) if a is not None):
+            if not all(a.is_ready() for a in jax.tree.leaves((routed, counters, recorded))):
                 self.readback_waits += 1
             experts = np.asarray(routed)                     # i32[L, N, K]
             self.counts = np.asarray(counters).astype(np.int64)
             self._step_counts.append(self.counts)
             self._routing_log.append(np.transpose(experts[:, real], (1, 0, 2)))
-            if inputs is not None:
-                hidden = inputs["hidden"]
-                self._record.append(dict(inputs, routed=experts, real=real, counters=self.counts,
-                                         scores=None if scores is None else np.asarray(scores),
-                                         hidden=None if hidden is None else np.asarray(hidden, np.float32)))
+            if inputs is not None:  # (the device's values replace the host's: a mesh records each device's ratio)
+                got = {"scores": None, "hidden": None, **jax.tree.map(np.asarray, recorded or {})}
+                if got["hidden"] is not None:
+                    got["hidden"] = got["hidden"].astype(np.float32)
+                self._record.append(dict(inputs, routed=experts, real=real, counters=self.counts, **got))
 
     @property
     def routing_log(self) -> list[np.ndarray]:
@@ -211,7 +214,7 @@ class DeviceStepExperts(SourceDefaults):
 
     @property
     def decisions_log(self) -> list[dict]:
-        """Per recorded step: routed i32[L, N, K], real bool[N], scores f32[L + 1, L, B, E] or None, tokens i32[B],
+        """Per recorded step: routed i32[L, N, K], real bool[N], scores f32[L, L, B, E] or None, tokens i32[B],
         ratio (the device's f32 value), counters i32[C, L] after the step, hidden f32[L, B, D] (with a hybrid
         head: each MoE layer's newest hidden state at the head's point) or None (see record())."""
         self._collect()

@@ -14,7 +14,9 @@ Everything on the host side (the held outputs, the routing log, begin_step) is t
 Policies: lru, lfu, nocache, pregate, expertflow — each device decides from its own experts' routing and its own
 columns of the pre-gate top-k (ef_jax.cache.support.MESH_DEVICE_POLICIES); predictive's routing-path table is one
 over every expert, refused by the support table, naming the fix. A calibrated copy/layer ratio (expertflow) is
-measured on the first device and sent to every device. The budget
+measured on the first device and sent to every device. record() keeps what every device's policy acted on
+(decisions_log: each device's scores, ratio and slot table per step), replayed by its host twin over its own
+`columns` (ef_jax.sim.device_twin; tests/engine/test_mesh_device_step.py). The budget
 (expert_memory bytes or slots_per_layer) applies to each device, as in the layer-mode mesh. One process (a mesh
 over several hosts runs step="layer").
 
@@ -118,8 +120,25 @@ class MeshDeviceStepExperts(DeviceStepExperts):
         return self.partition.num_devices
 
     def record(self, on: bool = True) -> None:
-        if on:
-            raise ValueError("recording the device policy's inputs (the host twin) runs on one device")
+        """Keep, per step, what every device's policy acted on (`decisions_log`, each device's host twin's inputs):
+        the step returns each device's scores, ratio and slot table besides its counters (a different program)."""
+        self.recording = on
+
+    def columns(self) -> np.ndarray:
+        """i32[n, E_max]: the global expert id of each column of every device's cache, -1 where the device does
+        not own it (the last devices of an uneven split: a neighbour's experts) — the host twin's `columns`."""
+        ids = np.asarray(self.layout.bases)[:, None] + np.arange(self.layout.experts)     # [n, E_max]
+        lo = np.asarray(self.layout.starts)[:, None]
+        mine = (ids >= lo) & (ids < lo + np.asarray(self.layout.sizes)[:, None])
+        return np.where(mine, ids, -1).astype(np.int32)
+
+    @property
+    def decisions_log(self) -> list[dict]:
+        """Per recorded step: routed i32[L, N, K] (global ids: each device acts on the pairs of its `columns`),
+        real bool[N], tokens i32[B], and per device: counters i32[n, C, L] after the step, scores f32[n, L, L, B,
+        E] over every expert (None: a policy that scores nothing), ratio f32[n] in force, expert_of_slot
+        i32[n, L, S] after the step. A tapped step records its routing and counters only."""
+        return super().decisions_log
 
     # ---- the step --------------------------------------------------------------------------------------------
     def _ratio_on_device(self) -> jax.Array:
@@ -133,9 +152,9 @@ class MeshDeviceStepExperts(DeviceStepExperts):
         out = mesh_step(self.cfg, kinds, self._plan(), self.layout, tuple(params["layers"]), x, tuple(caches),
                         positions, write_idx, valid, self._real_device(), self.pool, self.state, self.stacks,
                         self.scorer_args)
-        x, caches, routings, routed, self.pool, self.state, counters = out
+        x, caches, routings, routed, self.pool, self.state, counters = out[:7]
         self.counters.dispatches += 1
-        self._hold(routed, counters, None)
+        self._hold(routed, counters, out[7] if self.recording else None)
         return x, caches, routings
 
     def experts(self, i: int, j: int, p: dict, h, normed, routing: Routing, real: np.ndarray, scores=None):
@@ -154,7 +173,7 @@ class MeshDeviceStepExperts(DeviceStepExperts):
     def _plan_for(self, tokens: int) -> StepPlan:
         """Each device's cache holds E_max experts: its plan's bounds are its own."""
         return StepPlan.for_tokens(tokens, self.layout.experts, self.cfg.top_k, self.slots, 0, self.flush, None,
-                                   self.policy, False, None, kernel=self.kernel)
+                                   self.policy, self.recording, None, kernel=self.kernel)
 
     def _real_device(self) -> jax.Array:
         key = self._real.tobytes()
