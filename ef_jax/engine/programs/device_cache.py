@@ -3,11 +3,11 @@
 per MoE layer j, inside the step program:
   [routing] → needed bool[E] (union over the real tokens) → demand: hits / misses → victims among slots not
               holding a needed expert (ef_jax.engine.programs.device_policies.victim_order) → touch the needed
-              experts (ascending id) → pinned → copy every stale slot of j (its misses, and the prefetches decided
-              for j earlier in the step) → the expert FFN reads the slots
+              experts (ascending id) → pinned → copy its misses and, at the first pass, the prefetches decided
+              for j earlier in the step (its fresh slots) → the expert FFN reads the slots
   [a device policy's predictions] → prefetch: every later layer's predicted experts not resident, into free or
               unkept slots, vectorised over layers under one cond (device_policies.py decides what is predicted);
-              the tables change now, the slots are marked stale and copied by their layer's demand
+              the tables change now; the slots, marked fresh, are copied by their layer's demand
 
 With lru the decisions are those of ef_jax.cache.ExpertCache with the LRU policy, made with array ops: a layer's
 misses are the needed experts not resident; the victims are the n oldest evictable slots (free slots first), the
@@ -15,9 +15,10 @@ set ExpertCache picks one miss at a time; every needed expert is touched in asce
 expert when it loads. So on the same routing the hits and misses equal the simulator's
 (tests/engine/test_device_step.py); every device policy equals its numpy twin (tests/sim/test_device_twin.py).
 
-Copies: a static bound M on the misses of one pass (min(S, N·K, E)) sizes the victim and miss arrays. A decided
-load only marks its slot stale; the copies run in one `fori_loop` per demand pass over the layer's stale slots
-(n ≤ S), so a hit copies nothing and a step has as many copy loops as MoE layers, whatever its policy predicts.
+Copies: a static bound M on the misses of one pass (min(S, N·K, E)) sizes the victim and miss arrays. A prefetch
+only decides (tables, `fresh`); a layer's demand copies its misses and, when the policy prefetches, its fresh
+slots, in one `fori_loop` per demand pass (n ≤ S), so a hit copies nothing and a step has as many copy loops as
+MoE layers, whatever its policy predicts.
 Why the prefetches' copies wait for their layer: each copy loop and its guards are a few dozen XLA thunks, and
 with one loop per layer a prediction site reaches, expertflow's sites doubled the step's executed thunks on the
 CPU (profiled: ~1,100 more per token than lru, the loops a fifth of them); copied at the site or before the
@@ -52,7 +53,6 @@ class DeviceCache:
     clock: jax.Array           # i32[L]: the next clock value of each layer (touches so far)
     pinned: jax.Array          # bool[L, S]: slots the step in flight holds at that layer (never evicted there)
     fresh: jax.Array           # bool[L, S]: loaded by a hint and not needed since (a prefetch not yet used)
-    stale: jax.Array           # bool[L, S]: the slot's bytes are not yet its expert's (copied by the layer's demand)
     hits: jax.Array            # i32[L]: needed experts found resident (cumulative)
     misses: jax.Array          # i32[L]: needed experts copied on demand
     prefetches: jax.Array      # i32[L]: experts copied because of a hint
@@ -80,8 +80,7 @@ def init_cache(num_layers: int, num_experts: int, slots: int, sharding, policy: 
     return DeviceCache(slot_of_expert=put(np.full((L, E), -1, np.int32)),
                        expert_of_slot=put(np.full((L, S), -1, np.int32)),
                        last_use=put(np.full((L, S), -1, np.int32)), clock=zeros(),
-                       pinned=put(np.zeros((L, S), bool)), fresh=put(np.zeros((L, S), bool)),
-                       stale=put(np.zeros((L, S), bool)), hits=zeros(),
+                       pinned=put(np.zeros((L, S), bool)), fresh=put(np.zeros((L, S), bool)), hits=zeros(),
                        misses=zeros(), prefetches=zeros(), prefetch_used=zeros(), passes=zeros(),
                        policy=dp.init_policy(policy or dp.DevicePolicy(), L, E, ratio, sharding))
 
@@ -90,13 +89,11 @@ def begin_step(state: DeviceCache, flush: bool) -> DeviceCache:
     """Start of a step: nothing pinned; flush=True (the nocache baseline) also empties every slot."""
     p = state.policy
     state = state.replace(pinned=jnp.zeros_like(state.pinned),
-                          policy=p.replace(live=jnp.zeros_like(p.live), pred=jnp.zeros_like(p.pred),
-                                           far=jnp.zeros_like(p.far)))
+                          policy=p.replace(marks=jnp.zeros_like(p.marks)))
     if flush:
         state = state.replace(slot_of_expert=jnp.full_like(state.slot_of_expert, -1),
                               expert_of_slot=jnp.full_like(state.expert_of_slot, -1),
-                              last_use=jnp.full_like(state.last_use, -1), fresh=jnp.zeros_like(state.fresh),
-                              stale=jnp.zeros_like(state.stale))
+                              last_use=jnp.full_like(state.last_use, -1), fresh=jnp.zeros_like(state.fresh))
     return state
 
 
@@ -120,15 +117,14 @@ def copy_rows(pool, stack: jax.Array, j: int, experts: jax.Array, slots: jax.Arr
 
 def make_resident(state: DeviceCache, j: int, want: jax.Array, touch: jax.Array | None,
                   max_loads: int, policy: dp.DevicePolicy | None = None, priority: jax.Array | None = None,
-                  prefetch: bool = False, mark_stale: bool = True):
+                  prefetch: bool = False):
     """Makes the experts `want` bool[E] of layer j resident (at most S of them). Victims (dp.victim_order): free
     slots first, then the policy's least valuable, never a slot whose expert is wanted or pinned. touch bool[E]:
     experts whose LRU clock is set, ascending id order, after the loads (None: the ones loaded). prefetch=True:
     only free or unkept slots are taken (a prefetch never evicts a prediction), so fewer may load; priority
-    i32[E] (lower first, then lower id) picks which. mark_stale: the loaded slots are marked stale, for
-    `copy_stale` (a layer's demand, before its experts run); else the caller copies the loads itself. Returns
-    (state, hit bool[E] (wanted and already resident), n loaded, the slots loaded bool[S], experts i32[M] and
-    victims i32[M]: load i brings experts[i] into slot victims[i], i < n).
+    i32[E] (lower first, then lower id) picks which. Copies nothing (the caller does: `demand`). Returns (state,
+    hit bool[E] (wanted and already resident), n loaded, the slots loaded bool[S], experts i32[M] and victims
+    i32[M]: load i brings experts[i] into slot victims[i], i < n).
     Written with compares and reductions over [M, E] / [M, S] rather than scatters (they fuse into a few kernels);
     the victim choice runs under a `cond` on "anything missing", so an all-hit layer only counts and touches. On a
     GPU that cond, like the copy loop's trip count, is a device-valued predicate (see the module docstring)."""
@@ -138,7 +134,7 @@ def make_resident(state: DeviceCache, j: int, want: jax.Array, touch: jax.Array 
     hit = want & (soe >= 0)
     miss = want & (soe < 0)
     keep = state.pinned[j] | ((eos >= 0) & want[jnp.maximum(eos, 0)])   # bool[S]: never a victim here
-    kept = (eos >= 0) & state.policy.live[j][jnp.maximum(eos, 0)]       # bool[S]: predicted for j this step
+    kept = (eos >= 0) & ((state.policy.marks[j] & dp.LIVE) != 0)[jnp.maximum(eos, 0)]  # bool[S]: kept for j
     count = dp.slot_counts(policy, state.policy, j, eos)
     n = miss.sum(dtype=jnp.int32)
 
@@ -170,22 +166,17 @@ def make_resident(state: DeviceCache, j: int, want: jax.Array, touch: jax.Array 
                           expert_of_slot=state.expert_of_slot.at[j].set(new_eos),
                           last_use=state.last_use.at[j].set(last),
                           clock=state.clock.at[j].add(touch.sum(dtype=jnp.int32)))
-    if mark_stale:
-        state = state.replace(stale=state.stale.at[j].set(state.stale[j] | loaded))
     return state, hit, n, loaded, experts, victims
 
 
-def copy_stale(state: DeviceCache, pool, stack: jax.Array, j: int):
-    """Copies every stale slot of layer j (its expert's row of the pinned-host stack [E, W]) and clears the marks.
-    One loop over the stale slots in ascending slot order, n ≤ S. Returns (state, pool)."""
-    stale = state.stale[j]
-    S = stale.shape[0]
-    pos = jnp.cumsum(stale, dtype=jnp.int32) - 1                          # i32[S]: rank among the stale
+def copy_slots(pool, stack: jax.Array, j: int, eos, copy):
+    """Copies into every slot s of layer j with copy[s] (bool[S]) its expert eos[s]'s row of the pinned-host stack
+    [E, W]: one loop over those slots in ascending order, n ≤ S. Returns the pool."""
+    S = copy.shape[0]
+    pos = jnp.cumsum(copy, dtype=jnp.int32) - 1                           # i32[S]: rank among the copied
     ids = jnp.arange(S, dtype=jnp.int32)
-    slots = jnp.where(stale[None, :] & (pos[None, :] == ids[:, None]), ids[None, :], 0).sum(1)  # i32[S]: k-th stale
-    experts = jnp.maximum(state.expert_of_slot[j][slots], 0)
-    pool = copy_rows(pool, stack, j, experts, slots, stale.sum(dtype=jnp.int32))
-    return state.replace(stale=state.stale.at[j].set(False)), pool
+    slots = jnp.where(copy[None, :] & (pos[None, :] == ids[:, None]), ids[None, :], 0).sum(1)  # i32[S]: k-th one
+    return copy_rows(pool, stack, j, jnp.maximum(eos[slots], 0), slots, copy.sum(dtype=jnp.int32))
 
 
 def prefetch(state: DeviceCache, layers: range, want: jax.Array, priority: jax.Array, max_loads: int,
@@ -197,7 +188,7 @@ def prefetch(state: DeviceCache, layers: range, want: jax.Array, priority: jax.A
     loaded ones enter as most recent (touched in ascending id order) and fresh; counted in `prefetches`.
     Vectorised over the rows of `layers` (a static contiguous range: only those rows are computed), the table
     updates under one `cond` on "anything to load": a source whose predictions are all resident costs a few
-    compares. The loaded slots are marked stale; each layer's demand copies them (module docstring: why)."""
+    compares. The loaded slots are fresh; their layer's demand copies them (module docstring: why)."""
     lo, hi = layers.start, layers.stop                                   # only these rows are computed
     E = state.slot_of_expert.shape[1]
     S = state.expert_of_slot.shape[1]
@@ -208,7 +199,7 @@ def prefetch(state: DeviceCache, layers: range, want: jax.Array, priority: jax.A
     miss = want & (soe < 0)                                              # bool[L', E]
     e_of = jnp.maximum(eos, 0)
     held = lambda m: (eos >= 0) & jnp.take_along_axis(m, e_of, axis=1)  # bool[L', E] → bool[L', S] by slot
-    keep, kept = cut(state.pinned) | held(want), held(cut(state.policy.live))
+    keep, kept = cut(state.pinned) | held(want), held((cut(state.policy.marks) & dp.LIVE) != 0)
     count = (jnp.where(eos >= 0, jnp.take_along_axis(cut(state.policy.count), e_of, axis=1), 0) if policy.counted
              else jnp.zeros_like(eos))
 
@@ -242,14 +233,13 @@ def prefetch(state: DeviceCache, layers: range, want: jax.Array, priority: jax.A
                          last_use=put(state.last_use, new_last),
                          clock=put(state.clock, clock + new.sum(-1, dtype=jnp.int32)),
                          prefetches=put(state.prefetches, cut(state.prefetches) + m),
-                         fresh=put(state.fresh, cut(state.fresh) | loaded),
-                         stale=put(state.stale, cut(state.stale) | loaded))
+                         fresh=put(state.fresh, cut(state.fresh) | loaded))
 
 
 def apply_hints(state: DeviceCache, j: int, hints: jax.Array) -> DeviceCache:
     """Prefetch hints i32[H] for layer j (-1 = none): the hinted experts not resident are loaded (entering as most
     recent, as a host prefetch does); the hinted ones stay pinned until layer j routes, so hints never evict each
-    other or an expert predicted for this step. Their copies wait for layer j's demand (copy_stale)."""
+    other or an expert predicted for this step. Their copies wait for layer j's demand (they are fresh)."""
     E = state.slot_of_expert.shape[1]
     want = jnp.any(jax.nn.one_hot(hints, E, dtype=bool), axis=0)        # bool[E] (-1 rows are all false)
     miss = want & (state.slot_of_expert[j] < 0)
@@ -261,18 +251,17 @@ def apply_hints(state: DeviceCache, j: int, hints: jax.Array) -> DeviceCache:
 
 
 def demand(state: DeviceCache, pool, stack: jax.Array, j: int, needed: jax.Array, max_loads: int,
-           policy: dp.DevicePolicy | None = None, deferred: bool = False):
+           policy: dp.DevicePolicy | None = None, pending: jax.Array | None = None):
     """One pass of layer j: make `needed` bool[E] (≤ S experts) resident, count hits and misses, touch them all,
-    pin them for this pass (a previous pass's pins are released first), then copy: deferred (a policy that
-    prefetches, or hints), every stale slot of j — these misses and the prefetches decided for j before; else just
-    these misses, from the load list (no stale slot can exist). Returns (state, pool)."""
+    pin them for this pass (a previous pass's pins are released first), then copy these misses and the slots
+    pending bool[S] (a policy that prefetches: layer j's fresh slots at its first pass, the prefetches decided for
+    j this step whose bytes wait for it; None: only the misses, from the load list). Returns (state, pool)."""
     state = state.replace(pinned=state.pinned.at[j].set(False))
-    state, hit, n, loaded, experts, victims = make_resident(state, j, needed, needed, max_loads, policy,
-                                                            mark_stale=deferred)
-    if deferred:
-        state, pool = copy_stale(state, pool, stack, j)
-    else:
+    state, hit, n, loaded, experts, victims = make_resident(state, j, needed, needed, max_loads, policy)
+    if pending is None:
         pool = copy_rows(pool, stack, j, experts, victims, n)
+    else:  # a pending slot evicted again by this pass is loaded: copied once, with its new expert
+        pool = copy_slots(pool, stack, j, state.expert_of_slot[j], pending | loaded)
     eos = state.expert_of_slot[j]
     held = (eos >= 0) & needed[jnp.maximum(eos, 0)]
     fresh = state.fresh[j] & ~loaded                                     # a demand load is no prefetch

@@ -38,6 +38,7 @@ DECAY_SHIFT = 5         # expertflow: c ← c − c >> 5 (γ ≈ 0.969; the laye
 GAIN_STEPS = 8          # k ∈ [−8, 8]: g = 2^(k/4) ∈ [1/4, 4]
 PRECISION_WINDOW = 512  # the precision counters halve when a layer's predictions pass this many
 GAINS = np.float32(2.0) ** (np.arange(-GAIN_STEPS, GAIN_STEPS + 1, dtype=np.float32) / np.float32(4))  # f32[17]
+LIVE, PRED, FAR = 1, 2, 4  # PolicyState.marks bits
 KINDS = ("nocache", "lru", "lfu", "pregate", "expertflow", "predictive")
 SCORING = ("pregate", "expertflow")  # predict from hidden states with the later layers' routers
 
@@ -92,9 +93,9 @@ class DevicePolicy:
 class PolicyState:
     """A device policy's state, part of the DeviceCache (donated with it)."""
     count: jax.Array     # i32[L, E]: use counts, UNIT per use (expertflow: decayed per layer and step)
-    live: jax.Array      # bool[L, E]: kept for layer t this step (predicted, gated): no prefetch evicts them
-    pred: jax.Array      # bool[L, E]: predicted for t within the horizon this step (precision sample)
-    far: jax.Array       # bool[L, E]: predicted for t only beyond the horizon (a miss there counts as late)
+    marks: jax.Array     # i32[L, E]: this step's predictions for layer t, bits (one array: one update per site)
+                         #   LIVE kept (predicted, gated): no prefetch evicts them; PRED predicted within the
+                         #   horizon (the precision sample); FAR predicted only beyond it (a miss there is late)
     pred_n: jax.Array    # i32[L]: predictions checked at t's routing (window, halved past PRECISION_WINDOW)
     pred_hit: jax.Array  # i32[L]: of them, needed
     wasted: jax.Array    # i32[L]: prefetches not needed by the layer they were made for (cumulative)
@@ -116,7 +117,7 @@ def init_policy(policy: DevicePolicy, num_layers: int, num_experts: int, ratio: 
     put = lambda a: jax.device_put(a, sharding)
     z = lambda *s, t=np.int32: put(np.zeros(s, t))
     start = 1 if policy.adaptive else policy.max_horizon
-    return PolicyState(count=z(L, E), live=z(L, E, t=bool), pred=z(L, E, t=bool), far=z(L, E, t=bool),
+    return PolicyState(count=z(L, E), marks=z(L, E),
                        pred_n=z(L), pred_hit=z(L), wasted=z(L), late=z(L), horizon=put(np.int32(start)),
                        gain=put(np.int32(0)), ratio=put(np.float32(ratio)), n_fetch=put(np.float32(0)),
                        step_late=put(np.int32(0)), step_unused=put(np.int32(0)), step_fetch=put(np.int32(0)),
@@ -166,12 +167,13 @@ def on_route(policy: DevicePolicy, p: PolicyState, j: int, needed, resident):
     p = p.replace(count=p.count.at[j].set(count))
     if not (policy.scoring or policy.kind == "predictive"):
         return p
-    pred = p.pred[j]
+    marks = p.marks[j]
+    pred = (marks & PRED) != 0
     n = p.pred_n[j] + pred.sum(dtype=jnp.int32)
     hit = p.pred_hit[j] + (pred & needed).sum(dtype=jnp.int32)
     big = n > PRECISION_WINDOW
     n, hit = jnp.where(big, n >> 1, n), jnp.where(big, hit >> 1, hit)
-    late = (needed & ~resident & p.far[j] & ~pred).sum(dtype=jnp.int32)
+    late = (needed & ~resident & ((marks & FAR) != 0) & ~pred).sum(dtype=jnp.int32)
     return p.replace(pred_n=p.pred_n.at[j].set(n), pred_hit=p.pred_hit.at[j].set(hit),
                      late=p.late.at[j].add(late), step_late=p.step_late + late)
 
@@ -225,9 +227,9 @@ def predict_from(policy: DevicePolicy, p: PolicyState, j: int, scores, rows_real
         union, rank = local(union, False), local(rank, scores.shape[-1])
     inside = jnp.asarray(np.arange(1, hi - lo + 1))[:, None] <= p.horizon  # bool[H', 1]: distance ≤ S
     take = union & inside & gate_pass(policy, p, floor)[lo:hi, None]
-    rows = lambda a, v: a.at[lo:hi].set(a[lo:hi] | v)
-    p = p.replace(pred=rows(p.pred, union & inside), far=rows(p.far, union & ~inside), live=rows(p.live, take))
-    return p, take, rank
+    bits = jnp.where(take, LIVE, 0) | jnp.where(union & inside, PRED, 0) | jnp.where(union & ~inside, FAR, 0)
+    return p.replace(marks=p.marks.at[lo:hi].set(p.marks[lo:hi] | bits)), take, rank
+
 
 
 def end_step(policy: DevicePolicy, p: PolicyState, num_layers: int) -> PolicyState:

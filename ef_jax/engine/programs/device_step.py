@@ -2,7 +2,7 @@
 
 x → [apply every MoE layer's prefetch hints] → per layer: attention (+ KV cache) → router
     → MoE layer: needed = ∪ real tokens' experts → misses, LRU victims (never a slot this pass needs) → copy the
-      misses (and the prefetches decided for this layer earlier in the step: device_cache.copy_stale) from the
+      misses (and the prefetches decided for this layer earlier in the step: device_cache.demand) from the
       layer's pinned-host stack into the slot pool → expert FFN through the slot map
     → (union > S slots: further passes of ≤ S experts, each adding its share, inside the same program)
     → [a scoring policy: the later layers' scores from this layer's hidden state — pre-gating, or with expertflow's
@@ -72,28 +72,30 @@ def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing,
     share: what one pass adds (_expert_share's signature; a mesh device adds its own experts' partial sum).
     Returns (x, pool, state)."""
     E, S, policy = state.slot_of_expert.shape[1], plan.slots, plan.policy  # E: the experts this cache holds
-    deferred = policy.prefetches or plan.hint_width > 0  # stale slots may wait for this demand (device_cache)
+    # a policy that prefetches: the fresh slots of j wait for its first pass to be copied (device_cache.demand)
+    pending = state.fresh[j] if policy.prefetches or plan.hint_width > 0 else None
     needed = dc.needed_experts(routing.experts, real, E)               # bool[E]
     keep_real = jnp.broadcast_to(real[:, None], routing.experts.shape).astype(jnp.float32)
     state = state.replace(policy=dp.on_route(policy, state.policy, j, needed, state.slot_of_expert[j] >= 0))
     before = state.misses[j] + state.prefetch_used[j]
     if plan.max_passes == 1:  # N·K ≤ S: the union always fits
-        state, pool = dc.demand(state, pool, stack, j, needed, plan.max_misses, policy, deferred)
+        state, pool = dc.demand(state, pool, stack, j, needed, plan.max_misses, policy, pending)
         x = h + share(cfg, plan, j, p, normed, routing, keep_real, pool, state, True).reshape(h.shape)
         return x, pool, _after_demand(plan, j, state, before)
     rank = jnp.cumsum(needed, dtype=jnp.int32) - 1                       # i32[E]: position among the needed
     chunk_of = jnp.where(needed, rank // S, -1)                          # i32[E]: the pass that computes it
 
-    def one_pass(k, x, pool, state, include_shared):
+    def one_pass(k, x, pool, state, include_shared, pending):
         chunk = chunk_of == k
-        state, pool = dc.demand(state, pool, stack, j, chunk, plan.max_misses, policy, deferred)
+        state, pool = dc.demand(state, pool, stack, j, chunk, plan.max_misses, policy, pending)
         keep = keep_real * chunk[routing.experts].astype(jnp.float32)
         return x + share(cfg, plan, j, p, normed, routing, keep, pool, state, include_shared).reshape(h.shape), \
             pool, state
 
-    x, pool, state = one_pass(0, h, pool, state, True)
+    x, pool, state = one_pass(0, h, pool, state, True, pending)
     n_pass = jnp.maximum((needed.sum(dtype=jnp.int32) + S - 1) // S, 1)
-    x, pool, state = jax.lax.fori_loop(1, n_pass, lambda k, c: one_pass(k, *c, False), (x, pool, state))
+    # the later passes copy only their own misses (the pending slots went with the first)
+    x, pool, state = jax.lax.fori_loop(1, n_pass, lambda k, c: one_pass(k, *c, False, None), (x, pool, state))
     state = state.replace(passes=state.passes.at[j].add(n_pass - 1))
     return x, pool, _after_demand(plan, j, state, before)
 
@@ -110,7 +112,7 @@ def _after_demand(plan: StepPlan, j: int, state: dc.DeviceCache, before) -> dc.D
 
 def _prefetch_all(plan: StepPlan, state: dc.DeviceCache, layers: range, want, prio) -> dc.DeviceCache:
     """Prefetches want bool[L', E] (priority i32[L', E]; one row per layer of `layers`, static) into those
-    layers (their copies are made by each layer's demand: device_cache.copy_stale)."""
+    layers (their copies are made by each layer's demand: device_cache.demand)."""
     if len(layers) == 0:
         return state
     return dc.prefetch(state, layers, want, prio, plan.max_misses, plan.policy)
@@ -120,8 +122,9 @@ def _predict(cfg, plan: StepPlan, j: int, hidden, rows_real, scorer, state: dc.D
              local=None, head=None):
     """Pre-gate predictions from MoE layer j's hidden state [B, T, D] (j = −1: the embeddings) and their
     prefetches (local: a mesh device's columns, dp.predict_from); L: MoE layers. Only the H' = min(H_max,
-    L − 1 − j) layers the site reaches are scored. head: (the hybrid head's parameters, cur bool[E] layer j's experts this step,
-    token_ids i32[B]) when plan.policy.head is set: its logits replace the pre-gate scores (device_hybrid).
+    L − 1 − j) layers the site reaches are scored. head: (the hybrid head's parameters, cur bool[E] layer j's
+    experts this step, token_ids i32[B]) when plan.policy.head is set: its logits replace the pre-gate scores
+    (device_hybrid).
     Returns (state, scores f32[L, B, E] with those rows, zero elsewhere (the host twin reads only the rows
     a site reaches), or None unless plan.record)."""
     layers = range(j + 1, min(j + 1 + plan.policy.max_horizon, L))
@@ -168,7 +171,7 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
     if policy.kind == "predictive":
         route, route_rank = dp.route_predict(policy, state.policy, token_ids, rows_real, plan.slots)
         p = state.policy
-        state = state.replace(policy=p.replace(live=route, pred=route))
+        state = state.replace(policy=p.replace(marks=jnp.where(route, dp.LIVE | dp.PRED, 0).astype(jnp.int32)))
         h0 = range(min(policy.predict_h, L))
         state = _prefetch_all(plan, state, h0, route[:h0.stop], route_rank[:h0.stop])
 
