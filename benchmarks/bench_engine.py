@@ -245,7 +245,43 @@ def device_policy_rows(model, low_slots: int, new_tokens: int, rounds: int, piec
                "device expertflow / device lru tokens/s":
                    d["best_tokens_per_s"] / out["device lru"]["best_tokens_per_s"]}
     return {"slots": f"{low_slots}/{E}", "new_tokens": new_tokens, "pieces": pieces, "rows": out,
-            "ratios": ratios_, "tokens_equal": all(r["tokens"] == out["device lru"]["tokens"] for r in out.values())}
+            "ratios": ratios_, "tokens_equal": all(r["tokens"] == out["device lru"]["tokens"] for r in out.values()),
+            "twin": twin_check(model, prompts, low_slots, new_tokens)}
+
+
+def twin_check(model, prompts, low_slots: int, new_tokens: int) -> dict:
+    """Device expertflow against its numpy host twin on the held-out pieces (untimed, after the timed rounds): the
+    step records what its policy acted on (DeviceStepExperts.record: routing, pre-gate scores, ratio) and
+    ef_jax.sim.device_twin replays it; per configuration, whether every step's counters agreed, and what the
+    adaptive horizon and the precision gate did there. Two ratios: the one calibrated on this machine (a CPU copy is
+    nearly free, so the horizon sits at 1) and a fixed copy/layer ratio of 1.5 (a GPU-like one: the horizon moves)."""
+    from ef_jax.engine.forward.forward import Forward
+    from ef_jax.engine.loop.batch import make_batch
+    from ef_jax.engine.loop.decode import sample_rows
+    from ef_jax.engine.loop.sampling import SamplingParams
+    from ef_jax.sim.device_twin import DeviceTwin
+    cfg = model.config
+    L, E, K = len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k
+    out = {}
+    for name, spec in (("calibrated ratio", "expertflow"), ("ratio 1.5", ef_jax.PolicySpec("expertflow", ratio=1.5))):
+        steps = agree = 0
+        horizons, gated, proposed = set(), 0, 0
+        for ids in prompts:
+            off = ef_jax.OffloadConfig(slots_per_layer=low_slots, policy=spec, step="device")
+            with Forward(model, off) as fwd:
+                fwd.source.record()
+                sample_rows(fwd, make_batch([ids], new_tokens), SamplingParams(), 0, set(), new_tokens)
+                log, policy = fwd.source.decisions_log, fwd.source.policy
+            twin = DeviceTwin(policy, L, E, low_slots, K)
+            for rec in log:
+                got = twin.step(rec["routed"], rec["real"], rec["scores"], rec["tokens"], rec["ratio"])
+                steps += 1
+                agree += bool(np.array_equal(got, rec["counters"]))
+                horizons.add(int(rec["counters"][-1, 0]))
+            gated, proposed = gated + twin.gated, proposed + twin.proposed
+        out[name] = {"steps": steps, "steps_agreeing": agree, "horizons_seen": sorted(horizons),
+                     "predictions_in_horizon": proposed, "held_back_by_gate": gated}
+    return out
 
 
 def device_markdown(rec: dict) -> str:
@@ -263,6 +299,13 @@ def device_markdown(rec: dict) -> str:
         ok = v <= t if at_most else v >= t
         lines.append(f"| {k} | {v:.2f} | {'≤' if at_most else '≥'} {t} | {'yes' if ok else 'no'} |")
     lines += ["", f"Greedy tokens identical across the rows: {rec['tokens_equal']}."]
+    if rec.get("twin"):
+        lines += ["", "Device expertflow vs its numpy host twin on the same pieces (untimed; `twin_check`):", "",
+                  "| ratio | steps | steps whose counters agree | horizons seen | predictions within the horizon | "
+                  "held back by the precision gate |", "|---|---:|---:|---|---:|---:|"]
+        for k, t in rec["twin"].items():
+            lines.append(f"| {k} | {t['steps']} | {t['steps_agreeing']} | {t['horizons_seen']} | "
+                         f"{t['predictions_in_horizon']} | {t['held_back_by_gate']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,7 @@ class DeviceTwin:
         self.live, self.pred, self.far = (np.zeros((L, E), bool) for _ in range(3))
         self.pred_n, self.pred_hit = np.zeros(L, np.int32), np.zeros(L, np.int32)
         self.horizon = 1 if policy.adaptive else policy.max_horizon
+        self.proposed = self.gated = 0  # predictions within the horizon, and of them the ones the gate held back
         self.gain, self.n_fetch = 0, np.float32(0)
         self.step_late = self.step_unused = self.step_fetch = 0
         self.table = np.zeros((policy.table_rows, L, E), np.int32)
@@ -173,6 +174,8 @@ class DeviceTwin:
             self.far[t] |= union & (not inside)
             want[t] = union & inside & ok
             self.live[t] |= want[t]
+            self.proposed += int((union & inside).sum())   # statistics of the gate (no decision reads them)
+            self.gated += 0 if ok else int((union & inside).sum())
         self._prefetch(range(j + 1, min(j + 1 + self.pol.max_horizon, L)), want, rank)
 
     def _route_predict(self, tokens, rows_real):
