@@ -50,15 +50,21 @@ class DeviceCache:
     slot_of_expert: jax.Array  # i32[L, E]: slot holding each expert, -1 = not resident
     expert_of_slot: jax.Array  # i32[L, S]: expert in each slot, -1 = free
     last_use: jax.Array        # i32[L, S]: LRU clock of the slot's last touch (-1 = free)
-    clock: jax.Array           # i32[L]: the next clock value of each layer (touches so far)
     pinned: jax.Array          # bool[L, S]: slots the step in flight holds at that layer (never evicted there)
     fresh: jax.Array           # bool[L, S]: loaded by a hint and not needed since (a prefetch not yet used)
-    hits: jax.Array            # i32[L]: needed experts found resident (cumulative)
-    misses: jax.Array          # i32[L]: needed experts copied on demand
-    prefetches: jax.Array      # i32[L]: experts copied because of a hint
-    prefetch_used: jax.Array   # i32[L]: hinted experts needed before they were evicted
-    passes: jax.Array          # i32[L]: extra passes (a batch's union of needed experts larger than S)
+    tally: jax.Array           # i32[L, 6]: per layer, TALLY's columns — one array, so a layer's demand or a
+                               #   prediction site updates them with one write (each write is an XLA thunk)
     policy: dp.PolicyState     # the device policy's state (ef_jax.engine.programs.device_policies)
+
+    # TALLY's columns, per layer i32[L]: the next LRU clock value (touches so far); needed experts found resident;
+    # needed experts copied on demand; experts loaded by a prediction; predicted experts needed before they were
+    # evicted; extra passes (a batch's union of needed experts larger than S) — all cumulative
+    clock = property(lambda self: self.tally[:, 0])
+    hits = property(lambda self: self.tally[:, 1])
+    misses = property(lambda self: self.tally[:, 2])
+    prefetches = property(lambda self: self.tally[:, 3])
+    prefetch_used = property(lambda self: self.tally[:, 4])
+    passes = property(lambda self: self.tally[:, 5])
 
     def counters(self) -> jax.Array:
         """i32[8, L]: COUNTERS in order — what the host reads once per step."""
@@ -66,6 +72,14 @@ class DeviceCache:
         p = self.policy
         return jnp.stack([self.hits, self.misses, self.prefetches, self.prefetch_used, self.passes, p.wasted, p.late,
                           jnp.broadcast_to(p.horizon, (L,))])
+
+
+TALLY = ("clock", "hits", "misses", "prefetches", "prefetch_used", "passes")
+
+
+def tally_row(**added) -> jax.Array:
+    """i32[6]: what one layer adds to TALLY's columns (the ones not named add 0)."""
+    return jnp.stack([jnp.asarray(added.get(k, 0), jnp.int32) for k in TALLY])
 
 
 COUNTERS = ("hits", "misses", "prefetches", "prefetch_used", "passes", "wasted", "late", "horizon")
@@ -76,12 +90,10 @@ def init_cache(num_layers: int, num_experts: int, slots: int, sharding, policy: 
     """Every slot free, counters zero, on the device."""
     L, E, S = num_layers, num_experts, slots
     put = lambda a: jax.device_put(a, sharding)
-    zeros = lambda: put(np.zeros(L, np.int32))
     return DeviceCache(slot_of_expert=put(np.full((L, E), -1, np.int32)),
                        expert_of_slot=put(np.full((L, S), -1, np.int32)),
-                       last_use=put(np.full((L, S), -1, np.int32)), clock=zeros(),
-                       pinned=put(np.zeros((L, S), bool)), fresh=put(np.zeros((L, S), bool)), hits=zeros(),
-                       misses=zeros(), prefetches=zeros(), prefetch_used=zeros(), passes=zeros(),
+                       last_use=put(np.full((L, S), -1, np.int32)), pinned=put(np.zeros((L, S), bool)),
+                       fresh=put(np.zeros((L, S), bool)), tally=put(np.zeros((L, len(TALLY)), np.int32)),
                        policy=dp.init_policy(policy or dp.DevicePolicy(), L, E, ratio, sharding))
 
 
@@ -117,14 +129,15 @@ def copy_rows(pool, stack: jax.Array, j: int, experts: jax.Array, slots: jax.Arr
 
 def make_resident(state: DeviceCache, j: int, want: jax.Array, touch: jax.Array | None,
                   max_loads: int, policy: dp.DevicePolicy | None = None, priority: jax.Array | None = None,
-                  prefetch: bool = False):
+                  prefetch: bool = False, unpinned: bool = False):
     """Makes the experts `want` bool[E] of layer j resident (at most S of them). Victims (dp.victim_order): free
     slots first, then the policy's least valuable, never a slot whose expert is wanted or pinned. touch bool[E]:
     experts whose LRU clock is set, ascending id order, after the loads (None: the ones loaded). prefetch=True:
     only free or unkept slots are taken (a prefetch never evicts a prediction), so fewer may load; priority
-    i32[E] (lower first, then lower id) picks which. Copies nothing (the caller does: `demand`). Returns (state,
-    hit bool[E] (wanted and already resident), n loaded, the slots loaded bool[S], experts i32[M] and victims
-    i32[M]: load i brings experts[i] into slot victims[i], i < n).
+    i32[E] (lower first, then lower id) picks which. unpinned: ignore the pins (a demand pass releases the last
+    pass's). Copies nothing and counts nothing (the caller does: `demand`). Returns (state, hit bool[E] (wanted and
+    already resident), n loaded, the slots loaded bool[S], experts i32[M] and victims i32[M]: load i brings
+    experts[i] into slot victims[i], i < n, touched i32[] the clock values used, for the caller's tally).
     Written with compares and reductions over [M, E] / [M, S] rather than scatters (they fuse into a few kernels);
     the victim choice runs under a `cond` on "anything missing", so an all-hit layer only counts and touches. On a
     GPU that cond, like the copy loop's trip count, is a device-valued predicate (see the module docstring)."""
@@ -133,7 +146,9 @@ def make_resident(state: DeviceCache, j: int, want: jax.Array, touch: jax.Array 
     E, S = soe.shape[0], eos.shape[0]
     hit = want & (soe >= 0)
     miss = want & (soe < 0)
-    keep = state.pinned[j] | ((eos >= 0) & want[jnp.maximum(eos, 0)])   # bool[S]: never a victim here
+    keep = (eos >= 0) & want[jnp.maximum(eos, 0)]                       # bool[S]: never a victim here
+    if not unpinned:
+        keep = keep | state.pinned[j]
     kept = (eos >= 0) & ((state.policy.marks[j] & dp.LIVE) != 0)[jnp.maximum(eos, 0)]  # bool[S]: kept for j
     count = dp.slot_counts(policy, state.policy, j, eos)
     n = miss.sum(dtype=jnp.int32)
@@ -164,9 +179,8 @@ def make_resident(state: DeviceCache, j: int, want: jax.Array, touch: jax.Array 
     last = jnp.where((new_eos >= 0) & touch[e_of], state.clock[j] + rank[e_of], last)
     state = state.replace(slot_of_expert=state.slot_of_expert.at[j].set(soe),
                           expert_of_slot=state.expert_of_slot.at[j].set(new_eos),
-                          last_use=state.last_use.at[j].set(last),
-                          clock=state.clock.at[j].add(touch.sum(dtype=jnp.int32)))
-    return state, hit, n, loaded, experts, victims
+                          last_use=state.last_use.at[j].set(last))
+    return state, hit, n, loaded, experts, victims, touch.sum(dtype=jnp.int32)
 
 
 def copy_slots(pool, stack: jax.Array, j: int, eos, copy):
@@ -231,8 +245,8 @@ def prefetch(state: DeviceCache, layers: range, want: jax.Array, priority: jax.A
     return state.replace(slot_of_expert=put(state.slot_of_expert, soe),
                          expert_of_slot=put(state.expert_of_slot, new_eos),
                          last_use=put(state.last_use, new_last),
-                         clock=put(state.clock, clock + new.sum(-1, dtype=jnp.int32)),
-                         prefetches=put(state.prefetches, cut(state.prefetches) + m),
+                         tally=state.tally.at[lo:hi].add(jax.vmap(lambda t, n: tally_row(clock=t, prefetches=n))(
+                             new.sum(-1, dtype=jnp.int32), m)),
                          fresh=put(state.fresh, cut(state.fresh) | loaded))
 
 
@@ -243,10 +257,11 @@ def apply_hints(state: DeviceCache, j: int, hints: jax.Array) -> DeviceCache:
     E = state.slot_of_expert.shape[1]
     want = jnp.any(jax.nn.one_hot(hints, E, dtype=bool), axis=0)        # bool[E] (-1 rows are all false)
     miss = want & (state.slot_of_expert[j] < 0)
-    state, _, n, loaded, _, _ = make_resident(state, j, want, miss, min(hints.shape[0], E))
+    state, _, n, loaded, _, _, touched = make_resident(state, j, want, miss, min(hints.shape[0], E))
     eos = state.expert_of_slot[j]
     held = (eos >= 0) & want[jnp.maximum(eos, 0)]
-    return state.replace(pinned=state.pinned.at[j].set(held), prefetches=state.prefetches.at[j].add(n),
+    return state.replace(pinned=state.pinned.at[j].set(held),
+                         tally=state.tally.at[j].add(tally_row(clock=touched, prefetches=n)),
                          fresh=state.fresh.at[j].set(state.fresh[j] | loaded))
 
 
@@ -256,8 +271,8 @@ def demand(state: DeviceCache, pool, stack: jax.Array, j: int, needed: jax.Array
     pin them for this pass (a previous pass's pins are released first), then copy these misses and the slots
     pending bool[S] (a policy that prefetches: layer j's fresh slots at its first pass, the prefetches decided for
     j this step whose bytes wait for it; None: only the misses, from the load list). Returns (state, pool)."""
-    state = state.replace(pinned=state.pinned.at[j].set(False))
-    state, hit, n, loaded, experts, victims = make_resident(state, j, needed, needed, max_loads, policy)
+    state, hit, n, loaded, experts, victims, touched = make_resident(state, j, needed, needed, max_loads, policy,
+                                                                     unpinned=True)
     if pending is None:
         pool = copy_rows(pool, stack, j, experts, victims, n)
     else:  # a pending slot evicted again by this pass is loaded: copied once, with its new expert
@@ -265,9 +280,10 @@ def demand(state: DeviceCache, pool, stack: jax.Array, j: int, needed: jax.Array
     eos = state.expert_of_slot[j]
     held = (eos >= 0) & needed[jnp.maximum(eos, 0)]
     fresh = state.fresh[j] & ~loaded                                     # a demand load is no prefetch
-    return state.replace(pinned=state.pinned.at[j].set(held), hits=state.hits.at[j].add(hit.sum(dtype=jnp.int32)),
-                         misses=state.misses.at[j].add(n), fresh=state.fresh.at[j].set(fresh & ~held),
-                         prefetch_used=state.prefetch_used.at[j].add((fresh & held).sum(dtype=jnp.int32))), pool
+    used = (fresh & held).sum(dtype=jnp.int32)
+    return state.replace(pinned=state.pinned.at[j].set(held), fresh=state.fresh.at[j].set(fresh & ~held),
+                         tally=state.tally.at[j].add(tally_row(clock=touched, hits=hit.sum(dtype=jnp.int32),
+                                                               misses=n, prefetch_used=used))), pool
 
 
 def needed_experts(experts: jax.Array, real: jax.Array, num_experts: int) -> jax.Array:

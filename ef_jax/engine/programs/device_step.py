@@ -96,7 +96,7 @@ def moe_layer(cfg, plan: StepPlan, j: int, p: dict, h, normed, routing: Routing,
     n_pass = jnp.maximum((needed.sum(dtype=jnp.int32) + S - 1) // S, 1)
     # the later passes copy only their own misses (the pending slots went with the first)
     x, pool, state = jax.lax.fori_loop(1, n_pass, lambda k, c: one_pass(k, *c, False, None), (x, pool, state))
-    state = state.replace(passes=state.passes.at[j].add(n_pass - 1))
+    state = state.replace(tally=state.tally.at[j, dc.TALLY.index("passes")].add(n_pass - 1))
     return x, pool, _after_demand(plan, j, state, before)
 
 
