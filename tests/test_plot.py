@@ -57,6 +57,21 @@ def test_plot_timeline(tmp_path, capsys):
     _png_ok(tmp_path / "tl.png")
 
 
+def test_plot_timeline_of_device_steps(tmp_path, capsys):
+    """A step="device" timeline (one event per step with its counters as args, and counter events): drawn from its
+    step events, the counter events left out."""
+    from ef_jax.engine.telemetry.timeline import Timeline, add_steps
+    tl = Timeline()
+    starts = [tl.t0 + n * 2e-3 for n in range(6)]
+    per = {k: [n % 3 for n in range(6)] for k in ("demand_misses", "prefetch_issued", "prefetch_used",
+                                                  "prefetch_wasted", "late", "horizon", "h2d_bytes")}
+    add_steps(tl, starts, [t + 1.5e-3 for t in starts], [4] + [1] * 5, per)
+    tl.write(str(tmp_path / "steps.json"))
+    assert {e["ph"] for e in json.load(open(tmp_path / "steps.json"))["traceEvents"]} == {"M", "X", "C"}
+    assert main(["plot-timeline", str(tmp_path / "steps.json"), "--out", str(tmp_path / "steps.png")]) == 0
+    _png_ok(tmp_path / "steps.png")
+
+
 def test_without_matplotlib_the_error_names_the_extra(trace, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["sim", trace, "--slots-per-layer", "4", "--plot", str(tmp_path / "x.png")]) == 2

@@ -46,6 +46,8 @@ class OffloadConfig:
         default 4 (ef_jax.engine.forward.forward.DEFAULT_LAYERS_PER_GROUP), step="layer" only.
       record_timeline: a path: write a Chrome/Perfetto trace JSON of compute, transfers and stalls there.
         Timing a transfer or a layer means waiting for it, so a recorded run overlaps less than a plain one.
+        With step="device": one event per step holding its device counters (misses, prefetches, horizon, bytes)
+        and counter graphs of them, read with the sampled token (no extra sync); one device.
       check: verify cache invariants and slot contents after every layer (slow; for tests).
       timing: None (wall clock) or a timing preset name ("h100") / ef_jax.cache.timing.Timing: transfers and
         compute are then charged on the simulator's deterministic virtual clock (real bytes still move, so tokens
@@ -61,9 +63,9 @@ class OffloadConfig:
         measurement behind it). Either clock.
       step: "layer" (default: the host routes each MoE layer, one sync per layer) or "device" (the whole token
         step, every layer, in one jitted program with the expert cache on the device; see
-        ef_jax.engine.programs.device_step: LRU eviction on the device, policies send prefetch hints one token behind;
-        `transfers`, `layers_per_group`, `timing`, `record_timeline` and cache-aware routing belong to the layer
-        mode). What a combination cannot do is refused here or by the Forward, from ef_jax.cache.support.
+        ef_jax.engine.programs.device_step: every device policy decides inside the program; `transfers`,
+        `layers_per_group` and `timing` belong to the layer mode). What a combination cannot do is refused here or
+        by the Forward, from ef_jax.cache.support.
       host_memory: "pinned" (default: every expert pinned in host memory once, at the first offloaded run — refused
         with a one-line ValueError naming "mapped" when it would not fit the host's available memory) or "mapped"
         (nothing pinned: each copy reads its expert from the checkpoint files through the page cache, pageable and

@@ -143,8 +143,6 @@ ROWS: tuple[Row, ...] = (
         "use <step=layer>"),
     Row("timing", lambda r: _DEVICE(r) and r.timing,
         "<timing> (a virtual clock) charges each copy on the host: use <step=layer>"),
-    Row("record_timeline", lambda r: _DEVICE(r) and r.timeline,
-        "<record_timeline> needs per-layer host events, which <step=device> does not have: use <step=layer>"),
     Row("transfers", lambda r: _DEVICE(r) and r.transfers,
         "<transfers> chooses how the layer mode's host copies travel; <step=device> copies inside the step "
         "program: drop <transfers> or use <step=layer>"),

@@ -132,16 +132,20 @@ def test_policy_resident_and_labelled_offload_stats(capsys):
     assert "1 slots" not in err and "1 misses" not in err
 
 
-def test_step_device_prints_the_resident_text(tiny_checkpoint, capsys):
+def test_step_device_prints_the_resident_text(tiny_checkpoint, capsys, tmp_path):
     # a tiny checkpoint: the flag's plumbing is the same for every model, and a device step of the shipped model
     # (10 layers × 32 experts in one program) costs minutes to compile on a CI CPU. The prompt, budget and length
-    # of test_device_step's mixtral-top2 case: the same programs, so one of the two finds them in the run's cache
+    # of test_device_step's mixtral-top2 case: the same programs, so one of the two finds them in the run's cache.
+    # --timeline writes one event per step (the prefill and 3 decode steps; its contents: test_device_step)
     d = tiny_checkpoint("mixtral-top2")
     argv = ["generate", "--model", d, "--prompt-ids", "5 17 33 2 70 41 9", "--max-new-tokens", "4"]
-    assert cli.main(argv + ["--slots-per-layer", "2", "--step", "device"]) == 0
+    timeline = tmp_path / "steps.json"
+    assert cli.main(argv + ["--slots-per-layer", "2", "--step", "device", "--timeline", str(timeline)]) == 0
     got = capsys.readouterr()
     assert cli.main(argv) == 0
     assert capsys.readouterr().out == got.out and "hit rate" in got.err   # the cache in the step changes no token
+    steps = [e for e in json.load(open(timeline))["traceEvents"] if e["ph"] == "X"]
+    assert [e["name"] for e in steps] == [f"step {n}" for n in range(4)] and "demand_misses" in steps[0]["args"]
 
 
 def test_devices_split_the_experts_and_keep_the_text(tiny_checkpoint, capsys):

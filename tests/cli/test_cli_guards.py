@@ -137,7 +137,6 @@ SUPPORT_CASES = [
     (G + ["--predictor", "DIR"], ["--predictor is the predictor", "--policy predictive"]),
     (G + ["--hybrid", "DIR"], ["--hybrid is the predictor", "--policy expertflow"]),
     (G + ["--timeline", "OUT"], ["--timeline records the offload engine"]),
-    (G + S8 + ["--step", "device", "--timeline", "OUT"], ["--timeline", "--step layer"]),
     (EP + S8 + ["--step", "device", "--timing", "h100"], ["--timing", "--step layer"]),
     (EP + ["--step", "device", "--policy", "resident"], ["--step device", "--slots-per-layer"]),
     (EP + ["--devices", "64", "--policy", "resident"], ["--devices 64", "has 4 devices"]),

@@ -8,7 +8,8 @@ module-scoped memo) because the whole suite runs on a 2-core CI machine.
 Every compiled step costs seconds on CPU, so each family runs one configuration, and the five families together
 cover every pair of factor values (a pairwise design over budget {minimum, ~50 %} × batch {1, 3} × device policy
 {lru, lfu, pregate, predictive, expertflow}); test_every_prefetching_policy adds each policy at the budget and
-batch the families leave out.
+batch the families leave out, and nocache at the cheapest point. record_timeline: one trace event per step with its
+counters, no extra sync.
 """
 import numpy as np
 import pytest
@@ -86,9 +87,10 @@ def check_prefetch_counters(s, policy):
 
 @pytest.mark.parametrize("budget, batch, policy", [("min", 3, "lfu"), ("half", 3, "pregate"),
                                                    ("min", 3, PolicySpec("predictive", predictor="online")),
-                                                   ("half", 1, "expertflow")])
+                                                   ("half", 1, "expertflow"), ("min", 1, "nocache")])
 def test_every_prefetching_policy(runs, budget, batch, policy):
-    """The pairs the families leave out, on one family (one model, a few compiled shapes)."""
+    """The pairs the families leave out, on one family (one model, a few compiled shapes); and nocache (every slot
+    flushed after each layer), which no family runs, at the cheapest point: batch 1, the least budget."""
     family = "qwen3moe-norm"
     res = runs(family, budget, batch, policy)
     assert res.tokens == runs(family, batch=batch).tokens, (budget, batch, policy)
@@ -111,6 +113,36 @@ def test_hybrid_head_inside_the_step(runs, hybrid_spec, batch):
     s = res.stats
     check_prefetch_counters(s, "expertflow")
     assert s["host_syncs_per_step"] == 1.0 and s["readback_waits"] == 0, s["sync_points"]
+
+
+def test_timeline_one_event_per_step(runs, tmp_path):
+    """record_timeline: one compute event per step (the prefill included) whose args are that step's
+    stats()["device_steps"] values, counter graphs of misses, prefetches and the horizon; the same tokens and host
+    syncs per step as the run without it (the counters come back with the sampled token: no sync of their own).
+    The configuration of test_one_host_sync_per_token (expertflow, batch 3): its programs, already compiled."""
+    import json
+    family = "deepseek-qlora-grouped-yarn"
+    budget, batch, policy = CONFIGS[family]
+    plain = runs(family, budget, batch, policy, check=False)
+    model = runs.model(family)
+    path = tmp_path / "steps.json"
+    offload = OffloadConfig(slots_per_layer=model.config.top_k, policy=policy, step="device",
+                            record_timeline=str(path))
+    res = ef_jax.generate(model, PROMPTS[:batch], max_new_tokens=NEW, offload=offload)
+    s = res.stats
+    assert res.tokens == plain.tokens
+    assert s["sync_points"] == plain.stats["sync_points"] and s["host_syncs_per_step"] == 1.0, s["sync_points"]
+    events = json.load(open(path))["traceEvents"]
+    steps, per = [e for e in events if e["ph"] == "X"], s["device_steps"]
+    assert len(steps) == s["decoded_tokens"] // batch + 1 == len(per["demand_misses"])
+    for n, e in enumerate(steps):
+        assert e["name"] == f"step {n}" and e["tid"] == 0 and e["dur"] > 0, e
+        assert {k: e["args"][k] for k in per} == {k: v[n] for k, v in per.items()}, n
+    assert [e["args"]["tokens"] for e in steps] == [sum(map(len, PROMPTS[:batch]))] + [batch] * (len(steps) - 1)
+    assert all(abs(a["ts"] + a["dur"] - b["ts"]) < 1e-3 for a, b in zip(steps, steps[1:]))  # end to end, in order
+    graph = lambda name, key: [e["args"][key] for e in events if e["ph"] == "C" and e["name"] == name]  # noqa: E731
+    assert graph("misses", "demand") == per["demand_misses"] and graph("prefetches", "issued") == per["prefetch_issued"]
+    assert graph("horizon", "layers") == per["horizon"] and sum(per["prefetch_issued"]) > 0
 
 
 @pytest.mark.parametrize("family", ["olmoe", "deepseek-qlora-grouped-yarn"])

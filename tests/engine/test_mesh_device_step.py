@@ -126,8 +126,8 @@ def test_each_device_decides_as_its_host_twin(models, policy, devices, budget):
     with Forward(on_mesh(model, expert_mesh(devices)), offload) as fwd:
         fwd.source.record()
         tokens, _ = sample_rows(fwd, make_batch(PROMPTS[:1], NEW), SamplingParams(), 0, set(), NEW)
-        src, per = fwd.source, fwd.stats()["per_device"]
-        log, columns = src.decisions_log, src.columns()
+        src, s = fwd.source, fwd.stats()
+        log, columns, per = src.decisions_log, src.columns(), s["per_device"]
     assert tokens == models.resident("random30", 1)
     assert len(log) == NEW and (columns[-1] < 0).any() == (devices == 4)  # 4: the last device's foreign column
     for d in range(devices):
@@ -142,6 +142,22 @@ def test_each_device_decides_as_its_host_twin(models, policy, devices, budget):
         assert min(issued) > 0 and (min(used) if devices == 2 else sum(used)) > 0, (issued, used)
     if policy == "expertflow":
         assert {int(r["counters"][d, -1, 0]) for r in log for d in range(devices)} != {1}, "the horizon never moved"
+    check_horizon_stats(s, log, policy)
+
+
+def check_horizon_stats(s, log, policy):
+    """The one-device source's horizon telemetry, per device: each device's horizon after every step (and their
+    mean) in device_steps, mean_horizon over steps and devices (each device's in per_device; NaN when nothing is
+    scored), and copy_layer_ratio, the one ratio every device's expertflow is sent."""
+    horizons = np.array([r["counters"][:, -1, 0] for r in log])                    # [steps, n]
+    assert s["device_steps"]["horizon_per_device"] == horizons.tolist()
+    assert s["device_steps"]["horizon"] == horizons.mean(1).tolist()
+    if policy in ("pregate", "expertflow"):
+        assert s["mean_horizon"] == pytest.approx(horizons.mean())
+        assert [p["mean_horizon"] for p in s["per_device"]] == pytest.approx(horizons.mean(0).tolist())
+    else:
+        assert np.isnan(s["mean_horizon"]) and all(np.isnan(p["mean_horizon"]) for p in s["per_device"])
+    assert s.get("copy_layer_ratio") == (1.5 if policy == "expertflow" else None)  # POLICIES' fixed ratio
 
 
 @pytest.mark.parametrize("policy", ["lru", "nocache"])

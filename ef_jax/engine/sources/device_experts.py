@@ -14,9 +14,14 @@ predictive (a routing-path predictor's route for every layer from the token ids)
 behind are gone: the device versions beat them (README, "Device-resident step"). A Policy object, belady, another
 predictor or other host-only arguments are refused with a ValueError naming step="layer".
 
+Telemetry: each step's counters come back with it and are read after the sampled token (no sync of their own):
+per_step(), stats()["device_steps"]; record_timeline writes them as one trace event per step (_write_timeline).
+
 Axes: L MoE layers, E experts, S slots, K top-k, N tokens of a step (B·T), H hints per layer, D model.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -35,6 +40,7 @@ from ef_jax.engine.programs.device_step import StepPlan, device_layer, device_st
 from ef_jax.engine.sources.base import Capabilities, SourceDefaults, SourceStats
 from ef_jax.engine.transfer.store import store_for
 from ef_jax.engine.telemetry.counters import HostCounters
+from ef_jax.engine.telemetry.timeline import Timeline, add_steps
 from ef_jax.model import Model
 from ef_jax.models.moe import Routing
 from ef_jax.policies.pregate import PregateScorer
@@ -86,6 +92,10 @@ class DeviceStepExperts(SourceDefaults):
         self.counts = np.zeros((len(dc.COUNTERS), L), np.int64)  # the latest counters read back
         self._step_counts: list[np.ndarray] = []  # per step: counters i32[C, L] after it (cumulative)
         self.readbacks = self.readback_waits = 0
+        # record_timeline: per held step (host time its begin_step ran, its real tokens); written by _write_timeline
+        self._timed: list[tuple[float, int]] | None = [] if offload.record_timeline else None
+        # the timeline's zero / the step in flight began / the last readback ended (perf_counter seconds)
+        self._t0 = self._t_begin = self._t_read = time.perf_counter()
         self._pending: list = []  # (routed, counters, scores, real, step inputs) of steps not yet read
         self._real = None       # bool[N] host mask of the step in flight
         self._tokens = None     # i32[B] newest token of each row (predictive), host
@@ -104,6 +114,7 @@ class DeviceStepExperts(SourceDefaults):
         """real bool[N]: which of the step's tokens are not padding."""
         if len(self._pending) >= 256:  # (bounded: every held step is ready by now)
             self._collect()
+        self._t_begin = time.perf_counter()
         self._real = np.asarray(real, bool)
         self._tokens = np.asarray(last_tokens, np.int32).reshape(-1)
         if self.ratio_clock is not None:
@@ -188,6 +199,8 @@ class DeviceStepExperts(SourceDefaults):
         ratio and slot table)."""
         inputs = {"tokens": self._tokens, "ratio": self._ratio} if self.recording else None
         self._pending.append((routed, counters, recorded, self._real, inputs))
+        if self._timed is not None:
+            self._timed.append((self._t_begin, int(self._real.sum())))
 
     def _collect(self) -> None:
         """Reads the held steps' outputs (readback_waits counts any read that found them not ready)."""
@@ -205,6 +218,8 @@ class DeviceStepExperts(SourceDefaults):
                 if got["hidden"] is not None:
                     got["hidden"] = got["hidden"].astype(np.float32)
                 self._record.append(dict(inputs, routed=experts, real=real, counters=self.counts, **got))
+        if pending:
+            self._t_read = time.perf_counter()
 
     @property
     def routing_log(self) -> list[np.ndarray]:
@@ -242,7 +257,7 @@ class DeviceStepExperts(SourceDefaults):
 
     def per_step(self) -> dict:
         """Per step, from the device counters read with each step: demand misses, prefetches issued / used /
-        wasted, late misses, the horizon in force after it, bytes copied."""
+        wasted, late misses, the horizon in force after it (the next step predicts with it), bytes copied."""
         self._collect()
         if not self._step_counts:
             return {}
@@ -275,6 +290,7 @@ class DeviceStepExperts(SourceDefaults):
             detail["copy_layer_ratio"] = self._ratio
         if self.budget_auto is not None:
             detail["budget_auto"] = self.budget_auto.as_stats()
+        self._write_timeline()
         return SourceStats(policy=self.policy_name, step="device", hits=h, misses=m, cache_loads=loads,
                            cache_demand_loads=m, cache_prefetch_issued=int(prefetches.sum()),
                            cache_prefetch_used=int(used.sum()), h2d_bytes=loads * bpe, bytes_per_expert=bpe,
@@ -283,5 +299,22 @@ class DeviceStepExperts(SourceDefaults):
                            routing_substitutions=0, slots_per_layer=self.slots,
                            expert_bytes_resident=self.slots * self.stacks.num_layers * bpe, detail=detail)
 
+    def _write_timeline(self) -> None:
+        """record_timeline: one compute event per step, args its per_step() counters, and counter graphs (misses,
+        prefetches, horizon), built again from every step read so far at each write (stats() and close(), as the
+        layer mode writes at stats()). A step spans host wall time from its begin_step (just before its dispatch)
+        to the next step's begin_step — one token's host period, its sampled-token sync included; the last step
+        ends where its counters were read. Nothing here waits for the device: the counters are the ones
+        per_step() reads with the sampled token."""
+        if self._timed is None:
+            return
+        per = self.per_step()
+        starts = [t for t, _ in self._timed]
+        assert len(starts) == len(per.get("late", ())), (len(starts), per)
+        timeline = Timeline(t0=self._t0)
+        add_steps(timeline, starts, starts[1:] + [self._t_read], [n for _, n in self._timed], per)
+        timeline.write(self.config.record_timeline)
+
     def close(self) -> None:
         self._collect()
+        self._write_timeline()

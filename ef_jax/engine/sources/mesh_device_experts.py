@@ -112,6 +112,7 @@ class MeshDeviceStepExperts(DeviceStepExperts):
         self.counts = np.zeros((n, len(dc.COUNTERS), L), np.int64)  # the latest counters read back, per device
         self._step_counts: list[np.ndarray] = []  # per step: counters i32[n, C, L] after it (cumulative)
         self.readbacks = self.readback_waits = 0
+        self._timed, self._t0, self._t_begin, self._t_read = None, 0.0, 0.0, 0.0  # no timeline (the support table)
         self._pending, self._real, self._tokens, self._real_dev, self._layer_out, self._shapes = [], None, None, \
             {}, [], {}
 
@@ -216,16 +217,21 @@ class MeshDeviceStepExperts(DeviceStepExperts):
 
     # ---- telemetry -------------------------------------------------------------------------------------------
     def per_step(self) -> dict:
-        """Per step, summed over the devices: demand misses, bytes copied."""
+        """Per step, summed over the devices: demand misses, prefetches issued / used / wasted, late misses, bytes
+        copied; each device decides its own horizon, so horizon_per_device holds every device's in force after the
+        step and horizon their mean (one number per step, as on one device)."""
         self._collect()
         if not self._step_counts:
             return {}
-        c = np.stack(self._step_counts).sum(1)                     # [steps, C, L] cumulative
+        every = np.stack(self._step_counts)                        # [steps, n, C, L] cumulative
+        c = every.sum(1)                                           # [steps, C, L]
         d = np.diff(c, axis=0, prepend=np.zeros_like(c[:1]))
         i = {k: n for n, k in enumerate(dc.COUNTERS)}
         per = lambda k: d[:, i[k]].sum(-1).tolist()  # noqa: E731
+        horizons = every[:, :, i["horizon"], 0]                    # [steps, n]
         return {"demand_misses": per("misses"), "prefetch_issued": per("prefetches"),
                 "prefetch_used": per("prefetch_used"), "prefetch_wasted": per("wasted"), "late": per("late"),
+                "horizon": horizons.mean(1).tolist(), "horizon_per_device": horizons.tolist(),
                 "h2d_bytes": ((d[:, i["misses"]] + d[:, i["prefetches"]]).sum(-1)
                               * self.bytes_per_expert).tolist()}
 
@@ -243,12 +249,17 @@ class MeshDeviceStepExperts(DeviceStepExperts):
                            expert_bytes_resident=self.slots * len(self.stacks) * bpe, **kw)
 
     def stats(self) -> SourceStats:
-        """Totals over the devices and `per_device` (hits, misses, copies of each device's own cache)."""
+        """Totals over the devices and `per_device` (hits, misses, copies of each device's own cache). mean_horizon:
+        over the steps and the devices (each device's own in per_device), NaN for a policy that scores nothing, as
+        on one device; copy_layer_ratio: the one ratio every device's policy is sent (adaptive expertflow)."""
         self._collect()
         c = {k: n for n, k in enumerate(dc.COUNTERS)}
+        scoring = bool(self.policy.scoring and self._step_counts)
+        horizons = np.stack([s[:, c["horizon"], 0] for s in self._step_counts]) if scoring else None  # [steps, n]
         per = tuple(self._stats_of(self.counts[d], detail={
             "device": str(dev), "experts": self.layout.sizes[d], "extra_passes": int(self.counts[d][c["passes"]].sum()),
-            "horizon": int(self.counts[d][c["horizon"], 0])})  # the horizon in force on this device (expertflow)
+            "horizon": int(self.counts[d][c["horizon"], 0]),  # the horizon in force on this device (expertflow)
+            "mean_horizon": float(horizons[:, d].mean()) if scoring else float("nan")})
             for d, dev in enumerate(self.devices))
         total = self.counts.sum(0)                                   # i32[C, L] (the horizon row: meaningless)
         host = {k: sum(st.host_bytes()[k] for st in self.stores) for k in ("host_bytes_pinned", "host_bytes_mapped")}
@@ -258,5 +269,8 @@ class MeshDeviceStepExperts(DeviceStepExperts):
                   "step_readbacks": self.readbacks, "readback_waits": self.readback_waits,
                   "cache_prefetch_wasted": int(total[c["wasted"]].sum()), "late_misses": int(total[c["late"]].sum()),
                   "policy_on_device": True, "experts_per_device": list(self.layout.sizes),
+                  "mean_horizon": float(horizons.mean()) if scoring else float("nan"),
                   "device_steps": self.per_step(), **host}
+        if self.ratio_clock is not None or self.policy.adaptive:
+            detail["copy_layer_ratio"] = self._ratio
         return self._stats_of(total, devices=self.num_devices, per_device=per, detail=detail)
