@@ -180,15 +180,16 @@ def device_step(cfg, kinds, plan: StepPlan, params: tuple, x, caches: tuple, pos
         if plan.tolerance is not None:  # cache-aware routing: prefer resident experts within δ
             routing, _ = cache_aware(cfg, routing, state.slot_of_expert[j] >= 0, plan.tolerance, real)
         x, pool, state = moe_layer(cfg, plan, j, p["mlp"], h, normed, routing, real, pool, state, stacks[j])
+        # bool[E]: the layer's experts, which the route predictor and the hybrid head read
+        needed = (dc.needed_experts(routing.experts, real, cfg.num_experts)
+                  if policy.kind == "predictive" or policy.head is not None else None)
         if policy.kind == "predictive":
-            needed = dc.needed_experts(routing.experts, real, cfg.num_experts)
             state = state.replace(policy=dp.predictive_observe(state.policy, j, needed, token_ids, B == 1))
             t = range(j + policy.predict_h, min(j + policy.predict_h + 1, L))   # layer j + h, if there is one
             rows = slice(t.start, t.stop)
             state = _prefetch_all(plan, state, t, route[rows], route_rank[rows])
         site, head_in = h, None
         if policy.head is not None:  # the hybrid head reads j's experts now, and next step as j's last route
-            needed = dc.needed_experts(routing.experts, real, cfg.num_experts)
             state = state.replace(policy=dp.remember_route(state.policy, j, needed))  # sites read rows > j only
             site, head_in = (x if policy.head.point == "moe" else h), (head, needed, token_ids)
         if policy.scoring and j + 1 < L:

@@ -84,9 +84,6 @@ class MeshDeviceStepExperts(DeviceStepExperts):
         self.bytes_per_expert = bpe = self.stores[0].bytes_per_expert
         self.slots, self.budget_auto = mesh_slots(offload, L, cfg.top_k, part, bpe), None
         self.policy, fixed_ratio = device_policy_for(offload.policy, cfg.top_k, cfg.vocab_size)
-        if self.policy.head is not None:  # the support table refuses it first (its "hybrid" mesh row)
-            raise ValueError("step='device' on a mesh scores with plain pre-gating on each device; expertflow's "
-                             "hybrid head runs on one device: drop mesh= or the predictor")
         self.policy_name, self.flush = self.policy.kind, self.policy.kind == "nocache"
         self.hint_width, self.hidden_point, self.scorer_args, self.ratio_clock, self._ratio = 0, None, None, None, 0.0
         self._replicated = replicated(model.mesh)
